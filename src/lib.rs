@@ -1,0 +1,16 @@
+//! samhost: run Sharpness-Aware Minimization experiments written as Rhai scripts.
+//!
+//! The core (`train`, `models`, `data`, `run`) is plain Rust over candle and knows nothing of Rhai;
+//! `script` is the only module that imports `rhai`, and it only converts values and calls the core.
+
+pub mod cli;
+pub mod data;
+pub mod fsutil;
+pub mod models;
+pub mod rng;
+pub mod run;
+pub mod script;
+pub mod session;
+pub mod train;
+
+pub use session::Session;

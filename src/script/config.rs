@@ -1,0 +1,88 @@
+//! `config(#{...})`: the script's defaults, overridden by `--set key=value`.
+
+use super::convert::{err, from_json, Res};
+use super::tensor::describe;
+use crate::session::Session;
+use rhai::{Dynamic, Engine, Map};
+use std::rc::Rc;
+
+/// Parses the text of `--set key=text` into the type of the default `default`.
+pub fn parse_override(key: &str, text: &str, default: &Dynamic) -> Res<Dynamic> {
+    let bad = |what: &str| {
+        err(format!("--set {key}={text}: `{text}` is not {what} (the default of `{key}` is {default})"))
+    };
+    if default.is_int() {
+        text.trim().parse::<rhai::INT>().map(Dynamic::from_int).map_err(|_| bad("an integer"))
+    } else if default.is_float() {
+        text.trim().parse::<rhai::FLOAT>().map(Dynamic::from_float).map_err(|_| bad("a number"))
+    } else if default.is_bool() {
+        match text.trim() {
+            "true" => Ok(Dynamic::TRUE),
+            "false" => Ok(Dynamic::FALSE),
+            _ => Err(bad("true or false")),
+        }
+    } else if default.is_string() || default.is_unit() {
+        Ok(Dynamic::from(text.to_string()))
+    } else if default.is_array() || default.is_map() {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|_| bad("JSON"))?;
+        let d = from_json(&v)?;
+        if d.is_array() != default.is_array() {
+            return Err(bad(if default.is_array() { "a JSON array" } else { "a JSON object" }));
+        }
+        Ok(d)
+    } else {
+        Err(err(format!("--set {key}: the default of `{key}` is a {}, which cannot be set from the command line", default.type_name())))
+    }
+}
+
+/// Applies the session's overrides to `defaults`.
+pub fn resolve(session: &Session, mut defaults: Map) -> Res<Map> {
+    for (key, text) in &session.overrides {
+        let default = match defaults.get(key.as_str()) {
+            Some(d) => d.clone(),
+            None => {
+                let mut known: Vec<&str> = defaults.keys().map(|k| k.as_str()).collect();
+                known.sort_unstable();
+                return Err(err(format!(
+                    "--set {key}: unknown key; the script's config has: {}",
+                    known.join(", ")
+                )));
+            }
+        };
+        let value = parse_override(key, text, &default)?;
+        defaults.insert(key.as_str().into(), value);
+        session.used_overrides.borrow_mut().insert(key.clone());
+    }
+    Ok(defaults)
+}
+
+fn show(map: &Map) -> String {
+    let mut keys: Vec<_> = map.keys().collect();
+    keys.sort();
+    keys.iter()
+        .map(|k| {
+            let v = &map[*k];
+            let text = match v.clone().try_cast::<candle_core::Tensor>() {
+                Some(t) => describe(&t),
+                None => v.to_string(),
+            };
+            format!("  {k} = {text}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Registers `config`.
+pub fn register(engine: &mut Engine, session: &Rc<Session>) {
+    let s = session.clone();
+    api!(engine, "config", "defaults: Map -> Map",
+        "The script's settings: `defaults` with the command line's `--set key=value` overrides applied, each parsed to the type of its default. An unknown key or a value of the wrong type is an error. The resolved settings are printed and recorded in the run's config.json.",
+        move |defaults: Map| -> Res<Map> {
+            let resolved = resolve(&s, defaults)?;
+            s.say(&format!("config:\n{}", show(&resolved)));
+            if let Ok(json) = super::convert::to_json(&Dynamic::from_map(resolved.clone())) {
+                *s.resolved_config.borrow_mut() = Some(json);
+            }
+            Ok(resolved)
+        });
+}

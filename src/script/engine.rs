@@ -1,0 +1,51 @@
+//! `build_engine`: the one place a Rhai engine is configured, used by `run`, `check`, `api` and
+//! the tests.
+
+use crate::session::Session;
+use rhai::module_resolvers::FileModuleResolver;
+use rhai::{Dynamic, Engine};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+/// An engine with the whole samhost API registered over `session`. Modules are imported
+/// relative to the script's folder (`import "lib/common" as common;`).
+pub fn build_engine(session: &Rc<Session>) -> Engine {
+    let mut engine = Engine::new();
+    let base = session
+        .script
+        .as_ref()
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+        .unwrap_or_else(|| ".".into());
+    engine.set_module_resolver(FileModuleResolver::new_with_path(base));
+    engine.set_max_call_levels(256);
+
+    super::tensor::register(&mut engine, session);
+    super::config::register(&mut engine, session);
+    super::model::register(&mut engine, session);
+    super::optim::register(&mut engine);
+    super::train::register(&mut engine, session);
+    super::data::register(&mut engine, session);
+    crate::script::runlog::register(&mut engine, session);
+
+    let quiet = session.quiet;
+    engine.on_print(move |text| {
+        if !quiet {
+            println!("{text}");
+        }
+    });
+    engine.on_debug(move |text, source, pos| {
+        if !quiet {
+            let src = source.unwrap_or("script");
+            eprintln!("[debug] {src}:{pos}: {text}");
+        }
+    });
+    let flag = session.interrupted.clone();
+    engine.on_progress(move |_| {
+        if flag.load(Ordering::Relaxed) {
+            Some(Dynamic::from("interrupted"))
+        } else {
+            None
+        }
+    });
+    engine
+}

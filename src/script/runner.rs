@@ -1,0 +1,105 @@
+//! `samhost run` and `samhost check`: read a script, build the engine, run or check it, and
+//! turn every failure into a located report.
+
+use super::report::Sources;
+use crate::session::{device_name, Session, SessionOptions, DEFAULT_SEED};
+use std::path::Path;
+use std::rc::Rc;
+
+/// How a command ended: the exit code and the report to print (if any).
+pub struct Outcome {
+    /// 0 ok, 1 script failed, 2 usage error, 130 interrupted.
+    pub code: i32,
+    /// Error reports, already formatted (`error: …`).
+    pub reports: Vec<String>,
+}
+
+impl Outcome {
+    fn ok() -> Self {
+        Self { code: 0, reports: Vec::new() }
+    }
+
+    fn fail(code: i32, report: String) -> Self {
+        Self { code, reports: vec![report] }
+    }
+}
+
+/// Reads a script, naming the file when it cannot.
+pub fn read_script(path: &Path) -> Result<String, String> {
+    if path.is_dir() {
+        return Err(format!("error: {}: is a folder, not a script", path.display()));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("error: {}: cannot read the script: {e}", path.display()))
+}
+
+/// Runs `opts.script` to the end.
+pub fn run(opts: SessionOptions) -> Outcome {
+    let Some(path) = opts.script.clone() else {
+        return Outcome::fail(2, "error: no script given".into());
+    };
+    let text = match read_script(&path) {
+        Ok(t) => t,
+        Err(r) => return Outcome::fail(2, r),
+    };
+    let seed_note = if opts.seed == DEFAULT_SEED { " (the default; --seed N to change)" } else { "" };
+    let session = match Session::new(opts) {
+        Ok(s) => Rc::new(s),
+        Err(e) => return Outcome::fail(2, format!("error: {e:#}")),
+    };
+    session.say(&format!(
+        "samhost {}: {} on {}, seed {}{seed_note}",
+        env!("CARGO_PKG_VERSION"),
+        path.display(),
+        device_name(&session.device),
+        session.seed
+    ));
+    let engine = super::build_engine(&session);
+    let sources = Sources { main: path.clone(), text: text.clone() };
+    let mut ast = match engine.compile(&text) {
+        Ok(a) => a,
+        Err(e) => return Outcome::fail(1, sources.parse_error(&path, &e)),
+    };
+    ast.set_source(path.display().to_string());
+    if !session.overrides.is_empty() && !calls_config(&engine, &ast, &path) {
+        let keys: Vec<&str> = session.overrides.iter().map(|(k, _)| k.as_str()).collect();
+        return Outcome::fail(
+            2,
+            format!("error: --set {}: {} never calls config(#{{...}}), so it takes no settings", keys.join(", "), path.display()),
+        );
+    }
+    if let Err(e) = engine.run_ast(&ast) {
+        let code = if matches!(*e, rhai::EvalAltResult::ErrorTerminated(..)) { 130 } else { 1 };
+        return Outcome::fail(code, sources.runtime_error(&e));
+    }
+    Outcome::ok()
+}
+
+/// Whether the script or a module it imports calls `config`.
+fn calls_config(engine: &rhai::Engine, ast: &rhai::AST, path: &Path) -> bool {
+    let has = |ast: &rhai::AST| {
+        let mut found = false;
+        ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+            if let Some(rhai::ASTNode::Expr(rhai::Expr::FnCall(x, _))) = nodes.last() {
+                found |= x.name == "config";
+            }
+            !found
+        });
+        found
+    };
+    has(ast)
+        || super::check::imported_files(engine, path).iter().any(|f| {
+            std::fs::read_to_string(f).ok().and_then(|t| engine.compile(&t).ok()).is_some_and(|a| has(&a))
+        })
+}
+
+/// Checks a script without running it.
+pub fn check(path: &Path) -> Outcome {
+    let text = match read_script(path) {
+        Ok(t) => t,
+        Err(r) => return Outcome::fail(2, r),
+    };
+    let session = Rc::new(Session::cpu_for(path));
+    let engine = super::build_engine(&session);
+    let reports = super::check::check(&engine, path, &text);
+    Outcome { code: if reports.is_empty() { 0 } else { 1 }, reports }
+}

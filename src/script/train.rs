@@ -1,0 +1,172 @@
+//! `sam_step`, `train_step` and `evaluate` for scripts.
+
+use super::convert::{err, op, options, Res};
+use super::optim::Optim;
+use crate::data::{Batch, Dataset};
+use crate::models::Model;
+use crate::session::Session;
+use crate::train::evaluate::{evaluate, EvalStats};
+use crate::train::{sam_step, train_step, LossFn, SamConfig, StepStats};
+use candle_core::Tensor;
+use rhai::{Dynamic, Engine, FnPtr, Map, NativeCallContext};
+use serde::Deserialize;
+use std::rc::Rc;
+
+/// Options of `train_step` besides the loss.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PlainOptions {
+    label_smoothing: f64,
+    grad_clip: Option<f64>,
+}
+
+/// Options of `evaluate`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct EvalOptions {
+    batch: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self { batch: 256 }
+    }
+}
+
+/// Takes `loss` out of an option map: a string ("cross_entropy") or a closure.
+fn take_loss(map: &mut Map) -> Res<Option<FnPtr>> {
+    match map.remove("loss") {
+        None => Ok(None),
+        Some(v) if v.is_fnptr() => Ok(v.try_cast::<FnPtr>()),
+        Some(v) if v.is_string() => match v.to_string().as_str() {
+            "cross_entropy" => Ok(None),
+            other => Err(err(format!("loss: unknown loss `{other}` (use \"cross_entropy\" or a closure |logits, labels| ...)"))),
+        },
+        Some(v) => Err(err(format!("loss: expected \"cross_entropy\" or a closure, got {}", v.type_name()))),
+    }
+}
+
+/// Calls `f` with the loss described by the options (`loss` removed from them already).
+fn with_loss<T>(
+    ctx: &NativeCallContext,
+    closure: Option<FnPtr>,
+    label_smoothing: f64,
+    f: impl FnOnce(&LossFn) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    match closure {
+        None => f(&LossFn::CrossEntropy { label_smoothing }),
+        Some(fp) => {
+            let call = |logits: &Tensor, labels: &Tensor| -> anyhow::Result<Tensor> {
+                let out: Dynamic = fp
+                    .call_within_context(ctx, (logits.clone(), labels.clone()))
+                    .map_err(|e| anyhow::anyhow!("in the loss closure: {e}"))?;
+                let type_name = out.type_name();
+                out.try_cast::<Tensor>()
+                    .ok_or_else(|| anyhow::anyhow!("the loss closure must return a Tensor, it returned {type_name}"))
+            };
+            f(&LossFn::Custom(&call))
+        }
+    }
+}
+
+/// A step's statistics as a script map.
+pub fn stats_map(s: &StepStats) -> Map {
+    let mut m = Map::new();
+    m.insert("loss".into(), Dynamic::from_float(s.loss));
+    m.insert("sharp_loss".into(), Dynamic::from_float(s.sharp_loss));
+    m.insert("grad_norm".into(), Dynamic::from_float(s.grad_norm));
+    m.insert("accuracy".into(), Dynamic::from_float(s.accuracy));
+    m
+}
+
+/// Evaluation results as a script map (noisy-label fields only when present).
+pub fn eval_map(s: &EvalStats) -> Map {
+    let mut m = Map::new();
+    m.insert("loss".into(), Dynamic::from_float(s.loss));
+    m.insert("accuracy".into(), Dynamic::from_float(s.accuracy));
+    for (k, v) in [
+        ("accuracy_clean", s.accuracy_clean),
+        ("clean_part_accuracy", s.clean_part_accuracy),
+        ("noisy_part_fit", s.noisy_part_fit),
+        ("noisy_part_recovered", s.noisy_part_recovered),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.into(), Dynamic::from_float(v));
+        }
+    }
+    m
+}
+
+fn check_finite(what: &str, s: &StepStats) -> Res<()> {
+    if !s.loss.is_finite() || !s.sharp_loss.is_finite() {
+        return Err(err(format!(
+            "{what}: the loss is not finite (loss {}, sharp_loss {}): training diverged; lower the learning rate or rho",
+            s.loss, s.sharp_loss
+        )));
+    }
+    Ok(())
+}
+
+/// Registers the training API.
+pub fn register(engine: &mut Engine, session: &Rc<Session>) {
+    api!(engine, "sam_step", "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
+        "One Sharpness-Aware Minimization step; returns #{loss, sharp_loss, grad_norm, accuracy} (loss at w, loss at w+e, norm of the first gradient, batch accuracy).\nOptions: rho (0.05; 0 gives exactly the base optimizer's step); adaptive (false: ASAM scales e by T = |w| + eta, weights and biases alike); eta (0.01); m_sharpness (chunks of M examples, one perturbation each, gradients averaged; M must divide the batch); loss (\"cross_entropy\" or a closure |logits, labels| returning a scalar tensor, called for both passes); label_smoothing (0); grad_clip (global norm of the SAM gradient). BatchNorm running statistics come from the first pass only; frozen parameters are neither perturbed nor updated.",
+        |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
+            let mut o = options_map;
+            let closure = take_loss(&mut o)?;
+            let label_smoothing = match o.remove("label_smoothing") {
+                Some(v) => super::convert::number("label_smoothing", &v)?,
+                None => 0.0,
+            };
+            let cfg: SamConfig = options("sam_step", &o)?;
+            let mut optim = opt.0.borrow_mut();
+            let stats = op("sam_step", with_loss(&ctx, closure, label_smoothing, |loss| {
+                sam_step(&m, optim.as_mut(), &batch.images, &batch.labels, loss, &cfg)
+            }))?;
+            check_finite("sam_step", &stats)?;
+            Ok(stats_map(&stats))
+        });
+    api!(engine, "sam_step", "m: Model, opt: Optimizer, batch: Batch -> Map",
+        "One SAM step with the default options (rho 0.05, cross-entropy).",
+        |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
+            let mut optim = opt.0.borrow_mut();
+            let stats = op("sam_step", sam_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), &SamConfig::default()))?;
+            check_finite("sam_step", &stats)?;
+            Ok(stats_map(&stats))
+        });
+    api!(engine, "train_step", "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
+        "One plain step (the baseline SAM is compared against): the same statistics as sam_step, with sharp_loss = loss. Options: loss, label_smoothing, grad_clip.",
+        |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
+            let mut o = options_map;
+            let closure = take_loss(&mut o)?;
+            let p: PlainOptions = options("train_step", &o)?;
+            let mut optim = opt.0.borrow_mut();
+            let stats = op("train_step", with_loss(&ctx, closure, p.label_smoothing, |loss| {
+                train_step(&m, optim.as_mut(), &batch.images, &batch.labels, loss, p.grad_clip)
+            }))?;
+            check_finite("train_step", &stats)?;
+            Ok(stats_map(&stats))
+        });
+    api!(engine, "train_step", "m: Model, opt: Optimizer, batch: Batch -> Map",
+        "One plain step with cross-entropy.",
+        |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
+            let mut optim = opt.0.borrow_mut();
+            let stats = op("train_step", train_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), None))?;
+            check_finite("train_step", &stats)?;
+            Ok(stats_map(&stats))
+        });
+    let s = session.clone();
+    api!(engine, "evaluate", "m: Model, ds: Dataset, options: Map -> Map",
+        "Evaluates in eval mode over the whole dataset: #{loss, accuracy}; on a dataset with label noise also accuracy_clean (against the true labels), clean_part_accuracy, noisy_part_fit (corrupted examples predicted as their wrong label) and noisy_part_recovered (predicted as their true label). Options: batch (256).",
+        move |m: Model, ds: Dataset, o: Map| -> Res<Map> {
+            let eo: EvalOptions = options("evaluate", &o)?;
+            Ok(eval_map(&op("evaluate", evaluate(&m, &ds, eo.batch, &s.device))?))
+        });
+    let s = session.clone();
+    api!(engine, "evaluate", "m: Model, ds: Dataset -> Map", "Evaluates with batches of 256.",
+        move |m: Model, ds: Dataset| -> Res<Map> {
+            Ok(eval_map(&op("evaluate", evaluate(&m, &ds, 256, &s.device))?))
+        });
+    api!(engine, "accuracy", "logits: Tensor, labels: Tensor -> float", "Share of rows whose arg-max equals the label.",
+        |l: Tensor, y: Tensor| -> Res<f64> { Ok(op("accuracy", crate::train::metrics::correct(&l, &y))? as f64 / l.dims().first().copied().unwrap_or(1).max(1) as f64) });
+}

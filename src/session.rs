@@ -1,0 +1,150 @@
+//! The host state every script binding reaches: device, seeded generator, `--set` overrides,
+//! output settings and the interrupt flag.
+
+use crate::rng::HostRng;
+use crate::run::MetricLog;
+use anyhow::{bail, Result};
+use candle_core::Device;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// The seed used when `--seed` is not given.
+pub const DEFAULT_SEED: u64 = 42;
+
+/// What the command line asked for.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: String,
+    /// Seed of every random source of the host.
+    pub seed: u64,
+    /// `--set KEY=VALUE` overrides, in order.
+    pub overrides: Vec<(String, String)>,
+    /// Print errors only.
+    pub quiet: bool,
+    /// The script being run or checked, if any.
+    pub script: Option<PathBuf>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self { device: "cpu".into(), seed: DEFAULT_SEED, overrides: Vec::new(), quiet: true, script: None }
+    }
+}
+
+/// Host state shared by all bindings of one engine.
+pub struct Session {
+    /// Where tensors and models live.
+    pub device: Device,
+    /// The seed the generator started from.
+    pub seed: u64,
+    /// The generator behind every random number the host draws.
+    pub rng: HostRng,
+    /// `--set` overrides.
+    pub overrides: Vec<(String, String)>,
+    /// Override keys that a `config()` call consumed.
+    pub used_overrides: RefCell<BTreeSet<String>>,
+    /// Print errors only.
+    pub quiet: bool,
+    /// The script being run or checked.
+    pub script: Option<PathBuf>,
+    /// Set by Ctrl-C: the script stops at the next safe point.
+    pub interrupted: Arc<AtomicBool>,
+    /// The configuration the script resolved with `config()`, as JSON.
+    pub resolved_config: RefCell<Option<serde_json::Value>>,
+    /// Every `log(tag, map)` record of the run.
+    pub metrics: RefCell<MetricLog>,
+}
+
+impl Session {
+    /// A session from command-line options; fails on an unknown or unavailable device.
+    pub fn new(opts: SessionOptions) -> Result<Self> {
+        let device = parse_device(&opts.device)?;
+        Ok(Self {
+            device,
+            seed: opts.seed,
+            rng: HostRng::new(opts.seed),
+            overrides: opts.overrides,
+            used_overrides: RefCell::new(BTreeSet::new()),
+            quiet: opts.quiet,
+            script: opts.script,
+            interrupted: Arc::new(AtomicBool::new(false)),
+            resolved_config: RefCell::new(None),
+            metrics: RefCell::new(MetricLog::default()),
+        })
+    }
+
+    /// A quiet CPU session with the default seed (tests, `check`, `api`).
+    pub fn cpu() -> Self {
+        match Self::new(SessionOptions::default()) {
+            Ok(s) => s,
+            Err(_) => unreachable!("the CPU device always exists"),
+        }
+    }
+
+    /// A quiet CPU session for checking `script` (module paths resolve beside it).
+    pub fn cpu_for(script: &std::path::Path) -> Self {
+        let opts = SessionOptions { script: Some(script.to_path_buf()), ..SessionOptions::default() };
+        match Self::new(opts) {
+            Ok(s) => s,
+            Err(_) => unreachable!("the CPU device always exists"),
+        }
+    }
+
+    /// Records one `log(tag, map)` call.
+    pub fn record_metrics(&self, tag: &str, metrics: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+        self.metrics.borrow_mut().record(tag, metrics)
+    }
+
+    /// Prints a line unless `--quiet`.
+    pub fn say(&self, line: &str) {
+        if !self.quiet {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// A human name for a device: `cpu` or `cuda:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto` into a device.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let ordinal = |s: &str| -> Result<usize> {
+        s.parse().map_err(|_| anyhow::anyhow!("--device {spec}: `{s}` is not a GPU number"))
+    };
+    match spec.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if cfg!(feature = "cuda") {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n = match s.strip_prefix("cuda:") {
+                Some(n) => ordinal(n)?,
+                None => 0,
+            };
+            if !cfg!(feature = "cuda") {
+                bail!(
+                    "--device {spec}: this samhost was built without CUDA; rebuild it with \
+                     `cargo build --release --features cuda` (needs the CUDA compiler, nvcc)"
+                );
+            }
+            Device::new_cuda(n).map_err(|e| anyhow::anyhow!("--device {spec}: cannot open GPU {n}: {e}"))
+        }
+        other => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
+    }
+}

@@ -1,0 +1,121 @@
+//! AdamW (Loshchilov & Hutter): Adam with decoupled weight decay, with the semantics of
+//! `torch.optim.AdamW`.
+
+use super::optim::{check_aligned, read_count, Optimizer};
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// AdamW settings (PyTorch's names and defaults).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay rates of the first and second moment estimates.
+    pub betas: [f64; 2],
+    /// Added to the denominator for numerical stability.
+    pub eps: f64,
+    /// Decoupled weight decay: `w ← w·(1 − lr·weight_decay)` before the Adam update.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+/// The AdamW optimizer.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    m: HashMap<String, Tensor>,
+    v: HashMap<String, Tensor>,
+    steps: u64,
+}
+
+impl AdamW {
+    /// A new optimizer with zero moments.
+    pub fn new(cfg: AdamWConfig) -> Result<Self> {
+        let [b1, b2] = cfg.betas;
+        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+            bail!("adamw: betas must be in [0, 1), got {:?}", cfg.betas);
+        }
+        if !(cfg.lr >= 0.0) || !(cfg.eps >= 0.0) || !(cfg.weight_decay >= 0.0) {
+            bail!("adamw: lr, eps and weight_decay must be >= 0");
+        }
+        Ok(Self { cfg, m: HashMap::new(), v: HashMap::new(), steps: 0 })
+    }
+}
+
+impl Optimizer for AdamW {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn step(&mut self, params: &[(String, Var)], grads: &[Tensor]) -> Result<()> {
+        check_aligned(params, grads)?;
+        self.steps += 1;
+        let c = &self.cfg;
+        let [b1, b2] = c.betas;
+        let t = self.steps as i32;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        for ((name, p), g) in params.iter().zip(grads) {
+            let g = g.to_dtype(p.dtype())?;
+            let m = match self.m.get(name) {
+                Some(m) => (m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?,
+                None => g.affine(1.0 - b1, 0.0)?,
+            };
+            let v = match self.v.get(name) {
+                Some(v) => (v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?,
+                None => g.sqr()?.affine(1.0 - b2, 0.0)?,
+            };
+            let decayed = p.as_tensor().affine(1.0 - c.lr * c.weight_decay, 0.0)?;
+            let denom = v.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, c.eps)?;
+            let update = (m.affine(c.lr / bc1, 0.0)? / denom)?;
+            p.set(&(decayed - update)?)?;
+            self.m.insert(name.clone(), m);
+            self.v.insert(name.clone(), v);
+        }
+        Ok(())
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    fn state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut s = BTreeMap::new();
+        for (k, v) in &self.m {
+            s.insert(format!("exp_avg.{k}"), v.clone());
+        }
+        for (k, v) in &self.v {
+            s.insert(format!("exp_avg_sq.{k}"), v.clone());
+        }
+        s.insert("steps".into(), Tensor::new(&[self.steps as f64], &candle_core::Device::Cpu)?);
+        s.insert("lr".into(), Tensor::new(&[self.cfg.lr], &candle_core::Device::Cpu)?);
+        Ok(s)
+    }
+
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.steps = read_count(state, "steps")?;
+        if let Some(lr) = state.get("lr") {
+            self.cfg.lr = lr.flatten_all()?.to_vec1::<f64>()?[0];
+        }
+        let pick = |prefix: &str| -> HashMap<String, Tensor> {
+            state
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+                .collect()
+        };
+        self.m = pick("exp_avg.");
+        self.v = pick("exp_avg_sq.");
+        Ok(())
+    }
+}

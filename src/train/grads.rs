@@ -1,0 +1,50 @@
+//! Gradients as plain vectors aligned with a parameter list, and the norms SAM needs.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, Var};
+
+/// The gradient of `loss` with respect to each of `params` (zeros where a parameter does not
+/// reach the loss).
+pub fn gradients(loss: &Tensor, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
+    let store = loss.backward()?;
+    params
+        .iter()
+        .map(|(_, v)| match store.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => Ok(v.as_tensor().zeros_like()?),
+        })
+        .collect()
+}
+
+/// Sum of squares of every element of every tensor, accumulated in f32 on the device, returned
+/// as f64.
+pub fn sum_squares(tensors: &[Tensor]) -> Result<f64> {
+    let mut total: Option<Tensor> = None;
+    for t in tensors {
+        let s = t.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+        total = Some(match total {
+            None => s,
+            Some(acc) => (acc + s)?,
+        });
+    }
+    Ok(match total {
+        None => 0.0,
+        Some(t) => t.to_scalar::<f32>()? as f64,
+    })
+}
+
+/// The global L2 norm over all tensors together.
+pub fn global_norm(tensors: &[Tensor]) -> Result<f64> {
+    Ok(sum_squares(tensors)?.sqrt())
+}
+
+/// Scales every tensor so that their global norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when the norm exceeds it).
+pub fn clip_global_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<Vec<Tensor>> {
+    let norm = global_norm(&grads)?;
+    if norm <= max_norm {
+        return Ok(grads);
+    }
+    let scale = max_norm / (norm + 1e-6);
+    grads.into_iter().map(|g| Ok(g.affine(scale, 0.0)?)).collect()
+}

@@ -1,0 +1,19 @@
+//! Training primitives: losses, optimizers, learning-rate schedules and the SAM step.
+//! Nothing here knows about Rhai.
+
+pub mod adamw;
+pub mod evaluate;
+pub mod grads;
+pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod sam;
+pub mod schedule;
+pub mod sgd;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use loss::LossFn;
+pub use optim::Optimizer;
+pub use sam::{sam_step, train_step, SamConfig, StepStats};
+pub use schedule::{Schedule, ScheduleKind};
+pub use sgd::{Sgd, SgdConfig};

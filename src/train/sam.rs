@@ -1,0 +1,247 @@
+//! Sharpness-Aware Minimization (Foret et al., ICLR 2021) and its variants, on candle autograd.
+//!
+//! One SAM step at weights `w` on a batch:
+//! 1. `g = ∇L(w)` (training mode: BatchNorm uses and updates batch statistics);
+//! 2. the ascent step `e = ρ·g / (‖g‖₂ + ε)`, the norm taken over all trainable parameters
+//!    together; adaptive SAM (Kwon et al., 2021) uses `e = ρ·T²g / (‖Tg‖₂ + ε)` with
+//!    `T = |w| + η`, applied to weights and biases alike;
+//! 3. `g_SAM = ∇L(w + e)`, with BatchNorm running statistics restored afterwards, so they come
+//!    from the first pass only (as the paper's code does);
+//! 4. the weights are restored to `w` and the base optimizer steps with `g_SAM`.
+//!
+//! With m-sharpness the batch is split into chunks of `m` examples; each chunk gets its own
+//! perturbation and the chunk gradients `g_SAM` are averaged.
+
+use super::grads::{clip_global_norm, global_norm, gradients, sum_squares};
+use super::loss::LossFn;
+use super::metrics::correct;
+use super::optim::Optimizer;
+use crate::models::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use serde::Deserialize;
+
+/// Settings of a SAM step.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamConfig {
+    /// Radius of the neighbourhood (ρ). 0 gives exactly the base optimizer's step.
+    pub rho: f64,
+    /// Adaptive SAM: scale the perturbation by `T = |w| + eta` (weights and biases alike).
+    pub adaptive: bool,
+    /// The ASAM offset η.
+    pub eta: f64,
+    /// Split the batch into chunks of this many examples, one perturbation each (the paper's m).
+    pub m_sharpness: Option<usize>,
+    /// Clip the SAM gradient to this global norm before the base step.
+    pub grad_clip: Option<f64>,
+    /// Added to the norm so that a zero gradient gives a zero perturbation, not NaN.
+    pub eps: f64,
+}
+
+impl Default for SamConfig {
+    fn default() -> Self {
+        Self { rho: 0.05, adaptive: false, eta: 0.01, m_sharpness: None, grad_clip: None, eps: 1e-12 }
+    }
+}
+
+impl SamConfig {
+    /// Rejects settings that have no meaning.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.rho >= 0.0) || !self.rho.is_finite() {
+            bail!("rho must be a finite number >= 0, got {}", self.rho);
+        }
+        if !(self.eta >= 0.0) {
+            bail!("eta must be >= 0, got {}", self.eta);
+        }
+        if self.m_sharpness == Some(0) {
+            bail!("m_sharpness must be >= 1");
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c > 0.0) {
+                bail!("grad_clip must be > 0, got {c}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one training step measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    /// Loss at `w` (first pass).
+    pub loss: f64,
+    /// Loss at `w + e` (second pass); equals `loss` for a plain step.
+    pub sharp_loss: f64,
+    /// Global L2 norm of the first gradient (mean over chunks with m-sharpness).
+    pub grad_norm: f64,
+    /// Batch accuracy of the first pass (NaN when the logits are not `[N, K]`).
+    pub accuracy: f64,
+}
+
+/// The splits of a batch of `n` examples into chunks of `m`.
+fn chunk_ranges(n: usize, m: Option<usize>) -> Result<Vec<(usize, usize)>> {
+    match m {
+        None => Ok(vec![(0, n)]),
+        Some(m) if m >= n => Ok(vec![(0, n)]),
+        Some(m) => {
+            if n % m != 0 {
+                bail!("m_sharpness {m} does not divide the batch size {n}");
+            }
+            Ok((0..n / m).map(|i| (i * m, m)).collect())
+        }
+    }
+}
+
+struct Pass {
+    loss: Tensor,
+    grads: Vec<Tensor>,
+    correct: Option<usize>,
+}
+
+fn forward_backward(model: &Model, params: &[(String, Var)], x: &Tensor, y: &Tensor, loss_fn: &LossFn) -> Result<Pass> {
+    let logits = model.forward_t(x, true).context("forward pass")?;
+    let loss = loss_fn.compute(&logits, y)?;
+    let grads = gradients(&loss, params)?;
+    let correct = match (logits.dims(), y.dims()) {
+        ([n, _], [m]) if n == m => Some(correct(&logits, y)?),
+        _ => None,
+    };
+    Ok(Pass { loss: loss.detach(), grads, correct })
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The ascent step `e` for gradient `g` at weights `params`.
+fn ascent(params: &[(String, Var)], g: &[Tensor], cfg: &SamConfig) -> Result<Vec<Tensor>> {
+    if cfg.adaptive {
+        let t: Vec<Tensor> = params
+            .iter()
+            .map(|(_, p)| Ok(p.as_tensor().abs()?.affine(1.0, cfg.eta)?))
+            .collect::<Result<_>>()?;
+        let tg: Vec<Tensor> = t.iter().zip(g).map(|(t, g)| Ok((t * g.to_dtype(t.dtype())?)?)).collect::<Result<_>>()?;
+        let scale = cfg.rho / (global_norm(&tg)? + cfg.eps);
+        t.iter().zip(tg).map(|(t, tg)| Ok((t * tg)?.affine(scale, 0.0)?)).collect()
+    } else {
+        let scale = cfg.rho / (global_norm(g)? + cfg.eps);
+        g.iter().map(|g| Ok(g.affine(scale, 0.0)?)).collect()
+    }
+}
+
+/// One SAM step: updates `model`'s trainable parameters with `opt` and returns the statistics.
+pub fn sam_step(
+    model: &Model,
+    opt: &mut dyn Optimizer,
+    images: &Tensor,
+    labels: &Tensor,
+    loss_fn: &LossFn,
+    cfg: &SamConfig,
+) -> Result<StepStats> {
+    cfg.validate()?;
+    let params = model.params().trainable();
+    if params.is_empty() {
+        bail!("the model has no trainable parameters (all frozen?)");
+    }
+    let buffers = model.params().buffers();
+    let n = images.dim(0)?;
+    if labels.dim(0)? != n {
+        bail!("batch: {} images but {} labels", n, labels.dim(0)?);
+    }
+    let chunks = chunk_ranges(n, cfg.m_sharpness)?;
+    let k = chunks.len() as f64;
+    let (mut loss_sum, mut sharp_sum, mut norm_sum, mut hits, mut counted) = (0.0, 0.0, 0.0, 0usize, true);
+    let mut sam_grads: Option<Vec<Tensor>> = None;
+    for &(start, len) in &chunks {
+        let (x, y) = if chunks.len() == 1 {
+            (images.clone(), labels.clone())
+        } else {
+            (images.narrow(0, start, len)?, labels.narrow(0, start, len)?)
+        };
+        let first = forward_backward(model, &params, &x, &y, loss_fn)?;
+        loss_sum += scalar(&first.loss)?;
+        norm_sum += sum_squares(&first.grads)?.sqrt();
+        match first.correct {
+            Some(c) => hits += c,
+            None => counted = false,
+        }
+        // Perturb: keep one copy of the weights, move to w + e.
+        let e = ascent(&params, &first.grads, cfg)?;
+        drop(first);
+        let saved_w: Vec<Tensor> = params.iter().map(|(_, p)| p.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+        for ((_, p), e) in params.iter().zip(&e) {
+            p.set(&(p.as_tensor() + e.to_dtype(p.dtype())?)?)?;
+        }
+        drop(e);
+        let saved_buffers: Vec<Tensor> =
+            buffers.iter().map(|(_, b)| b.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+        let second = forward_backward(model, &params, &x, &y, loss_fn);
+        // Restore weights and running statistics whatever the second pass did.
+        for ((_, p), w) in params.iter().zip(&saved_w) {
+            p.set(w)?;
+        }
+        for ((_, b), s) in buffers.iter().zip(&saved_buffers) {
+            b.set(s)?;
+        }
+        let second = second.context("second (perturbed) pass")?;
+        sharp_sum += scalar(&second.loss)?;
+        sam_grads = Some(match sam_grads {
+            None => second.grads,
+            Some(acc) => acc.iter().zip(&second.grads).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+        });
+    }
+    let mut grads = sam_grads.context("empty batch")?;
+    if chunks.len() > 1 {
+        grads = grads.into_iter().map(|g| g.affine(1.0 / k, 0.0)).collect::<candle_core::Result<_>>()?;
+    }
+    if let Some(c) = cfg.grad_clip {
+        grads = clip_global_norm(grads, c)?;
+    }
+    opt.step(&params, &grads)?;
+    Ok(StepStats {
+        loss: loss_sum / k,
+        sharp_loss: sharp_sum / k,
+        grad_norm: norm_sum / k,
+        accuracy: if counted && n > 0 { hits as f64 / n as f64 } else { f64::NAN },
+    })
+}
+
+/// One plain step (the baseline): gradient at `w`, optional clipping, base optimizer step.
+pub fn train_step(
+    model: &Model,
+    opt: &mut dyn Optimizer,
+    images: &Tensor,
+    labels: &Tensor,
+    loss_fn: &LossFn,
+    grad_clip: Option<f64>,
+) -> Result<StepStats> {
+    let params = model.params().trainable();
+    if params.is_empty() {
+        bail!("the model has no trainable parameters (all frozen?)");
+    }
+    let n = images.dim(0)?;
+    if labels.dim(0)? != n {
+        bail!("batch: {} images but {} labels", n, labels.dim(0)?);
+    }
+    let pass = forward_backward(model, &params, images, labels, loss_fn)?;
+    let loss = scalar(&pass.loss)?;
+    let grad_norm = global_norm(&pass.grads)?;
+    let mut grads = pass.grads;
+    if let Some(c) = grad_clip {
+        if !(c > 0.0) {
+            bail!("grad_clip must be > 0, got {c}");
+        }
+        grads = clip_global_norm(grads, c)?;
+    }
+    opt.step(&params, &grads)?;
+    Ok(StepStats {
+        loss,
+        sharp_loss: loss,
+        grad_norm,
+        accuracy: match pass.correct {
+            Some(c) if n > 0 => c as f64 / n as f64,
+            _ => f64::NAN,
+        },
+    })
+}

@@ -1,0 +1,123 @@
+//! Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay, with the
+//! semantics of `torch.optim.SGD`.
+
+use super::optim::{check_aligned, read_count, Optimizer};
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// SGD settings (PyTorch's names and defaults, with `lr` 0.1).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SgdConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0 disables the buffer).
+    pub momentum: f64,
+    /// Dampening of the momentum buffer's gradient term.
+    pub dampening: f64,
+    /// Nesterov momentum (needs momentum > 0 and dampening 0).
+    pub nesterov: bool,
+    /// L2 penalty, added to the gradient before momentum.
+    pub weight_decay: f64,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        Self { lr: 0.1, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 }
+    }
+}
+
+impl SgdConfig {
+    /// Rejects settings PyTorch rejects.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr >= 0.0) {
+            bail!("sgd: lr must be >= 0, got {}", self.lr);
+        }
+        if !(self.momentum >= 0.0) || !(self.weight_decay >= 0.0) {
+            bail!("sgd: momentum and weight_decay must be >= 0");
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            bail!("sgd: nesterov needs momentum > 0 and dampening 0");
+        }
+        Ok(())
+    }
+}
+
+/// The SGD optimizer.
+pub struct Sgd {
+    cfg: SgdConfig,
+    momentum: HashMap<String, Tensor>,
+    steps: u64,
+}
+
+impl Sgd {
+    /// A new optimizer with empty momentum buffers.
+    pub fn new(cfg: SgdConfig) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self { cfg, momentum: HashMap::new(), steps: 0 })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SgdConfig {
+        &self.cfg
+    }
+}
+
+impl Optimizer for Sgd {
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+
+    fn step(&mut self, params: &[(String, Var)], grads: &[Tensor]) -> Result<()> {
+        check_aligned(params, grads)?;
+        let c = &self.cfg;
+        for ((name, p), g) in params.iter().zip(grads) {
+            let mut d = g.to_dtype(p.dtype())?;
+            if c.weight_decay != 0.0 {
+                d = (d + p.as_tensor().affine(c.weight_decay, 0.0)?)?;
+            }
+            if c.momentum != 0.0 {
+                let buf = match self.momentum.get(name) {
+                    None => d.copy()?,
+                    Some(b) => (b.affine(c.momentum, 0.0)? + d.affine(1.0 - c.dampening, 0.0)?)?,
+                };
+                d = if c.nesterov { (d + buf.affine(c.momentum, 0.0)?)? } else { buf.clone() };
+                self.momentum.insert(name.clone(), buf);
+            }
+            let updated = (p.as_tensor() - d.affine(c.lr, 0.0)?)?;
+            p.set(&updated)?;
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    fn state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut s: BTreeMap<String, Tensor> =
+            self.momentum.iter().map(|(k, v)| (format!("momentum.{k}"), v.clone())).collect();
+        s.insert("steps".into(), Tensor::new(&[self.steps as f64], &candle_core::Device::Cpu)?);
+        s.insert("lr".into(), Tensor::new(&[self.cfg.lr], &candle_core::Device::Cpu)?);
+        Ok(s)
+    }
+
+    fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.steps = read_count(state, "steps")?;
+        if let Some(lr) = state.get("lr") {
+            self.cfg.lr = lr.flatten_all()?.to_vec1::<f64>()?[0];
+        }
+        self.momentum = state
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("momentum.").map(|n| (n.to_string(), v.clone())))
+            .collect();
+        Ok(())
+    }
+}
