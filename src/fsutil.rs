@@ -13,10 +13,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     if !dir.is_dir() {
         anyhow::bail!("{}: the folder {} does not exist", path.display(), dir.display());
     }
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file name", path.display()))?
-        .to_string_lossy();
+    let name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = write(&tmp).and_then(|()| {
         std::fs::rename(&tmp, path)
@@ -30,7 +27,5 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 
 /// Writes bytes to `path` atomically (see [`write_atomic`]).
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic(path, |tmp| {
-        std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", path.display()))
-    })
+    write_atomic(path, |tmp| std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", path.display())))
 }

@@ -47,7 +47,11 @@ fn normal(rng: &mut ChaCha8Rng) -> f32 {
 pub fn synthetic(cfg: &SyntheticConfig) -> Result<Dataset> {
     let [c, h, w] = cfg.shape;
     if cfg.classes < 2 || c == 0 || h == 0 || w == 0 {
-        bail!("synthetic: need at least 2 classes and a non-empty shape, got {} classes, shape {:?}", cfg.classes, cfg.shape);
+        bail!(
+            "synthetic: need at least 2 classes and a non-empty shape, got {} classes, shape {:?}",
+            cfg.classes,
+            cfg.shape
+        );
     }
     let mut proto_rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     // Low-resolution patterns (4x4 per channel), bilinearly upsampled to h x w.

@@ -45,11 +45,8 @@ pub fn init_values(init: &Init, shape: &Shape, rng: &HostRng) -> Vec<f32> {
 
 impl SimpleBackend for SeededBackend {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("parameter map lock poisoned".into()))?;
+        let mut data =
+            self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("parameter map lock poisoned".into()))?;
         if let Some(var) = data.get(name) {
             let t = var.as_tensor();
             if t.shape() != &s {
@@ -65,11 +62,8 @@ impl SimpleBackend for SeededBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> Result<Tensor> {
-        let data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("parameter map lock poisoned".into()))?;
+        let data =
+            self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("parameter map lock poisoned".into()))?;
         match data.get(name) {
             Some(v) => v.as_tensor().to_dtype(dtype),
             None => candle_core::bail!("parameter {name} does not exist"),

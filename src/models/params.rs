@@ -56,10 +56,7 @@ impl Params {
     /// The parameters that take gradients and get updated: not buffers, not frozen; sorted by name.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let frozen = self.frozen_set();
-        self.all()
-            .into_iter()
-            .filter(|(n, _)| !is_buffer(n) && !frozen.contains(n))
-            .collect()
+        self.all().into_iter().filter(|(n, _)| !is_buffer(n) && !frozen.contains(n)).collect()
     }
 
     /// The buffers (BatchNorm running statistics), sorted by name.
@@ -118,11 +115,7 @@ impl Params {
             match tensors.get(name) {
                 Some(t) => {
                     if t.dims() != var.dims() {
-                        bail!(
-                            "{source}: tensor `{name}` has shape {:?}, the model expects {:?}",
-                            t.dims(),
-                            var.dims()
-                        );
+                        bail!("{source}: tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims());
                     }
                     let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
                     var.set(&t)?;

@@ -8,9 +8,8 @@ use std::rc::Rc;
 
 /// Parses the text of `--set key=text` into the type of the default `default`.
 pub fn parse_override(key: &str, text: &str, default: &Dynamic) -> Res<Dynamic> {
-    let bad = |what: &str| {
-        err(format!("--set {key}={text}: `{text}` is not {what} (the default of `{key}` is {default})"))
-    };
+    let bad =
+        |what: &str| err(format!("--set {key}={text}: `{text}` is not {what} (the default of `{key}` is {default})"));
     if default.is_int() {
         text.trim().parse::<rhai::INT>().map(Dynamic::from_int).map_err(|_| bad("an integer"))
     } else if default.is_float() {
@@ -31,7 +30,10 @@ pub fn parse_override(key: &str, text: &str, default: &Dynamic) -> Res<Dynamic> 
         }
         Ok(d)
     } else {
-        Err(err(format!("--set {key}: the default of `{key}` is a {}, which cannot be set from the command line", default.type_name())))
+        Err(err(format!(
+            "--set {key}: the default of `{key}` is a {}, which cannot be set from the command line",
+            default.type_name()
+        )))
     }
 }
 
@@ -43,10 +45,7 @@ pub fn resolve(session: &Session, mut defaults: Map) -> Res<Map> {
             None => {
                 let mut known: Vec<&str> = defaults.keys().map(|k| k.as_str()).collect();
                 known.sort_unstable();
-                return Err(err(format!(
-                    "--set {key}: unknown key; the script's config has: {}",
-                    known.join(", ")
-                )));
+                return Err(err(format!("--set {key}: unknown key; the script's config has: {}", known.join(", "))));
             }
         };
         let value = parse_override(key, text, &default)?;

@@ -113,8 +113,7 @@ fn nest(values: &[Dynamic], dims: &[usize]) -> Dynamic {
         [_] => Dynamic::from_array(values.to_vec()),
         [_, rest @ ..] => {
             let step: usize = rest.iter().product();
-            let rows: Array =
-                if step == 0 { Vec::new() } else { values.chunks(step).map(|c| nest(c, rest)).collect() };
+            let rows: Array = if step == 0 { Vec::new() } else { values.chunks(step).map(|c| nest(c, rest)).collect() };
             Dynamic::from_array(rows)
         }
     }
@@ -146,8 +145,8 @@ pub fn tensor_to_dynamic(t: &Tensor) -> Res<Dynamic> {
 /// Parses an option map into a typed settings struct (unknown keys are errors). Integers are
 /// accepted where floats are expected.
 pub fn options<T: DeserializeOwned>(what: &str, map: &Map) -> Res<T> {
-    let json: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(map.clone()))
-        .map_err(|e| err(format!("{what} options: {e}")))?;
+    let json: serde_json::Value =
+        rhai::serde::from_dynamic(&Dynamic::from_map(map.clone())).map_err(|e| err(format!("{what} options: {e}")))?;
     serde_json::from_value(json).map_err(|e| err(format!("{what} options: {e}")))
 }
 

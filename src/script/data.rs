@@ -43,31 +43,52 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             Ok(EpochBatches(op("batches", Batches::new(ds.clone(), order, to_usize("batch size", size)?, bo.drop_last, s.device.clone()))?))
         });
     let s = session.clone();
-    api!(engine, "batches", "ds: Dataset, size: int -> Batches", "Shuffled batches of one epoch.",
+    api!(
+        engine,
+        "batches",
+        "ds: Dataset, size: int -> Batches",
+        "Shuffled batches of one epoch.",
         move |ds: &mut Dataset, size: INT| -> Res<EpochBatches> {
             let order = epoch_order(ds.len(), true, s.rng.next_seed(), 0);
-            Ok(EpochBatches(op("batches", Batches::new(ds.clone(), order, to_usize("batch size", size)?, false, s.device.clone()))?))
-        });
-    api!(engine, "len", "b: Batches -> int", "Number of batches in the epoch.", |b: &mut EpochBatches| b.0.num_batches() as INT);
+            Ok(EpochBatches(op(
+                "batches",
+                Batches::new(ds.clone(), order, to_usize("batch size", size)?, false, s.device.clone()),
+            )?))
+        }
+    );
+    api!(
+        engine,
+        "len",
+        "b: Batches -> int",
+        "Number of batches in the epoch.",
+        |b: &mut EpochBatches| b.0.num_batches() as INT
+    );
 
-    api!(engine, "batch", "images: Tensor, labels: Tensor -> Batch",
+    api!(
+        engine,
+        "batch",
+        "images: Tensor, labels: Tensor -> Batch",
         "A batch from tensors: images with the batch first, integer labels [N].",
-        |x: Tensor, y: Tensor| op("batch", Batch::new(x, y)));
+        |x: Tensor, y: Tensor| op("batch", Batch::new(x, y))
+    );
     getter!(engine, "images", "Tensor", "The batch's inputs.", |b: &mut Batch| b.images.clone());
     getter!(engine, "labels", "Tensor", "The batch's labels [N] (u32).", |b: &mut Batch| b.labels.clone());
     api!(engine, "len", "b: Batch -> int", "Number of examples in the batch.", |b: &mut Batch| b.len() as INT);
 
     api!(engine, "len", "ds: Dataset -> int", "Number of examples.", |d: &mut Dataset| d.len() as INT);
     getter!(engine, "num_classes", "int", "Number of classes.", |d: &mut Dataset| d.num_classes() as INT);
-    getter!(engine, "classes", "Array", "Class names.",
-        |d: &mut Dataset| -> Array { d.classes().iter().map(|c| Dynamic::from(c.clone())).collect() });
-    getter!(engine, "shape", "Array", "Image shape [C, H, W].",
-        |d: &mut Dataset| -> Array { d.shape().iter().map(|&x| Dynamic::from_int(x as INT)).collect() });
-    api!(engine, "subset", "ds: Dataset, n: int -> Dataset", "The first n examples.",
-        |d: &mut Dataset, n: INT| -> Res<Dataset> {
-            let n = to_usize("subset", n)?.min(d.len());
-            op("subset", d.select(&(0..n).collect::<Vec<_>>()))
-        });
+    getter!(engine, "classes", "Array", "Class names.", |d: &mut Dataset| -> Array {
+        d.classes().iter().map(|c| Dynamic::from(c.clone())).collect()
+    });
+    getter!(engine, "shape", "Array", "Image shape [C, H, W].", |d: &mut Dataset| -> Array {
+        d.shape().iter().map(|&x| Dynamic::from_int(x as INT)).collect()
+    });
+    api!(engine, "subset", "ds: Dataset, n: int -> Dataset", "The first n examples.", |d: &mut Dataset,
+                                                                                       n: INT|
+     -> Res<Dataset> {
+        let n = to_usize("subset", n)?.min(d.len());
+        op("subset", d.select(&(0..n).collect::<Vec<_>>()))
+    });
     api!(engine, "split", "ds: Dataset, fraction: float, seed: int -> Array",
         "A seeded random split: [first, rest] with round(fraction·N) examples in the first part (e.g. a validation set).",
         |d: &mut Dataset, f: FLOAT, seed: INT| -> Res<Array> {

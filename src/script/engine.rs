@@ -11,11 +11,7 @@ use std::sync::atomic::Ordering;
 /// relative to the script's folder (`import "lib/common" as common;`).
 pub fn build_engine(session: &Rc<Session>) -> Engine {
     let mut engine = Engine::new();
-    let base = session
-        .script
-        .as_ref()
-        .and_then(|p| p.parent().map(|d| d.to_path_buf()))
-        .unwrap_or_else(|| ".".into());
+    let base = session.script.as_ref().and_then(|p| p.parent().map(|d| d.to_path_buf())).unwrap_or_else(|| ".".into());
     engine.set_module_resolver(FileModuleResolver::new_with_path(base));
     engine.set_max_call_levels(256);
 
@@ -40,12 +36,6 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
         }
     });
     let flag = session.interrupted.clone();
-    engine.on_progress(move |_| {
-        if flag.load(Ordering::Relaxed) {
-            Some(Dynamic::from("interrupted"))
-        } else {
-            None
-        }
-    });
+    engine.on_progress(move |_| if flag.load(Ordering::Relaxed) { Some(Dynamic::from("interrupted")) } else { None });
     engine
 }

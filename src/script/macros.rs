@@ -8,10 +8,7 @@ macro_rules! api {
         let mut info: Vec<String> = params;
         info.push(ret);
         let doc: Vec<String> = vec![$crate::script::convert::doc_comment($doc)];
-        rhai::FuncRegistration::new($name)
-            .with_params_info(info)
-            .with_comments(doc)
-            .register_into_engine($engine, $f);
+        rhai::FuncRegistration::new($name).with_params_info(info).with_comments(doc).register_into_engine($engine, $f);
     }};
 }
 

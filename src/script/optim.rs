@@ -36,13 +36,16 @@ pub fn register(engine: &mut Engine) {
     api!(engine, "adamw", "m: Model, options: Map -> Optimizer",
         "AdamW with torch.optim.AdamW semantics (decoupled decay). Options: lr (1e-3), betas ([0.9, 0.999]), eps (1e-8), weight_decay (0.01).",
         |_m: Model, o: Map| -> Res<Optim> { Ok(new_optim(op("adamw", AdamW::new(options::<AdamWConfig>("adamw", &o)?))?)) });
-    getter!(engine, "lr", "float", "The optimizer's current learning rate.",
-        |o: &mut Optim| -> FLOAT { o.0.borrow().learning_rate() });
+    getter!(engine, "lr", "float", "The optimizer's current learning rate.", |o: &mut Optim| -> FLOAT {
+        o.0.borrow().learning_rate()
+    });
     rhai::FuncRegistration::new_setter("lr")
         .with_params_info(["self", "lr: float"])
         .with_comments(["/// Sets the optimizer's learning rate."])
         .register_into_engine(engine, |o: &mut Optim, lr: FLOAT| -> Res<()> {
-            if !(lr >= 0.0) { return Err(err(format!("lr must be >= 0, got {lr}"))); }
+            if !(lr >= 0.0) {
+                return Err(err(format!("lr must be >= 0, got {lr}")));
+            }
             o.0.borrow_mut().set_learning_rate(lr);
             Ok(())
         });
@@ -52,11 +55,16 @@ pub fn register(engine: &mut Engine) {
             let state = op("save", o.0.borrow().state())?;
             op("save", crate::models::params::save_safetensors(Path::new(path), &state))
         });
-    api!(engine, "load", "opt: Optimizer, path: String", "Restores an optimizer state written by `save`.",
+    api!(
+        engine,
+        "load",
+        "opt: Optimizer, path: String",
+        "Restores an optimizer state written by `save`.",
         |o: &mut Optim, path: &str| -> Res<()> {
             let state = op("load", crate::models::params::load_safetensors(Path::new(path)))?;
             op("load", o.0.borrow_mut().load_state(&state.into_iter().collect()))
-        });
+        }
+    );
 
     api!(engine, "schedule", "opt: Optimizer, options: Map -> Schedule",
         "A learning-rate schedule over the optimizer's current lr. Options: kind = constant | step {step_size, gamma} | multi_step {milestones, gamma} | cosine {total, warmup, min_lr} | linear {total, warmup, end_lr}. Sets the lr for step 0 at once; `sched.step()` advances.",
@@ -67,12 +75,18 @@ pub fn register(engine: &mut Engine) {
             o.0.borrow_mut().set_learning_rate(s.current());
             Ok(Sched { schedule: Rc::new(RefCell::new(s)), optim: o })
         });
-    api!(engine, "step", "sched: Schedule -> float", "Advances the schedule one step, sets the optimizer's lr, returns it.",
+    api!(
+        engine,
+        "step",
+        "sched: Schedule -> float",
+        "Advances the schedule one step, sets the optimizer's lr, returns it.",
         |s: &mut Sched| -> FLOAT {
             let lr = s.schedule.borrow_mut().step();
             s.optim.0.borrow_mut().set_learning_rate(lr);
             lr
-        });
-    getter!(engine, "lr", "float", "The schedule's current learning rate.",
-        |s: &mut Sched| -> FLOAT { s.schedule.borrow().current() });
+        }
+    );
+    getter!(engine, "lr", "float", "The schedule's current learning rate.", |s: &mut Sched| -> FLOAT {
+        s.schedule.borrow().current()
+    });
 }

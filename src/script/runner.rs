@@ -64,7 +64,11 @@ pub fn run(opts: SessionOptions) -> Outcome {
         let keys: Vec<&str> = session.overrides.iter().map(|(k, _)| k.as_str()).collect();
         return Outcome::fail(
             2,
-            format!("error: --set {}: {} never calls config(#{{...}}), so it takes no settings", keys.join(", "), path.display()),
+            format!(
+                "error: --set {}: {} never calls config(#{{...}}), so it takes no settings",
+                keys.join(", "),
+                path.display()
+            ),
         );
     }
     if let Err(e) = engine.run_ast(&ast) {
@@ -87,9 +91,9 @@ fn calls_config(engine: &rhai::Engine, ast: &rhai::AST, path: &Path) -> bool {
         found
     };
     has(ast)
-        || super::check::imported_files(engine, path).iter().any(|f| {
-            std::fs::read_to_string(f).ok().and_then(|t| engine.compile(&t).ok()).is_some_and(|a| has(&a))
-        })
+        || super::check::imported_files(engine, path)
+            .iter()
+            .any(|f| std::fs::read_to_string(f).ok().and_then(|t| engine.compile(&t).ok()).is_some_and(|a| has(&a)))
 }
 
 /// Checks a script without running it.

@@ -159,101 +159,206 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     engine.register_type_with_name::<Tensor>("Tensor");
 
     let s = session.clone();
-    api!(engine, "tensor", "values: Array -> Tensor",
+    api!(
+        engine,
+        "tensor",
+        "values: Array -> Tensor",
         "A float32 tensor from a number or a nested array of numbers, e.g. `tensor([[1, 2], [3, 4]])`.",
-        move |v: Dynamic| tensor_from_dynamic(&v, DType::F32, &s.device));
+        move |v: Dynamic| tensor_from_dynamic(&v, DType::F32, &s.device)
+    );
     let s = session.clone();
-    api!(engine, "tensor", "values: Array, dtype: String -> Tensor",
+    api!(
+        engine,
+        "tensor",
+        "values: Array, dtype: String -> Tensor",
         "A tensor of the given dtype (f32, f64, f16, bf16, u8, u32, i64) from nested numbers.",
-        move |v: Dynamic, dtype: &str| tensor_from_dynamic(&v, parse_dtype(dtype)?, &s.device));
+        move |v: Dynamic, dtype: &str| tensor_from_dynamic(&v, parse_dtype(dtype)?, &s.device)
+    );
     let s = session.clone();
-    api!(engine, "zeros", "shape: Array -> Tensor", "A float32 tensor of zeros of the given shape.",
-        move |shape: Array| op("zeros", Tensor::zeros(shape_of("zeros", &shape)?, DType::F32, &s.device)));
+    api!(
+        engine,
+        "zeros",
+        "shape: Array -> Tensor",
+        "A float32 tensor of zeros of the given shape.",
+        move |shape: Array| op("zeros", Tensor::zeros(shape_of("zeros", &shape)?, DType::F32, &s.device))
+    );
     let s = session.clone();
-    api!(engine, "ones", "shape: Array -> Tensor", "A float32 tensor of ones of the given shape.",
-        move |shape: Array| op("ones", Tensor::ones(shape_of("ones", &shape)?, DType::F32, &s.device)));
+    api!(
+        engine,
+        "ones",
+        "shape: Array -> Tensor",
+        "A float32 tensor of ones of the given shape.",
+        move |shape: Array| op("ones", Tensor::ones(shape_of("ones", &shape)?, DType::F32, &s.device))
+    );
     let s = session.clone();
-    api!(engine, "randn", "shape: Array -> Tensor",
+    api!(
+        engine,
+        "randn",
+        "shape: Array -> Tensor",
         "Standard normal samples of the given shape, from the seeded host generator.",
-        move |shape: Array| random(&s, &shape, true));
+        move |shape: Array| random(&s, &shape, true)
+    );
     let s = session.clone();
-    api!(engine, "rand", "shape: Array -> Tensor",
+    api!(
+        engine,
+        "rand",
+        "shape: Array -> Tensor",
         "Uniform samples in [0, 1) of the given shape, from the seeded host generator.",
-        move |shape: Array| random(&s, &shape, false));
+        move |shape: Array| random(&s, &shape, false)
+    );
     let s = session.clone();
-    api!(engine, "arange", "end: int -> Tensor", "The float32 values 0, 1, …, end-1.",
-        move |end: INT| op("arange", Tensor::arange(0f32, end as f32, &s.device)));
+    api!(engine, "arange", "end: int -> Tensor", "The float32 values 0, 1, …, end-1.", move |end: INT| op(
+        "arange",
+        Tensor::arange(0f32, end as f32, &s.device)
+    ));
     let s = session.clone();
-    api!(engine, "arange", "start: float, end: float, step: float -> Tensor",
+    api!(
+        engine,
+        "arange",
+        "start: float, end: float, step: float -> Tensor",
         "Float32 values from `start` (included) to `end` (excluded) by `step`.",
         move |a: Dynamic, b: Dynamic, st: Dynamic| {
-            let (a, b, st) = (super::convert::number("arange", &a)?, super::convert::number("arange", &b)?, super::convert::number("arange", &st)?);
-            if st == 0.0 { return Err(err("arange: step must not be 0")); }
+            let (a, b, st) = (
+                super::convert::number("arange", &a)?,
+                super::convert::number("arange", &b)?,
+                super::convert::number("arange", &st)?,
+            );
+            if st == 0.0 {
+                return Err(err("arange: step must not be 0"));
+            }
             op("arange", Tensor::arange_step(a as f32, b as f32, st as f32, &s.device))
-        });
+        }
+    );
 
     for name in ["+", "-", "*", "/"] {
-        api!(engine, name, "a: Tensor, b: Tensor -> Tensor",
+        api!(
+            engine,
+            name,
+            "a: Tensor, b: Tensor -> Tensor",
             "Element-wise arithmetic with broadcasting (numpy rules).",
-            move |a: Tensor, b: Tensor| binary(name, &a, &b));
-        api!(engine, name, "a: Tensor, b: float -> Tensor", "Element-wise arithmetic with a number.",
-            move |a: Tensor, b: FLOAT| binary(name, &a, &scalar_like(&a, b)?));
-        api!(engine, name, "a: Tensor, b: int -> Tensor", "Element-wise arithmetic with a number.",
-            move |a: Tensor, b: INT| binary(name, &a, &scalar_like(&a, b as f64)?));
-        api!(engine, name, "a: float, b: Tensor -> Tensor", "Element-wise arithmetic with a number.",
-            move |a: FLOAT, b: Tensor| binary(name, &scalar_like(&b, a)?, &b));
-        api!(engine, name, "a: int, b: Tensor -> Tensor", "Element-wise arithmetic with a number.",
-            move |a: INT, b: Tensor| binary(name, &scalar_like(&b, a as f64)?, &b));
+            move |a: Tensor, b: Tensor| binary(name, &a, &b)
+        );
+        api!(
+            engine,
+            name,
+            "a: Tensor, b: float -> Tensor",
+            "Element-wise arithmetic with a number.",
+            move |a: Tensor, b: FLOAT| binary(name, &a, &scalar_like(&a, b)?)
+        );
+        api!(
+            engine,
+            name,
+            "a: Tensor, b: int -> Tensor",
+            "Element-wise arithmetic with a number.",
+            move |a: Tensor, b: INT| binary(name, &a, &scalar_like(&a, b as f64)?)
+        );
+        api!(
+            engine,
+            name,
+            "a: float, b: Tensor -> Tensor",
+            "Element-wise arithmetic with a number.",
+            move |a: FLOAT, b: Tensor| binary(name, &scalar_like(&b, a)?, &b)
+        );
+        api!(
+            engine,
+            name,
+            "a: int, b: Tensor -> Tensor",
+            "Element-wise arithmetic with a number.",
+            move |a: INT, b: Tensor| binary(name, &scalar_like(&b, a as f64)?, &b)
+        );
     }
     api!(engine, "-", "a: Tensor -> Tensor", "Negation.", |a: Tensor| op("neg", a.neg()));
-    api!(engine, "matmul", "a: Tensor, b: Tensor -> Tensor",
+    api!(
+        engine,
+        "matmul",
+        "a: Tensor, b: Tensor -> Tensor",
         "Matrix product of the last two dimensions, batch dimensions broadcast.",
         |a: Tensor, b: Tensor| {
             if a.rank() < 2 || b.rank() < 2 {
                 return Err(err(format!("matmul needs tensors of rank >= 2, got {:?} and {:?}", a.dims(), b.dims())));
             }
             a.broadcast_matmul(&b).map_err(|e| err(format!("matmul of {:?} and {:?}: {e}", a.dims(), b.dims())))
-        });
+        }
+    );
 
     for name in ["sum", "mean", "max", "min", "argmax"] {
-        api!(engine, name, "t: Tensor -> Tensor",
+        api!(
+            engine,
+            name,
+            "t: Tensor -> Tensor",
             "Reduction over all elements (a scalar tensor; argmax gives the flat index).",
-            move |t: Tensor| reduce(name, &t, None));
-        api!(engine, name, "t: Tensor, dim: int -> Tensor",
+            move |t: Tensor| reduce(name, &t, None)
+        );
+        api!(
+            engine,
+            name,
+            "t: Tensor, dim: int -> Tensor",
             "Reduction along `dim` (negative counts from the end); the dimension is removed.",
-            move |t: Tensor, d: INT| reduce(name, &t, Some(d)));
+            move |t: Tensor, d: INT| reduce(name, &t, Some(d))
+        );
     }
 
-    api!(engine, "reshape", "t: Tensor, shape: Array -> Tensor",
-        "The same values in a new shape; one dimension may be -1.", |t: Tensor, s: Array| reshape(&t, &s));
-    api!(engine, "flatten", "t: Tensor -> Tensor", "All dimensions flattened into one.",
-        |t: Tensor| op("flatten", t.flatten_all()));
-    api!(engine, "transpose", "t: Tensor, d0: int, d1: int -> Tensor", "Swaps two dimensions.",
+    api!(
+        engine,
+        "reshape",
+        "t: Tensor, shape: Array -> Tensor",
+        "The same values in a new shape; one dimension may be -1.",
+        |t: Tensor, s: Array| reshape(&t, &s)
+    );
+    api!(engine, "flatten", "t: Tensor -> Tensor", "All dimensions flattened into one.", |t: Tensor| op(
+        "flatten",
+        t.flatten_all()
+    ));
+    api!(
+        engine,
+        "transpose",
+        "t: Tensor, d0: int, d1: int -> Tensor",
+        "Swaps two dimensions.",
         |t: Tensor, a: INT, b: INT| {
             let (a, b) = (dim_index(t.rank(), a)?, dim_index(t.rank(), b)?);
             op("transpose", t.transpose(a, b).and_then(|t| t.contiguous()))
-        });
-    api!(engine, "narrow", "t: Tensor, dim: int, start: int, len: int -> Tensor",
+        }
+    );
+    api!(
+        engine,
+        "narrow",
+        "t: Tensor, dim: int, start: int, len: int -> Tensor",
         "The slice `start..start+len` along `dim`.",
         |t: Tensor, d: INT, start: INT, len: INT| {
             let d = dim_index(t.rank(), d)?;
-            let (start, len) = (super::convert::to_usize("narrow start", start)?, super::convert::to_usize("narrow len", len)?);
+            let (start, len) =
+                (super::convert::to_usize("narrow start", start)?, super::convert::to_usize("narrow len", len)?);
             t.narrow(d, start, len).map_err(|e| err(format!("narrow({d}, {start}, {len}) of {:?}: {e}", t.dims())))
-        });
-    api!(engine, "cat", "tensors: Array, dim: int -> Tensor", "Concatenates tensors along `dim`.",
+        }
+    );
+    api!(
+        engine,
+        "cat",
+        "tensors: Array, dim: int -> Tensor",
+        "Concatenates tensors along `dim`.",
         |ts: Array, d: INT| {
-            let ts: Vec<Tensor> = ts.into_iter().enumerate()
+            let ts: Vec<Tensor> = ts
+                .into_iter()
+                .enumerate()
                 .map(|(i, v)| v.try_cast::<Tensor>().ok_or_else(|| err(format!("cat: element {i} is not a Tensor"))))
                 .collect::<Res<_>>()?;
             let first = ts.first().ok_or_else(|| err("cat: empty list"))?;
             let d = dim_index(first.rank(), d)?;
             let shapes: Vec<_> = ts.iter().map(|t| t.dims().to_vec()).collect();
             Tensor::cat(&ts, d).map_err(|e| err(format!("cat along {d} of {shapes:?}: {e}")))
-        });
-    api!(engine, "unsqueeze", "t: Tensor, dim: int -> Tensor", "Inserts a dimension of size 1.",
-        |t: Tensor, d: INT| op("unsqueeze", t.unsqueeze(dim_index(t.rank() + 1, d)?)));
-    api!(engine, "squeeze", "t: Tensor, dim: int -> Tensor", "Removes a dimension of size 1.",
-        |t: Tensor, d: INT| op("squeeze", t.squeeze(dim_index(t.rank(), d)?)));
+        }
+    );
+    api!(
+        engine,
+        "unsqueeze",
+        "t: Tensor, dim: int -> Tensor",
+        "Inserts a dimension of size 1.",
+        |t: Tensor, d: INT| op("unsqueeze", t.unsqueeze(dim_index(t.rank() + 1, d)?))
+    );
+    api!(engine, "squeeze", "t: Tensor, dim: int -> Tensor", "Removes a dimension of size 1.", |t: Tensor, d: INT| op(
+        "squeeze",
+        t.squeeze(dim_index(t.rank(), d)?)
+    ));
 
     macro_rules! unary {
         ($name:literal, $doc:literal, $f:expr) => {
@@ -268,52 +373,117 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     unary!("relu", "Element-wise max(x, 0).", |t: &Tensor| t.relu());
     unary!("sigmoid", "Element-wise logistic function.", |t: &Tensor| (t.neg()?.exp()? + 1.0)?.recip());
     unary!("tanh", "Element-wise hyperbolic tangent.", |t: &Tensor| t.tanh());
-    api!(engine, "pow", "t: Tensor, p: float -> Tensor", "Element-wise power.",
-        |t: Tensor, p: FLOAT| op("pow", t.powf(p)));
-    api!(engine, "softmax", "t: Tensor, dim: int -> Tensor", "Softmax along `dim` (differentiable).",
-        |t: Tensor, d: INT| op("softmax", log_softmax_dim(&t, dim_index(t.rank(), d)?).and_then(|l| l.exp())));
-    api!(engine, "log_softmax", "t: Tensor, dim: int -> Tensor", "Log-softmax along `dim` (differentiable).",
-        |t: Tensor, d: INT| op("log_softmax", log_softmax_dim(&t, dim_index(t.rank(), d)?)));
-    api!(engine, "to_dtype", "t: Tensor, dtype: String -> Tensor", "The tensor converted to another dtype.",
-        |t: Tensor, d: &str| op("to_dtype", t.to_dtype(parse_dtype(d)?)));
-    api!(engine, "one_hot", "labels: Tensor, classes: int -> Tensor",
+    api!(engine, "pow", "t: Tensor, p: float -> Tensor", "Element-wise power.", |t: Tensor, p: FLOAT| op(
+        "pow",
+        t.powf(p)
+    ));
+    api!(
+        engine,
+        "softmax",
+        "t: Tensor, dim: int -> Tensor",
+        "Softmax along `dim` (differentiable).",
+        |t: Tensor, d: INT| op("softmax", log_softmax_dim(&t, dim_index(t.rank(), d)?).and_then(|l| l.exp()))
+    );
+    api!(
+        engine,
+        "log_softmax",
+        "t: Tensor, dim: int -> Tensor",
+        "Log-softmax along `dim` (differentiable).",
+        |t: Tensor, d: INT| op("log_softmax", log_softmax_dim(&t, dim_index(t.rank(), d)?))
+    );
+    api!(
+        engine,
+        "to_dtype",
+        "t: Tensor, dtype: String -> Tensor",
+        "The tensor converted to another dtype.",
+        |t: Tensor, d: &str| op("to_dtype", t.to_dtype(parse_dtype(d)?))
+    );
+    api!(
+        engine,
+        "one_hot",
+        "labels: Tensor, classes: int -> Tensor",
         "One-hot float32 rows [N, classes] for integer labels [N].",
-        |l: Tensor, k: INT| op("one_hot", loss::one_hot(&l, super::convert::to_usize("classes", k)?, DType::F32)));
-    api!(engine, "cross_entropy", "logits: Tensor, labels: Tensor -> Tensor",
+        |l: Tensor, k: INT| op("one_hot", loss::one_hot(&l, super::convert::to_usize("classes", k)?, DType::F32))
+    );
+    api!(
+        engine,
+        "cross_entropy",
+        "logits: Tensor, labels: Tensor -> Tensor",
         "Mean cross-entropy of logits [N, K] against integer labels [N] (a scalar tensor).",
-        |l: Tensor, y: Tensor| op("cross_entropy", loss::cross_entropy(&l, &y, 0.0)));
-    api!(engine, "cross_entropy", "logits: Tensor, labels: Tensor, label_smoothing: float -> Tensor",
+        |l: Tensor, y: Tensor| op("cross_entropy", loss::cross_entropy(&l, &y, 0.0))
+    );
+    api!(
+        engine,
+        "cross_entropy",
+        "logits: Tensor, labels: Tensor, label_smoothing: float -> Tensor",
         "Mean cross-entropy with label smoothing ε: the target is (1-ε)·onehot + ε/K.",
-        |l: Tensor, y: Tensor, eps: FLOAT| op("cross_entropy", loss::cross_entropy(&l, &y, eps)));
+        |l: Tensor, y: Tensor, eps: FLOAT| op("cross_entropy", loss::cross_entropy(&l, &y, eps))
+    );
 
-    getter!(engine, "shape", "Array", "The dimensions, as an array of integers.",
-        |t: &mut Tensor| -> Array { t.dims().iter().map(|&d| Dynamic::from_int(d as INT)).collect() });
-    getter!(engine, "dtype", "String", "The element type: f32, f64, bf16, u32, …",
-        |t: &mut Tensor| -> ImmutableString { format!("{:?}", t.dtype()).to_lowercase().into() });
-    getter!(engine, "device", "String", "Where the tensor lives: cpu or cuda:N.",
-        |t: &mut Tensor| -> ImmutableString { device_name(t.device()).into() });
+    getter!(engine, "shape", "Array", "The dimensions, as an array of integers.", |t: &mut Tensor| -> Array {
+        t.dims().iter().map(|&d| Dynamic::from_int(d as INT)).collect()
+    });
+    getter!(
+        engine,
+        "dtype",
+        "String",
+        "The element type: f32, f64, bf16, u32, …",
+        |t: &mut Tensor| -> ImmutableString { format!("{:?}", t.dtype()).to_lowercase().into() }
+    );
+    getter!(
+        engine,
+        "device",
+        "String",
+        "Where the tensor lives: cpu or cuda:N.",
+        |t: &mut Tensor| -> ImmutableString { device_name(t.device()).into() }
+    );
     getter!(engine, "rank", "int", "Number of dimensions.", |t: &mut Tensor| -> INT { t.rank() as INT });
-    api!(engine, "len", "t: Tensor -> int", "Size of the first dimension.",
-        |t: &mut Tensor| -> Res<INT> { Ok(op("len", t.dim(0))? as INT) });
-    api!(engine, "item", "t: Tensor -> float", "The value of a one-element tensor (an int for integer dtypes).",
+    api!(engine, "len", "t: Tensor -> int", "Size of the first dimension.", |t: &mut Tensor| -> Res<INT> {
+        Ok(op("len", t.dim(0))? as INT)
+    });
+    api!(
+        engine,
+        "item",
+        "t: Tensor -> float",
+        "The value of a one-element tensor (an int for integer dtypes).",
         |t: &mut Tensor| -> Res<Dynamic> {
             if t.elem_count() != 1 {
                 return Err(err(format!("item: the tensor has shape {:?}, not one element", t.dims())));
             }
             Ok(tensor_values(t)?.remove(0))
-        });
-    api!(engine, "to_array", "t: Tensor -> Array", "The values as nested arrays.",
-        |t: &mut Tensor| tensor_to_dynamic(t));
-    api!(engine, "to_string", "t: Tensor -> String", "Shape, dtype, device and the first values.",
-        |t: &mut Tensor| -> ImmutableString { describe(t).into() });
-    api!(engine, "to_debug", "t: Tensor -> String", "Shape, dtype, device and the first values.",
-        |t: &mut Tensor| -> ImmutableString { describe(t).into() });
+        }
+    );
+    api!(engine, "to_array", "t: Tensor -> Array", "The values as nested arrays.", |t: &mut Tensor| tensor_to_dynamic(
+        t
+    ));
+    api!(
+        engine,
+        "to_string",
+        "t: Tensor -> String",
+        "Shape, dtype, device and the first values.",
+        |t: &mut Tensor| -> ImmutableString { describe(t).into() }
+    );
+    api!(
+        engine,
+        "to_debug",
+        "t: Tensor -> String",
+        "Shape, dtype, device and the first values.",
+        |t: &mut Tensor| -> ImmutableString { describe(t).into() }
+    );
 
     let s = session.clone();
-    api!(engine, "load_tensors", "path: String -> Map",
+    api!(
+        engine,
+        "load_tensors",
+        "path: String -> Map",
         "Reads a safetensors file into a map of name -> Tensor.",
-        move |path: &str| load_tensor_map(path, &s.device));
-    api!(engine, "save_tensors", "path: String, tensors: Map",
+        move |path: &str| load_tensor_map(path, &s.device)
+    );
+    api!(
+        engine,
+        "save_tensors",
+        "path: String, tensors: Map",
         "Writes a map of name -> Tensor to a safetensors file (atomically: temporary file, then rename).",
-        |path: &str, map: Map| save_tensor_map(path, &map));
+        |path: &str, map: Map| save_tensor_map(path, &map)
+    );
 }

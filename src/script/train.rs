@@ -40,7 +40,9 @@ fn take_loss(map: &mut Map) -> Res<Option<FnPtr>> {
         Some(v) if v.is_fnptr() => Ok(v.try_cast::<FnPtr>()),
         Some(v) if v.is_string() => match v.to_string().as_str() {
             "cross_entropy" => Ok(None),
-            other => Err(err(format!("loss: unknown loss `{other}` (use \"cross_entropy\" or a closure |logits, labels| ...)"))),
+            other => Err(err(format!(
+                "loss: unknown loss `{other}` (use \"cross_entropy\" or a closure |logits, labels| ...)"
+            ))),
         },
         Some(v) => Err(err(format!("loss: expected \"cross_entropy\" or a closure, got {}", v.type_name()))),
     }
@@ -126,14 +128,21 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             check_finite("sam_step", &stats)?;
             Ok(stats_map(&stats))
         });
-    api!(engine, "sam_step", "m: Model, opt: Optimizer, batch: Batch -> Map",
+    api!(
+        engine,
+        "sam_step",
+        "m: Model, opt: Optimizer, batch: Batch -> Map",
         "One SAM step with the default options (rho 0.05, cross-entropy).",
         |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
             let mut optim = opt.0.borrow_mut();
-            let stats = op("sam_step", sam_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), &SamConfig::default()))?;
+            let stats = op(
+                "sam_step",
+                sam_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), &SamConfig::default()),
+            )?;
             check_finite("sam_step", &stats)?;
             Ok(stats_map(&stats))
-        });
+        }
+    );
     api!(engine, "train_step", "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
         "One plain step (the baseline SAM is compared against): the same statistics as sam_step, with sharp_loss = loss. Options: loss, label_smoothing, grad_clip.",
         |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
@@ -147,14 +156,21 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             check_finite("train_step", &stats)?;
             Ok(stats_map(&stats))
         });
-    api!(engine, "train_step", "m: Model, opt: Optimizer, batch: Batch -> Map",
+    api!(
+        engine,
+        "train_step",
+        "m: Model, opt: Optimizer, batch: Batch -> Map",
         "One plain step with cross-entropy.",
         |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
             let mut optim = opt.0.borrow_mut();
-            let stats = op("train_step", train_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), None))?;
+            let stats = op(
+                "train_step",
+                train_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), None),
+            )?;
             check_finite("train_step", &stats)?;
             Ok(stats_map(&stats))
-        });
+        }
+    );
     let s = session.clone();
     api!(engine, "evaluate", "m: Model, ds: Dataset, options: Map -> Map",
         "Evaluates in eval mode over the whole dataset: #{loss, accuracy}; on a dataset with label noise also accuracy_clean (against the true labels), clean_part_accuracy, noisy_part_fit (corrupted examples predicted as their wrong label) and noisy_part_recovered (predicted as their true label). Options: batch (256).",
@@ -163,10 +179,19 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             Ok(eval_map(&op("evaluate", evaluate(&m, &ds, eo.batch, &s.device))?))
         });
     let s = session.clone();
-    api!(engine, "evaluate", "m: Model, ds: Dataset -> Map", "Evaluates with batches of 256.",
-        move |m: Model, ds: Dataset| -> Res<Map> {
-            Ok(eval_map(&op("evaluate", evaluate(&m, &ds, 256, &s.device))?))
-        });
-    api!(engine, "accuracy", "logits: Tensor, labels: Tensor -> float", "Share of rows whose arg-max equals the label.",
-        |l: Tensor, y: Tensor| -> Res<f64> { Ok(op("accuracy", crate::train::metrics::correct(&l, &y))? as f64 / l.dims().first().copied().unwrap_or(1).max(1) as f64) });
+    api!(engine, "evaluate", "m: Model, ds: Dataset -> Map", "Evaluates with batches of 256.", move |m: Model,
+                                                                                                     ds: Dataset|
+          -> Res<Map> {
+        Ok(eval_map(&op("evaluate", evaluate(&m, &ds, 256, &s.device))?))
+    });
+    api!(
+        engine,
+        "accuracy",
+        "logits: Tensor, labels: Tensor -> float",
+        "Share of rows whose arg-max equals the label.",
+        |l: Tensor, y: Tensor| -> Res<f64> {
+            Ok(op("accuracy", crate::train::metrics::correct(&l, &y))? as f64
+                / l.dims().first().copied().unwrap_or(1).max(1) as f64)
+        }
+    );
 }

@@ -109,10 +109,7 @@ impl Optimizer for AdamW {
             self.cfg.lr = lr.flatten_all()?.to_vec1::<f64>()?[0];
         }
         let pick = |prefix: &str| -> HashMap<String, Tensor> {
-            state
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
-                .collect()
+            state.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone()))).collect()
         };
         self.m = pick("exp_avg.");
         self.v = pick("exp_avg_sq.");

@@ -60,10 +60,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> 
     }
     let logp = log_softmax(logits)?;
     let target = one_hot(labels, k, logp.dtype())?;
-    let target = if label_smoothing > 0.0 {
-        target.affine(1.0 - label_smoothing, label_smoothing / k as f64)?
-    } else {
-        target
-    };
+    let target =
+        if label_smoothing > 0.0 { target.affine(1.0 - label_smoothing, label_smoothing / k as f64)? } else { target };
     (logp * target)?.sum_all()?.affine(-1.0 / n as f64, 0.0)
 }

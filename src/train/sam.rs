@@ -117,10 +117,8 @@ fn scalar(t: &Tensor) -> Result<f64> {
 /// The ascent step `e` for gradient `g` at weights `params`.
 fn ascent(params: &[(String, Var)], g: &[Tensor], cfg: &SamConfig) -> Result<Vec<Tensor>> {
     if cfg.adaptive {
-        let t: Vec<Tensor> = params
-            .iter()
-            .map(|(_, p)| Ok(p.as_tensor().abs()?.affine(1.0, cfg.eta)?))
-            .collect::<Result<_>>()?;
+        let t: Vec<Tensor> =
+            params.iter().map(|(_, p)| Ok(p.as_tensor().abs()?.affine(1.0, cfg.eta)?)).collect::<Result<_>>()?;
         let tg: Vec<Tensor> = t.iter().zip(g).map(|(t, g)| Ok((t * g.to_dtype(t.dtype())?)?)).collect::<Result<_>>()?;
         let scale = cfg.rho / (global_norm(&tg)? + cfg.eps);
         t.iter().zip(tg).map(|(t, tg)| Ok((t * tg)?.affine(scale, 0.0)?)).collect()
@@ -169,7 +167,8 @@ pub fn sam_step(
         // Perturb: keep one copy of the weights, move to w + e.
         let e = ascent(&params, &first.grads, cfg)?;
         drop(first);
-        let saved_w: Vec<Tensor> = params.iter().map(|(_, p)| p.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+        let saved_w: Vec<Tensor> =
+            params.iter().map(|(_, p)| p.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
         for ((_, p), e) in params.iter().zip(&e) {
             p.set(&(p.as_tensor() + e.to_dtype(p.dtype())?)?)?;
         }

@@ -114,10 +114,8 @@ impl Optimizer for Sgd {
         if let Some(lr) = state.get("lr") {
             self.cfg.lr = lr.flatten_all()?.to_vec1::<f64>()?[0];
         }
-        self.momentum = state
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("momentum.").map(|n| (n.to_string(), v.clone())))
-            .collect();
+        self.momentum =
+            state.iter().filter_map(|(k, v)| k.strip_prefix("momentum.").map(|n| (n.to_string(), v.clone()))).collect();
         Ok(())
     }
 }

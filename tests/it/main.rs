@@ -1,0 +1,4 @@
+//! The integration tests: one binary, one module per area. Fixtures are written by the tests.
+
+mod common;
+mod foundation;
