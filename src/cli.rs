@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// Print errors only.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Never touch the network: Hub models come from the local cache only (as HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// Parses `KEY=VALUE`.

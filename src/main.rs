@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             overrides: a.set,
             quiet: a.quiet,
             script: Some(a.script),
+            offline: a.offline,
         }),
         Command::Check { script } => {
             let o = runner::check(&script);

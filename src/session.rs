@@ -27,11 +27,13 @@ pub struct SessionOptions {
     pub quiet: bool,
     /// The script being run or checked, if any.
     pub script: Option<PathBuf>,
+    /// Never touch the network: Hub files come from the cache only (as `HF_HUB_OFFLINE=1`).
+    pub offline: bool,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { device: "cpu".into(), seed: DEFAULT_SEED, overrides: Vec::new(), quiet: true, script: None }
+        Self { device: "cpu".into(), seed: DEFAULT_SEED, overrides: Vec::new(), quiet: true, script: None, offline: false }
     }
 }
 
@@ -53,6 +55,8 @@ pub struct Session {
     pub script: Option<PathBuf>,
     /// Set by Ctrl-C: the script stops at the next safe point.
     pub interrupted: Arc<AtomicBool>,
+    /// Never touch the network (`--offline`; `HF_HUB_OFFLINE=1` is read where the Hub is used).
+    pub offline: bool,
     /// The configuration the script resolved with `config()`, as JSON.
     pub resolved_config: RefCell<Option<serde_json::Value>>,
     /// Every `log(tag, map)` record of the run.
@@ -72,6 +76,7 @@ impl Session {
             quiet: opts.quiet,
             script: opts.script,
             interrupted: Arc::new(AtomicBool::new(false)),
+            offline: opts.offline,
             resolved_config: RefCell::new(None),
             metrics: RefCell::new(MetricLog::default()),
         })

@@ -1,44 +1,69 @@
 //! The multi-layer perceptron: flatten, then `fc1..fcN` linear layers with ReLU between.
 
-use super::init::seeded_var_builder;
-use super::{Model, Network, Params};
+use super::layers::linear;
+use super::registry::{build_model, ArchConfig};
+use super::{Model, Network};
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{linear, Linear, VarMap};
-use std::sync::Arc;
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// The configuration of an MLP: `sizes` is `[in, hidden.., classes]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Layer sizes, input first and classes last.
+    pub sizes: Vec<usize>,
+}
+
+impl MlpConfig {
+    /// Rejects sizes that build nothing.
+    pub fn validate(&self) -> Result<()> {
+        if self.sizes.len() < 2 {
+            bail!("mlp needs at least an input and an output size, got {:?}", self.sizes);
+        }
+        if let Some(z) = self.sizes.iter().position(|&s| s == 0) {
+            bail!("mlp: layer size {z} is 0 in {:?}", self.sizes);
+        }
+        Ok(())
+    }
+
+    /// The classifier's tensor-name prefix (the last layer, `fcN.`).
+    pub fn head_prefix(&self) -> String {
+        format!("fc{}.", self.sizes.len() - 1)
+    }
+}
 
 /// An MLP over flattened inputs. Layer `fcK` has weight `[out, in]` and bias `[out]` (the PyTorch
 /// layout), initialised as PyTorch's `nn.Linear` (uniform in ±1/sqrt(fan_in)).
 pub struct Mlp {
-    sizes: Vec<usize>,
+    cfg: MlpConfig,
     layers: Vec<Linear>,
 }
 
 impl Mlp {
     /// The layer sizes, input first and classes last.
     pub fn sizes(&self) -> &[usize] {
-        &self.sizes
+        &self.cfg.sizes
+    }
+
+    /// Creates the layers from `vb`.
+    pub fn build(cfg: &MlpConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let layers = cfg
+            .sizes
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| linear(w[0], w[1], vb.pp(format!("fc{}", i + 1))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { cfg: cfg.clone(), layers })
     }
 }
 
 /// Builds `mlp([in, hidden.., out])`.
 pub fn mlp(sizes: &[usize], rng: &HostRng, device: &Device) -> Result<Model> {
-    if sizes.len() < 2 {
-        bail!("mlp needs at least an input and an output size, got {sizes:?}");
-    }
-    if let Some(z) = sizes.iter().position(|&s| s == 0) {
-        bail!("mlp: layer size {z} is 0 in {sizes:?}");
-    }
-    let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, rng, device);
-    let layers = sizes
-        .windows(2)
-        .enumerate()
-        .map(|(i, w)| linear(w[0], w[1], vb.pp(format!("fc{}", i + 1))))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let net = Mlp { sizes: sizes.to_vec(), layers };
-    Ok(Model::new(Arc::new(net), Params::new(varmap)))
+    build_model(&ArchConfig::Mlp(MlpConfig { sizes: sizes.to_vec() }), rng, device)
 }
 
 impl Network for Mlp {
@@ -55,6 +80,6 @@ impl Network for Mlp {
     }
 
     fn config(&self) -> serde_json::Value {
-        serde_json::json!({ "model_type": "mlp", "sizes": self.sizes })
+        ArchConfig::Mlp(self.cfg.clone()).to_json()
     }
 }

@@ -1,9 +1,22 @@
 //! Architectures, their parameters, and the [`Model`] type every training function takes.
 
+pub mod cnn;
+pub mod hub;
+pub mod hub_cache;
+pub mod hub_http;
 pub mod init;
+pub mod interpolate;
+pub mod layers;
 pub mod mlp;
 pub mod model;
 pub mod params;
+pub mod pretrained;
+pub mod registry;
+pub mod resnet;
+pub mod shapes;
+pub mod vit;
+pub mod wide_resnet;
 
 pub use model::{Model, Network};
-pub use params::Params;
+pub use params::{is_buffer, Params};
+pub use registry::{build_model, ArchConfig};

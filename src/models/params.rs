@@ -141,15 +141,63 @@ impl Params {
     }
 }
 
-/// Writes named tensors to a safetensors file, atomically.
+/// A tensor's bytes on the host, in the form the safetensors writer takes.
+struct HostTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl HostTensor {
+    /// Copies `t` to the host; f16 and bf16 are widened to f32.
+    fn new(t: &Tensor) -> Result<Self> {
+        use candle_core::DType;
+        let flat = t.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
+        let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
+            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::U8 => (safetensors::Dtype::U8, flat.to_vec1::<u8>()?),
+            DType::U32 => (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::I64 => (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            _ => (
+                safetensors::Dtype::F32,
+                flat.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+        };
+        Ok(Self { dtype, shape: t.dims().to_vec(), bytes })
+    }
+}
+
+impl safetensors::View for &HostTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Writes named tensors to a safetensors file, atomically, with the `{"format": "pt"}`
+/// metadata that Python's transformers expects of a checkpoint.
 pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let host: BTreeMap<&String, HostTensor> =
+        tensors.iter().map(|(k, v)| Ok((k, HostTensor::new(v)?))).collect::<Result<_>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_atomic(path, |tmp| {
-        let owned: Vec<(String, Tensor)> = tensors
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
-            .collect::<Result<_>>()?;
-        candle_core::safetensors::save(&owned.into_iter().collect::<HashMap<_, _>>(), tmp)
-            .with_context(|| format!("{}: cannot write safetensors", path.display()))
+        safetensors::tensor::serialize_to_file(host.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata), tmp)
+            .with_context(|| format!("{}: cannot write safetensors", path.display()))?;
+        // The writer creates its file private (0600); a checkpoint is readable like any output.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644));
+        }
+        Ok(())
     })
 }
 

@@ -18,6 +18,7 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
     super::tensor::register(&mut engine, session);
     super::config::register(&mut engine, session);
     super::model::register(&mut engine, session);
+    super::hub::register(&mut engine, session);
     super::optim::register(&mut engine);
     super::train::register(&mut engine, session);
     super::data::register(&mut engine, session);

@@ -1,12 +1,46 @@
 //! The `Model` script type: architectures, forward, save/load, freezing.
 
-use super::convert::{err, op, shape_of, Res};
+use super::convert::{err, from_json, op, options, shape_of, to_json, to_usize, Res};
+use crate::models::registry::{self, ArchConfig};
+use crate::models::resnet::{ResNetConfig, Shortcut};
+use crate::models::wide_resnet::WideResNetConfig;
 use crate::models::{self, Model};
 use crate::session::Session;
 use candle_core::Tensor;
 use rhai::{Array, Dynamic, Engine, Map, INT};
+use serde::Deserialize;
 use std::path::Path;
 use std::rc::Rc;
+
+/// Options of `resnet(depth, classes, #{...})`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ResNetOptions {
+    shortcut: Option<Shortcut>,
+    num_channels: Option<usize>,
+}
+
+/// Options of `wide_resnet(depth, width, classes, #{...})`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WideResNetOptions {
+    dropout: Option<f64>,
+    num_channels: Option<usize>,
+}
+
+/// A script map as a JSON config with `model_type` set (a different one is an error).
+fn config_map(what: &str, model_type: &str, map: Map) -> Res<serde_json::Value> {
+    let mut json = to_json(&Dynamic::from_map(map))?;
+    let obj = json.as_object_mut().ok_or_else(|| err(format!("{what}: expected a map")))?;
+    match obj.get("model_type") {
+        None => {
+            obj.insert("model_type".into(), model_type.into());
+        }
+        Some(v) if v == model_type => {}
+        Some(v) => return Err(err(format!("{what}: model_type is {v}, expected \"{model_type}\""))),
+    }
+    Ok(json)
+}
 
 /// Saves a model: a `.safetensors` path gets the weights only; any other path is a folder that
 /// gets `model.safetensors` and `config.json`.
@@ -36,6 +70,89 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     api!(engine, "mlp", "sizes: Array -> Model",
         "A multi-layer perceptron `[in, hidden.., classes]`: flattens its input; layers `fc1..fcN` with weight [out, in] and bias [out] (the PyTorch layout), ReLU between. Initialised from the seeded host generator.",
         move |sizes: Array| op("mlp", models::mlp::mlp(&shape_of("mlp sizes", &sizes)?, &s.rng, &s.device)));
+
+    let s = session.clone();
+    api!(engine, "cnn", "config: Map -> Model",
+        "A small CNN: per stage a 3x3 convolution (padding 1) + ReLU + 2x2 max-pooling, then flatten, a hidden linear layer + ReLU and the classifier. Keys (defaults): channels [32, 64, 128], hidden 256, classes 10, input [3, 32, 32]. Tensors conv1..convK, fc, classifier.",
+        move |o: Map| -> Res<Model> {
+            let cfg = op("cnn", ArchConfig::from_json(&config_map("cnn", "cnn", o)?, true))?;
+            op("cnn", models::build_model(&cfg, &s.rng, &s.device))
+        });
+    let s = session.clone();
+    api!(engine, "cnn", "-> Model", "The CNN with its default configuration (see `cnn(config)`).",
+        move || -> Res<Model> {
+            let cfg = op("cnn", ArchConfig::from_json(&config_map("cnn", "cnn", Map::new())?, true))?;
+            op("cnn", models::build_model(&cfg, &s.rng, &s.device))
+        });
+
+    let s = session.clone();
+    let build_resnet = move |depth: INT, classes: INT, o: Map| -> Res<Model> {
+        let opts: ResNetOptions = options("resnet", &o)?;
+        let d = ResNetConfig::default();
+        let cfg = ResNetConfig {
+            depth: to_usize("resnet depth", depth)?,
+            num_labels: to_usize("resnet classes", classes)?,
+            num_channels: opts.num_channels.unwrap_or(d.num_channels),
+            shortcut: opts.shortcut.unwrap_or(d.shortcut),
+        };
+        let cfg = ArchConfig::ResNet(cfg);
+        op("resnet", cfg.validate().and_then(|()| models::build_model(&cfg, &s.rng, &s.device)))
+    };
+    let f = build_resnet.clone();
+    api!(engine, "resnet", "depth: int, classes: int -> Model",
+        "The CIFAR ResNet of He et al. 2016 (depth 6n+2: 20, 32, 44, 56, 110) for 3-channel images: 16/32/64-channel stages, option-A (parameter-free) shortcuts, global average pooling. Tensors conv1, bn1, layerS.I.{conv1,bn1,conv2,bn2}, linear.",
+        move |depth: INT, classes: INT| f(depth, classes, Map::new()));
+    api!(engine, "resnet", "depth: int, classes: int, options: Map -> Model",
+        "The CIFAR ResNet with options: shortcut \"A\" (default) or \"B\" (1x1 convolution + BatchNorm, tensors shortcut.0/1), num_channels (3).",
+        build_resnet);
+
+    let s = session.clone();
+    let build_wrn = move |depth: INT, width: INT, classes: INT, o: Map| -> Res<Model> {
+        let opts: WideResNetOptions = options("wide_resnet", &o)?;
+        let d = WideResNetConfig::default();
+        let cfg = WideResNetConfig {
+            depth: to_usize("wide_resnet depth", depth)?,
+            widen_factor: to_usize("wide_resnet width", width)?,
+            num_labels: to_usize("wide_resnet classes", classes)?,
+            num_channels: opts.num_channels.unwrap_or(d.num_channels),
+            dropout: opts.dropout.unwrap_or(d.dropout),
+        };
+        let cfg = ArchConfig::WideResNet(cfg);
+        op("wide_resnet", cfg.validate().and_then(|()| models::build_model(&cfg, &s.rng, &s.device)))
+    };
+    let f = build_wrn.clone();
+    api!(engine, "wide_resnet", "depth: int, width: int, classes: int -> Model",
+        "WRN-depth-width of Zagoruyko & Komodakis (depth 6n+4, e.g. 16-8, 28-10): pre-activation blocks of 16k/32k/64k channels, no dropout. Tensors conv1, blockG.layer.I.{bn1,conv1,bn2,conv2,convShortcut}, bn1, fc.",
+        move |depth: INT, width: INT, classes: INT| f(depth, width, classes, Map::new()));
+    api!(engine, "wide_resnet", "depth: int, width: int, classes: int, options: Map -> Model",
+        "A WideResNet with options: dropout (0; the paper's dropout runs use 0.3, seeded masks), num_channels (3).",
+        build_wrn);
+
+    let s = session.clone();
+    api!(engine, "vit", "config: Map -> Model",
+        "A Vision Transformer with Hugging Face's ViTConfig fields (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, initializer_range, layer_norm_eps, image_size, patch_size, num_channels, qkv_bias) and num_labels; missing fields take ViT-B/16's values. Tensors as ViTForImageClassification: vit.embeddings..., vit.encoder.layer.N..., vit.layernorm, classifier.",
+        move |o: Map| -> Res<Model> {
+            let cfg = op("vit", ArchConfig::from_json(&config_map("vit", "vit", o)?, true))?;
+            op("vit", models::build_model(&cfg, &s.rng, &s.device))
+        });
+
+    let s = session.clone();
+    let build_named = move |name: &str, o: Map| -> Res<Model> {
+        let base = op("model", registry::resolve_config(name))?;
+        let merged = op("model", registry::merge(&base, &to_json(&Dynamic::from_map(o))?))?;
+        let cfg = op("model", ArchConfig::from_json(&merged, true).map_err(|e| e.context(name.to_string())))?;
+        op("model", models::build_model(&cfg, &s.rng, &s.device))
+    };
+    let f = build_named.clone();
+    api!(engine, "model", "name: String -> Model",
+        "A model from a named configuration (resnet20, resnet32, resnet56, resnet110, wrn-16-8, wrn-28-10, vit-s16, vit-b16, cnn: the repository's models/*.json) or from a path to a JSON config with a model_type.",
+        move |name: &str| f(name, Map::new()));
+    api!(engine, "model", "name: String, overrides: Map -> Model",
+        "A model from a named configuration or JSON file with some fields replaced, e.g. `model(\"vit-s16\", #{num_labels: 10, image_size: 32, patch_size: 4})`.",
+        build_named);
+    api!(engine, "model_config", "m: Model -> Map",
+        "The model's configuration (the config.json that `save` writes).",
+        |m: &mut Model| -> Res<Dynamic> { from_json(&m.network().config()) });
 
     api!(
         engine,

@@ -1,0 +1,211 @@
+//! Building blocks shared by the architectures, all made of differentiable candle ops (no fused
+//! kernel that would cut the gradient: see ../shared/STACK.md), with PyTorch's initialisation and
+//! tensor names.
+
+use crate::rng::HostRng;
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Init, Linear, ModuleT, VarBuilder};
+
+/// A linear layer `weight [out, in]`, `bias [out]` initialised as PyTorch's `nn.Linear`: both
+/// uniform in ±1/sqrt(in).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let bound = 1.0 / (in_dim.max(1) as f64).sqrt();
+    let init = Init::Uniform { lo: -bound, up: bound };
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    let b = vb.get_with_hints(out_dim, "bias", init)?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// A linear layer with explicit initialisations for its weight and bias.
+pub fn linear_init(in_dim: usize, out_dim: usize, w_init: Init, b_init: Init, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", w_init)?;
+    let b = vb.get_with_hints(out_dim, "bias", b_init)?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// A 3x3 or 1x1 convolution without bias (the ResNet convention), He-normal initialised with
+/// the fan given by `fan_out` (WideResNet) or the fan-in (CIFAR ResNet).
+pub fn conv_no_bias(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    fan_out: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let fan = if fan_out { c_out * kernel * kernel } else { c_in * kernel * kernel };
+    let std = (2.0 / fan.max(1) as f64).sqrt();
+    let w = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    Ok(Conv2d::new(w, None, cfg))
+}
+
+/// A convolution with bias, initialised as PyTorch's `nn.Conv2d` (uniform in ±1/sqrt(fan_in)).
+pub fn conv_torch(c_in: usize, c_out: usize, kernel: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let bound = 1.0 / ((c_in * kernel * kernel).max(1) as f64).sqrt();
+    let init = Init::Uniform { lo: -bound, up: bound };
+    let w = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", init)?;
+    let b = vb.get_with_hints(c_out, "bias", init)?;
+    Ok(Conv2d::new(w, Some(b), Conv2dConfig { padding, ..Default::default() }))
+}
+
+/// BatchNorm over channels as PyTorch's `nn.BatchNorm2d`: eps 1e-5, momentum 0.1, weight 1,
+/// bias 0; the running statistics are buffers (`running_mean`, `running_var`) updated by every
+/// training-mode forward pass.
+pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    let cfg = BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 };
+    candle_nn::batch_norm(channels, cfg, vb)
+}
+
+/// Applies a BatchNorm in training or evaluation mode.
+pub fn bn(layer: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    layer.forward_t(x, train)
+}
+
+/// Layer normalisation over the last dimension (`weight`, `bias`), from elementary ops.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// A layer norm of `size` features with weight 1 and bias 0.
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(size, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(D::Minus1)? as f64;
+        let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Dropout whose masks come from a seeded generator (candle's own dropout draws from an
+/// unseeded one). Active in training mode only; kept units are scaled by 1/(1-p).
+#[derive(Clone, Debug)]
+pub struct Dropout {
+    p: f64,
+    rng: HostRng,
+}
+
+impl Dropout {
+    /// Dropout with probability `p` in [0, 1), masks drawn from `rng`.
+    pub fn new(p: f64, rng: &HostRng) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("dropout probability must be in [0, 1), got {p}");
+        }
+        Ok(Self { p, rng: rng.clone() })
+    }
+
+    /// The drop probability.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// `x` with a random mask applied (training) or unchanged (evaluation, or p = 0).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let scale = (1.0 / (1.0 - self.p)) as f32;
+        let p = self.p as f32;
+        let mask: Vec<f32> =
+            self.rng.uniform(x.elem_count(), 0.0, 1.0).into_iter().map(|u| if u < p { 0.0 } else { scale }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// Hidden activations by their Hugging Face names (`hidden_act`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU, `x·Φ(x)` (Hugging Face `gelu`).
+    Gelu,
+    /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+    /// `x·sigmoid(1.702x)` (`quick_gelu`).
+    QuickGelu,
+    /// ReLU.
+    Relu,
+    /// `x·sigmoid(x)` (`silu`, `swish`).
+    Silu,
+}
+
+impl Activation {
+    /// The activation called `name`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            other => candle_core::bail!(
+                "hidden_act `{other}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, quick_gelu, relu, silu, swish)"
+            ),
+        })
+    }
+
+    /// Applies the activation.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
+            Self::Relu => x.relu(),
+            Self::Silu => x.mul(&sigmoid(x)?),
+        }
+    }
+}
+
+/// `1 / (1 + exp(-x))` from elementary ops.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// The mean over the spatial dimensions: `[N, C, H, W]` to `[N, C]`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean(D::Minus1)?.mean(D::Minus1)
+}
+
+/// 2x2 max-pooling with stride 2 (floor mode, as PyTorch). An odd height or width loses its last
+/// row or column first, which gives PyTorch's result and keeps candle's backward exact (it
+/// assumes the input is a whole number of windows).
+pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if h < 2 || w < 2 {
+        candle_core::bail!("2x2 max-pooling needs an input of at least 2x2, got {h}x{w}");
+    }
+    let x = if h % 2 == 1 { x.narrow(2, 0, h - 1)? } else { x.clone() };
+    let x = if w % 2 == 1 { x.narrow(3, 0, w - 1)? } else { x };
+    x.max_pool2d(2)
+}
+
+/// `x[:, :, ::2, ::2]`: every other row and column, starting with the first.
+pub fn subsample2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let x = x.pad_with_zeros(2, 0, h % 2)?.pad_with_zeros(3, 0, w % 2)?;
+    let (h2, w2) = (h.div_ceil(2), w.div_ceil(2));
+    x.reshape((n, c, h2, 2, w2, 2))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((n, c, h2, w2))
+}
+
+/// Fails unless `x` is a batch `[N, ..expected]`, naming the architecture.
+pub fn check_input(what: &str, x: &Tensor, expected: &[usize]) -> Result<()> {
+    let dims = x.dims();
+    if dims.len() != expected.len() + 1 || &dims[1..] != expected {
+        candle_core::bail!("{what} expects a batch of inputs [N, {}], got {dims:?}",
+            expected.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! The CIFAR ResNets of He et al. 2016 ("Deep Residual Learning", section 4.2): depth 6n+2, three
+//! stages of n basic blocks with 16, 32 and 64 channels on 32x32 inputs, global average pooling
+//! and a linear classifier. Tensor names follow the common PyTorch implementation
+//! (`conv1`, `bn1`, `layer1.0.conv1`, ..., `linear`).
+
+use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear, subsample2};
+use super::registry::ArchConfig;
+use super::Network;
+use anyhow::{bail, Result};
+use candle_core::{Module, Tensor};
+use candle_nn::{BatchNorm, Conv2d, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// How a block that changes width and resolution forms its shortcut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Shortcut {
+    /// Option A of the paper (used for its CIFAR results): subsample by 2 and pad the new
+    /// channels with zeros; no parameters.
+    A,
+    /// Option B: a 1x1 convolution with stride 2 and BatchNorm (`shortcut.0`, `shortcut.1`).
+    B,
+}
+
+/// The configuration of a CIFAR ResNet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResNetConfig {
+    /// Total depth, 6n+2 (20, 32, 44, 56, 110, ...).
+    pub depth: usize,
+    /// Number of classes.
+    pub num_labels: usize,
+    /// Input channels.
+    pub num_channels: usize,
+    /// Shortcut type of the blocks that change width.
+    pub shortcut: Shortcut,
+}
+
+impl Default for ResNetConfig {
+    fn default() -> Self {
+        Self { depth: 20, num_labels: 10, num_channels: 3, shortcut: Shortcut::A }
+    }
+}
+
+impl ResNetConfig {
+    /// Blocks per stage, `(depth - 2) / 6`.
+    pub fn blocks_per_stage(&self) -> Result<usize> {
+        if self.depth < 8 || (self.depth - 2) % 6 != 0 {
+            bail!("resnet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {}", self.depth);
+        }
+        Ok((self.depth - 2) / 6)
+    }
+
+    /// Rejects configurations that build nothing.
+    pub fn validate(&self) -> Result<()> {
+        self.blocks_per_stage()?;
+        if self.num_labels == 0 || self.num_channels == 0 {
+            bail!("resnet: classes and input channels must be > 0");
+        }
+        Ok(())
+    }
+}
+
+enum Skip {
+    Identity,
+    Pad { left: usize, right: usize },
+    Conv { conv: Conv2d, bn: BatchNorm },
+}
+
+struct Block {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    skip: Skip,
+}
+
+impl Block {
+    fn new(c_in: usize, c_out: usize, stride: usize, shortcut: Shortcut, vb: VarBuilder) -> Result<Self> {
+        let conv1 = conv_no_bias(c_in, c_out, 3, stride, 1, false, vb.pp("conv1"))?;
+        let bn1 = batch_norm(c_out, vb.pp("bn1"))?;
+        let conv2 = conv_no_bias(c_out, c_out, 3, 1, 1, false, vb.pp("conv2"))?;
+        let bn2 = batch_norm(c_out, vb.pp("bn2"))?;
+        let skip = if stride == 1 && c_in == c_out {
+            Skip::Identity
+        } else {
+            match shortcut {
+                Shortcut::A => {
+                    let extra = c_out.saturating_sub(c_in);
+                    Skip::Pad { left: extra / 2, right: extra - extra / 2 }
+                }
+                Shortcut::B => Skip::Conv {
+                    conv: conv_no_bias(c_in, c_out, 1, stride, 0, false, vb.pp("shortcut.0"))?,
+                    bn: batch_norm(c_out, vb.pp("shortcut.1"))?,
+                },
+            }
+        };
+        Ok(Self { conv1, bn1, conv2, bn2, skip })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = bn(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
+        let h = bn(&self.bn2, &self.conv2.forward(&h)?, train)?;
+        let s = match &self.skip {
+            Skip::Identity => x.clone(),
+            Skip::Pad { left, right } => subsample2(x)?.pad_with_zeros(1, *left, *right)?,
+            Skip::Conv { conv, bn: norm } => bn(norm, &conv.forward(x)?, train)?,
+        };
+        (h + s)?.relu()
+    }
+}
+
+/// A CIFAR ResNet.
+pub struct ResNet {
+    cfg: ResNetConfig,
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    blocks: Vec<Block>,
+    linear: Linear,
+}
+
+impl ResNet {
+    /// Creates the layers from `vb`: convolutions He-normal (fan-in), BatchNorm 1/0, the
+    /// classifier as PyTorch's `nn.Linear`.
+    pub fn build(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        let n = cfg.blocks_per_stage()?;
+        cfg.validate()?;
+        let conv1 = conv_no_bias(cfg.num_channels, 16, 3, 1, 1, false, vb.pp("conv1"))?;
+        let bn1 = batch_norm(16, vb.pp("bn1"))?;
+        let mut blocks = Vec::with_capacity(3 * n);
+        let mut c_in = 16;
+        for (stage, &width) in [16usize, 32, 64].iter().enumerate() {
+            for i in 0..n {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                let name = format!("layer{}.{i}", stage + 1);
+                blocks.push(Block::new(c_in, width, stride, cfg.shortcut, vb.pp(name))?);
+                c_in = width;
+            }
+        }
+        let linear = linear(64, cfg.num_labels, vb.pp("linear"))?;
+        Ok(Self { cfg: cfg.clone(), conv1, bn1, blocks, linear })
+    }
+}
+
+impl Network for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
+            candle_core::bail!(
+                "resnet expects images [N, {}, H, W], got {:?}",
+                self.cfg.num_channels,
+                x.dims()
+            );
+        }
+        let mut h = bn(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
+        for block in &self.blocks {
+            h = block.forward_t(&h, train)?;
+        }
+        self.linear.forward(&global_avg_pool(&h)?)
+    }
+
+    fn config(&self) -> serde_json::Value {
+        ArchConfig::ResNet(self.cfg.clone()).to_json()
+    }
+}

@@ -1,0 +1,387 @@
+//! The Vision Transformer (Dosovitskiy et al. 2021) as Hugging Face's `ViTForImageClassification`:
+//! the same configuration fields (`config.json`) and tensor names (`vit.embeddings...`,
+//! `vit.encoder.layer.N...`, `vit.layernorm`, `classifier`), so checkpoints go both ways.
+//! Built from differentiable ops only: softmax and layer norm from elementary ops, dropout from
+//! the seeded generator.
+
+use super::layers::{Activation, Dropout, LayerNorm};
+use super::registry::ArchConfig;
+use super::Network;
+use crate::rng::HostRng;
+use anyhow::{bail, Result};
+use candle_core::{Module, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// An image or patch size: one number (square) or `[height, width]`, as Hugging Face allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Size2 {
+    /// A square.
+    Square(usize),
+    /// `[height, width]`.
+    Pair([usize; 2]),
+}
+
+impl Size2 {
+    /// `(height, width)`.
+    pub fn hw(self) -> (usize, usize) {
+        match self {
+            Self::Square(s) => (s, s),
+            Self::Pair([h, w]) => (h, w),
+        }
+    }
+}
+
+/// Configuration keys of Hugging Face's `PretrainedConfig` and `ViTConfig` that do not change
+/// the computation here; any other unknown key in a script's `vit(#{...})` map is an error.
+pub const KNOWN_HF_KEYS: [&str; 14] = [
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "encoder_stride",
+    "pooler_output_size",
+    "pooler_act",
+    "problem_type",
+    "_name_or_path",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "use_mask_token",
+];
+
+/// Hugging Face's `ViTConfig` (the fields that shape the computation) plus the head's labels.
+/// Unknown fields of a checkpoint's `config.json` are kept in `extra` and written back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VitConfig {
+    /// Width of the token embeddings.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// Width of the MLP inside each layer.
+    pub intermediate_size: usize,
+    /// The MLP's activation (`gelu` is the exact, erf-based GELU).
+    pub hidden_act: String,
+    /// Dropout after the embeddings, the attention output and the MLP output.
+    pub hidden_dropout_prob: f64,
+    /// Dropout on the attention probabilities.
+    pub attention_probs_dropout_prob: f64,
+    /// Standard deviation of the normal initialisation of weights.
+    pub initializer_range: f64,
+    /// Epsilon of every layer norm.
+    pub layer_norm_eps: f64,
+    /// Input image size.
+    pub image_size: Size2,
+    /// Patch size.
+    pub patch_size: Size2,
+    /// Input channels.
+    pub num_channels: usize,
+    /// Whether query, key and value projections have biases.
+    pub qkv_bias: bool,
+    /// Number of classes of the head, when `id2label` does not say it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_labels: Option<usize>,
+    /// Class names by index (the head size is their count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<BTreeMap<String, String>>,
+    /// Class indices by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label2id: Option<BTreeMap<String, Value>>,
+    /// Every other field of the configuration, kept as it was.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl Default for VitConfig {
+    /// ViT-B/16 at 224x224, as Hugging Face's defaults.
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            initializer_range: 0.02,
+            layer_norm_eps: 1e-12,
+            image_size: Size2::Square(224),
+            patch_size: Size2::Square(16),
+            num_channels: 3,
+            qkv_bias: true,
+            num_labels: None,
+            id2label: None,
+            label2id: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+impl VitConfig {
+    /// The head size: the number of `id2label` entries, else `num_labels`.
+    pub fn classes(&self) -> Option<usize> {
+        match &self.id2label {
+            Some(m) if !m.is_empty() => Some(m.len()),
+            _ => self.num_labels,
+        }
+    }
+
+    /// Sets the head size; labels that no longer fit are dropped (renamed `LABEL_i` on save).
+    pub fn set_classes(&mut self, n: usize) {
+        if self.classes() != Some(n) {
+            self.id2label = None;
+            self.label2id = None;
+        }
+        self.num_labels = Some(n);
+    }
+
+    /// The patch grid `(rows, columns)`.
+    pub fn grid(&self) -> Result<(usize, usize)> {
+        let (h, w) = self.image_size.hw();
+        let (ph, pw) = self.patch_size.hw();
+        if ph == 0 || pw == 0 || h % ph != 0 || w % pw != 0 {
+            bail!("vit: image_size {h}x{w} is not a whole number of {ph}x{pw} patches");
+        }
+        Ok((h / ph, w / pw))
+    }
+
+    /// Fails on an `extra` key that is neither a known Hugging Face field nor used here (a
+    /// typo in a script's map).
+    pub fn check_known_fields(&self) -> Result<()> {
+        if let Some(k) = self.extra.keys().find(|k| !KNOWN_HF_KEYS.contains(&k.as_str())) {
+            bail!(
+                "vit: unknown config field `{k}` (fields: hidden_size, num_hidden_layers, num_attention_heads, \
+                 intermediate_size, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, initializer_range, \
+                 layer_norm_eps, image_size, patch_size, num_channels, qkv_bias, num_labels, id2label, label2id)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Rejects configurations that build nothing.
+    pub fn validate(&self) -> Result<()> {
+        let heads = self.num_attention_heads;
+        if self.hidden_size == 0 || heads == 0 || self.hidden_size % heads != 0 {
+            bail!("vit: hidden_size {} must be a positive multiple of num_attention_heads {heads}", self.hidden_size);
+        }
+        if self.num_hidden_layers == 0 || self.intermediate_size == 0 || self.num_channels == 0 {
+            bail!("vit: num_hidden_layers, intermediate_size and num_channels must be > 0");
+        }
+        for (name, p) in
+            [("hidden_dropout_prob", self.hidden_dropout_prob), ("attention_probs_dropout_prob", self.attention_probs_dropout_prob)]
+        {
+            if !(0.0..1.0).contains(&p) {
+                bail!("vit: {name} must be in [0, 1), got {p}");
+            }
+        }
+        match self.classes() {
+            Some(0) | None => bail!("vit: the classification head needs num_labels (or id2label) > 0"),
+            Some(_) => {}
+        }
+        Activation::from_name(&self.hidden_act)?;
+        self.grid().map(|_| ())
+    }
+
+    /// The configuration as Hugging Face writes it for `ViTForImageClassification`.
+    pub fn to_hf_json(&self) -> Value {
+        let mut cfg = self.clone();
+        let n = cfg.classes().unwrap_or(0);
+        let id2label = match cfg.id2label.take() {
+            Some(m) if m.len() == n => m,
+            _ => (0..n).map(|i| (i.to_string(), format!("LABEL_{i}"))).collect(),
+        };
+        let label2id = match cfg.label2id.take() {
+            Some(m) if m.len() == n => m,
+            _ => id2label.iter().map(|(i, l)| (l.clone(), Value::from(i.parse::<u64>().unwrap_or(0)))).collect(),
+        };
+        cfg.num_labels = None;
+        cfg.extra.remove("model_type");
+        cfg.extra.remove("architectures");
+        cfg.extra.remove("dtype");
+        let mut v = match serde_json::to_value(&cfg) {
+            Ok(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        v.insert("architectures".into(), serde_json::json!(["ViTForImageClassification"]));
+        v.insert("model_type".into(), "vit".into());
+        v.insert("torch_dtype".into(), "float32".into());
+        v.insert("id2label".into(), serde_json::to_value(id2label).unwrap_or_default());
+        v.insert("label2id".into(), serde_json::to_value(label2id).unwrap_or_default());
+        Value::Object(v)
+    }
+}
+
+fn dense(in_dim: usize, out_dim: usize, bias: bool, std: f64, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+    let b = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+struct Layer {
+    ln_before: LayerNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    ln_after: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    act: Activation,
+    heads: usize,
+    attn_drop: Dropout,
+    drop: Dropout,
+}
+
+impl Layer {
+    fn new(cfg: &VitConfig, drop_rng: &HostRng, vb: VarBuilder) -> Result<Self> {
+        let (h, std) = (cfg.hidden_size, cfg.initializer_range);
+        let att = vb.pp("attention");
+        let sa = att.pp("attention");
+        Ok(Self {
+            ln_before: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
+            query: dense(h, h, cfg.qkv_bias, std, sa.pp("query"))?,
+            key: dense(h, h, cfg.qkv_bias, std, sa.pp("key"))?,
+            value: dense(h, h, cfg.qkv_bias, std, sa.pp("value"))?,
+            attn_out: dense(h, h, true, std, att.pp("output").pp("dense"))?,
+            ln_after: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
+            intermediate: dense(h, cfg.intermediate_size, true, std, vb.pp("intermediate").pp("dense"))?,
+            output: dense(cfg.intermediate_size, h, true, std, vb.pp("output").pp("dense"))?,
+            act: Activation::from_name(&cfg.hidden_act)?,
+            heads: cfg.num_attention_heads,
+            attn_drop: Dropout::new(cfg.attention_probs_dropout_prob, drop_rng)?,
+            drop: Dropout::new(cfg.hidden_dropout_prob, drop_rng)?,
+        })
+    }
+
+    fn split_heads(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, h) = x.dims3()?;
+        x.reshape((b, n, self.heads, h / self.heads))?.transpose(1, 2)?.contiguous()
+    }
+
+    fn attention(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (b, n, h) = x.dims3()?;
+        let q = self.split_heads(&self.query.forward(x)?)?;
+        let k = self.split_heads(&self.key.forward(x)?)?;
+        let v = self.split_heads(&self.value.forward(x)?)?;
+        let scale = 1.0 / ((h / self.heads) as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let probs = self.attn_drop.forward_t(&candle_nn::ops::softmax(&scores, D::Minus1)?, train)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, n, h))?;
+        self.drop.forward_t(&self.attn_out.forward(&ctx)?, train)
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let x = (self.attention(&self.ln_before.forward(x)?, train)? + x)?;
+        let h = self.act.apply(&self.intermediate.forward(&self.ln_after.forward(&x)?)?)?;
+        self.drop.forward_t(&self.output.forward(&h)?, train)? + x
+    }
+}
+
+/// A Vision Transformer with a classification head on the `[CLS]` token.
+pub struct Vit {
+    cfg: VitConfig,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    position_embeddings: Tensor,
+    layers: Vec<Layer>,
+    layernorm: LayerNorm,
+    classifier: Linear,
+    drop: Dropout,
+}
+
+impl Vit {
+    /// Creates the layers from `vb` with Hugging Face's initialisation (weights normal with
+    /// `initializer_range`, biases 0, layer norms 1/0). Dropout masks come from a generator
+    /// seeded from `rng`.
+    pub fn build(cfg: &VitConfig, vb: VarBuilder, rng: &HostRng) -> Result<Self> {
+        cfg.validate()?;
+        let (h, std) = (cfg.hidden_size, cfg.initializer_range);
+        let (ph, pw) = cfg.patch_size.hw();
+        let (gh, gw) = cfg.grid()?;
+        let dropout = cfg.hidden_dropout_prob > 0.0 || cfg.attention_probs_dropout_prob > 0.0;
+        let drop_rng = if dropout { HostRng::new(rng.next_seed()) } else { rng.clone() };
+        let vit = vb.pp("vit");
+        let emb = vit.pp("embeddings");
+        let normal = Init::Randn { mean: 0.0, stdev: std };
+        let cls_token = emb.get_with_hints((1, 1, h), "cls_token", normal)?;
+        let position_embeddings = emb.get_with_hints((1, gh * gw + 1, h), "position_embeddings", normal)?;
+        let proj = emb.pp("patch_embeddings").pp("projection");
+        let patch_weight = proj.get_with_hints((h, cfg.num_channels, ph, pw), "weight", normal)?;
+        let patch_bias = proj.get_with_hints(h, "bias", Init::Const(0.0))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, &drop_rng, vit.pp("encoder").pp("layer").pp(i.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let layernorm = LayerNorm::new(h, cfg.layer_norm_eps, vit.pp("layernorm"))?;
+        let classes = cfg.classes().unwrap_or(0);
+        let classifier = dense(h, classes, true, std, vb.pp("classifier"))?;
+        let drop = Dropout::new(cfg.hidden_dropout_prob, &drop_rng)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_weight,
+            patch_bias,
+            cls_token,
+            position_embeddings,
+            layers,
+            layernorm,
+            classifier,
+            drop,
+        })
+    }
+
+    /// The configuration.
+    pub fn vit_config(&self) -> &VitConfig {
+        &self.cfg
+    }
+
+    /// Patch embeddings `[N, patches, hidden]`: a convolution with stride equal to its kernel,
+    /// computed as a matrix product over the unfolded patches.
+    fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (ih, iw) = self.cfg.image_size.hw();
+        if c != self.cfg.num_channels || h != ih || w != iw {
+            candle_core::bail!(
+                "vit expects images [N, {}, {ih}, {iw}], got {:?} (resize the input, or give image_size to \
+                 from_pretrained to interpolate the position embeddings)",
+                self.cfg.num_channels,
+                x.dims()
+            );
+        }
+        let (ph, pw) = self.cfg.patch_size.hw();
+        let (gh, gw) = (h / ph, w / pw);
+        let patches = x
+            .reshape((b, c, gh, ph, gw, pw))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * ph * pw))?;
+        let hidden = self.cfg.hidden_size;
+        let weight = self.patch_weight.reshape((hidden, c * ph * pw))?;
+        patches.broadcast_matmul(&weight.t()?)?.broadcast_add(&self.patch_bias)
+    }
+}
+
+impl Network for Vit {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let patches = self.embed_patches(x)?;
+        let (b, _, h) = patches.dims3()?;
+        let cls = self.cls_token.broadcast_as((b, 1, h))?;
+        let tokens = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)?;
+        let mut t = self.drop.forward_t(&tokens, train)?;
+        for layer in &self.layers {
+            t = layer.forward_t(&t, train)?;
+        }
+        let t = self.layernorm.forward(&t)?;
+        self.classifier.forward(&t.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+
+    fn config(&self) -> serde_json::Value {
+        ArchConfig::Vit(self.cfg.clone()).to_json()
+    }
+}

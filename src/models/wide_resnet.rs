@@ -1,0 +1,154 @@
+//! Wide Residual Networks (Zagoruyko & Komodakis 2016) for CIFAR: WRN-d-k has three groups of
+//! (d-4)/6 pre-activation basic blocks with 16k, 32k and 64k channels, dropout between the two
+//! convolutions of a block, BatchNorm-ReLU, global average pooling and a linear classifier.
+//! Tensor names follow the common PyTorch implementation (`conv1`, `block1.layer.0.bn1`,
+//! `block1.layer.0.convShortcut`, ..., `bn1`, `fc`).
+
+use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear_init, Dropout};
+use super::registry::ArchConfig;
+use super::Network;
+use crate::rng::HostRng;
+use anyhow::{bail, Result};
+use candle_core::{Module, Tensor};
+use candle_nn::{BatchNorm, Conv2d, Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// The configuration of a WideResNet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WideResNetConfig {
+    /// Total depth, 6n+4 (10, 16, 22, 28, 40, ...).
+    pub depth: usize,
+    /// The widening factor k.
+    pub widen_factor: usize,
+    /// Number of classes.
+    pub num_labels: usize,
+    /// Input channels.
+    pub num_channels: usize,
+    /// Dropout probability between the two convolutions of each block (0.3 in the paper's
+    /// dropout runs; 0 for SAM's).
+    pub dropout: f64,
+}
+
+impl Default for WideResNetConfig {
+    fn default() -> Self {
+        Self { depth: 28, widen_factor: 10, num_labels: 10, num_channels: 3, dropout: 0.0 }
+    }
+}
+
+impl WideResNetConfig {
+    /// Blocks per group, `(depth - 4) / 6`.
+    pub fn blocks_per_group(&self) -> Result<usize> {
+        if self.depth < 10 || (self.depth - 4) % 6 != 0 {
+            bail!("wide_resnet: depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {}", self.depth);
+        }
+        Ok((self.depth - 4) / 6)
+    }
+
+    /// Rejects configurations that build nothing.
+    pub fn validate(&self) -> Result<()> {
+        self.blocks_per_group()?;
+        if self.widen_factor == 0 || self.num_labels == 0 || self.num_channels == 0 {
+            bail!("wide_resnet: width, classes and input channels must be > 0");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("wide_resnet: dropout must be in [0, 1), got {}", self.dropout);
+        }
+        Ok(())
+    }
+}
+
+struct Block {
+    bn1: BatchNorm,
+    conv1: Conv2d,
+    bn2: BatchNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    dropout: Dropout,
+}
+
+impl Block {
+    fn new(c_in: usize, c_out: usize, stride: usize, dropout: Dropout, vb: VarBuilder) -> Result<Self> {
+        let shortcut = if c_in == c_out && stride == 1 {
+            None
+        } else {
+            Some(conv_no_bias(c_in, c_out, 1, stride, 0, true, vb.pp("convShortcut"))?)
+        };
+        Ok(Self {
+            bn1: batch_norm(c_in, vb.pp("bn1"))?,
+            conv1: conv_no_bias(c_in, c_out, 3, stride, 1, true, vb.pp("conv1"))?,
+            bn2: batch_norm(c_out, vb.pp("bn2"))?,
+            conv2: conv_no_bias(c_out, c_out, 3, 1, 1, true, vb.pp("conv2"))?,
+            shortcut,
+            dropout,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let a = bn(&self.bn1, x, train)?.relu()?;
+        let h = bn(&self.bn2, &self.conv1.forward(&a)?, train)?.relu()?;
+        let h = self.conv2.forward(&self.dropout.forward_t(&h, train)?)?;
+        // The shortcut of a block that changes shape sees the pre-activated input.
+        match &self.shortcut {
+            None => h + x,
+            Some(conv) => h + conv.forward(&a)?,
+        }
+    }
+}
+
+/// A WideResNet.
+pub struct WideResNet {
+    cfg: WideResNetConfig,
+    conv1: Conv2d,
+    blocks: Vec<Block>,
+    bn1: BatchNorm,
+    fc: Linear,
+}
+
+impl WideResNet {
+    /// Creates the layers from `vb`: convolutions He-normal (fan-out), BatchNorm 1/0, the
+    /// classifier's bias 0. Dropout masks come from a generator seeded from `rng`.
+    pub fn build(cfg: &WideResNetConfig, vb: VarBuilder, rng: &HostRng) -> Result<Self> {
+        cfg.validate()?;
+        let n = cfg.blocks_per_group()?;
+        let k = cfg.widen_factor;
+        let drop_rng = if cfg.dropout > 0.0 { HostRng::new(rng.next_seed()) } else { rng.clone() };
+        let conv1 = conv_no_bias(cfg.num_channels, 16, 3, 1, 1, true, vb.pp("conv1"))?;
+        let mut blocks = Vec::with_capacity(3 * n);
+        let mut c_in = 16;
+        for (g, width) in [16 * k, 32 * k, 64 * k].into_iter().enumerate() {
+            for i in 0..n {
+                let stride = if g > 0 && i == 0 { 2 } else { 1 };
+                let dropout = Dropout::new(cfg.dropout, &drop_rng)?;
+                blocks.push(Block::new(c_in, width, stride, dropout, vb.pp(format!("block{}.layer.{i}", g + 1)))?);
+                c_in = width;
+            }
+        }
+        let bn1 = batch_norm(c_in, vb.pp("bn1"))?;
+        let bound = 1.0 / (c_in as f64).sqrt();
+        let fc = linear_init(c_in, cfg.num_labels, Init::Uniform { lo: -bound, up: bound }, Init::Const(0.0), vb.pp("fc"))?;
+        Ok(Self { cfg: cfg.clone(), conv1, blocks, bn1, fc })
+    }
+}
+
+impl Network for WideResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
+            candle_core::bail!(
+                "wide_resnet expects images [N, {}, H, W], got {:?}",
+                self.cfg.num_channels,
+                x.dims()
+            );
+        }
+        let mut h = self.conv1.forward(x)?;
+        for block in &self.blocks {
+            h = block.forward_t(&h, train)?;
+        }
+        let h = bn(&self.bn1, &h, train)?.relu()?;
+        self.fc.forward(&global_avg_pool(&h)?)
+    }
+
+    fn config(&self) -> serde_json::Value {
+        ArchConfig::WideResNet(self.cfg.clone()).to_json()
+    }
+}
