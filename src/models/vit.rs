@@ -343,7 +343,7 @@ impl Vit {
 
     /// Patch embeddings `[N, patches, hidden]`: a convolution with stride equal to its kernel,
     /// computed as a matrix product over the unfolded patches.
-    fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (ih, iw) = self.cfg.image_size.hw();
         if c != self.cfg.num_channels || h != ih || w != iw {

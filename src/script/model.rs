@@ -177,6 +177,14 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "Switches to evaluation mode (BatchNorm running statistics, dropout off).",
         |m: &mut Model| m.set_training(false)
     );
+    api!(
+        engine,
+        "eval_mode",
+        "m: Model",
+        "Switches to evaluation mode, as `eval` (which Rhai reserves as a keyword, so `m.eval()` cannot be written).",
+        |m: &mut Model| m.set_training(false)
+    );
+    getter!(engine, "training", "bool", "Whether the model is in training mode.", |m: &mut Model| m.is_training());
     api!(engine, "save", "m: Model, path: String",
         "Saves the weights: `x.safetensors` writes that file; any other path is a folder that gets `model.safetensors` (Hugging Face tensor names) and `config.json`. Atomic writes.",
         |m: &mut Model, path: &str| op("save", save_model(m, path)));

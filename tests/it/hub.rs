@@ -1,0 +1,519 @@
+//! `from_pretrained`, `save` and the Hub, without a network: a Hugging Face cache written in
+//! its real layout, folders written by `save`, a loopback server that plays the Hub (or hangs).
+
+use crate::common::*;
+use candle_core::{Device, Tensor};
+use samhost::models::hub::HubOptions;
+use samhost::models::hub_http::Timeouts;
+use samhost::models::params::save_safetensors;
+use samhost::models::pretrained::{from_pretrained, PretrainedOptions};
+use samhost::models::registry::{build_model, ArchConfig};
+use samhost::models::vit::Size2;
+use samhost::models::Model;
+use samhost::rng::HostRng;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const REPO: &str = "test-org/tiny-vit";
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn tiny_vit_config() -> Value {
+    json!({
+        "architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24, "image_size": 8,
+        "patch_size": 4, "num_channels": 3, "qkv_bias": true, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+        "id2label": {"0": "cat", "1": "dog", "2": "bird"}, "label2id": {"cat": 0, "dog": 1, "bird": 2},
+        "transformers_version": "4.46.0"
+    })
+}
+
+/// The tensors of a tiny ViT with random weights (a `ViTForImageClassification` checkpoint).
+fn tiny_vit_tensors() -> BTreeMap<String, Tensor> {
+    let cfg = ArchConfig::from_json(&tiny_vit_config(), false).unwrap();
+    let m = build_model(&cfg, &HostRng::new(77), &Device::Cpu).unwrap();
+    m.params().all().into_iter().map(|(n, v)| (n, v.as_tensor().copy().unwrap())).collect()
+}
+
+fn config_bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec_pretty(v).unwrap()
+}
+
+fn safetensors_bytes(dir: &Path, tensors: &BTreeMap<String, Tensor>) -> Vec<u8> {
+    let p = dir.join("tmp.safetensors");
+    save_safetensors(&p, tensors).unwrap();
+    let b = std::fs::read(&p).unwrap();
+    std::fs::remove_file(&p).unwrap();
+    b
+}
+
+/// Writes `files` into a Hugging Face cache under `cache` in the real layout: blobs, a snapshot
+/// of symbolic links, `refs/main`.
+fn write_cache(cache: &Path, repo: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    let root = cache.join(format!("models--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    let snap = root.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(&snap).unwrap();
+    for (i, (name, bytes)) in files.iter().enumerate() {
+        let etag = format!("{:064x}", 0xabc0 + i);
+        std::fs::write(root.join("blobs").join(&etag), bytes).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{etag}"), snap.join(name)).unwrap();
+    }
+    std::fs::write(root.join("refs").join("main"), format!("{COMMIT}\n")).unwrap();
+    snap
+}
+
+fn offline(cache: &Path) -> HubOptions {
+    HubOptions { offline: true, ..HubOptions::new(cache, "http://127.0.0.1:9") }
+}
+
+fn load(repo: &str, opts: &PretrainedOptions, hub: &HubOptions) -> anyhow::Result<samhost::models::pretrained::Pretrained> {
+    from_pretrained(repo, opts, hub, &HostRng::new(5), &Device::Cpu)
+}
+
+fn err_of(r: anyhow::Result<samhost::models::pretrained::Pretrained>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn logits(m: &Model, image: usize) -> Vec<Vec<f32>> {
+    let n = 2 * 3 * image * image;
+    let x = Tensor::from_vec(HostRng::new(1).normal(n, 0.0, 1.0), (2, 3, image, image), &Device::Cpu).unwrap();
+    m.forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// A model built from `config` with the weights of `file` loaded directly.
+fn direct(config: &Value, file: &Path) -> Model {
+    let cfg = ArchConfig::from_json(config, false).unwrap();
+    let m = build_model(&cfg, &HostRng::new(123), &Device::Cpu).unwrap();
+    m.params().load(file).unwrap();
+    m
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn offline_cache_load_equals_the_file_and_a_new_head_keeps_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let tensors = tiny_vit_tensors();
+    let snap = write_cache(
+        &cache,
+        REPO,
+        &[("config.json", config_bytes(&tiny_vit_config())), ("model.safetensors", safetensors_bytes(tmp.path(), &tensors))],
+    );
+    let hub = offline(&cache);
+    let p = load(REPO, &PretrainedOptions::default(), &hub).unwrap();
+    assert!(p.notes.is_empty(), "{:?}", p.notes);
+    let want = direct(&tiny_vit_config(), &snap.join("model.safetensors"));
+    assert_eq!(logits(&p.model, 8), logits(&want, 8));
+    // The labels survive a save.
+    assert_eq!(p.model.network().config()["id2label"]["1"], "dog");
+
+    let opts = PretrainedOptions { num_classes: Some(5), ..Default::default() };
+    let p = load(REPO, &opts, &hub).unwrap();
+    assert!(p.notes.iter().any(|n| n.contains("new classification head") && n.contains("3 classes")), "{:?}", p.notes);
+    for (name, v) in p.model.params().all() {
+        if name.starts_with("classifier.") {
+            assert_eq!(v.dims()[0], 5, "{name}");
+        } else {
+            assert_eq!(values(v.as_tensor()), values(&tensors[&name]), "{name}");
+        }
+    }
+    assert_eq!(logits(&p.model, 8)[0].len(), 5);
+}
+
+#[test]
+fn vit_model_checkpoint_without_head_and_interpolated_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    // A ViTModel: no `vit.` prefix, no classifier, a pooler; its config has no labels.
+    let mut base: BTreeMap<String, Tensor> = tiny_vit_tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("classifier."))
+        .map(|(n, t)| (n.trim_start_matches("vit.").to_string(), t))
+        .collect();
+    base.insert("pooler.dense.weight".into(), Tensor::zeros((16, 16), candle_core::DType::F32, &Device::Cpu).unwrap());
+    base.insert("pooler.dense.bias".into(), Tensor::zeros(16, candle_core::DType::F32, &Device::Cpu).unwrap());
+    let mut cfg = tiny_vit_config();
+    cfg["architectures"] = json!(["ViTModel"]);
+    cfg.as_object_mut().unwrap().remove("id2label");
+    cfg.as_object_mut().unwrap().remove("label2id");
+    write_cache(&cache, "org/vit-base", &[("config.json", config_bytes(&cfg)), ("model.safetensors", safetensors_bytes(tmp.path(), &base))]);
+    let hub = offline(&cache);
+    let e = err_of(load("org/vit-base", &PretrainedOptions::default(), &hub));
+    assert!(e.contains("no classification head") && e.contains("num_classes"), "{e}");
+
+    let opts = PretrainedOptions { num_classes: Some(4), ..Default::default() };
+    let p = load("org/vit-base", &opts, &hub).unwrap();
+    let notes = p.notes.join("\n");
+    assert!(notes.contains("the checkpoint has none") && notes.contains("vit.pooler.dense.weight"), "{notes}");
+    let encoder = p.model.params().get("vit.encoder.layer.1.output.dense.weight").unwrap();
+    assert_eq!(values(encoder.as_tensor()), values(&base["encoder.layer.1.output.dense.weight"]));
+
+    // image_size 12: the 2x2 patch grid becomes 3x3; the [CLS] position is kept.
+    let opts = PretrainedOptions { num_classes: Some(4), image_size: Some(Size2::Square(12)), ..Default::default() };
+    let p = load("org/vit-base", &opts, &hub).unwrap();
+    assert!(p.notes.iter().any(|n| n.contains("2x2 to a 3x3")), "{:?}", p.notes);
+    let pos = p.model.params().get("vit.embeddings.position_embeddings").unwrap();
+    assert_eq!(pos.dims(), [1, 10, 16]);
+    let old = &base["embeddings.position_embeddings"];
+    assert_eq!(values(&pos.as_tensor().narrow(1, 0, 1).unwrap()), values(&old.narrow(1, 0, 1).unwrap()));
+    assert_eq!(logits(&p.model, 12)[0].len(), 4);
+    assert_eq!(p.model.network().config()["image_size"], 12);
+}
+
+#[test]
+fn saved_folders_load_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = offline(&tmp.path().join("empty-cache"));
+    let rng = HostRng::new(8);
+    // A ViT and a ResNet (BatchNorm buffers), saved by `save`, loaded by `from_pretrained(dir)`.
+    for (name, cfg, image) in [
+        ("vit", tiny_vit_config(), 8),
+        ("resnet", json!({"model_type": "cifar_resnet", "depth": 8, "num_labels": 3}), 8),
+    ] {
+        let m = build_model(&ArchConfig::from_json(&cfg, false).unwrap(), &rng, &Device::Cpu).unwrap();
+        // Move the BatchNorm statistics away from their initial values.
+        let x = Tensor::from_vec(rng.normal(4 * 3 * 64, 1.0, 2.0), (4, 3, 8, 8), &Device::Cpu).unwrap();
+        m.forward_t(&x, true).unwrap();
+        let dir = tmp.path().join(name);
+        samhost::script::model::save_model(&m, dir.to_str().unwrap()).unwrap();
+        assert!(dir.join("config.json").is_file() && dir.join("model.safetensors").is_file());
+        let p = load(dir.to_str().unwrap(), &PretrainedOptions::default(), &hub).unwrap();
+        assert_eq!(logits(&p.model, image), logits(&m, image), "{name}");
+        let m2 = build_model(&ArchConfig::from_json(&cfg, false).unwrap(), &HostRng::new(0), &Device::Cpu).unwrap();
+        samhost::script::model::load_model(&m2, dir.join("model.safetensors").to_str().unwrap()).unwrap();
+        assert_eq!(logits(&m2, image), logits(&m, image), "{name}: load");
+    }
+    // The config written for a ViT is Hugging Face's.
+    let cfg: Value = serde_json::from_slice(&std::fs::read(tmp.path().join("vit/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"], json!(["ViTForImageClassification"]));
+    assert_eq!(cfg["id2label"]["2"], "bird");
+    let header = std::fs::read(tmp.path().join("vit/model.safetensors")).unwrap();
+    assert!(String::from_utf8_lossy(&header[..200]).contains(r#""format":"pt""#));
+
+    // A sharded checkpoint in a folder.
+    let tensors = tiny_vit_tensors();
+    let dir = tmp.path().join("sharded");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors.clone().into_iter().partition(|(n, _)| n.contains("layer.0"));
+    save_safetensors(&dir.join("model-00001-of-00002.safetensors"), &a).unwrap();
+    save_safetensors(&dir.join("model-00002-of-00002.safetensors"), &b).unwrap();
+    let map: BTreeMap<&String, &str> = a
+        .keys()
+        .map(|k| (k, "model-00001-of-00002.safetensors"))
+        .chain(b.keys().map(|k| (k, "model-00002-of-00002.safetensors")))
+        .collect();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&json!({"weight_map": map})).unwrap()).unwrap();
+    std::fs::write(dir.join("config.json"), config_bytes(&tiny_vit_config())).unwrap();
+    let p = load(dir.to_str().unwrap(), &PretrainedOptions::default(), &hub).unwrap();
+    let single = tmp.path().join("single.safetensors");
+    save_safetensors(&single, &tensors).unwrap();
+    assert_eq!(logits(&p.model, 8), logits(&direct(&tiny_vit_config(), &single), 8));
+}
+
+#[test]
+fn clear_errors_for_bad_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = offline(&tmp.path().join("cache"));
+    let tensors = tiny_vit_tensors();
+    let folder = |name: &str, cfg: &Value, weights: Option<&BTreeMap<String, Tensor>>| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("config.json"), config_bytes(cfg)).unwrap();
+        if let Some(w) = weights {
+            save_safetensors(&d.join("model.safetensors"), w).unwrap();
+        }
+        d.to_str().unwrap().to_string()
+    };
+    let none = PretrainedOptions::default();
+
+    // Only pickle weights.
+    let d = folder("pickle", &tiny_vit_config(), None);
+    std::fs::write(Path::new(&d).join("pytorch_model.bin"), b"not read").unwrap();
+    let e = err_of(load(&d, &none, &hub));
+    assert!(e.contains("pytorch_model.bin") && e.contains("pickle") && e.contains("safetensors"), "{e}");
+
+    // A missing tensor, named.
+    let mut missing = tensors.clone();
+    missing.remove("vit.encoder.layer.1.intermediate.dense.bias");
+    let e = err_of(load(&folder("missing", &tiny_vit_config(), Some(&missing)), &none, &hub));
+    assert!(e.contains("`vit.encoder.layer.1.intermediate.dense.bias` is missing"), "{e}");
+
+    // A tensor of the wrong shape, named, with both shapes.
+    let mut wrong = tensors.clone();
+    wrong.insert(
+        "vit.layernorm.weight".into(),
+        Tensor::ones(15, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = err_of(load(&folder("wrong", &tiny_vit_config(), Some(&wrong)), &none, &hub));
+    assert!(e.contains("`vit.layernorm.weight`") && e.contains("[15]") && e.contains("[16]"), "{e}");
+
+    // An unsupported model_type.
+    let e = err_of(load(&folder("bert", &json!({"model_type": "bert", "hidden_size": 16}), Some(&tensors)), &none, &hub));
+    assert!(e.contains("model_type `bert` is not supported") && e.contains("vit"), "{e}");
+
+    // No weights at all; a folder that does not exist; a repo that is not cached while offline.
+    let e = err_of(load(&folder("empty", &tiny_vit_config(), None), &none, &hub));
+    assert!(e.contains("no model.safetensors"), "{e}");
+    let e = err_of(load("./does/not/exist", &none, &hub));
+    assert!(e.contains("no such folder"), "{e}");
+    let e = err_of(load("org/not-cached", &none, &hub));
+    assert!(e.contains("offline") && e.contains("not in the cache"), "{e}");
+
+    // Pickle only, in the cache, offline.
+    let cache = tmp.path().join("cache");
+    write_cache(&cache, "org/pickled", &[("config.json", config_bytes(&tiny_vit_config())), ("pytorch_model.bin", vec![0; 8])]);
+    let e = err_of(load("org/pickled", &none, &hub));
+    assert!(e.contains("pickle") && e.contains("safetensors"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A loopback server that plays the Hub.
+
+struct Served {
+    repo: &'static str,
+    files: HashMap<String, Vec<u8>>,
+}
+
+fn read_request(stream: &mut TcpStream) -> Option<(String, String)> {
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut first = String::new();
+    reader.read_line(&mut first).ok()?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let mut parts = first.split_whitespace();
+    Some((parts.next()?.to_string(), parts.next()?.to_string()))
+}
+
+fn respond(stream: &mut TcpStream, method: &str, status: &str, headers: &[(&str, String)], body: &[u8]) {
+    let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = stream.write_all(head.as_bytes());
+    if method == "GET" {
+        let _ = stream.write_all(body);
+    }
+    let _ = stream.flush();
+}
+
+fn handle(mut stream: TcpStream, port: u16, served: &Served) {
+    let Some((method, path)) = read_request(&mut stream) else { return };
+    let etag = |name: &str| format!("{:040x}", name.bytes().map(|b| b as u64).sum::<u64>());
+    if let Some(name) = path.strip_prefix("/cdn/") {
+        let body = served.files.get(name).cloned().unwrap_or_default();
+        return respond(&mut stream, &method, "200 OK", &[], &body);
+    }
+    let Some((repo, rest)) = path.trim_start_matches('/').split_once("/resolve/") else {
+        return respond(&mut stream, &method, "404 Not Found", &[], b"");
+    };
+    if repo != served.repo {
+        return respond(&mut stream, &method, "401 Unauthorized", &[("X-Error-Code", "RepoNotFound".into())], b"");
+    }
+    let (rev, file) = rest.split_once('/').unwrap_or((rest, ""));
+    if rev != "main" && rev != COMMIT {
+        return respond(&mut stream, &method, "404 Not Found", &[("X-Error-Code", "RevisionNotFound".into())], b"");
+    }
+    let commit = ("X-Repo-Commit", COMMIT.to_string());
+    match served.files.get(file) {
+        None => respond(&mut stream, &method, "404 Not Found", &[("X-Error-Code", "EntryNotFound".into()), commit], b""),
+        Some(body) if file.ends_with(".safetensors") => {
+            // Large files live on a CDN: the Hub redirects to an absolute URL.
+            let location = format!("http://127.0.0.1:{port}/cdn/{file}");
+            let headers = [
+                commit,
+                ("X-Linked-Etag", format!("\"{}\"", etag(file))),
+                ("X-Linked-Size", body.len().to_string()),
+                ("Location", location),
+            ];
+            respond(&mut stream, &method, "302 Found", &headers, b"")
+        }
+        Some(body) => {
+            respond(&mut stream, &method, "200 OK", &[commit, ("ETag", format!("\"{}\"", etag(file)))], body)
+        }
+    }
+}
+
+/// Serves `files` of `repo` on a loopback port; returns the endpoint.
+fn mock_hub(repo: &'static str, files: Vec<(&str, Vec<u8>)>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = Served { repo, files: files.into_iter().map(|(k, v)| (k.to_string(), v)).collect() };
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            handle(stream, port, &served);
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn downloads_into_the_standard_cache_layout_then_works_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let tensors = tiny_vit_tensors();
+    let weights = safetensors_bytes(tmp.path(), &tensors);
+    let endpoint = mock_hub(REPO, vec![("config.json", config_bytes(&tiny_vit_config())), ("model.safetensors", weights)]);
+    let mut hub = HubOptions::new(&cache, &endpoint);
+    hub.timeouts = Timeouts::uniform(5.0);
+    let p = load(REPO, &PretrainedOptions::default(), &hub).unwrap();
+    assert!(p.notes.iter().any(|n| n.contains("downloaded config.json, model.safetensors")), "{:?}", p.notes);
+
+    let root = cache.join("models--test-org--tiny-vit");
+    assert_eq!(std::fs::read_to_string(root.join("refs/main")).unwrap(), COMMIT);
+    let snap = root.join("snapshots").join(COMMIT);
+    for f in ["config.json", "model.safetensors"] {
+        let link = std::fs::read_link(snap.join(f)).unwrap();
+        assert!(link.starts_with("../../blobs"), "{f} -> {}", link.display());
+        assert!(snap.join(f).is_file());
+    }
+    let single = tmp.path().join("single.safetensors");
+    save_safetensors(&single, &tensors).unwrap();
+    let want = logits(&direct(&tiny_vit_config(), &single), 8);
+    assert_eq!(logits(&p.model, 8), want);
+
+    // Offline now, with the server still up: the cache alone serves it.
+    let p = load(REPO, &PretrainedOptions::default(), &offline(&cache)).unwrap();
+    assert_eq!(logits(&p.model, 8), want);
+    assert!(p.notes.is_empty(), "{:?}", p.notes);
+    // Online again: the cache is tried first, so nothing is downloaded.
+    let p = load(REPO, &PretrainedOptions::default(), &hub).unwrap();
+    assert!(p.notes.is_empty(), "{:?}", p.notes);
+
+    // A repository and a revision that do not exist.
+    let e = err_of(load("test-org/nope", &PretrainedOptions::default(), &hub));
+    assert!(e.contains("repository `test-org/nope` does not exist"), "{e}");
+    let rev = PretrainedOptions { revision: Some("v9".into()), ..Default::default() };
+    let e = err_of(load(REPO, &rev, &hub));
+    assert!(e.contains("revision `v9` does not exist"), "{e}");
+}
+
+#[test]
+fn a_hub_repo_with_only_pickle_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let endpoint =
+        mock_hub("org/old", vec![("config.json", config_bytes(&tiny_vit_config())), ("pytorch_model.bin", vec![1; 64])]);
+    let hub = HubOptions { timeouts: Timeouts::uniform(5.0), ..HubOptions::new(&cache, &endpoint) };
+    let e = err_of(load("org/old", &PretrainedOptions::default(), &hub));
+    assert!(e.contains("pytorch_model.bin") && e.contains("Convert") && e.contains("safetensors"), "{e}");
+    // The absence of model.safetensors is recorded where huggingface_hub records it, and the
+    // pickle was never downloaded.
+    let root = cache.join("models--org--old");
+    assert!(root.join(".no_exist").join(COMMIT).join("model.safetensors").exists());
+    assert!(!root.join("snapshots").join(COMMIT).join("pytorch_model.bin").exists());
+}
+
+#[test]
+fn no_network_and_no_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A port with nothing listening: the connection is refused at once.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let hub = HubOptions::new(&tmp.path().join("hub"), &format!("http://127.0.0.1:{port}"));
+    let e = err_of(load(REPO, &PretrainedOptions::default(), &hub));
+    assert!(e.contains("cannot reach") && e.contains("no cached copy"), "{e}");
+}
+
+/// A loopback server that accepts connections and never answers.
+fn silent_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for s in listener.incoming().flatten() {
+            open.push(s);
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn a_server_that_never_answers_times_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "t.rhai", "from_pretrained(\"test-org/tiny-vit\");");
+    let start = Instant::now();
+    let o = samhost()
+        .current_dir(tmp.path())
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HUB_CACHE", tmp.path().join("hub"))
+        .env("HF_ENDPOINT", silent_server())
+        .env("SAMHOST_HTTP_TIMEOUT_SECS", "1")
+        .args(["run", "t.rhai", "--quiet"])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("timeout") && e.contains("no answer within 1 s"), "{e}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn script_from_pretrained_offline_env_and_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    write_cache(
+        &cache,
+        REPO,
+        &[
+            ("config.json", config_bytes(&tiny_vit_config())),
+            ("model.safetensors", safetensors_bytes(tmp.path(), &tiny_vit_tensors())),
+        ],
+    );
+    write(
+        tmp.path(),
+        "ft.rhai",
+        r#"
+let m = from_pretrained("test-org/tiny-vit", #{ num_classes: 5, revision: "main" });
+if m.forward(randn([2, 3, 8, 8])).shape != [2, 5] { throw "head"; }
+m.freeze("vit.");
+if m.num_trainable_parameters() != 16 * 5 + 5 { throw "freeze"; }
+m.save("out");
+let back = from_pretrained("out");
+let x = randn([1, 3, 8, 8]);
+m.eval_mode();
+back.eval_mode();
+if m.training { throw "eval_mode"; }
+if (m.forward(x) - back.forward(x)).abs().max().item() != 0.0 { throw "round trip"; }
+print("ok");
+"#,
+    );
+    // HF_HUB_OFFLINE=1 is set by `samhost()`; a dead endpoint proves nothing is fetched.
+    let o = samhost()
+        .current_dir(tmp.path())
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["run", "ft.rhai"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("new classification head `classifier` with 5 classes"), "{}", stderr(&o));
+
+    // --offline without HF_HUB_OFFLINE: an uncached repo fails as offline, not as unreachable.
+    write(tmp.path(), "miss.rhai", "from_pretrained(\"org/absent\");");
+    let o = samhost()
+        .current_dir(tmp.path())
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["run", "miss.rhai", "--quiet", "--offline"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("offline") && stderr(&o).contains("not in the cache"), "{}", stderr(&o));
+}
