@@ -84,7 +84,8 @@ fn calls_config(engine: &rhai::Engine, ast: &rhai::AST, path: &Path) -> bool {
         let mut found = false;
         ast.walk(&mut |nodes: &[rhai::ASTNode]| {
             match nodes.last() {
-                Some(rhai::ASTNode::Expr(rhai::Expr::FnCall(x, _))) | Some(rhai::ASTNode::Stmt(rhai::Stmt::FnCall(x, _))) => {
+                Some(rhai::ASTNode::Expr(rhai::Expr::FnCall(x, _)))
+                | Some(rhai::ASTNode::Stmt(rhai::Stmt::FnCall(x, _))) => {
                     found |= x.name == "config";
                 }
                 _ => {}

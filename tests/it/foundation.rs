@@ -44,7 +44,11 @@ print("ok");
 #[test]
 fn same_seed_same_numbers() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "r.rhai", "print(randn([5]).to_array()); print(mlp([3, 2]).parameters()[\"fc1.weight\"].to_array());");
+    write(
+        dir.path(),
+        "r.rhai",
+        "print(randn([5]).to_array()); print(mlp([3, 2]).parameters()[\"fc1.weight\"].to_array());",
+    );
     let a = run_in(dir.path(), &["run", "r.rhai", "--seed", "7"]);
     let b = run_in(dir.path(), &["run", "r.rhai", "--seed", "7"]);
     let c = run_in(dir.path(), &["run", "r.rhai", "--seed", "8"]);
