@@ -113,7 +113,7 @@ fn reshape(t: &Tensor, shape: &Array) -> Res<Tensor> {
     }
     if let Some(i) = infer {
         let known: usize = dims.iter().product();
-        if known == 0 || t.elem_count() % known != 0 {
+        if known == 0 || !t.elem_count().is_multiple_of(known) {
             return Err(err(format!("reshape: cannot reshape {:?} into {shape:?}", t.dims())));
         }
         dims[i] = t.elem_count() / known;

@@ -48,17 +48,17 @@ impl Default for SamConfig {
 impl SamConfig {
     /// Rejects settings that have no meaning.
     pub fn validate(&self) -> Result<()> {
-        if !(self.rho >= 0.0) || !self.rho.is_finite() {
+        if !crate::train::is_nonneg(self.rho) || !self.rho.is_finite() {
             bail!("rho must be a finite number >= 0, got {}", self.rho);
         }
-        if !(self.eta >= 0.0) {
+        if !crate::train::is_nonneg(self.eta) {
             bail!("eta must be >= 0, got {}", self.eta);
         }
         if self.m_sharpness == Some(0) {
             bail!("m_sharpness must be >= 1");
         }
         if let Some(c) = self.grad_clip {
-            if !(c > 0.0) {
+            if !crate::train::is_positive(c) {
                 bail!("grad_clip must be > 0, got {c}");
             }
         }
@@ -85,7 +85,7 @@ fn chunk_ranges(n: usize, m: Option<usize>) -> Result<Vec<(usize, usize)>> {
         None => Ok(vec![(0, n)]),
         Some(m) if m >= n => Ok(vec![(0, n)]),
         Some(m) => {
-            if n % m != 0 {
+            if !n.is_multiple_of(m) {
                 bail!("m_sharpness {m} does not divide the batch size {n}");
             }
             Ok((0..n / m).map(|i| (i * m, m)).collect())
@@ -228,7 +228,7 @@ pub fn train_step(
     let grad_norm = global_norm(&pass.grads)?;
     let mut grads = pass.grads;
     if let Some(c) = grad_clip {
-        if !(c > 0.0) {
+        if !crate::train::is_positive(c) {
             bail!("grad_clip must be > 0, got {c}");
         }
         grads = clip_global_norm(grads, c)?;

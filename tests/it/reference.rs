@@ -22,7 +22,7 @@ impl Mlp2 {
         vec![self.b1.clone(), self.w1.clone(), self.b2.clone(), self.w2.clone()]
     }
 
-    pub fn from_flat(&self, p: &[Vec<f64>]) -> Self {
+    pub fn with_params(&self, p: &[Vec<f64>]) -> Self {
         Self { b1: p[0].clone(), w1: p[1].clone(), b2: p[2].clone(), w2: p[3].clone(), ..self.clone() }
     }
 
@@ -158,6 +158,7 @@ pub struct AdamWRef {
 }
 
 impl AdamWRef {
+    #[allow(clippy::too_many_arguments)]
     pub fn step(&mut self, p: &mut [Vec<f64>], g: &[Vec<f64>], lr: f64, b1: f64, b2: f64, eps: f64, wd: f64) {
         if self.m.is_empty() {
             self.m = p.iter().map(|w| vec![0.0; w.len()]).collect();

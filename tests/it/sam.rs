@@ -176,11 +176,12 @@ fn mlp_sam_step_matches_float64_reference() {
         for _ in 0..3 {
             let loss = LossFn::CrossEntropy { label_smoothing: ls };
             let stats = sam_step(&model, &mut opt, &xt, &yt, &loss, &cfg).unwrap();
-            let want_loss = r.from_flat(&reference).loss_grad(&x, &y, ls).0;
+            let want_loss = r.with_params(&reference).loss_grad(&x, &y, ls).0;
             assert!((stats.loss - want_loss).abs() / want_loss < 1e-5, "loss {} vs {want_loss}", stats.loss);
             let mask = [true; 4];
-            let g =
-                sam_grad(&reference, 0.2, adaptive.then_some(0.01), &mask, |p| r.from_flat(p).loss_grad(&x, &y, ls).1);
+            let g = sam_grad(&reference, 0.2, adaptive.then_some(0.01), &mask, |p| {
+                r.with_params(p).loss_grad(&x, &y, ls).1
+            });
             sgd_ref.step(&mut reference, &g, 0.05, 0.9, 0.0, false, 5e-4);
         }
         let err = rel_err(&weights(&model), &reference);
@@ -199,7 +200,7 @@ fn frozen_parameters_are_not_perturbed_nor_updated() {
     sam_step(&model, &mut opt, &xt, &yt, &LossFn::default(), &sam(0.3)).unwrap();
     let mut reference = r.flat();
     let mask = [false, false, true, true];
-    let g = sam_grad(&reference, 0.3, None, &mask, |p| r.from_flat(p).loss_grad(&x, &y, 0.0).1);
+    let g = sam_grad(&reference, 0.3, None, &mask, |p| r.with_params(p).loss_grad(&x, &y, 0.0).1);
     for i in 2..4 {
         for (w, g) in reference[i].iter_mut().zip(&g[i]) {
             *w -= 0.1 * g;
@@ -348,7 +349,7 @@ fn grad_clip_scales_the_sam_gradient() {
     let m = samhost_mlp(&r);
     let cfg = SamConfig { rho: 0.1, grad_clip: Some(0.01), ..SamConfig::default() };
     sam_step(&m, &mut sgd(1.0, 0.0, false, 0.0), &xt, &yt, &LossFn::default(), &cfg).unwrap();
-    let g = sam_grad(&r.flat(), 0.1, None, &[true; 4], |p| r.from_flat(p).loss_grad(&x, &y, 0.0).1);
+    let g = sam_grad(&r.flat(), 0.1, None, &[true; 4], |p| r.with_params(p).loss_grad(&x, &y, 0.0).1);
     let n = crate::reference::norm(&g, &[true; 4]);
     assert!(n > 0.01, "the test must clip");
     let s = 0.01 / (n + 1e-6);
@@ -364,7 +365,7 @@ fn grad_clip_scales_the_sam_gradient() {
 fn optimizers_match_pytorch_semantics() {
     let r = reference_mlp(17);
     let (x, y, xt, yt) = batch(18, 8, r.d_in, r.d_out);
-    let grad = |p: &[Vec<f64>]| r.from_flat(p).loss_grad(&x, &y, 0.0).1;
+    let grad = |p: &[Vec<f64>]| r.with_params(p).loss_grad(&x, &y, 0.0).1;
     for (momentum, dampening, nesterov, wd) in [(0.0, 0.0, false, 0.0), (0.9, 0.1, false, 1e-2), (0.9, 0.0, true, 5e-4)]
     {
         let m = samhost_mlp(&r);
