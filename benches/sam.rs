@@ -153,9 +153,8 @@ fn main() {
     println!("  tensor op from Rust {rust_ns:.0} ns; extra cost from a script {over_ns:.0} ns per call\n");
 
     let rng = HostRng::new(0);
-    let models: Vec<(&str, Model, Vec<usize>)> = vec![
-        ("mlp [3072,512,512,10]", mlp(&[3072, 512, 512, 10], &rng, &Device::Cpu).unwrap(), vec![3, 32, 32]),
-    ];
+    let models: Vec<(&str, Model, Vec<usize>)> =
+        vec![("mlp [3072,512,512,10]", mlp(&[3072, 512, 512, 10], &rng, &Device::Cpu).unwrap(), vec![3, 32, 32])];
     println!(
         "{:<24} {:>5} {:>12} {:>12} {:>8} {:>14} {:>14} {:>10}",
         "model", "batch", "train ms", "sam ms", "sam/sgd", "train peak MB", "sam peak MB", "params MB"

@@ -2,5 +2,6 @@
 
 mod common;
 mod foundation;
+mod ops;
 mod reference;
 mod sam;
