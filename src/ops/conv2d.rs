@@ -127,11 +127,14 @@ fn matmul<T: Float>(
     (rhs_rs, rhs_cs): (isize, isize),
     accumulate: bool,
 ) {
-    // SAFETY: every caller passes slices at least as long as the strided m×k, k×n and m×n
-    // extents (checked by the debug assertions below); gemm only reads lhs/rhs and writes dst.
-    debug_assert!(dst.len() >= (m - 1) * dst_rs as usize + (n - 1) * dst_cs as usize + 1);
-    debug_assert!(lhs.len() >= (m - 1) * lhs_rs as usize + (k - 1) * lhs_cs as usize + 1);
-    debug_assert!(rhs.len() >= (k - 1) * rhs_rs as usize + (n - 1) * rhs_cs as usize + 1);
+    // Number of elements a rows×cols matrix with these (positive) strides spans.
+    let span = |rows: usize, cols: usize, rs: isize, cs: isize| (rows - 1) * rs as usize + (cols - 1) * cs as usize;
+    assert!(m > 0 && n > 0 && k > 0, "conv2d: empty matrix product");
+    assert!(dst.len() > span(m, n, dst_rs, dst_cs), "conv2d: output buffer too small");
+    assert!(lhs.len() > span(m, k, lhs_rs, lhs_cs), "conv2d: left buffer too small");
+    assert!(rhs.len() > span(k, n, rhs_rs, rhs_cs), "conv2d: right buffer too small");
+    // SAFETY: the asserts above check that each strided matrix lies inside its slice; gemm only
+    // reads lhs and rhs and writes dst, which does not alias them (distinct borrows).
     unsafe {
         gemm::gemm(
             m,
