@@ -38,6 +38,9 @@ impl Geometry {
         if kc != c {
             candle_core::bail!("conv2d: input {x:?} has {c} channels, the kernel {k:?} expects {kc}");
         }
+        if [n, c, h, w, o, kh, kw].contains(&0) {
+            candle_core::bail!("conv2d: empty input {x:?} or kernel {k:?}");
+        }
         if stride == 0 {
             candle_core::bail!("conv2d: stride must be > 0");
         }
