@@ -4,3 +4,6 @@ mod common;
 mod foundation;
 mod hub;
 mod models;
+mod ops;
+mod reference;
+mod sam;
