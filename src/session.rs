@@ -33,7 +33,14 @@ pub struct SessionOptions {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { device: "cpu".into(), seed: DEFAULT_SEED, overrides: Vec::new(), quiet: true, script: None, offline: false }
+        Self {
+            device: "cpu".into(),
+            seed: DEFAULT_SEED,
+            overrides: Vec::new(),
+            quiet: true,
+            script: None,
+            offline: false,
+        }
     }
 }
 

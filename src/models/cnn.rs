@@ -1,12 +1,12 @@
 //! A small convolutional network: per stage a 3x3 convolution (padding 1), ReLU and 2x2
 //! max-pooling; then flatten, a hidden linear layer with ReLU, and the classifier.
 
-use super::layers::{conv_torch, linear, max_pool2};
+use super::layers::{conv_torch, linear, max_pool2, Conv};
 use super::registry::ArchConfig;
 use super::Network;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// The configuration of [`Cnn`]. Tensors: `conv1..convK`, `fc` (hidden), `classifier`.
@@ -55,8 +55,13 @@ impl CnnConfig {
             bail!("cnn: channels must list at least one stage");
         }
         if self.channels.contains(&0) || self.hidden == 0 || self.num_labels == 0 || self.input.contains(&0) {
-            bail!("cnn: sizes must be > 0 (channels {:?}, hidden {}, classes {}, input {:?})",
-                self.channels, self.hidden, self.num_labels, self.input);
+            bail!(
+                "cnn: sizes must be > 0 (channels {:?}, hidden {}, classes {}, input {:?})",
+                self.channels,
+                self.hidden,
+                self.num_labels,
+                self.input
+            );
         }
         self.feature_shape().map(|_| ())
     }
@@ -65,7 +70,7 @@ impl CnnConfig {
 /// The network described by [`CnnConfig`].
 pub struct Cnn {
     cfg: CnnConfig,
-    convs: Vec<Conv2d>,
+    convs: Vec<Conv>,
     fc: Linear,
     classifier: Linear,
 }

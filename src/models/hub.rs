@@ -152,11 +152,8 @@ impl HubRepo {
 
     /// The error for a request that failed, worded for the user.
     fn explain(&self, file: &str, e: HttpError) -> anyhow::Error {
-        let cache_note = format!(
-            "there is no cached copy of {file} for {} in {}",
-            self.label(),
-            self.opts.cache_dir.display()
-        );
+        let cache_note =
+            format!("there is no cached copy of {file} for {} in {}", self.label(), self.opts.cache_dir.display());
         match e {
             HttpError::Status { code: Some(c), .. } if c == "RepoNotFound" => anyhow::anyhow!(
                 "repository `{}` does not exist on {} (or it is private or gated and needs a token: set HF_TOKEN)",

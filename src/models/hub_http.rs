@@ -214,7 +214,8 @@ impl HttpClient {
         let part = dest.with_extension(format!("incomplete-{}", std::process::id()));
         let bar = self.progress_bar(label, total);
         let result = (|| -> Result<u64> {
-            let mut file = std::fs::File::create(&part).with_context(|| format!("{}: cannot create", part.display()))?;
+            let mut file =
+                std::fs::File::create(&part).with_context(|| format!("{}: cannot create", part.display()))?;
             let mut reader = r.into_reader();
             let mut buf = vec![0u8; 1 << 16];
             let mut done = 0u64;
@@ -259,15 +260,11 @@ impl HttpClient {
         if !self.progress {
             return indicatif::ProgressBar::hidden();
         }
-        eprintln!(
-            "downloading {label}{}",
-            total.map(|t| format!(" ({:.1} MB)", t as f64 / 1e6)).unwrap_or_default()
-        );
+        eprintln!("downloading {label}{}", total.map(|t| format!(" ({:.1} MB)", t as f64 / 1e6)).unwrap_or_default());
         let bar = indicatif::ProgressBar::with_draw_target(total, indicatif::ProgressDrawTarget::stderr());
-        let style = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .map(|s| s.progress_chars("=> "));
+        let style =
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .map(|s| s.progress_chars("=> "));
         if let Ok(style) = style {
             bar.set_style(style);
         }

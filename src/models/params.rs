@@ -154,10 +154,16 @@ impl HostTensor {
         use candle_core::DType;
         let flat = t.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
         let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
-            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::F64 => {
+                (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
             DType::U8 => (safetensors::Dtype::U8, flat.to_vec1::<u8>()?),
-            DType::U32 => (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            DType::I64 => (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::U32 => {
+                (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
+            DType::I64 => {
+                (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
             _ => (
                 safetensors::Dtype::F32,
                 flat.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),

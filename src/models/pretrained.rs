@@ -62,7 +62,8 @@ impl Source {
         if p.is_file() {
             bail!("{repo_or_dir}: give the folder that holds config.json and the weights (or `load` a weights file into a model)");
         }
-        let looks_local = repo_or_dir.starts_with(['.', '/', '~']) || repo_or_dir.contains('\\') || repo_or_dir.ends_with('/');
+        let looks_local =
+            repo_or_dir.starts_with(['.', '/', '~']) || repo_or_dir.contains('\\') || repo_or_dir.ends_with('/');
         if looks_local || repo_or_dir.split('/').count() > 2 {
             bail!("{repo_or_dir}: no such folder");
         }
@@ -128,7 +129,8 @@ fn read_weights(src: &mut Source) -> Result<HashMap<String, Tensor>> {
             weight_map: BTreeMap<String, String>,
         }
         let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
-        let index: Index = serde_json::from_str(&text).with_context(|| format!("{}: not a safetensors index", p.display()))?;
+        let index: Index =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a safetensors index", p.display()))?;
         let shards: BTreeSet<&String> = index.weight_map.values().collect();
         let mut tensors = HashMap::new();
         for shard in shards {
@@ -137,7 +139,9 @@ fn read_weights(src: &mut Source) -> Result<HashMap<String, Tensor>> {
             }
             match src.file(shard)? {
                 Lookup::Found(path) => tensors.extend(read_safetensors(&path)?),
-                Lookup::Missing => bail!("{}: shard {shard} listed in model.safetensors.index.json is missing", src.label()),
+                Lookup::Missing => {
+                    bail!("{}: shard {shard} listed in model.safetensors.index.json is missing", src.label())
+                }
                 Lookup::NotCached => return Err(src.offline_error(&format!("shard {shard}"))),
             }
         }
@@ -166,7 +170,8 @@ fn vit_names(tensors: HashMap<String, Tensor>) -> (HashMap<String, Tensor>, Vec<
     let mut out = HashMap::new();
     let mut unused = Vec::new();
     for (name, t) in tensors {
-        let full = if name.starts_with("vit.") || name.starts_with("classifier.") { name } else { format!("vit.{name}") };
+        let full =
+            if name.starts_with("vit.") || name.starts_with("classifier.") { name } else { format!("vit.{name}") };
         if full.starts_with("vit.pooler.") || full == "vit.embeddings.mask_token" {
             unused.push(full);
         } else {
@@ -192,10 +197,13 @@ pub fn from_pretrained(
     let label = src.label();
     let config_path = match src.file("config.json")? {
         Lookup::Found(p) => p,
-        Lookup::Missing => bail!("{label} has no config.json (is it a model repository, or a folder written by `save`?)"),
+        Lookup::Missing => {
+            bail!("{label} has no config.json (is it a model repository, or a folder written by `save`?)")
+        }
         Lookup::NotCached => return Err(src.offline_error("config.json")),
     };
-    let text = std::fs::read_to_string(&config_path).with_context(|| format!("{}: cannot read", config_path.display()))?;
+    let text =
+        std::fs::read_to_string(&config_path).with_context(|| format!("{}: cannot read", config_path.display()))?;
     let raw: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", config_path.display()))?;
     // Unsupported architectures fail before any weights are downloaded.
@@ -233,7 +241,10 @@ pub fn from_pretrained(
             Some(k) => format!("replaces the checkpoint's head of {k} classes"),
             None => "the checkpoint has none".to_string(),
         };
-        notes.push(format!("new classification head `{}` with {classes} classes ({had}): freshly initialised", head.trim_end_matches('.')));
+        notes.push(format!(
+            "new classification head `{}` with {classes} classes ({had}): freshly initialised",
+            head.trim_end_matches('.')
+        ));
     }
     cfg.set_num_classes(classes);
 
@@ -246,7 +257,8 @@ pub fn from_pretrained(
         if from != to {
             let name = "vit.embeddings.position_embeddings";
             if let Some(pos) = tensors.get(name) {
-                let resized = resize_position_embeddings(pos, from, to).with_context(|| format!("{label}: tensor `{name}`"))?;
+                let resized =
+                    resize_position_embeddings(pos, from, to).with_context(|| format!("{label}: tensor `{name}`"))?;
                 tensors.insert(name.to_string(), resized);
                 notes.push(format!(
                     "position embeddings interpolated (bicubic) from a {}x{} to a {}x{} patch grid",
@@ -262,7 +274,7 @@ pub fn from_pretrained(
     let model = build_model(&cfg, rng, device)?;
     let names: BTreeSet<String> = model.params().all().into_iter().map(|(n, _)| n).collect();
     for name in &names {
-        if !tensors.contains_key(name) && !(new_head && name.starts_with(&head)) {
+        if !(tensors.contains_key(name) || new_head && name.starts_with(&head)) {
             bail!("{label}: tensor `{name}` is missing from the checkpoint");
         }
     }
@@ -270,7 +282,11 @@ pub fn from_pretrained(
     tensors.retain(|k, _| names.contains(k));
     if !unused.is_empty() {
         unused.sort();
-        notes.push(format!("ignored {} checkpoint tensor(s) the model does not use: {}", unused.len(), unused.join(", ")));
+        notes.push(format!(
+            "ignored {} checkpoint tensor(s) the model does not use: {}",
+            unused.len(),
+            unused.join(", ")
+        ));
     }
     model.params().assign(&tensors, true, &label)?;
     Ok(Pretrained { model, config: cfg, notes, source: label })

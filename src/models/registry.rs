@@ -229,7 +229,10 @@ pub fn resolve_config(name_or_file: &str) -> Result<Value> {
     if name_or_file.ends_with(".json") {
         bail!("{name_or_file}: no such file");
     }
-    bail!("no model config called `{name_or_file}` (built in: {}; or give a path to a .json file)", builtin_names().join(", "))
+    bail!(
+        "no model config called `{name_or_file}` (built in: {}; or give a path to a .json file)",
+        builtin_names().join(", ")
+    )
 }
 
 /// Merges `overrides` into the object `base` (keys of `overrides` win).

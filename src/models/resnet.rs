@@ -3,12 +3,12 @@
 //! and a linear classifier. Tensor names follow the common PyTorch implementation
 //! (`conv1`, `bn1`, `layer1.0.conv1`, ..., `linear`).
 
-use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear, subsample2};
+use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear, subsample2, BatchNorm2d, Conv};
 use super::registry::ArchConfig;
 use super::Network;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// How a block that changes width and resolution forms its shortcut.
@@ -17,7 +17,7 @@ pub enum Shortcut {
     /// Option A of the paper (used for its CIFAR results): subsample by 2 and pad the new
     /// channels with zeros; no parameters.
     A,
-    /// Option B: a 1x1 convolution with stride 2 and BatchNorm (`shortcut.0`, `shortcut.1`).
+    /// Option B: a 1x1 convolution with stride 2 and BatchNorm2d (`shortcut.0`, `shortcut.1`).
     B,
 }
 
@@ -44,7 +44,7 @@ impl Default for ResNetConfig {
 impl ResNetConfig {
     /// Blocks per stage, `(depth - 2) / 6`.
     pub fn blocks_per_stage(&self) -> Result<usize> {
-        if self.depth < 8 || (self.depth - 2) % 6 != 0 {
+        if self.depth < 8 || !(self.depth - 2).is_multiple_of(6) {
             bail!("resnet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {}", self.depth);
         }
         Ok((self.depth - 2) / 6)
@@ -63,14 +63,14 @@ impl ResNetConfig {
 enum Skip {
     Identity,
     Pad { left: usize, right: usize },
-    Conv { conv: Conv2d, bn: BatchNorm },
+    Conv { conv: Conv, bn: BatchNorm2d },
 }
 
 struct Block {
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    conv2: Conv2d,
-    bn2: BatchNorm,
+    conv1: Conv,
+    bn1: BatchNorm2d,
+    conv2: Conv,
+    bn2: BatchNorm2d,
     skip: Skip,
 }
 
@@ -112,14 +112,14 @@ impl Block {
 /// A CIFAR ResNet.
 pub struct ResNet {
     cfg: ResNetConfig,
-    conv1: Conv2d,
-    bn1: BatchNorm,
+    conv1: Conv,
+    bn1: BatchNorm2d,
     blocks: Vec<Block>,
     linear: Linear,
 }
 
 impl ResNet {
-    /// Creates the layers from `vb`: convolutions He-normal (fan-in), BatchNorm 1/0, the
+    /// Creates the layers from `vb`: convolutions He-normal (fan-in), BatchNorm2d 1/0, the
     /// classifier as PyTorch's `nn.Linear`.
     pub fn build(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let n = cfg.blocks_per_stage()?;
@@ -144,11 +144,7 @@ impl ResNet {
 impl Network for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
-            candle_core::bail!(
-                "resnet expects images [N, {}, H, W], got {:?}",
-                self.cfg.num_channels,
-                x.dims()
-            );
+            candle_core::bail!("resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
         let mut h = bn(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
         for block in &self.blocks {

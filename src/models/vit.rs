@@ -168,15 +168,16 @@ impl VitConfig {
     /// Rejects configurations that build nothing.
     pub fn validate(&self) -> Result<()> {
         let heads = self.num_attention_heads;
-        if self.hidden_size == 0 || heads == 0 || self.hidden_size % heads != 0 {
+        if self.hidden_size == 0 || heads == 0 || !self.hidden_size.is_multiple_of(heads) {
             bail!("vit: hidden_size {} must be a positive multiple of num_attention_heads {heads}", self.hidden_size);
         }
         if self.num_hidden_layers == 0 || self.intermediate_size == 0 || self.num_channels == 0 {
             bail!("vit: num_hidden_layers, intermediate_size and num_channels must be > 0");
         }
-        for (name, p) in
-            [("hidden_dropout_prob", self.hidden_dropout_prob), ("attention_probs_dropout_prob", self.attention_probs_dropout_prob)]
-        {
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
             if !(0.0..1.0).contains(&p) {
                 bail!("vit: {name} must be in [0, 1), got {p}");
             }
@@ -356,11 +357,11 @@ impl Vit {
         }
         let (ph, pw) = self.cfg.patch_size.hw();
         let (gh, gw) = (h / ph, w / pw);
-        let patches = x
-            .reshape((b, c, gh, ph, gw, pw))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b, gh * gw, c * ph * pw))?;
+        let patches = x.reshape((b, c, gh, ph, gw, pw))?.permute((0, 2, 4, 1, 3, 5))?.contiguous()?.reshape((
+            b,
+            gh * gw,
+            c * ph * pw,
+        ))?;
         let hidden = self.cfg.hidden_size;
         let weight = self.patch_weight.reshape((hidden, c * ph * pw))?;
         patches.broadcast_matmul(&weight.t()?)?.broadcast_add(&self.patch_bias)

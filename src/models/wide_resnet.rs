@@ -1,16 +1,16 @@
 //! Wide Residual Networks (Zagoruyko & Komodakis 2016) for CIFAR: WRN-d-k has three groups of
 //! (d-4)/6 pre-activation basic blocks with 16k, 32k and 64k channels, dropout between the two
-//! convolutions of a block, BatchNorm-ReLU, global average pooling and a linear classifier.
+//! convolutions of a block, BatchNorm2d-ReLU, global average pooling and a linear classifier.
 //! Tensor names follow the common PyTorch implementation (`conv1`, `block1.layer.0.bn1`,
 //! `block1.layer.0.convShortcut`, ..., `bn1`, `fc`).
 
-use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear_init, Dropout};
+use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear_init, BatchNorm2d, Conv, Dropout};
 use super::registry::ArchConfig;
 use super::Network;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Init, Linear, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// The configuration of a WideResNet.
@@ -39,7 +39,7 @@ impl Default for WideResNetConfig {
 impl WideResNetConfig {
     /// Blocks per group, `(depth - 4) / 6`.
     pub fn blocks_per_group(&self) -> Result<usize> {
-        if self.depth < 10 || (self.depth - 4) % 6 != 0 {
+        if self.depth < 10 || !(self.depth - 4).is_multiple_of(6) {
             bail!("wide_resnet: depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {}", self.depth);
         }
         Ok((self.depth - 4) / 6)
@@ -59,11 +59,11 @@ impl WideResNetConfig {
 }
 
 struct Block {
-    bn1: BatchNorm,
-    conv1: Conv2d,
-    bn2: BatchNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    bn1: BatchNorm2d,
+    conv1: Conv,
+    bn2: BatchNorm2d,
+    conv2: Conv,
+    shortcut: Option<Conv>,
     dropout: Dropout,
 }
 
@@ -99,14 +99,14 @@ impl Block {
 /// A WideResNet.
 pub struct WideResNet {
     cfg: WideResNetConfig,
-    conv1: Conv2d,
+    conv1: Conv,
     blocks: Vec<Block>,
-    bn1: BatchNorm,
+    bn1: BatchNorm2d,
     fc: Linear,
 }
 
 impl WideResNet {
-    /// Creates the layers from `vb`: convolutions He-normal (fan-out), BatchNorm 1/0, the
+    /// Creates the layers from `vb`: convolutions He-normal (fan-out), BatchNorm2d 1/0, the
     /// classifier's bias 0. Dropout masks come from a generator seeded from `rng`.
     pub fn build(cfg: &WideResNetConfig, vb: VarBuilder, rng: &HostRng) -> Result<Self> {
         cfg.validate()?;
@@ -126,7 +126,8 @@ impl WideResNet {
         }
         let bn1 = batch_norm(c_in, vb.pp("bn1"))?;
         let bound = 1.0 / (c_in as f64).sqrt();
-        let fc = linear_init(c_in, cfg.num_labels, Init::Uniform { lo: -bound, up: bound }, Init::Const(0.0), vb.pp("fc"))?;
+        let fc =
+            linear_init(c_in, cfg.num_labels, Init::Uniform { lo: -bound, up: bound }, Init::Const(0.0), vb.pp("fc"))?;
         Ok(Self { cfg: cfg.clone(), conv1, blocks, bn1, fc })
     }
 }
@@ -134,11 +135,7 @@ impl WideResNet {
 impl Network for WideResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
-            candle_core::bail!(
-                "wide_resnet expects images [N, {}, H, W], got {:?}",
-                self.cfg.num_channels,
-                x.dims()
-            );
+            candle_core::bail!("wide_resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
         let mut h = self.conv1.forward(x)?;
         for block in &self.blocks {

@@ -79,11 +79,16 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             op("cnn", models::build_model(&cfg, &s.rng, &s.device))
         });
     let s = session.clone();
-    api!(engine, "cnn", "-> Model", "The CNN with its default configuration (see `cnn(config)`).",
+    api!(
+        engine,
+        "cnn",
+        "-> Model",
+        "The CNN with its default configuration (see `cnn(config)`).",
         move || -> Res<Model> {
             let cfg = op("cnn", ArchConfig::from_json(&config_map("cnn", "cnn", Map::new())?, true))?;
             op("cnn", models::build_model(&cfg, &s.rng, &s.device))
-        });
+        }
+    );
 
     let s = session.clone();
     let build_resnet = move |depth: INT, classes: INT, o: Map| -> Res<Model> {
@@ -124,9 +129,13 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     api!(engine, "wide_resnet", "depth: int, width: int, classes: int -> Model",
         "WRN-depth-width of Zagoruyko & Komodakis (depth 6n+4, e.g. 16-8, 28-10): pre-activation blocks of 16k/32k/64k channels, no dropout. Tensors conv1, blockG.layer.I.{bn1,conv1,bn2,conv2,convShortcut}, bn1, fc.",
         move |depth: INT, width: INT, classes: INT| f(depth, width, classes, Map::new()));
-    api!(engine, "wide_resnet", "depth: int, width: int, classes: int, options: Map -> Model",
+    api!(
+        engine,
+        "wide_resnet",
+        "depth: int, width: int, classes: int, options: Map -> Model",
         "A WideResNet with options: dropout (0; the paper's dropout runs use 0.3, seeded masks), num_channels (3).",
-        build_wrn);
+        build_wrn
+    );
 
     let s = session.clone();
     api!(engine, "vit", "config: Map -> Model",
@@ -150,9 +159,13 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     api!(engine, "model", "name: String, overrides: Map -> Model",
         "A model from a named configuration or JSON file with some fields replaced, e.g. `model(\"vit-s16\", #{num_labels: 10, image_size: 32, patch_size: 4})`.",
         build_named);
-    api!(engine, "model_config", "m: Model -> Map",
+    api!(
+        engine,
+        "model_config",
+        "m: Model -> Map",
         "The model's configuration (the config.json that `save` writes).",
-        |m: &mut Model| -> Res<Dynamic> { from_json(&m.network().config()) });
+        |m: &mut Model| -> Res<Dynamic> { from_json(&m.network().config()) }
+    );
 
     api!(
         engine,

@@ -71,7 +71,11 @@ fn offline(cache: &Path) -> HubOptions {
     HubOptions { offline: true, ..HubOptions::new(cache, "http://127.0.0.1:9") }
 }
 
-fn load(repo: &str, opts: &PretrainedOptions, hub: &HubOptions) -> anyhow::Result<samhost::models::pretrained::Pretrained> {
+fn load(
+    repo: &str,
+    opts: &PretrainedOptions,
+    hub: &HubOptions,
+) -> anyhow::Result<samhost::models::pretrained::Pretrained> {
     from_pretrained(repo, opts, hub, &HostRng::new(5), &Device::Cpu)
 }
 
@@ -108,7 +112,10 @@ fn offline_cache_load_equals_the_file_and_a_new_head_keeps_the_rest() {
     let snap = write_cache(
         &cache,
         REPO,
-        &[("config.json", config_bytes(&tiny_vit_config())), ("model.safetensors", safetensors_bytes(tmp.path(), &tensors))],
+        &[
+            ("config.json", config_bytes(&tiny_vit_config())),
+            ("model.safetensors", safetensors_bytes(tmp.path(), &tensors)),
+        ],
     );
     let hub = offline(&cache);
     let p = load(REPO, &PretrainedOptions::default(), &hub).unwrap();
@@ -147,7 +154,11 @@ fn vit_model_checkpoint_without_head_and_interpolated_positions() {
     cfg["architectures"] = json!(["ViTModel"]);
     cfg.as_object_mut().unwrap().remove("id2label");
     cfg.as_object_mut().unwrap().remove("label2id");
-    write_cache(&cache, "org/vit-base", &[("config.json", config_bytes(&cfg)), ("model.safetensors", safetensors_bytes(tmp.path(), &base))]);
+    write_cache(
+        &cache,
+        "org/vit-base",
+        &[("config.json", config_bytes(&cfg)), ("model.safetensors", safetensors_bytes(tmp.path(), &base))],
+    );
     let hub = offline(&cache);
     let e = err_of(load("org/vit-base", &PretrainedOptions::default(), &hub));
     assert!(e.contains("no classification head") && e.contains("num_classes"), "{e}");
@@ -205,7 +216,8 @@ fn saved_folders_load_again() {
     let tensors = tiny_vit_tensors();
     let dir = tmp.path().join("sharded");
     std::fs::create_dir_all(&dir).unwrap();
-    let (a, b): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors.clone().into_iter().partition(|(n, _)| n.contains("layer.0"));
+    let (a, b): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        tensors.clone().into_iter().partition(|(n, _)| n.contains("layer.0"));
     save_safetensors(&dir.join("model-00001-of-00002.safetensors"), &a).unwrap();
     save_safetensors(&dir.join("model-00002-of-00002.safetensors"), &b).unwrap();
     let map: BTreeMap<&String, &str> = a
@@ -213,7 +225,8 @@ fn saved_folders_load_again() {
         .map(|k| (k, "model-00001-of-00002.safetensors"))
         .chain(b.keys().map(|k| (k, "model-00002-of-00002.safetensors")))
         .collect();
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&json!({"weight_map": map})).unwrap()).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&json!({"weight_map": map})).unwrap())
+        .unwrap();
     std::fs::write(dir.join("config.json"), config_bytes(&tiny_vit_config())).unwrap();
     let p = load(dir.to_str().unwrap(), &PretrainedOptions::default(), &hub).unwrap();
     let single = tmp.path().join("single.safetensors");
@@ -251,15 +264,13 @@ fn clear_errors_for_bad_checkpoints() {
 
     // A tensor of the wrong shape, named, with both shapes.
     let mut wrong = tensors.clone();
-    wrong.insert(
-        "vit.layernorm.weight".into(),
-        Tensor::ones(15, candle_core::DType::F32, &Device::Cpu).unwrap(),
-    );
+    wrong.insert("vit.layernorm.weight".into(), Tensor::ones(15, candle_core::DType::F32, &Device::Cpu).unwrap());
     let e = err_of(load(&folder("wrong", &tiny_vit_config(), Some(&wrong)), &none, &hub));
     assert!(e.contains("`vit.layernorm.weight`") && e.contains("[15]") && e.contains("[16]"), "{e}");
 
     // An unsupported model_type.
-    let e = err_of(load(&folder("bert", &json!({"model_type": "bert", "hidden_size": 16}), Some(&tensors)), &none, &hub));
+    let e =
+        err_of(load(&folder("bert", &json!({"model_type": "bert", "hidden_size": 16}), Some(&tensors)), &none, &hub));
     assert!(e.contains("model_type `bert` is not supported") && e.contains("vit"), "{e}");
 
     // No weights at all; a folder that does not exist; a repo that is not cached while offline.
@@ -272,7 +283,11 @@ fn clear_errors_for_bad_checkpoints() {
 
     // Pickle only, in the cache, offline.
     let cache = tmp.path().join("cache");
-    write_cache(&cache, "org/pickled", &[("config.json", config_bytes(&tiny_vit_config())), ("pytorch_model.bin", vec![0; 8])]);
+    write_cache(
+        &cache,
+        "org/pickled",
+        &[("config.json", config_bytes(&tiny_vit_config())), ("pytorch_model.bin", vec![0; 8])],
+    );
     let e = err_of(load("org/pickled", &none, &hub));
     assert!(e.contains("pickle") && e.contains("safetensors"), "{e}");
 }
@@ -331,7 +346,9 @@ fn handle(mut stream: TcpStream, port: u16, served: &Served) {
     }
     let commit = ("X-Repo-Commit", COMMIT.to_string());
     match served.files.get(file) {
-        None => respond(&mut stream, &method, "404 Not Found", &[("X-Error-Code", "EntryNotFound".into()), commit], b""),
+        None => {
+            respond(&mut stream, &method, "404 Not Found", &[("X-Error-Code", "EntryNotFound".into()), commit], b"")
+        }
         Some(body) if file.ends_with(".safetensors") => {
             // Large files live on a CDN: the Hub redirects to an absolute URL.
             let location = format!("http://127.0.0.1:{port}/cdn/{file}");
@@ -343,9 +360,7 @@ fn handle(mut stream: TcpStream, port: u16, served: &Served) {
             ];
             respond(&mut stream, &method, "302 Found", &headers, b"")
         }
-        Some(body) => {
-            respond(&mut stream, &method, "200 OK", &[commit, ("ETag", format!("\"{}\"", etag(file)))], body)
-        }
+        Some(body) => respond(&mut stream, &method, "200 OK", &[commit, ("ETag", format!("\"{}\"", etag(file)))], body),
     }
 }
 
@@ -368,7 +383,8 @@ fn downloads_into_the_standard_cache_layout_then_works_offline() {
     let cache = tmp.path().join("hub");
     let tensors = tiny_vit_tensors();
     let weights = safetensors_bytes(tmp.path(), &tensors);
-    let endpoint = mock_hub(REPO, vec![("config.json", config_bytes(&tiny_vit_config())), ("model.safetensors", weights)]);
+    let endpoint =
+        mock_hub(REPO, vec![("config.json", config_bytes(&tiny_vit_config())), ("model.safetensors", weights)]);
     let mut hub = HubOptions::new(&cache, &endpoint);
     hub.timeouts = Timeouts::uniform(5.0);
     let p = load(REPO, &PretrainedOptions::default(), &hub).unwrap();
@@ -407,8 +423,10 @@ fn downloads_into_the_standard_cache_layout_then_works_offline() {
 fn a_hub_repo_with_only_pickle_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("hub");
-    let endpoint =
-        mock_hub("org/old", vec![("config.json", config_bytes(&tiny_vit_config())), ("pytorch_model.bin", vec![1; 64])]);
+    let endpoint = mock_hub(
+        "org/old",
+        vec![("config.json", config_bytes(&tiny_vit_config())), ("pytorch_model.bin", vec![1; 64])],
+    );
     let hub = HubOptions { timeouts: Timeouts::uniform(5.0), ..HubOptions::new(&cache, &endpoint) };
     let e = err_of(load("org/old", &PretrainedOptions::default(), &hub));
     assert!(e.contains("pytorch_model.bin") && e.contains("Convert") && e.contains("safetensors"), "{e}");

@@ -70,7 +70,9 @@ fn resnet_all_tensors_get_gradients() {
 fn wide_resnet_all_tensors_get_gradients() {
     let c = cfg(json!({"model_type": "wide_resnet", "depth": 10, "widen_factor": 1, "num_labels": 3, "dropout": 0.2}));
     let m = assert_all_gradients(c, &[3, 3, 8, 8]);
-    for name in ["conv1.weight", "block1.layer.0.bn1.weight", "block2.layer.0.convShortcut.weight", "bn1.bias", "fc.weight"] {
+    for name in
+        ["conv1.weight", "block1.layer.0.bn1.weight", "block2.layer.0.convShortcut.weight", "bn1.bias", "fc.weight"]
+    {
         assert!(m.params().get(name).is_some(), "{name}");
     }
     // Width 1: the first group keeps 16 channels, so it has no shortcut convolution.
@@ -110,7 +112,9 @@ fn vit_all_tensors_get_gradients() {
     }
     assert_eq!(names.len(), 4 + 16 * 2 + 2 + 2);
     // Non-square images and patches, no qkv bias, the tanh GELU.
-    let c = cfg(tiny_vit(json!({"image_size": [8, 12], "patch_size": [4, 6], "qkv_bias": false, "hidden_act": "gelu_new"})));
+    let c = cfg(tiny_vit(
+        json!({"image_size": [8, 12], "patch_size": [4, 6], "qkv_bias": false, "hidden_act": "gelu_new"}),
+    ));
     let m = assert_all_gradients(c, &[2, 3, 8, 12]);
     assert!(m.params().get("vit.encoder.layer.0.attention.attention.key.bias").is_none());
 }
@@ -281,4 +285,26 @@ print("ok");
     write(dir.path(), "bad3.rhai", "resnet(21, 10);");
     let o = run_in(dir.path(), &["run", "bad3.rhai", "--quiet"]);
     assert!(stderr(&o).contains("6n+2"), "{}", stderr(&o));
+}
+
+#[test]
+fn batch_norm_matches_candle_nn() {
+    use candle_nn::ModuleT;
+    let rng = HostRng::new(6);
+    let x = input(&rng, &[4, 3, 5, 5]).affine(2.0, 1.0).unwrap();
+    let ours_map = candle_nn::VarMap::new();
+    let ours = layers::batch_norm(3, seeded_var_builder(&ours_map, &rng, &Device::Cpu)).unwrap();
+    let theirs_map = candle_nn::VarMap::new();
+    let cfg = candle_nn::BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 };
+    let theirs = candle_nn::batch_norm(3, cfg, seeded_var_builder(&theirs_map, &rng, &Device::Cpu)).unwrap();
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "{what}: differs by {d}");
+    };
+    for train in [true, true, false] {
+        close(&ours.forward_t(&x, train).unwrap(), &theirs.forward_t(&x, train).unwrap(), &format!("train={train}"));
+    }
+    let stat = |m: &candle_nn::VarMap, n: &str| m.data().lock().unwrap()[n].as_tensor().clone();
+    close(&stat(&ours_map, "running_var"), &stat(&theirs_map, "running_var"), "running_var");
+    close(&stat(&ours_map, "running_mean"), &stat(&theirs_map, "running_mean"), "running_mean");
 }
