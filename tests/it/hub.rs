@@ -535,3 +535,13 @@ print("ok");
     assert!(!o.status.success());
     assert!(stderr(&o).contains("offline") && stderr(&o).contains("not in the cache"), "{}", stderr(&o));
 }
+
+#[test]
+fn finetune_example_runs_in_smoke_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = repo().join("scripts/finetune_vit.rhai");
+    let o = run_in(tmp.path(), &["run", script.to_str().unwrap(), "--set", "smoke=true", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = tmp.path().join("runs/finetune_vit/finetuned");
+    assert!(out.join("config.json").is_file() && out.join("model.safetensors").is_file());
+}
