@@ -134,7 +134,8 @@ impl HubRepo {
 
     fn client(&mut self) -> &HttpClient {
         let (t, tok, p) = (self.opts.timeouts, self.opts.token.clone(), self.opts.progress);
-        self.client.get_or_insert_with(|| HttpClient::new(t, tok, p))
+        let origin = self.opts.endpoint.clone();
+        self.client.get_or_insert_with(|| HttpClient::new(t, tok, &origin, p))
     }
 
     fn url(&self, file: &str) -> String {

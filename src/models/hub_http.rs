@@ -124,14 +124,16 @@ pub struct HttpClient {
     follow: ureq::Agent,
     no_follow: ureq::Agent,
     token: Option<String>,
+    token_origin: String,
     timeouts: Timeouts,
     progress: bool,
 }
 
 impl HttpClient {
-    /// A client with `timeouts`, sending `token` (never across a redirect to another host);
-    /// `progress` shows download progress on stderr.
-    pub fn new(timeouts: Timeouts, token: Option<String>, progress: bool) -> Self {
+    /// A client with `timeouts`, sending `token` to URLs under `token_origin` (the Hub
+    /// endpoint) only, never to a CDN it redirects to; `progress` shows download progress on
+    /// stderr.
+    pub fn new(timeouts: Timeouts, token: Option<String>, token_origin: &str, progress: bool) -> Self {
         let base = || {
             ureq::AgentBuilder::new()
                 .timeout_connect(timeouts.connect)
@@ -140,7 +142,8 @@ impl HttpClient {
                 .try_proxy_from_env(true)
                 .user_agent(concat!("samhost/", env!("CARGO_PKG_VERSION")))
         };
-        Self { follow: base().build(), no_follow: base().redirects(0).build(), token, timeouts, progress }
+        let token_origin = format!("{}/", token_origin.trim_end_matches('/'));
+        Self { follow: base().build(), no_follow: base().redirects(0).build(), token, token_origin, timeouts, progress }
     }
 
     fn classify(&self, url: &str, e: ureq::Error) -> HttpError {
@@ -165,8 +168,8 @@ impl HttpClient {
     fn request(&self, agent: &ureq::Agent, method: &str, url: &str) -> ureq::Request {
         let r = agent.request(method, url).set("Accept-Encoding", "identity");
         match &self.token {
-            Some(t) => r.set("Authorization", &format!("Bearer {t}")),
-            None => r,
+            Some(t) if url.starts_with(&self.token_origin) => r.set("Authorization", &format!("Bearer {t}")),
+            _ => r,
         }
     }
 

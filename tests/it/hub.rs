@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const REPO: &str = "test-org/tiny-vit";
@@ -298,20 +299,28 @@ fn clear_errors_for_bad_checkpoints() {
 struct Served {
     repo: &'static str,
     files: HashMap<String, Vec<u8>>,
+    /// Every request: method, path, Authorization header.
+    log: Arc<Mutex<Vec<(String, String, Option<String>)>>>,
 }
 
-fn read_request(stream: &mut TcpStream) -> Option<(String, String)> {
+fn read_request(stream: &mut TcpStream) -> Option<(String, String, Option<String>)> {
     let mut reader = BufReader::new(stream.try_clone().ok()?);
     let mut first = String::new();
     reader.read_line(&mut first).ok()?;
+    let mut auth = None;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).ok()? == 0 || line == "\r\n" {
             break;
         }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                auth = Some(v.trim().to_string());
+            }
+        }
     }
     let mut parts = first.split_whitespace();
-    Some((parts.next()?.to_string(), parts.next()?.to_string()))
+    Some((parts.next()?.to_string(), parts.next()?.to_string(), auth))
 }
 
 fn respond(stream: &mut TcpStream, method: &str, status: &str, headers: &[(&str, String)], body: &[u8]) {
@@ -327,8 +336,9 @@ fn respond(stream: &mut TcpStream, method: &str, status: &str, headers: &[(&str,
     let _ = stream.flush();
 }
 
-fn handle(mut stream: TcpStream, port: u16, served: &Served) {
-    let Some((method, path)) = read_request(&mut stream) else { return };
+fn handle(mut stream: TcpStream, cdn_port: u16, served: &Served) {
+    let Some((method, path, auth)) = read_request(&mut stream) else { return };
+    served.log.lock().unwrap().push((method.clone(), path.clone(), auth));
     let etag = |name: &str| format!("{:040x}", name.bytes().map(|b| b as u64).sum::<u64>());
     if let Some(name) = path.strip_prefix("/cdn/") {
         let body = served.files.get(name).cloned().unwrap_or_default();
@@ -351,7 +361,7 @@ fn handle(mut stream: TcpStream, port: u16, served: &Served) {
         }
         Some(body) if file.ends_with(".safetensors") => {
             // Large files live on a CDN: the Hub redirects to an absolute URL.
-            let location = format!("http://127.0.0.1:{port}/cdn/{file}");
+            let location = format!("http://127.0.0.1:{cdn_port}/cdn/{file}");
             let headers = [
                 commit,
                 ("X-Linked-Etag", format!("\"{}\"", etag(file))),
@@ -364,17 +374,31 @@ fn handle(mut stream: TcpStream, port: u16, served: &Served) {
     }
 }
 
+type RequestLog = Arc<Mutex<Vec<(String, String, Option<String>)>>>;
+
+/// Serves `files` of `repo` on a loopback port, large files from a "CDN" on a second port;
+/// returns the endpoint and the request log.
+fn mock_hub_logged(repo: &'static str, files: Vec<(&str, Vec<u8>)>) -> (String, RequestLog) {
+    let hub = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (port, cdn_port) = (hub.local_addr().unwrap().port(), cdn.local_addr().unwrap().port());
+    let log = RequestLog::default();
+    let served = Served { repo, files: files.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), log: log.clone() };
+    let served = Arc::new(served);
+    for listener in [hub, cdn] {
+        let served = served.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                handle(stream, cdn_port, &served);
+            }
+        });
+    }
+    (format!("http://127.0.0.1:{port}"), log)
+}
+
 /// Serves `files` of `repo` on a loopback port; returns the endpoint.
 fn mock_hub(repo: &'static str, files: Vec<(&str, Vec<u8>)>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let served = Served { repo, files: files.into_iter().map(|(k, v)| (k.to_string(), v)).collect() };
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            handle(stream, port, &served);
-        }
-    });
-    format!("http://127.0.0.1:{port}")
+    mock_hub_logged(repo, files).0
 }
 
 #[test]
@@ -383,12 +407,19 @@ fn downloads_into_the_standard_cache_layout_then_works_offline() {
     let cache = tmp.path().join("hub");
     let tensors = tiny_vit_tensors();
     let weights = safetensors_bytes(tmp.path(), &tensors);
-    let endpoint =
-        mock_hub(REPO, vec![("config.json", config_bytes(&tiny_vit_config())), ("model.safetensors", weights)]);
+    let (endpoint, requests) =
+        mock_hub_logged(REPO, vec![("config.json", config_bytes(&tiny_vit_config())), ("model.safetensors", weights)]);
     let mut hub = HubOptions::new(&cache, &endpoint);
     hub.timeouts = Timeouts::uniform(5.0);
+    hub.token = Some("hf_secret".into());
     let p = load(REPO, &PretrainedOptions::default(), &hub).unwrap();
     assert!(p.notes.iter().any(|n| n.contains("downloaded config.json, model.safetensors")), "{:?}", p.notes);
+    // The token goes to the Hub, never to the CDN it redirects to.
+    for (method, path, auth) in requests.lock().unwrap().iter() {
+        let want = if path.starts_with("/cdn/") { None } else { Some("Bearer hf_secret") };
+        assert_eq!(auth.as_deref(), want, "{method} {path}");
+    }
+    assert!(requests.lock().unwrap().iter().any(|(m, p, _)| m == "GET" && p.starts_with("/cdn/")));
 
     let root = cache.join("models--test-org--tiny-vit");
     assert_eq!(std::fs::read_to_string(root.join("refs/main")).unwrap(), COMMIT);
