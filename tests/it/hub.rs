@@ -300,7 +300,7 @@ struct Served {
     repo: &'static str,
     files: HashMap<String, Vec<u8>>,
     /// Every request: method, path, Authorization header.
-    log: Arc<Mutex<Vec<(String, String, Option<String>)>>>,
+    log: RequestLog,
 }
 
 fn read_request(stream: &mut TcpStream) -> Option<(String, String, Option<String>)> {
