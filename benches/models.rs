@@ -2,7 +2,8 @@
 //! WRN-16-8 on 32x32 images and ViT-S/16 on 224x224 images, on the CPU. Prints a table; run
 //! with `cargo bench --bench models`. `SAMHOST_BENCH_STEPS` sets the timed steps per model
 //! (default 3, median reported; one untimed warm-up step first) and `SAMHOST_BENCH_BATCH` the
-//! batch size (default 16 for the CNNs, a quarter of it for the ViT).
+//! batch size (default 16 for the CNNs, a quarter of it for the ViT); `SAMHOST_BENCH_MODELS`
+//! (comma-separated: resnet32, wrn-16-8, vit-s16) picks the models.
 
 use candle_core::{Device, Tensor};
 use samhost::models::registry::{build_model, count_parameters, resolve_config, ArchConfig};
@@ -49,7 +50,11 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!("{:<10} {:>7} {:>11} {:>6} {:>11}", "model", "image", "parameters", "batch", "ms/image");
+    let only = std::env::var("SAMHOST_BENCH_MODELS").unwrap_or_default();
     for (name, image, n) in [("resnet32", 32, batch), ("wrn-16-8", 32, batch), ("vit-s16", 224, (batch / 4).max(1))] {
+        if !only.is_empty() && !only.split(',').any(|m| m.trim() == name) {
+            continue;
+        }
         let cfg = ArchConfig::from_json(&resolve_config(name).expect("config"), true).expect("valid config");
         let params = count_parameters(&cfg).expect("count");
         let ms = time(&cfg, image, n, steps);

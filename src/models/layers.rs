@@ -3,7 +3,9 @@
 //! tensor names.
 
 use crate::rng::HostRng;
-use candle_core::{Module, Result, Tensor, Var, D};
+use candle_core::{Module, Result, Tensor, D};
+
+pub use super::batch_norm::{batch_norm, bn, BatchNorm2d};
 use candle_nn::{Init, Linear, VarBuilder};
 
 /// A linear layer `weight [out, in]`, `bias [out]` initialised as PyTorch's `nn.Linear`: both
@@ -68,76 +70,6 @@ pub fn conv_torch(c_in: usize, c_out: usize, kernel: usize, padding: usize, vb: 
     let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", init)?;
     let bias = Some(vb.get_with_hints(c_out, "bias", init)?);
     Ok(Conv { weight, bias, stride: 1, padding })
-}
-
-/// BatchNorm over the channels of `[N, C, H, W]` as PyTorch's `nn.BatchNorm2d`: eps 1e-5,
-/// momentum 0.1, weight 1, bias 0. Training mode normalises with the batch statistics (the
-/// gradient flows through them) and updates the running statistics, which are buffers
-/// (`running_mean`, `running_var` with the unbiased variance); evaluation mode uses the running
-/// statistics. Reductions run over a `[N, C, H·W]` view, which is several times faster than
-/// candle-nn's `BatchNorm` (it transposes and copies the whole input).
-#[derive(Clone, Debug)]
-pub struct BatchNorm2d {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Var,
-    running_var: Var,
-    eps: f64,
-    momentum: f64,
-}
-
-/// A [`BatchNorm2d`] of `channels` under `vb`.
-pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
-    let running_mean = Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?)?;
-    let running_var = Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
-    let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
-    let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
-    Ok(BatchNorm2d { weight, bias, running_mean, running_var, eps: 1e-5, momentum: 0.1 })
-}
-
-impl BatchNorm2d {
-    /// Normalises `x` in training (`train`) or evaluation mode.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        if c != self.weight.dim(0)? {
-            candle_core::bail!("batch norm of {} channels got an input {:?}", self.weight.dim(0)?, x.dims());
-        }
-        let xr = x.reshape((n, c, h * w))?;
-        let weight = self.weight.reshape((1, c, 1))?;
-        let bias = self.bias.reshape((1, c, 1))?;
-        let out = if train {
-            let m = (n * h * w) as f64;
-            if m < 2.0 {
-                candle_core::bail!(
-                    "batch norm in training mode needs more than one value per channel, got {:?}",
-                    x.dims()
-                );
-            }
-            let mean = (xr.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
-            let centred = xr.broadcast_sub(&mean)?;
-            let var = (centred.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
-            let k = self.momentum;
-            let rm = ((self.running_mean.as_tensor() * (1.0 - k))? + (mean.detach().flatten_all()? * k)?)?;
-            let rv =
-                ((self.running_var.as_tensor() * (1.0 - k))? + (var.detach().flatten_all()? * (k * m / (m - 1.0)))?)?;
-            self.running_mean.set(&rm.detach())?;
-            self.running_var.set(&rv.detach())?;
-            let scale = (var + self.eps)?.sqrt()?.recip()?.broadcast_mul(&weight)?;
-            centred.broadcast_mul(&scale)?.broadcast_add(&bias)?
-        } else {
-            let rm = self.running_mean.as_detached_tensor().reshape((1, c, 1))?;
-            let rv = self.running_var.as_detached_tensor().reshape((1, c, 1))?;
-            let scale = (rv + self.eps)?.sqrt()?.recip()?.broadcast_mul(&weight)?;
-            let shift = bias.broadcast_sub(&rm.broadcast_mul(&scale)?)?;
-            xr.broadcast_mul(&scale)?.broadcast_add(&shift)?
-        };
-        out.reshape((n, c, h, w))
-    }
-}
-
-/// Applies a BatchNorm in training or evaluation mode.
-pub fn bn(layer: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
-    layer.forward_t(x, train)
 }
 
 /// Layer normalisation over the last dimension (`weight`, `bias`), from elementary ops.

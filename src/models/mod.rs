@@ -1,5 +1,6 @@
 //! Architectures, their parameters, and the [`Model`] type every training function takes.
 
+pub mod batch_norm;
 pub mod cnn;
 pub mod hub;
 pub mod hub_cache;

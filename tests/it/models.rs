@@ -308,3 +308,33 @@ fn batch_norm_matches_candle_nn() {
     close(&stat(&ours_map, "running_var"), &stat(&theirs_map, "running_var"), "running_var");
     close(&stat(&ours_map, "running_mean"), &stat(&theirs_map, "running_mean"), "running_mean");
 }
+
+#[test]
+fn fused_batch_norm_matches_elementary_ops_with_gradients() {
+    let rng = HostRng::new(12);
+    let varmap = candle_nn::VarMap::new();
+    let b = layers::batch_norm(4, seeded_var_builder(&varmap, &rng, &Device::Cpu)).unwrap();
+    // Weight and bias away from 1 and 0.
+    for (name, v) in varmap.data().lock().unwrap().iter() {
+        if name == "weight" || name == "bias" {
+            v.set(&input(&rng, &[4])).unwrap();
+        }
+    }
+    let x = candle_core::Var::from_tensor(&input(&rng, &[3, 4, 5, 5]).affine(1.5, 0.3).unwrap()).unwrap();
+    let r = input(&rng, &[3, 4, 5, 5]);
+    let fused = b.forward_t(x.as_tensor(), true).unwrap();
+    let (plain, _, _) = b.forward_train_unfused(x.as_tensor()).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6)
+    };
+    assert!(diff(&fused, &plain) < 1e-5, "outputs differ");
+    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gp = (plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    for (what, t) in [("x", x.as_tensor()), ("weight", data["weight"].as_tensor()), ("bias", data["bias"].as_tensor())]
+    {
+        let d = diff(gf.get(t).unwrap(), gp.get(t).unwrap());
+        assert!(d < 1e-4, "gradient of {what} differs by {d} (relative)");
+    }
+}
