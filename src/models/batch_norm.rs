@@ -7,6 +7,7 @@
 //! devices, other dtypes, evaluation mode, and second-order gradients
 //! (`CANDLE_GRAD_DO_NOT_DETACH` set) use the same math from elementary ops.
 
+use super::fused::{f32_slice, fused_ok};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use std::sync::{Arc, Mutex};
@@ -39,11 +40,6 @@ pub fn bn(layer: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
     layer.forward_t(x, train)
 }
 
-/// Whether second-order gradients were asked for (the fused backward is not differentiable).
-fn second_order() -> bool {
-    std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_some()
-}
-
 impl BatchNorm2d {
     /// Normalises `x` in training (`train`) or evaluation mode.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -58,8 +54,7 @@ impl BatchNorm2d {
         if m < 2 {
             candle_core::bail!("batch norm in training mode needs more than one value per channel, got {:?}", x.dims());
         }
-        let fused =
-            x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 && !second_order();
+        let fused = fused_ok(x) && self.weight.dtype() == DType::F32;
         let (y, mean, var) = if fused {
             let stats = Arc::new(Mutex::new(Stats::default()));
             let op = FusedBatchNorm { eps: self.eps, stats: stats.clone() };
@@ -119,13 +114,6 @@ struct Stats {
 struct FusedBatchNorm {
     eps: f64,
     stats: Arc<Mutex<Stats>>,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("fused batch norm: {what} must be a contiguous f32 tensor"),
-    }
 }
 
 /// Per channel: the mean and the biased variance (accumulated in f64).

@@ -72,7 +72,8 @@ pub fn conv_torch(c_in: usize, c_out: usize, kernel: usize, padding: usize, vb: 
     Ok(Conv { weight, bias, stride: 1, padding })
 }
 
-/// Layer normalisation over the last dimension (`weight`, `bias`), from elementary ops.
+/// Layer normalisation over the last dimension (`weight`, `bias`); fused on the CPU, with
+/// an exact backward pass (see [`super::fused`]).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -91,12 +92,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let n = x.dim(D::Minus1)? as f64;
-        let mean = (x.sum_keepdim(D::Minus1)? / n)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -169,7 +165,7 @@ impl Activation {
     /// Applies the activation.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Gelu => x.gelu_erf(),
+            Self::Gelu => super::fused::gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
             Self::Relu => x.relu(),

@@ -2,6 +2,7 @@
 
 pub mod batch_norm;
 pub mod cnn;
+pub mod fused;
 pub mod hub;
 pub mod hub_cache;
 pub mod hub_http;

@@ -9,7 +9,7 @@ use super::registry::ArchConfig;
 use super::Network;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -261,25 +261,29 @@ impl Layer {
         })
     }
 
-    fn split_heads(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, n, h) = x.dims3()?;
+    /// `[b·n, hidden]` to `[b, heads, n, head_dim]`.
+    fn split_heads(&self, x: &Tensor, b: usize, n: usize) -> candle_core::Result<Tensor> {
+        let h = x.dim(1)?;
         x.reshape((b, n, self.heads, h / self.heads))?.transpose(1, 2)?.contiguous()
     }
 
-    fn attention(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (b, n, h) = x.dims3()?;
-        let q = self.split_heads(&self.query.forward(x)?)?;
-        let k = self.split_heads(&self.key.forward(x)?)?;
-        let v = self.split_heads(&self.value.forward(x)?)?;
+    /// Self-attention over tokens given as rows `[b·n, hidden]` (so every projection is one
+    /// matrix product).
+    fn attention(&self, x: &Tensor, b: usize, n: usize, train: bool) -> candle_core::Result<Tensor> {
+        let h = x.dim(1)?;
+        let q = self.split_heads(&self.query.forward(x)?, b, n)?;
+        let k = self.split_heads(&self.key.forward(x)?, b, n)?;
+        let v = self.split_heads(&self.value.forward(x)?, b, n)?;
         let scale = 1.0 / ((h / self.heads) as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let probs = self.attn_drop.forward_t(&candle_nn::ops::softmax(&scores, D::Minus1)?, train)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, n, h))?;
+        let probs = self.attn_drop.forward_t(&super::fused::softmax_last(&scores)?, train)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * n, h))?;
         self.drop.forward_t(&self.attn_out.forward(&ctx)?, train)
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let x = (self.attention(&self.ln_before.forward(x)?, train)? + x)?;
+    /// One encoder layer over rows `[b·n, hidden]`.
+    fn forward_t(&self, x: &Tensor, b: usize, n: usize, train: bool) -> candle_core::Result<Tensor> {
+        let x = (self.attention(&self.ln_before.forward(x)?, b, n, train)? + x)?;
         let h = self.act.apply(&self.intermediate.forward(&self.ln_after.forward(&x)?)?)?;
         self.drop.forward_t(&self.output.forward(&h)?, train)? + x
     }
@@ -357,14 +361,14 @@ impl Vit {
         }
         let (ph, pw) = self.cfg.patch_size.hw();
         let (gh, gw) = (h / ph, w / pw);
-        let patches = x.reshape((b, c, gh, ph, gw, pw))?.permute((0, 2, 4, 1, 3, 5))?.contiguous()?.reshape((
-            b,
-            gh * gw,
-            c * ph * pw,
-        ))?;
+        let patches = x
+            .reshape((b, c, gh, ph, gw, pw))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * gh * gw, c * ph * pw))?;
         let hidden = self.cfg.hidden_size;
         let weight = self.patch_weight.reshape((hidden, c * ph * pw))?;
-        patches.broadcast_matmul(&weight.t()?)?.broadcast_add(&self.patch_bias)
+        patches.matmul(&weight.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, hidden))
     }
 }
 
@@ -374,12 +378,13 @@ impl Network for Vit {
         let (b, _, h) = patches.dims3()?;
         let cls = self.cls_token.broadcast_as((b, 1, h))?;
         let tokens = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)?;
-        let mut t = self.drop.forward_t(&tokens, train)?;
+        let n = tokens.dim(1)?;
+        let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, h))?;
         for layer in &self.layers {
-            t = layer.forward_t(&t, train)?;
+            t = layer.forward_t(&t, b, n, train)?;
         }
-        let t = self.layernorm.forward(&t)?;
-        self.classifier.forward(&t.narrow(1, 0, 1)?.squeeze(1)?)
+        let cls = t.reshape((b, n, h))?.narrow(1, 0, 1)?.squeeze(1)?;
+        self.classifier.forward(&self.layernorm.forward(&cls)?)
     }
 
     fn config(&self) -> serde_json::Value {

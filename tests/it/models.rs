@@ -338,3 +338,76 @@ fn fused_batch_norm_matches_elementary_ops_with_gradients() {
         assert!(d < 1e-4, "gradient of {what} differs by {d} (relative)");
     }
 }
+
+#[test]
+fn fused_transformer_ops_match_elementary_ops_with_gradients() {
+    use samhost::models::fused;
+    let rng = HostRng::new(21);
+    let rel = |a: &Tensor, b: &Tensor| {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6)
+    };
+    let var = |dims: &[usize], scale: f64| {
+        candle_core::Var::from_tensor(&input(&rng, dims).affine(scale, 0.1).unwrap()).unwrap()
+    };
+    let x = var(&[3, 5, 7], 3.0);
+    let w = var(&[7], 1.0);
+    let b = var(&[7], 1.0);
+    let r = input(&rng, &[3, 5, 7]);
+    type Pair = (Box<dyn Fn() -> Tensor>, Box<dyn Fn() -> Tensor>);
+    let (xt, wt, bt) = (x.as_tensor().clone(), w.as_tensor().clone(), b.as_tensor().clone());
+    let cases: Vec<(&str, Pair)> = vec![
+        (
+            "gelu",
+            (
+                Box::new({
+                    let x = xt.clone();
+                    move || fused::gelu_erf(&x).unwrap()
+                }),
+                Box::new({
+                    let x = xt.clone();
+                    move || x.gelu_erf().unwrap()
+                }),
+            ),
+        ),
+        (
+            "softmax",
+            (
+                Box::new({
+                    let x = xt.clone();
+                    move || fused::softmax_last(&x).unwrap()
+                }),
+                Box::new({
+                    let x = xt.clone();
+                    move || candle_nn::ops::softmax(&x, candle_core::D::Minus1).unwrap()
+                }),
+            ),
+        ),
+        (
+            "layer_norm",
+            (
+                Box::new({
+                    let (x, w, b) = (xt.clone(), wt.clone(), bt.clone());
+                    move || fused::layer_norm(&x, &w, &b, 1e-5).unwrap()
+                }),
+                Box::new({
+                    let (x, w, b) = (xt.clone(), wt.clone(), bt.clone());
+                    move || fused::layer_norm_ops(&x, &w, &b, 1e-5).unwrap()
+                }),
+            ),
+        ),
+    ];
+    for (name, (fast, slow)) in cases {
+        let (yf, ys) = (fast(), slow());
+        assert!(rel(&yf, &ys) < 1e-5, "{name}: outputs differ by {}", rel(&yf, &ys));
+        let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (ys * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, t) in [("x", &xt), ("weight", &wt), ("bias", &bt)] {
+            match (gf.get(t), gs.get(t)) {
+                (Some(a), Some(b)) => assert!(rel(a, b) < 1e-4, "{name}: gradient of {what} differs by {}", rel(a, b)),
+                (None, None) => {}
+                _ => panic!("{name}: gradient of {what} present on one side only"),
+            }
+        }
+    }
+}

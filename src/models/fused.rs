@@ -1,0 +1,225 @@
+//! Fused CPU operations with exact backward passes, for the transformer's hot spots: GELU
+//! (erf), softmax over the last dimension and layer normalisation.
+//!
+//! Built from elementary candle ops these are correct but create a full-size temporary per step
+//! (candle's GELU backward alone makes six); fused, each is one or two passes over the data.
+//! candle's own fused softmax and layer-norm kernels have no backward pass at all (they cut the
+//! graph silently: see ../shared/STACK.md). The fused path runs for contiguous f32 tensors on
+//! the CPU; other devices and dtypes, and second-order gradients (`CANDLE_GRAD_DO_NOT_DETACH`
+//! set: these backward passes are not themselves differentiable), use elementary ops.
+
+use candle_core::cpu::erf::erf_f64;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+/// Whether `x` takes the fused path.
+pub fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none()
+}
+
+/// The elements of a contiguous f32 storage.
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("fused op: {what} must be a contiguous f32 tensor"),
+    }
+}
+
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// Exact GELU, `x·Φ(x)` (Hugging Face's `gelu`).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(GeluErf)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "the input")?;
+        let y = x
+            .iter()
+            .map(|&v| {
+                let v = v as f64;
+                (0.5 * v * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2))) as f32
+            })
+            .collect();
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (x, g) = (host(arg)?, host(grad)?);
+        let dx: Vec<f32> = x
+            .iter()
+            .zip(&g)
+            .map(|(&v, &g)| {
+                let v = v as f64;
+                let cdf = 0.5 * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2));
+                let pdf = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
+                (g as f64 * (cdf + v * pdf)) as f32
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && x.rank() > 0 {
+        x.contiguous()?.apply_op1(SoftmaxLast)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+struct SoftmaxLast;
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "the input")?;
+        let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                sum += *o as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            out.iter_mut().for_each(|o| *o *= inv);
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (y, g) = (host(res)?, host(grad)?);
+        let n = arg.dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = vec![0f32; y.len()];
+        for ((yr, gr), out) in y.chunks(n).zip(g.chunks(n)).zip(dx.chunks_mut(n)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a as f64 * b as f64).sum();
+            for ((o, &a), &b) in out.iter_mut().zip(yr).zip(gr) {
+                *o = (a as f64 * (b as f64 - dot)) as f32;
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Layer normalisation over the last dimension with `weight` and `bias` (the reference math:
+/// `(x - mean) / sqrt(var + eps) * weight + bias`, biased variance).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        x.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps })
+    } else {
+        layer_norm_ops(x, weight, bias, eps)
+    }
+}
+
+/// Layer normalisation from elementary ops (the reference, and the fallback).
+pub fn layer_norm_ops(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+/// Mean and 1/std of one row.
+fn row_stats(row: &[f32], eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "the input")?;
+        let (w, b) = (f32_slice(s2, l2, "the weight")?, f32_slice(s3, l3, "the bias")?);
+        let n = w.len();
+        if l1.shape().dims().last() != Some(&n) || b.len() != n {
+            candle_core::bail!("layer norm: input {:?} with weight [{n}] and bias [{}]", l1.shape().dims(), b.len());
+        }
+        let mut y = vec![0f32; x.len()];
+        for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
+            let (mean, is) = row_stats(row, self.eps);
+            for (((o, &v), &wv), &bv) in out.iter_mut().zip(row).zip(w).zip(b) {
+                *o = (((v as f64 - mean) * is) * wv as f64 + bv as f64) as f32;
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xs, gs, ws) = (host(x)?, host(grad)?, host(weight)?);
+        let n = ws.len();
+        let nf = n as f64;
+        let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+        let mut dx = vec![0f32; xs.len()];
+        let mut xhat = vec![0f64; n];
+        for ((row, gr), out) in xs.chunks(n).zip(gs.chunks(n)).zip(dx.chunks_mut(n)) {
+            let (mean, is) = row_stats(row, self.eps);
+            let (mut sum_gw, mut sum_gw_xhat) = (0f64, 0f64);
+            for j in 0..n {
+                xhat[j] = (row[j] as f64 - mean) * is;
+                let g = gr[j] as f64;
+                dw[j] += g * xhat[j];
+                db[j] += g;
+                let gw = g * ws[j] as f64;
+                sum_gw += gw;
+                sum_gw_xhat += gw * xhat[j];
+            }
+            for j in 0..n {
+                let gw = gr[j] as f64 * ws[j] as f64;
+                out[j] = (is / nf * (nf * gw - sum_gw - xhat[j] * sum_gw_xhat)) as f32;
+            }
+        }
+        let dev = x.device();
+        let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(to32(dw), n, dev)?),
+            Some(Tensor::from_vec(to32(db), n, dev)?),
+        ))
+    }
+}
