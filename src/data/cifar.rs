@@ -47,16 +47,106 @@ pub const CIFAR10_CLASSES: [&str; 10] =
 
 /// CIFAR-100 fine class names, in label order.
 pub const CIFAR100_FINE: [&str; 100] = [
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
-    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
-    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
-    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
-    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
-    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
-    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
-    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
-    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
-    "willow_tree", "wolf", "woman", "worm",
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
 ];
 
 /// CIFAR-100 coarse class names, in label order.
@@ -84,10 +174,16 @@ pub const CIFAR100_COARSE: [&str; 20] = [
 ];
 
 /// Parses the records of one file: pixels appended to `pixels`, labels to `labels`.
-pub fn read_records(path: &Path, kind: CifarKind, label: CifarLabel, pixels: &mut Vec<u8>, labels: &mut Vec<u32>) -> Result<()> {
+pub fn read_records(
+    path: &Path,
+    kind: CifarKind,
+    label: CifarLabel,
+    pixels: &mut Vec<u8>,
+    labels: &mut Vec<u32>,
+) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let rec = kind.record_bytes();
-    if bytes.is_empty() || bytes.len() % rec != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
         bail!(
             "{}: {} bytes is not a whole number of {rec}-byte CIFAR-{} records",
             path.display(),
@@ -153,12 +249,15 @@ pub fn detect_kind(file: &Path) -> Result<CifarKind> {
         return Ok(CifarKind::Hundred);
     }
     let len = std::fs::metadata(file).with_context(|| format!("{}: cannot read", file.display()))?.len() as usize;
-    let ten = len % CifarKind::Ten.record_bytes() == 0;
-    let hundred = len % CifarKind::Hundred.record_bytes() == 0;
+    let ten = len.is_multiple_of(CifarKind::Ten.record_bytes());
+    let hundred = len.is_multiple_of(CifarKind::Hundred.record_bytes());
     match (ten, hundred) {
         (true, false) => Ok(CifarKind::Ten),
         (false, true) => Ok(CifarKind::Hundred),
-        (true, true) => bail!("{}: the size fits both CIFAR-10 and CIFAR-100 records; give format \"cifar10\" or \"cifar100\"", file.display()),
+        (true, true) => bail!(
+            "{}: the size fits both CIFAR-10 and CIFAR-100 records; give format \"cifar10\" or \"cifar100\"",
+            file.display()
+        ),
         (false, false) => bail!(
             "{}: {len} bytes is not a whole number of CIFAR records (3073 bytes for CIFAR-10, 3074 for CIFAR-100)",
             file.display()
@@ -182,8 +281,9 @@ pub fn find_dir(path: &Path) -> Option<PathBuf> {
 /// `kind` None detects it.
 pub fn load_cifar(path: &Path, kind: Option<CifarKind>, split: Option<&str>, label: CifarLabel) -> Result<Dataset> {
     let files = if path.is_dir() {
-        let dir = find_dir(path)
-            .with_context(|| format!("{}: no CIFAR files (data_batch_1.bin, test_batch.bin, train.bin or test.bin)", path.display()))?;
+        let dir = find_dir(path).with_context(|| {
+            format!("{}: no CIFAR files (data_batch_1.bin, test_batch.bin, train.bin or test.bin)", path.display())
+        })?;
         let split = split.unwrap_or("train");
         let probe = if dir.join("data_batch_1.bin").is_file() || dir.join("test_batch.bin").is_file() {
             CifarKind::Ten

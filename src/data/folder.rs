@@ -49,7 +49,8 @@ pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
     }
     let chunk = items.len().div_ceil(threads);
     std::thread::scope(|s| {
-        let handles: Vec<_> = items.chunks(chunk).map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>())).collect();
+        let handles: Vec<_> =
+            items.chunks(chunk).map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>())).collect();
         handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     })
 }
@@ -99,7 +100,9 @@ pub fn decode_all(
 }
 
 fn is_image(p: &Path) -> bool {
-    p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).is_some_and(|e| e == "png" || e == "jpg" || e == "jpeg")
+    p.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .is_some_and(|e| e == "png" || e == "jpg" || e == "jpeg")
 }
 
 fn visible_entries(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -116,11 +119,22 @@ fn visible_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Whether `dir` looks like an image folder: some subfolder holds a PNG or JPEG file.
 pub fn is_image_folder(dir: &Path) -> bool {
-    visible_entries(dir).map(|es| es.iter().filter(|p| p.is_dir()).any(|d| visible_entries(d).map(|fs| fs.iter().any(|f| is_image(f))).unwrap_or(false))).unwrap_or(false)
+    visible_entries(dir)
+        .map(|es| {
+            es.iter()
+                .filter(|p| p.is_dir())
+                .any(|d| visible_entries(d).map(|fs| fs.iter().any(|f| is_image(f))).unwrap_or(false))
+        })
+        .unwrap_or(false)
 }
 
 /// Loads `root/<class>/<image>`; with `split`, `root/<split>/<class>/<image>`.
-pub fn load_folder(root: &Path, split: Option<&str>, channels: Option<usize>, size: Option<[usize; 2]>) -> Result<Dataset> {
+pub fn load_folder(
+    root: &Path,
+    split: Option<&str>,
+    channels: Option<usize>,
+    size: Option<[usize; 2]>,
+) -> Result<Dataset> {
     let root = match split {
         Some(s) => {
             let d = root.join(s);

@@ -74,7 +74,8 @@ pub fn hub_cache_dir() -> PathBuf {
 
 /// Whether `HF_HUB_OFFLINE` asks for the cache only.
 pub fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -181,7 +182,11 @@ pub fn hub_dataset(repo: &str, opts: &HubOptions) -> Result<Dataset> {
         let mut configs: Vec<String> = files.iter().map(|f| config_of(f)).collect();
         configs.dedup();
         if configs.len() > 1 {
-            bail!("dataset {repo}: split `{}` exists in several configs ({}); give config", opts.split, configs.join(", "));
+            bail!(
+                "dataset {repo}: split `{}` exists in several configs ({}); give config",
+                opts.split,
+                configs.join(", ")
+            );
         }
     }
     load_parquet(&files, opts).with_context(|| format!("dataset {repo}"))
@@ -192,7 +197,12 @@ fn pick(have: &[String], asked: &Option<String>, defaults: &[&str], what: &str, 
         Some(c) if have.contains(c) => Ok(c.clone()),
         Some(c) => bail!("{}: no column `{c}` (columns: {})", file.display(), have.join(", ")),
         None => defaults.iter().find(|d| have.iter().any(|h| h == *d)).map(|d| d.to_string()).with_context(|| {
-            format!("{}: no {what} column among {} (columns: {}); give {what}_column", file.display(), defaults.join(", "), have.join(", "))
+            format!(
+                "{}: no {what} column among {} (columns: {}); give {what}_column",
+                file.display(),
+                defaults.join(", "),
+                have.join(", ")
+            )
         }),
     }
 }
@@ -327,7 +337,8 @@ pub fn write_image_parquet(
         }}});
         meta.push(KeyValue::new("huggingface".into(), hf.to_string()));
     }
-    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).set_key_value_metadata(Some(meta)).build();
+    let props =
+        WriterProperties::builder().set_compression(Compression::SNAPPY).set_key_value_metadata(Some(meta)).build();
     crate::fsutil::write_atomic(path, |tmp| {
         let file = std::fs::File::create(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         let mut w = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props))?;

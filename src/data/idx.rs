@@ -56,7 +56,10 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
         .collect();
     let expected = dims.iter().product::<usize>();
     if bytes.len() - header != expected {
-        bail!("{p}: the header says {dims:?} ({expected} bytes of data) but the file has {} bytes of data", bytes.len() - header);
+        bail!(
+            "{p}: the header says {dims:?} ({expected} bytes of data) but the file has {} bytes of data",
+            bytes.len() - header
+        );
     }
     Ok(IdxArray { dims, data: bytes[header..].to_vec() })
 }
@@ -66,7 +69,10 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
 fn find(dir: &Path, prefix: &str, kind: &str) -> Option<PathBuf> {
     for sep in ['-', '.'] {
         for ext in ["", ".gz"] {
-            let p = dir.join(format!("{prefix}-{kind}{sep}{}{ext}", if kind == "images" { "idx3-ubyte" } else { "idx1-ubyte" }));
+            let p = dir.join(format!(
+                "{prefix}-{kind}{sep}{}{ext}",
+                if kind == "images" { "idx3-ubyte" } else { "idx1-ubyte" }
+            ));
             if p.is_file() {
                 return Some(p);
             }
@@ -95,7 +101,12 @@ pub fn labels_beside(images: &Path) -> Option<PathBuf> {
 }
 
 /// Loads a folder of IDX files (`split` train or test) or an images file and its labels file.
-pub fn load_idx(path: &Path, split: Option<&str>, labels: Option<&Path>, classes: Option<Vec<String>>) -> Result<Dataset> {
+pub fn load_idx(
+    path: &Path,
+    split: Option<&str>,
+    labels: Option<&Path>,
+    classes: Option<Vec<String>>,
+) -> Result<Dataset> {
     let (images_path, labels_path) = if path.is_dir() {
         let prefix = match split.unwrap_or("train") {
             "train" => "train",

@@ -59,9 +59,9 @@ impl Format {
             "folder" => Format::Folder,
             "safetensors" => Format::Safetensors,
             "parquet" => Format::Parquet,
-            other => bail!(
-                "unknown format `{other}` (cifar10, cifar100, cifar, mnist, idx, folder, safetensors, parquet)"
-            ),
+            other => {
+                bail!("unknown format `{other}` (cifar10, cifar100, cifar, mnist, idx, folder, safetensors, parquet)")
+            }
         })
     }
 }

@@ -97,7 +97,14 @@ impl Batches {
 
     /// Epoch `epoch` of `ds`: the order (shuffled or not) and the transforms seeded by
     /// `(seed, epoch)`.
-    pub fn epoch(ds: &Dataset, size: usize, opts: &BatchOptions, seed: u64, epoch: u64, device: &Device) -> Result<Self> {
+    pub fn epoch(
+        ds: &Dataset,
+        size: usize,
+        opts: &BatchOptions,
+        seed: u64,
+        epoch: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let order = epoch_order(ds.len(), opts.shuffle, seed, epoch);
         let b = Self::new(ds.clone(), order, size, opts.drop_last, device.clone())?;
         Ok(Self { seed, epoch, ..b })

@@ -50,7 +50,9 @@ fn class_ref(what: &str, v: &Value, classes: &[String]) -> Result<u32> {
         classes.iter().position(|c| c == s).map(|i| i as u32).or_else(|| s.parse::<u32>().ok())
     };
     let i = match v {
-        Value::String(s) => by_name(s).ok_or_else(|| anyhow!("{what}: no class named `{s}` (classes: {})", classes.join(", ")))?,
+        Value::String(s) => {
+            by_name(s).ok_or_else(|| anyhow!("{what}: no class named `{s}` (classes: {})", classes.join(", ")))?
+        }
         _ => v.as_u64().ok_or_else(|| anyhow!("{what}: a class is a name or an index, got {v}"))? as u32,
     };
     if i as usize >= k {

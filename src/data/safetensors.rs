@@ -21,9 +21,17 @@ fn labels_of(path: &Path, view: &safetensors::tensor::TensorView) -> Result<Vec<
         Dtype::U8 => d.iter().map(|&v| v as u32).collect(),
         Dtype::I8 => d.iter().enumerate().map(|(i, &v)| signed(v as i8 as i64, i)).collect::<Result<_>>()?,
         Dtype::U16 => d.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect(),
-        Dtype::I16 => d.chunks_exact(2).enumerate().map(|(i, b)| signed(i16::from_le_bytes([b[0], b[1]]) as i64, i)).collect::<Result<_>>()?,
+        Dtype::I16 => d
+            .chunks_exact(2)
+            .enumerate()
+            .map(|(i, b)| signed(i16::from_le_bytes([b[0], b[1]]) as i64, i))
+            .collect::<Result<_>>()?,
         Dtype::U32 => d.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::I32 => d.chunks_exact(4).enumerate().map(|(i, b)| signed(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64, i)).collect::<Result<_>>()?,
+        Dtype::I32 => d
+            .chunks_exact(4)
+            .enumerate()
+            .map(|(i, b)| signed(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64, i))
+            .collect::<Result<_>>()?,
         Dtype::I64 | Dtype::U64 => d
             .chunks_exact(8)
             .enumerate()
@@ -33,7 +41,8 @@ fn labels_of(path: &Path, view: &safetensors::tensor::TensorView) -> Result<Vec<
                 if view.dtype() == Dtype::I64 {
                     signed(i64::from_le_bytes(a), i)
                 } else {
-                    u32::try_from(u64::from_le_bytes(a)).map_err(|_| anyhow::anyhow!("{p}: label of example {i} is too large"))
+                    u32::try_from(u64::from_le_bytes(a))
+                        .map_err(|_| anyhow::anyhow!("{p}: label of example {i} is too large"))
                 }
             })
             .collect::<Result<_>>()?,
@@ -47,9 +56,8 @@ pub fn load_safetensors(path: &Path, classes: Option<Vec<String>>) -> Result<Dat
     let bytes = std::fs::read(path).with_context(|| format!("{p}: cannot read"))?;
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{p}: not a safetensors file"))?;
     let names: Vec<String> = st.names().into_iter().map(String::from).collect();
-    let get = |name: &str| {
-        st.tensor(name).with_context(|| format!("{p}: no `{name}` tensor (it has: {})", names.join(", ")))
-    };
+    let get =
+        |name: &str| st.tensor(name).with_context(|| format!("{p}: no `{name}` tensor (it has: {})", names.join(", ")));
     let images = get("images")?;
     let labels = labels_of(path, &get("labels")?)?;
     let shape = match *images.shape() {
@@ -62,9 +70,9 @@ pub fn load_safetensors(path: &Path, classes: Option<Vec<String>>) -> Result<Dat
     }
     let pixels = match images.dtype() {
         Dtype::U8 => Pixels::U8(images.data().to_vec()),
-        Dtype::F32 => Pixels::F32(
-            images.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        ),
+        Dtype::F32 => {
+            Pixels::F32(images.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        }
         other => bail!("{p}: `images` must be u8 or f32, got {other:?}"),
     };
     let from_meta = match SafeTensors::read_metadata(&bytes) {

@@ -39,7 +39,16 @@ pub struct SyntheticConfig {
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        Self { n: 1000, classes: 10, shape: [3, 16, 16], seed: 0, sample_seed: None, noise: 1.5, separation: 0.5, max_shift: 2 }
+        Self {
+            n: 1000,
+            classes: 10,
+            shape: [3, 16, 16],
+            seed: 0,
+            sample_seed: None,
+            noise: 1.5,
+            separation: 0.5,
+            max_shift: 2,
+        }
     }
 }
 
@@ -82,7 +91,7 @@ pub fn synthetic(cfg: &SyntheticConfig) -> Result<Dataset> {
             cfg.shape
         );
     }
-    if !(cfg.noise >= 0.0) || !(cfg.separation >= 0.0) {
+    if cfg.noise.is_nan() || cfg.noise < 0.0 || cfg.separation.is_nan() || cfg.separation < 0.0 {
         bail!("synthetic: noise and separation must be >= 0, got {} and {}", cfg.noise, cfg.separation);
     }
     let mut proto_rng = ChaCha8Rng::seed_from_u64(cfg.seed);

@@ -170,7 +170,9 @@ pub fn parse_transform(v: &Value) -> Result<Transform> {
             "random_crop" => bail!("random_crop needs a size: #{{random_crop: 32, padding: 4}}"),
             "resize" => bail!("resize needs a size: #{{resize: 224}}"),
             "cutout" => bail!("cutout needs a size: #{{cutout: 16}}"),
-            "normalize" => bail!("normalize needs constants: #{{normalize: \"cifar10\"}} or #{{normalize: [means], std: [stds]}}"),
+            "normalize" => {
+                bail!("normalize needs constants: #{{normalize: \"cifar10\"}} or #{{normalize: [means], std: [stds]}}")
+            }
             other => bail!("unknown transform `{other}` (known: {})", NAMES.join(", ")),
         };
     }
@@ -189,7 +191,10 @@ pub fn parse_transform(v: &Value) -> Result<Transform> {
         _ => &[],
     };
     if let Some(k) = map.keys().find(|k| k.as_str() != op && !extra.contains(&k.as_str())) {
-        bail!("{op}: unknown argument `{k}`{}", if extra.is_empty() { String::new() } else { format!(" (it takes {})", extra.join(", ")) });
+        bail!(
+            "{op}: unknown argument `{k}`{}",
+            if extra.is_empty() { String::new() } else { format!(" (it takes {})", extra.join(", ")) }
+        );
     }
     let main = &map[op];
     Ok(match op {
@@ -226,7 +231,7 @@ pub fn parse_transform(v: &Value) -> Result<Transform> {
                 (None, Some(std)) => (floats("normalize mean", main)?, floats("normalize std", std)?),
                 (None, None) => bail!("normalize: std is missing: #{{normalize: [means], std: [stds]}}"),
             };
-            if let Some(s) = std.iter().find(|s| !(**s > 0.0) || !s.is_finite()) {
+            if let Some(s) = std.iter().find(|s| **s <= 0.0 || !s.is_finite()) {
                 bail!("normalize: std must be > 0, got {s}");
             }
             Transform::Normalize { mean, std }
@@ -290,7 +295,8 @@ impl Pipeline {
             src.to_f32(out);
             return;
         }
-        let mut rng = self.steps.iter().any(Transform::is_random).then(|| derived_rng(seed, Purpose::Augment, epoch, index));
+        let mut rng =
+            self.steps.iter().any(Transform::is_random).then(|| derived_rng(seed, Purpose::Augment, epoch, index));
         let [mut c, mut h, mut w] = self.in_shape;
         scratch.a.resize(c * h * w, 0.0);
         src.to_f32(&mut scratch.a);
@@ -315,7 +321,14 @@ impl Pipeline {
                     let (sh, sw, p) = (*sh, *sw, *padding);
                     let oy = below(draw(rng), h + 2 * p - sh + 1);
                     let ox = below(draw(rng), w + 2 * p - sw + 1);
-                    crop(&scratch.a, &mut scratch.b, [c, h, w], [sh, sw], oy as isize - p as isize, ox as isize - p as isize);
+                    crop(
+                        &scratch.a,
+                        &mut scratch.b,
+                        [c, h, w],
+                        [sh, sw],
+                        oy as isize - p as isize,
+                        ox as isize - p as isize,
+                    );
                     std::mem::swap(&mut scratch.a, &mut scratch.b);
                     (h, w) = (sh, sw);
                 }
@@ -323,7 +336,10 @@ impl Pipeline {
                     let (cy, cx) = (below(draw(rng), h) as isize, below(draw(rng), w) as isize);
                     let half = (*size / 2) as isize;
                     let (y0, x0) = ((cy - half).max(0) as usize, (cx - half).max(0) as usize);
-                    let (y1, x1) = (((cy - half + *size as isize).max(0) as usize).min(h), ((cx - half + *size as isize).max(0) as usize).min(w));
+                    let (y1, x1) = (
+                        ((cy - half + *size as isize).max(0) as usize).min(h),
+                        ((cx - half + *size as isize).max(0) as usize).min(w),
+                    );
                     for plane in scratch.a.chunks_mut(h * w) {
                         for y in y0..y1 {
                             plane[y * w + x0..y * w + x1].fill(0.0);

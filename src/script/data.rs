@@ -65,8 +65,13 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             let lo: LoadOptions = options("load_dataset", &o)?;
             op("load_dataset", load_dataset(Path::new(path), &lo))
         });
-    api!(engine, "load_dataset", "path: String -> Dataset", "A dataset from files, the format detected from the path (split train).",
-        |path: &str| -> Res<Dataset> { op("load_dataset", load_dataset(Path::new(path), &LoadOptions::default())) });
+    api!(
+        engine,
+        "load_dataset",
+        "path: String -> Dataset",
+        "A dataset from files, the format detected from the path (split train).",
+        |path: &str| -> Res<Dataset> { op("load_dataset", load_dataset(Path::new(path), &LoadOptions::default())) }
+    );
 
     api!(engine, "hub_dataset", "repo: String, options: Map -> Dataset",
         "A Hugging Face Hub dataset stored as parquet (image bytes and an integer label), e.g. \"uoft-cs/cifar10\", read from the Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub); class names come from the files' metadata. Options: split (\"train\"), image_column (img or image), label_column (label, labels or fine_label), revision (\"main\"), config (when the repo has several), channels (1 or 3), size ([h, w]: resize while loading), classes.",
@@ -74,8 +79,13 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             let ho: HubOptions = options("hub_dataset", &o)?;
             op("hub_dataset", hub_dataset(repo, &ho))
         });
-    api!(engine, "hub_dataset", "repo: String -> Dataset", "The train split of a Hub parquet dataset.",
-        |repo: &str| -> Res<Dataset> { op("hub_dataset", hub_dataset(repo, &HubOptions::default())) });
+    api!(
+        engine,
+        "hub_dataset",
+        "repo: String -> Dataset",
+        "The train split of a Hub parquet dataset.",
+        |repo: &str| -> Res<Dataset> { op("hub_dataset", hub_dataset(repo, &HubOptions::default())) }
+    );
 
     api!(engine, "synthetic", "options: Map -> Dataset",
         "A built-in dataset with real structure (class prototypes sharing a common pattern, random shifts and contrast, pixel noise), so experiments and tests need no files. Options: n (1000), classes (10), shape ([3, 16, 16]), seed (0: prototypes and sample), sample_seed (another sample of the same classes, e.g. a test set), noise (1.5: pixel noise), separation (0.5: how far class prototypes stand from their common pattern), max_shift (2).",
@@ -95,10 +105,22 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             epoch_batches(&s, ds, size, &options::<BatchOptions>("batches", &o)?)
         });
     let s = session.clone();
-    api!(engine, "batches", "ds: Dataset, size: int -> Batches", "Shuffled batches of the next epoch.",
-        move |ds: &mut Dataset, size: INT| -> Res<EpochBatches> { epoch_batches(&s, ds, size, &BatchOptions::default()) });
-    api!(engine, "len", "b: Batches -> int", "Number of batches in the epoch.", |b: &mut EpochBatches| b.0.num_batches()
-        as INT);
+    api!(
+        engine,
+        "batches",
+        "ds: Dataset, size: int -> Batches",
+        "Shuffled batches of the next epoch.",
+        move |ds: &mut Dataset, size: INT| -> Res<EpochBatches> {
+            epoch_batches(&s, ds, size, &BatchOptions::default())
+        }
+    );
+    api!(
+        engine,
+        "len",
+        "b: Batches -> int",
+        "Number of batches in the epoch.",
+        |b: &mut EpochBatches| b.0.num_batches() as INT
+    );
 
     api!(
         engine,
@@ -116,20 +138,36 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     getter!(engine, "classes", "Array", "Class names.", |d: &mut Dataset| -> Array {
         d.classes().iter().map(|c| Dynamic::from(c.clone())).collect()
     });
-    getter!(engine, "shape", "Array", "Shape [C, H, W] of an example as batches yield it (after the transforms).",
-        |d: &mut Dataset| -> Array { d.shape().iter().map(|&x| Dynamic::from_int(x as INT)).collect() });
+    getter!(
+        engine,
+        "shape",
+        "Array",
+        "Shape [C, H, W] of an example as batches yield it (after the transforms).",
+        |d: &mut Dataset| -> Array { d.shape().iter().map(|&x| Dynamic::from_int(x as INT)).collect() }
+    );
     getter!(engine, "is_noisy", "bool", "Whether label noise was applied.", |d: &mut Dataset| d.is_noisy());
     let s = session.clone();
-    getter!(engine, "labels", "Tensor", "The training labels [N] (u32; noisy when label noise was applied).",
-        move |d: &mut Dataset| -> Res<Tensor> { u32_tensor("labels", d.labels(), &s.device) });
+    getter!(
+        engine,
+        "labels",
+        "Tensor",
+        "The training labels [N] (u32; noisy when label noise was applied).",
+        move |d: &mut Dataset| -> Res<Tensor> { u32_tensor("labels", d.labels(), &s.device) }
+    );
     let s = session.clone();
-    getter!(engine, "clean_labels", "Tensor", "The true labels [N] (u32).",
-        move |d: &mut Dataset| -> Res<Tensor> { u32_tensor("clean_labels", d.clean_labels(), &s.device) });
+    getter!(engine, "clean_labels", "Tensor", "The true labels [N] (u32).", move |d: &mut Dataset| -> Res<Tensor> {
+        u32_tensor("clean_labels", d.clean_labels(), &s.device)
+    });
     api!(engine, "to_string", "ds: Dataset -> String", "A one-line description.", |d: &mut Dataset| d.describe());
     api!(engine, "to_debug", "ds: Dataset -> String", "A one-line description.", |d: &mut Dataset| d.describe());
 
-    api!(engine, "subset", "ds: Dataset, n: int -> Dataset", "The first n examples (a view: pixels are shared).",
-        |d: &mut Dataset, n: INT| -> Res<Dataset> { op("subset", d.subset(to_usize("subset", n)?)) });
+    api!(
+        engine,
+        "subset",
+        "ds: Dataset, n: int -> Dataset",
+        "The first n examples (a view: pixels are shared).",
+        |d: &mut Dataset, n: INT| -> Res<Dataset> { op("subset", d.subset(to_usize("subset", n)?)) }
+    );
     api!(engine, "split", "ds: Dataset, fraction: float, seed: int -> Array",
         "A seeded random split: [first, rest] with round(fraction·N) examples in the first part (e.g. a validation set); each part keeps the dataset's order, transforms and labels.",
         |d: &mut Dataset, f: FLOAT, seed: INT| -> Res<Array> {
@@ -145,8 +183,13 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         |d: &mut Dataset, kind: &str, rate: Dynamic, seed: INT, map: Map| -> Res<Dataset> {
             noisy(d, kind, &rate, seed, Some(map))
         });
-    api!(engine, "noise_rate", "ds: Dataset -> float", "The realised share of corrupted labels (0 without noise).",
-        |d: &mut Dataset| d.noise_rate());
+    api!(
+        engine,
+        "noise_rate",
+        "ds: Dataset -> float",
+        "The realised share of corrupted labels (0 without noise).",
+        |d: &mut Dataset| d.noise_rate()
+    );
     let s = session.clone();
     api!(engine, "transition_matrix", "ds: Dataset -> Tensor",
         "The realised label transition matrix [K, K] (f32): row i is how the examples of true class i are labelled (rows sum to 1; all zero for an absent class).",
@@ -157,10 +200,15 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             op("transition_matrix", Tensor::from_vec(flat, (k, k), &s.device))
         });
     let s = session.clone();
-    api!(engine, "noise_mask", "ds: Dataset -> Tensor", "1 where the label was corrupted, else 0 ([N], u8).",
+    api!(
+        engine,
+        "noise_mask",
+        "ds: Dataset -> Tensor",
+        "1 where the label was corrupted, else 0 ([N], u8).",
         move |d: &mut Dataset| -> Res<Tensor> {
             let m: Vec<u8> = d.noise_mask().into_iter().map(u8::from).collect();
             let n = m.len();
             op("noise_mask", Tensor::from_vec(m, n, &s.device))
-        });
+        }
+    );
 }

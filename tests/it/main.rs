@@ -1,4 +1,5 @@
 //! The integration tests: one binary, one module per area. Fixtures are written by the tests.
 
 mod common;
+mod data;
 mod foundation;
