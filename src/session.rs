@@ -2,7 +2,8 @@
 //! output settings and the interrupt flag.
 
 use crate::rng::HostRng;
-use crate::run::MetricLog;
+use crate::run::progress::ProgressMode;
+use crate::run::RunRecord;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use std::cell::RefCell;
@@ -27,11 +28,32 @@ pub struct SessionOptions {
     pub quiet: bool,
     /// The script being run or checked, if any.
     pub script: Option<PathBuf>,
+    /// Whether `--seed` was given (a resumed run otherwise takes the recorded seed).
+    pub seed_given: bool,
+    /// Folder that receives the run folders (`--runs-dir`); `None`: no run folder.
+    pub runs_dir: Option<PathBuf>,
+    /// `--resume RUN_DIR`: continue that run.
+    pub resume: Option<PathBuf>,
+    /// Steps between two progress lines when stderr is not a terminal.
+    pub progress_every: u64,
+    /// The command line, for the run's config.json.
+    pub command_line: Vec<String>,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { device: "cpu".into(), seed: DEFAULT_SEED, overrides: Vec::new(), quiet: true, script: None }
+        Self {
+            device: "cpu".into(),
+            seed: DEFAULT_SEED,
+            overrides: Vec::new(),
+            quiet: true,
+            script: None,
+            seed_given: false,
+            runs_dir: None,
+            resume: None,
+            progress_every: 100,
+            command_line: Vec::new(),
+        }
     }
 }
 
@@ -55,14 +77,15 @@ pub struct Session {
     pub interrupted: Arc<AtomicBool>,
     /// The configuration the script resolved with `config()`, as JSON.
     pub resolved_config: RefCell<Option<serde_json::Value>>,
-    /// Every `log(tag, map)` record of the run.
-    pub metrics: RefCell<MetricLog>,
+    /// The run's record: folder, metric log, progress display, step counter, checkpoints.
+    pub run: RefCell<RunRecord>,
 }
 
 impl Session {
     /// A session from command-line options; fails on an unknown or unavailable device.
     pub fn new(opts: SessionOptions) -> Result<Self> {
         let device = parse_device(&opts.device)?;
+        let mode = ProgressMode::detect(opts.quiet, opts.progress_every);
         Ok(Self {
             device,
             seed: opts.seed,
@@ -73,7 +96,7 @@ impl Session {
             script: opts.script,
             interrupted: Arc::new(AtomicBool::new(false)),
             resolved_config: RefCell::new(None),
-            metrics: RefCell::new(MetricLog::default()),
+            run: RefCell::new(RunRecord::detached(mode)),
         })
     }
 
@@ -96,13 +119,22 @@ impl Session {
 
     /// Records one `log(tag, map)` call.
     pub fn record_metrics(&self, tag: &str, metrics: serde_json::Map<String, serde_json::Value>) -> Result<()> {
-        self.metrics.borrow_mut().record(tag, metrics)
+        self.run.borrow_mut().record_metrics(tag, metrics)
     }
 
-    /// Prints a line unless `--quiet`.
+    /// Records the config the script resolved (config.json, the epoch bar's length).
+    pub fn set_resolved_config(&self, config: serde_json::Value) -> Result<()> {
+        *self.resolved_config.borrow_mut() = Some(config.clone());
+        self.run.borrow_mut().set_resolved_config(config)
+    }
+
+    /// Prints a line unless `--quiet` (above the progress bars when they are shown).
     pub fn say(&self, line: &str) {
         if !self.quiet {
-            eprintln!("{line}");
+            match self.run.try_borrow() {
+                Ok(r) => r.progress.println(line),
+                Err(_) => eprintln!("{line}"),
+            }
         }
     }
 }

@@ -22,13 +22,18 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
     super::train::register(&mut engine, session);
     super::data::register(&mut engine, session);
     crate::script::runlog::register(&mut engine, session);
+    super::run::register(&mut engine, session);
 
-    let quiet = session.quiet;
+    let s = session.clone();
     engine.on_print(move |text| {
-        if !quiet {
-            println!("{text}");
+        if !s.quiet {
+            match s.run.try_borrow() {
+                Ok(r) => r.progress.suspend(|| println!("{text}")),
+                Err(_) => println!("{text}"),
+            }
         }
     });
+    let quiet = session.quiet;
     engine.on_debug(move |text, source, pos| {
         if !quiet {
             let src = source.unwrap_or("script");
