@@ -6,11 +6,16 @@ use crate::run::progress::ProgressMode;
 use crate::run::RunRecord;
 use anyhow::{bail, Result};
 use candle_core::Device;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// After Ctrl-C, how long a training script may go on without starting a step (evaluation,
+/// work after training) before it is stopped wherever it is.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
 /// The seed used when `--seed` is not given.
 pub const DEFAULT_SEED: u64 = 42;
@@ -73,8 +78,10 @@ pub struct Session {
     pub quiet: bool,
     /// The script being run or checked.
     pub script: Option<PathBuf>,
-    /// Set by Ctrl-C: the script stops at the next safe point.
+    /// Set by Ctrl-C: the script stops at the next safe point (see [`Session::stop_requested`]).
     pub interrupted: Arc<AtomicBool>,
+    /// When the engine first saw the interrupt flag.
+    interrupt_seen: Cell<Option<Instant>>,
     /// The configuration the script resolved with `config()`, as JSON.
     pub resolved_config: RefCell<Option<serde_json::Value>>,
     /// The run's record: folder, metric log, progress display, step counter, checkpoints.
@@ -95,6 +102,7 @@ impl Session {
             quiet: opts.quiet,
             script: opts.script,
             interrupted: Arc::new(AtomicBool::new(false)),
+            interrupt_seen: Cell::new(None),
             resolved_config: RefCell::new(None),
             run: RefCell::new(RunRecord::detached(mode)),
         })
@@ -115,6 +123,33 @@ impl Session {
             Ok(s) => s,
             Err(_) => unreachable!("the CPU device always exists"),
         }
+    }
+
+    /// Whether the script must stop now (asked between any two script operations). After Ctrl-C a
+    /// script that registered its training state (`resume` / `save_checkpoint`) runs on to the
+    /// start of its next optimizer step, so the step in progress and its bookkeeping (schedule,
+    /// counters, logging) complete and the checkpoint is exact; the steps stop themselves (see
+    /// [`Session::interrupt_pending`]). Without a registered state, or when no step starts within
+    /// [`INTERRUPT_GRACE`], the script stops at once.
+    pub fn stop_requested(&self) -> bool {
+        if !self.interrupted.load(Ordering::Relaxed) {
+            return false;
+        }
+        let registered = self.run.try_borrow().map(|r| r.has_train_state()).unwrap_or(true);
+        if !registered {
+            return true;
+        }
+        let seen = self.interrupt_seen.get().unwrap_or_else(|| {
+            let now = Instant::now();
+            self.interrupt_seen.set(Some(now));
+            now
+        });
+        seen.elapsed() >= INTERRUPT_GRACE
+    }
+
+    /// Whether Ctrl-C was pressed: an optimizer step about to start stops the script instead.
+    pub fn interrupt_pending(&self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
     }
 
     /// Records one `log(tag, map)` call.

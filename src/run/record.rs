@@ -208,6 +208,11 @@ impl RunRecord {
         self.steps
     }
 
+    /// Whether `resume` or `save_checkpoint` registered what Ctrl-C checkpoints.
+    pub fn has_train_state(&self) -> bool {
+        self.train.is_some()
+    }
+
     /// Registers the objects Ctrl-C writes a checkpoint of.
     pub fn register(&mut self, train: TrainState) {
         self.train = Some(train);
@@ -330,7 +335,7 @@ pub fn format_metrics(tag: &str, metrics: &Map<String, Value>) -> String {
             let v = &metrics[k];
             let text = match v.as_f64() {
                 _ if v.is_i64() || v.is_u64() => v.to_string(),
-                Some(f) if f == 0.0 => "0".to_string(),
+                Some(0.0) => "0".to_string(),
                 Some(f) if f.abs() >= 1e-3 && f.abs() < 1e5 => format!("{f:.4}"),
                 Some(f) => format!("{f:.3e}"),
                 None => v.to_string(),

@@ -5,7 +5,6 @@ use crate::session::Session;
 use rhai::module_resolvers::FileModuleResolver;
 use rhai::{Dynamic, Engine};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 
 /// An engine with the whole samhost API registered over `session`. Modules are imported
 /// relative to the script's folder (`import "lib/common" as common;`).
@@ -40,7 +39,7 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
             eprintln!("[debug] {src}:{pos}: {text}");
         }
     });
-    let flag = session.interrupted.clone();
-    engine.on_progress(move |_| if flag.load(Ordering::Relaxed) { Some(Dynamic::from("interrupted")) } else { None });
+    let s = session.clone();
+    engine.on_progress(move |_| if s.stop_requested() { Some(Dynamic::from("interrupted")) } else { None });
     engine
 }

@@ -50,10 +50,7 @@ fn do_resume(s: &Session, m: &Model, opt: &Optim, sched: Option<&Sched>, o: &Map
         };
         s.say(&format!("resumed from {} (epoch {}, step {}{skip})", from.display(), point.epoch, point.step));
     }
-    let mut out = match from_json(&serde_json::Value::Object(point.user))?.try_cast::<Map>() {
-        Some(m) => m,
-        None => Map::new(),
-    };
+    let mut out: Map = from_json(&serde_json::Value::Object(point.user))?.try_cast::<Map>().unwrap_or_default();
     out.insert("epoch".into(), Dynamic::from_int(point.epoch as INT));
     out.insert("step".into(), Dynamic::from_int(point.step as INT));
     out.insert("skip".into(), Dynamic::from_int(point.skip as INT));
