@@ -136,15 +136,18 @@ impl Session {
             return false;
         }
         let registered = self.run.try_borrow().map(|r| r.has_train_state()).unwrap_or(true);
-        if !registered {
-            return true;
-        }
-        let seen = self.interrupt_seen.get().unwrap_or_else(|| {
-            let now = Instant::now();
-            self.interrupt_seen.set(Some(now));
-            now
-        });
-        seen.elapsed() >= INTERRUPT_GRACE
+        let seen = match self.interrupt_seen.get() {
+            Some(t) => t,
+            None => {
+                let now = Instant::now();
+                self.interrupt_seen.set(Some(now));
+                if registered {
+                    self.say("interrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to stop at once)");
+                }
+                now
+            }
+        };
+        !registered || seen.elapsed() >= INTERRUPT_GRACE
     }
 
     /// Whether Ctrl-C was pressed: an optimizer step about to start stops the script instead.

@@ -69,6 +69,17 @@ pub struct Progress {
     first: Option<(Instant, u64)>,
 }
 
+/// A number for display: 4 decimals, or scientific when very small or large.
+pub fn format_number(f: f64) -> String {
+    if f == 0.0 {
+        "0".into()
+    } else if f.abs() >= 1e-3 && f.abs() < 1e5 {
+        format!("{f:.4}")
+    } else {
+        format!("{f:.3e}")
+    }
+}
+
 /// `1h02m03s`, `4m05s` or `6s`.
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
@@ -137,9 +148,7 @@ impl Progress {
     fn size_batches(b: &mut Bars, n: u64) {
         b.batches.set_length(n);
         if !b.batches_sized {
-            b.batches.set_style(style(
-                "{prefix:>7} [{bar:30.green/white}] {pos}/{len} batches  {msg}  {per_sec:.dim}  ETA {eta}",
-            ));
+            b.batches.set_style(style("{prefix:>7} [{bar:30.green/white}] {pos}/{len} batches  {msg}  ETA {eta}"));
             b.batches_sized = true;
         }
     }
@@ -157,7 +166,7 @@ impl Progress {
         epochs.set_prefix("run");
         epochs.set_position(self.epoch);
         let batches = multi.add(ProgressBar::no_length());
-        batches.set_style(style("{prefix:>7} {spinner} {pos} steps  {msg}  {per_sec:.dim}"));
+        batches.set_style(style("{prefix:>7} {spinner} {pos} steps  {msg}"));
         batches.set_prefix("epoch");
         let mut b = Bars { multi, epochs, batches, batches_sized: false };
         if let Some(n) = self.per_epoch {
@@ -195,9 +204,13 @@ impl Progress {
                 self.ensure_bars();
                 let eta = self.eta();
                 let in_epoch = step - self.epoch_start_step;
+                let mut msg = format!("loss {}", format_number(loss));
+                if let Some(r) = self.rate() {
+                    msg.push_str(&format!("  {r:.1} steps/s"));
+                }
                 if let Some(b) = &self.bars {
                     b.batches.set_position(in_epoch);
-                    b.batches.set_message(format!("loss {loss:.4}"));
+                    b.batches.set_message(msg);
                     if let Some(eta) = eta {
                         b.epochs.set_message(format!("ETA {}", format_duration(eta)));
                     }
@@ -219,7 +232,7 @@ impl Progress {
             None => line.push_str(&format!("  epoch {}", self.epoch + 1)),
         }
         if let Some(l) = self.loss {
-            line.push_str(&format!("  loss {l:.4}"));
+            line.push_str(&format!("  loss {}", format_number(l)));
         }
         if let Some(r) = self.rate() {
             line.push_str(&format!("  {r:.1} steps/s"));

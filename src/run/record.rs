@@ -335,9 +335,7 @@ pub fn format_metrics(tag: &str, metrics: &Map<String, Value>) -> String {
             let v = &metrics[k];
             let text = match v.as_f64() {
                 _ if v.is_i64() || v.is_u64() => v.to_string(),
-                Some(0.0) => "0".to_string(),
-                Some(f) if f.abs() >= 1e-3 && f.abs() < 1e5 => format!("{f:.4}"),
-                Some(f) => format!("{f:.3e}"),
+                Some(f) => super::progress::format_number(f),
                 None => v.to_string(),
             };
             format!("{k}={text}")

@@ -44,11 +44,11 @@ fn do_resume(s: &Session, m: &Model, opt: &Optim, sched: Option<&Sched>, o: &Map
     let point = op("resume", s.run.borrow_mut().resume(train, &ro.name, &s.rng))?;
     if let Some(from) = &point.from {
         let skip = if point.skip > 0 {
-            format!(", skipping {} batches of epoch {}", point.skip, point.epoch)
+            format!("; {} batches of the next epoch were already trained and are skipped", point.skip)
         } else {
             String::new()
         };
-        s.say(&format!("resumed from {} (epoch {}, step {}{skip})", from.display(), point.epoch, point.step));
+        s.say(&format!("resumed from {}: {} epochs done, step {}{skip}", from.display(), point.epoch, point.step));
     }
     let mut out: Map = from_json(&serde_json::Value::Object(point.user))?.try_cast::<Map>().unwrap_or_default();
     out.insert("epoch".into(), Dynamic::from_int(point.epoch as INT));

@@ -66,18 +66,14 @@ fn is_interrupt(e: &rhai::EvalAltResult) -> bool {
     }
 }
 
-/// Ctrl-C: the first press asks the script to stop after the current step; the second exits at once.
-fn install_ctrl_c(flag: Arc<AtomicBool>, quiet: bool) {
+/// Ctrl-C: the first press asks the script to stop after the current step (the session says so
+/// when the script notices); the second exits at once.
+fn install_ctrl_c(flag: Arc<AtomicBool>) {
     static PRESSES: AtomicUsize = AtomicUsize::new(0);
     // Only one handler per process: a second session in the same process keeps the first one.
     let _ = ctrlc::set_handler(move || {
         if PRESSES.fetch_add(1, Ordering::SeqCst) == 0 {
             flag.store(true, Ordering::SeqCst);
-            if !quiet {
-                eprintln!(
-                    "\ninterrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to stop at once)"
-                );
-            }
         } else {
             std::process::exit(130);
         }
@@ -154,7 +150,7 @@ pub fn run(opts: SessionOptions) -> Outcome {
     if let Err(r) = open_record(&session, &engine, &path, &text, resume_dir, runs_dir, info, quiet, every) {
         return Outcome::fail(2, r);
     }
-    install_ctrl_c(session.interrupted.clone(), session.quiet);
+    install_ctrl_c(session.interrupted.clone());
 
     let result = engine.run_ast(&ast);
     let (status, mut outcome) = match result {
@@ -197,7 +193,7 @@ fn open_record(
             let record = RunRecord::reopen(dir, info, mode).map_err(fail)?;
             match record.newest_checkpoint().map_err(fail)? {
                 Some(c) => session.say(&format!(
-                    "resuming {} from {} (epoch {}, step {})",
+                    "resuming {}: newest checkpoint {} ({} epochs done, step {})",
                     record.dir().map(|d| d.path().display().to_string()).unwrap_or_default(),
                     c.dir.display(),
                     c.state.epoch,

@@ -155,7 +155,7 @@ fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
         &["run", "train.rhai", "--resume", run.to_str().unwrap(), "--set", "epochs=4", "--progress-every", "0"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("resumed from") && stderr(&o).contains("epoch 2, step 12"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed from") && stderr(&o).contains("2 epochs done, step 12"), "{}", stderr(&o));
     assert_eq!(only_run(&split), run, "the resumed run stays in its folder");
 
     let a = weights(&only_run(&full).join("final.safetensors"));
