@@ -7,6 +7,7 @@ pub mod cli;
 pub mod data;
 pub mod fsutil;
 pub mod models;
+pub mod ops;
 pub mod rng;
 pub mod run;
 pub mod script;

@@ -114,7 +114,7 @@ fn check_file(
     let mut calls: Vec<(String, String, Position)> = Vec::new();
     ast.walk(&mut |nodes: &[ASTNode]| {
         match nodes.last() {
-            Some(ASTNode::Expr(Expr::FnCall(x, pos))) => {
+            Some(ASTNode::Expr(Expr::FnCall(x, pos))) | Some(ASTNode::Stmt(Stmt::FnCall(x, pos))) => {
                 calls.push((x.namespace.to_string(), x.name.to_string(), *pos));
             }
             Some(ASTNode::Expr(Expr::MethodCall(x, pos))) => {

@@ -43,7 +43,7 @@ pub fn register(engine: &mut Engine) {
         .with_params_info(["self", "lr: float"])
         .with_comments(["/// Sets the optimizer's learning rate."])
         .register_into_engine(engine, |o: &mut Optim, lr: FLOAT| -> Res<()> {
-            if !(lr >= 0.0) {
+            if !crate::train::is_nonneg(lr) {
                 return Err(err(format!("lr must be >= 0, got {lr}")));
             }
             o.0.borrow_mut().set_learning_rate(lr);

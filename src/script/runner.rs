@@ -258,8 +258,12 @@ fn calls_config(engine: &rhai::Engine, ast: &rhai::AST, path: &Path) -> bool {
     let has = |ast: &rhai::AST| {
         let mut found = false;
         ast.walk(&mut |nodes: &[rhai::ASTNode]| {
-            if let Some(rhai::ASTNode::Expr(rhai::Expr::FnCall(x, _))) = nodes.last() {
-                found |= x.name == "config";
+            match nodes.last() {
+                Some(rhai::ASTNode::Expr(rhai::Expr::FnCall(x, _)))
+                | Some(rhai::ASTNode::Stmt(rhai::Stmt::FnCall(x, _))) => {
+                    found |= x.name == "config";
+                }
+                _ => {}
             }
             !found
         });

@@ -46,8 +46,18 @@ pub fn describe(t: &Tensor) -> String {
     format!("Tensor({:?}, {:?}, {}) [{head}{more}]", t.dims(), t.dtype(), device_name(t.device()))
 }
 
-fn scalar_like(t: &Tensor, v: f64) -> Res<Tensor> {
-    op("scalar", Tensor::new(v, t.device()).and_then(|s| s.to_dtype(t.dtype())))
+/// `t ∘ c` for a number `c` (`c_first`: `c ∘ t`), as one affine map where possible.
+fn with_number(name: &str, t: &Tensor, c: f64, c_first: bool) -> Res<Tensor> {
+    let r = match (name, c_first) {
+        ("+", _) => t.affine(1.0, c),
+        ("-", false) => t.affine(1.0, -c),
+        ("-", true) => t.affine(-1.0, c),
+        ("*", _) => t.affine(c, 0.0),
+        ("/", false) => t.affine(1.0 / c, 0.0),
+        ("/", true) => t.recip().and_then(|r| r.affine(c, 0.0)),
+        _ => unreachable!("binary operator"),
+    };
+    r.map_err(|e| err(format!("`{name}` of a tensor {:?} and a number: {e}", t.dims())))
 }
 
 fn binary(name: &str, a: &Tensor, b: &Tensor) -> Res<Tensor> {
@@ -113,7 +123,7 @@ fn reshape(t: &Tensor, shape: &Array) -> Res<Tensor> {
     }
     if let Some(i) = infer {
         let known: usize = dims.iter().product();
-        if known == 0 || t.elem_count() % known != 0 {
+        if known == 0 || !t.elem_count().is_multiple_of(known) {
             return Err(err(format!("reshape: cannot reshape {:?} into {shape:?}", t.dims())));
         }
         dims[i] = t.elem_count() / known;
@@ -243,28 +253,28 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             name,
             "a: Tensor, b: float -> Tensor",
             "Element-wise arithmetic with a number.",
-            move |a: Tensor, b: FLOAT| binary(name, &a, &scalar_like(&a, b)?)
+            move |a: Tensor, b: FLOAT| with_number(name, &a, b, false)
         );
         api!(
             engine,
             name,
             "a: Tensor, b: int -> Tensor",
             "Element-wise arithmetic with a number.",
-            move |a: Tensor, b: INT| binary(name, &a, &scalar_like(&a, b as f64)?)
+            move |a: Tensor, b: INT| with_number(name, &a, b as f64, false)
         );
         api!(
             engine,
             name,
             "a: float, b: Tensor -> Tensor",
             "Element-wise arithmetic with a number.",
-            move |a: FLOAT, b: Tensor| binary(name, &scalar_like(&b, a)?, &b)
+            move |a: FLOAT, b: Tensor| with_number(name, &b, a, true)
         );
         api!(
             engine,
             name,
             "a: int, b: Tensor -> Tensor",
             "Element-wise arithmetic with a number.",
-            move |a: INT, b: Tensor| binary(name, &scalar_like(&b, a as f64)?, &b)
+            move |a: INT, b: Tensor| with_number(name, &b, a as f64, true)
         );
     }
     api!(engine, "-", "a: Tensor -> Tensor", "Negation.", |a: Tensor| op("neg", a.neg()));

@@ -42,7 +42,10 @@ impl AdamW {
         if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
             bail!("adamw: betas must be in [0, 1), got {:?}", cfg.betas);
         }
-        if !(cfg.lr >= 0.0) || !(cfg.eps >= 0.0) || !(cfg.weight_decay >= 0.0) {
+        if !crate::train::is_nonneg(cfg.lr)
+            || !crate::train::is_nonneg(cfg.eps)
+            || !crate::train::is_nonneg(cfg.weight_decay)
+        {
             bail!("adamw: lr, eps and weight_decay must be >= 0");
         }
         Ok(Self { cfg, m: HashMap::new(), v: HashMap::new(), steps: 0 })

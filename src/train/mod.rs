@@ -17,3 +17,13 @@ pub use optim::Optimizer;
 pub use sam::{sam_step, train_step, SamConfig, StepStats};
 pub use schedule::{Schedule, ScheduleKind};
 pub use sgd::{Sgd, SgdConfig};
+
+/// `x >= 0` and not NaN (for validating settings).
+pub fn is_nonneg(x: f64) -> bool {
+    x >= 0.0
+}
+
+/// `x > 0` and not NaN (for validating settings).
+pub fn is_positive(x: f64) -> bool {
+    x > 0.0
+}

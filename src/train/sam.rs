@@ -48,17 +48,17 @@ impl Default for SamConfig {
 impl SamConfig {
     /// Rejects settings that have no meaning.
     pub fn validate(&self) -> Result<()> {
-        if !(self.rho >= 0.0) || !self.rho.is_finite() {
+        if !crate::train::is_nonneg(self.rho) || !self.rho.is_finite() {
             bail!("rho must be a finite number >= 0, got {}", self.rho);
         }
-        if !(self.eta >= 0.0) {
+        if !crate::train::is_nonneg(self.eta) {
             bail!("eta must be >= 0, got {}", self.eta);
         }
         if self.m_sharpness == Some(0) {
             bail!("m_sharpness must be >= 1");
         }
         if let Some(c) = self.grad_clip {
-            if !(c > 0.0) {
+            if !crate::train::is_positive(c) {
                 bail!("grad_clip must be > 0, got {c}");
             }
         }
@@ -85,7 +85,7 @@ fn chunk_ranges(n: usize, m: Option<usize>) -> Result<Vec<(usize, usize)>> {
         None => Ok(vec![(0, n)]),
         Some(m) if m >= n => Ok(vec![(0, n)]),
         Some(m) => {
-            if n % m != 0 {
+            if !n.is_multiple_of(m) {
                 bail!("m_sharpness {m} does not divide the batch size {n}");
             }
             Ok((0..n / m).map(|i| (i * m, m)).collect())
@@ -114,18 +114,38 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// The ascent step `e` for gradient `g` at weights `params`.
-fn ascent(params: &[(String, Var)], g: &[Tensor], cfg: &SamConfig) -> Result<Vec<Tensor>> {
-    if cfg.adaptive {
-        let t: Vec<Tensor> =
-            params.iter().map(|(_, p)| Ok(p.as_tensor().abs()?.affine(1.0, cfg.eta)?)).collect::<Result<_>>()?;
-        let tg: Vec<Tensor> = t.iter().zip(g).map(|(t, g)| Ok((t * g.to_dtype(t.dtype())?)?)).collect::<Result<_>>()?;
-        let scale = cfg.rho / (global_norm(&tg)? + cfg.eps);
-        t.iter().zip(tg).map(|(t, tg)| Ok((t * tg)?.affine(scale, 0.0)?)).collect()
+/// `T = |w| + η` for adaptive SAM.
+fn asam_scale(p: &Var, eta: f64) -> Result<Tensor> {
+    Ok(p.as_tensor().abs()?.affine(1.0, eta)?)
+}
+
+/// Moves every parameter to `w + e` in place and returns copies of the original weights. The
+/// ascent step `e` is formed one parameter at a time, so besides the weight copies only one
+/// parameter-sized temporary is alive at once.
+fn perturb(params: &[(String, Var)], g: &[Tensor], cfg: &SamConfig) -> Result<Vec<Tensor>> {
+    let norm = if cfg.adaptive {
+        let mut sq = 0.0;
+        for ((_, p), g) in params.iter().zip(g) {
+            sq += sum_squares(&[(asam_scale(p, cfg.eta)? * g.to_dtype(p.dtype())?)?])?;
+        }
+        sq.sqrt()
     } else {
-        let scale = cfg.rho / (global_norm(g)? + cfg.eps);
-        g.iter().map(|g| Ok(g.affine(scale, 0.0)?)).collect()
+        global_norm(g)?
+    };
+    let scale = cfg.rho / (norm + cfg.eps);
+    let mut saved = Vec::with_capacity(params.len());
+    for ((_, p), g) in params.iter().zip(g) {
+        let g = g.to_dtype(p.dtype())?;
+        let e = if cfg.adaptive {
+            (asam_scale(p, cfg.eta)?.sqr()? * g)?.affine(scale, 0.0)?
+        } else {
+            g.affine(scale, 0.0)?
+        };
+        let w = p.as_tensor().copy()?;
+        p.set(&(&w + e)?)?;
+        saved.push(w);
     }
+    Ok(saved)
 }
 
 /// One SAM step: updates `model`'s trainable parameters with `opt` and returns the statistics.
@@ -164,15 +184,9 @@ pub fn sam_step(
             Some(c) => hits += c,
             None => counted = false,
         }
-        // Perturb: keep one copy of the weights, move to w + e.
-        let e = ascent(&params, &first.grads, cfg)?;
+        // Perturb in place, keeping one copy of the weights; the first gradients go.
+        let saved_w = perturb(&params, &first.grads, cfg)?;
         drop(first);
-        let saved_w: Vec<Tensor> =
-            params.iter().map(|(_, p)| p.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
-        for ((_, p), e) in params.iter().zip(&e) {
-            p.set(&(p.as_tensor() + e.to_dtype(p.dtype())?)?)?;
-        }
-        drop(e);
         let saved_buffers: Vec<Tensor> =
             buffers.iter().map(|(_, b)| b.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
         let second = forward_backward(model, &params, &x, &y, loss_fn);
@@ -228,7 +242,7 @@ pub fn train_step(
     let grad_norm = global_norm(&pass.grads)?;
     let mut grads = pass.grads;
     if let Some(c) = grad_clip {
-        if !(c > 0.0) {
+        if !crate::train::is_positive(c) {
             bail!("grad_clip must be > 0, got {c}");
         }
         grads = clip_global_norm(grads, c)?;

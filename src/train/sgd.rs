@@ -32,10 +32,10 @@ impl Default for SgdConfig {
 impl SgdConfig {
     /// Rejects settings PyTorch rejects.
     pub fn validate(&self) -> Result<()> {
-        if !(self.lr >= 0.0) {
+        if !crate::train::is_nonneg(self.lr) {
             bail!("sgd: lr must be >= 0, got {}", self.lr);
         }
-        if !(self.momentum >= 0.0) || !(self.weight_decay >= 0.0) {
+        if !crate::train::is_nonneg(self.momentum) || !crate::train::is_nonneg(self.weight_decay) {
             bail!("sgd: momentum and weight_decay must be >= 0");
         }
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {

@@ -44,7 +44,11 @@ print("ok");
 #[test]
 fn same_seed_same_numbers() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "r.rhai", "print(randn([5]).to_array()); print(mlp([3, 2]).parameters().fc1.weight.to_array());");
+    write(
+        dir.path(),
+        "r.rhai",
+        "print(randn([5]).to_array()); print(mlp([3, 2]).parameters()[\"fc1.weight\"].to_array());",
+    );
     let a = run_in(dir.path(), &["run", "r.rhai", "--seed", "7"]);
     let b = run_in(dir.path(), &["run", "r.rhai", "--seed", "7"]);
     let c = run_in(dir.path(), &["run", "r.rhai", "--seed", "8"]);
@@ -146,7 +150,8 @@ fn check_reports_syntax_errors_and_unknown_functions() {
     assert!(e.contains("common.rhai:2:") && e.contains("nosuchfn"), "{e}");
     assert!(stdout(&o).is_empty(), "check runs nothing: {}", stdout(&o));
 
-    write(dir.path(), "good.rhai", "import \"lib/common\" as common;\nprint(common::helper(1));\n");
+    write(dir.path(), "lib/clean.rhai", "fn helper(x) { x + 1 }");
+    write(dir.path(), "good.rhai", "import \"lib/clean\" as common;\nprint(common::helper(1));\n");
     let o = run_in(dir.path(), &["check", "good.rhai"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let o = run_in(dir.path(), &["run", "good.rhai"]);

@@ -2,4 +2,7 @@
 
 mod common;
 mod foundation;
+mod ops;
+mod reference;
 mod runs;
+mod sam;

@@ -1,0 +1,185 @@
+//! SAM step benchmark: ms per step of `train_step` and `sam_step`, their ratio, the overhead of
+//! driving the loop from a Rhai script, the cost of one script call into a registered tensor
+//! function, and the peak memory of a step. Prints a table; run with `cargo bench --bench sam`.
+//! `SAMHOST_BENCH_STEPS` sets the number of timed steps (default 10, median reported).
+
+use candle_core::{Device, Tensor};
+use samhost::data::Batch;
+use samhost::models::{mlp::mlp, Model};
+use samhost::rng::HostRng;
+use samhost::session::Session;
+use samhost::train::{sam_step, train_step, LossFn, SamConfig, Sgd, SgdConfig};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Counts live heap bytes and their peak.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn steps() -> usize {
+    std::env::var("SAMHOST_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(10)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn batch(shape: &[usize], classes: u32, n: usize) -> Batch {
+    let rng = HostRng::new(1);
+    let per: usize = shape.iter().product();
+    let mut dims = vec![n];
+    dims.extend_from_slice(shape);
+    let x = Tensor::from_vec(rng.normal(n * per, 0.0, 1.0), dims, &Device::Cpu).unwrap();
+    let y = Tensor::from_vec((0..n as u32).map(|i| i % classes).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
+    Batch::new(x, y).unwrap()
+}
+
+fn opt() -> Sgd {
+    Sgd::new(SgdConfig { lr: 0.01, momentum: 0.9, ..SgdConfig::default() }).unwrap()
+}
+
+/// (median ms per step, peak extra bytes during one step)
+fn time_step(model: &Model, b: &Batch, sam: bool) -> (f64, usize) {
+    let mut o = opt();
+    let cfg = SamConfig::default();
+    let run = |o: &mut Sgd| {
+        if sam {
+            sam_step(model, o, &b.images, &b.labels, &LossFn::default(), &cfg).unwrap();
+        } else {
+            train_step(model, o, &b.images, &b.labels, &LossFn::default(), None).unwrap();
+        }
+    };
+    for _ in 0..2 {
+        run(&mut o);
+    }
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    run(&mut o);
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let times = (0..steps())
+        .map(|_| {
+            let t = Instant::now();
+            run(&mut o);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    (median(times), peak)
+}
+
+fn script_loop(model: &Model, b: &Batch, n: usize, sam: bool) -> f64 {
+    let session = Rc::new(Session::cpu());
+    let engine = samhost::script::build_engine(&session);
+    let mut scope = rhai::Scope::new();
+    scope.push("m", model.clone());
+    scope.push("b", b.clone());
+    let call = if sam { "sam_step(m, o, b, #{ rho: 0.05 })" } else { "train_step(m, o, b)" };
+    let src = format!("let o = sgd(m, #{{ lr: 0.01, momentum: 0.9 }}); for i in 0..{n} {{ {call}; }}");
+    let ast = engine.compile(&src).unwrap();
+    engine.run_ast_with_scope(&mut scope, &ast).unwrap(); // warm-up
+    let t = Instant::now();
+    engine.run_ast_with_scope(&mut scope, &ast).unwrap();
+    t.elapsed().as_secs_f64() * 1e3 / n as f64
+}
+
+fn rust_loop(model: &Model, b: &Batch, n: usize, sam: bool) -> f64 {
+    let mut o = opt();
+    let cfg = SamConfig::default();
+    let one = |o: &mut Sgd| {
+        if sam {
+            sam_step(model, o, &b.images, &b.labels, &LossFn::default(), &cfg).unwrap();
+        } else {
+            train_step(model, o, &b.images, &b.labels, &LossFn::default(), None).unwrap();
+        }
+    };
+    for _ in 0..n {
+        one(&mut o);
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        one(&mut o);
+    }
+    t.elapsed().as_secs_f64() * 1e3 / n as f64
+}
+
+/// Nanoseconds per script call of `t + 1.0` on a one-element tensor, minus the same op from Rust.
+fn call_overhead() -> (f64, f64) {
+    let n = 200_000;
+    let t1 = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+    let start = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box((&t1 + 1.0).unwrap());
+    }
+    let rust_ns = start.elapsed().as_secs_f64() * 1e9 / n as f64;
+    let session = Rc::new(Session::cpu());
+    let engine = samhost::script::build_engine(&session);
+    let mut scope = rhai::Scope::new();
+    scope.push("t", t1);
+    let ast = engine.compile(format!("for i in 0..{n} {{ t + 1.0; }}")).unwrap();
+    let empty = engine.compile(format!("for i in 0..{n} {{ }}")).unwrap();
+    let s = Instant::now();
+    engine.run_ast_with_scope(&mut scope, &ast).unwrap();
+    let script_ns = s.elapsed().as_secs_f64() * 1e9 / n as f64;
+    let s = Instant::now();
+    engine.run_ast_with_scope(&mut scope, &empty).unwrap();
+    let loop_ns = s.elapsed().as_secs_f64() * 1e9 / n as f64;
+    (rust_ns, script_ns - loop_ns - rust_ns)
+}
+
+fn main() {
+    let (rust_ns, over_ns) = call_overhead();
+    println!("script call into a registered tensor function (t + 1.0, 1 element):");
+    println!("  tensor op from Rust {rust_ns:.0} ns; extra cost from a script {over_ns:.0} ns per call\n");
+
+    let rng = HostRng::new(0);
+    let models: Vec<(&str, Model, Vec<usize>)> =
+        vec![("mlp [3072,512,512,10]", mlp(&[3072, 512, 512, 10], &rng, &Device::Cpu).unwrap(), vec![3, 32, 32])];
+    println!(
+        "{:<24} {:>5} {:>12} {:>12} {:>8} {:>14} {:>14} {:>10}",
+        "model", "batch", "train ms", "sam ms", "sam/sgd", "train peak MB", "sam peak MB", "params MB"
+    );
+    for (name, model, shape) in &models {
+        let b = batch(shape, 10, 128);
+        let (t_train, m_train) = time_step(model, &b, false);
+        let (t_sam, m_sam) = time_step(model, &b, true);
+        let params_mb = model.params().num_trainable() as f64 * 4.0 / 1e6;
+        println!(
+            "{name:<24} {:>5} {t_train:>12.2} {t_sam:>12.2} {:>8.2} {:>14.2} {:>14.2} {params_mb:>10.2}",
+            128,
+            t_sam / t_train,
+            m_train as f64 / 1e6,
+            m_sam as f64 / 1e6
+        );
+        let n = steps();
+        for sam in [false, true] {
+            let r = rust_loop(model, &b, n, sam);
+            let s = script_loop(model, &b, n, sam);
+            println!(
+                "  {} loop: Rust {r:.2} ms/step, Rhai script {s:.2} ms/step, script overhead {:+.2}%",
+                if sam { "sam_step  " } else { "train_step" },
+                (s - r) / r * 100.0
+            );
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! 2-D convolution on CPU as im2col + gemm, batch-parallel, with both backward passes.
+//!
+//! candle 0.11 runs CPU conv2d as a direct loop and its backward through `conv_transpose2d` and a
+//! batch-transposed convolution, well below its matmul rate. Here each sample is unfolded
+//! (im2col: `[C·KH·KW, Ho·Wo]`) into a per-thread buffer and multiplied with the weight matrix
+//! `[O, C·KH·KW]` by the same gemm candle uses for matmul; the input gradient multiplies by the
+//! transposed weights and folds back (col2im), the weight gradient accumulates
+//! `grad_out · colsᵀ` per thread. Only the input and the weights are kept for the backward pass
+//! (no unfolded copy of the batch lives beyond one sample per thread).
+//!
+//! Other devices and dtypes fall back to candle's own `conv2d`.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+/// Geometry of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geometry {
+    fn new(x: &[usize], k: &[usize], stride: usize, padding: usize) -> Result<Self> {
+        let (&[n, c, h, w], &[o, kc, kh, kw]) = (x, k) else {
+            candle_core::bail!("conv2d: input {x:?} and kernel {k:?} must both have rank 4");
+        };
+        if kc != c {
+            candle_core::bail!("conv2d: input {x:?} has {c} channels, the kernel {k:?} expects {kc}");
+        }
+        if [n, c, h, w, o, kh, kw].contains(&0) {
+            candle_core::bail!("conv2d: empty input {x:?} or kernel {k:?}");
+        }
+        if stride == 0 {
+            candle_core::bail!("conv2d: stride must be > 0");
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded input {h}x{w} (padding {padding})");
+        }
+        let ho = (h + 2 * padding - kh) / stride + 1;
+        let wo = (w + 2 * padding - kw) / stride + 1;
+        Ok(Self { n, c, h, w, o, kh, kw, stride, padding, ho, wo })
+    }
+
+    /// Rows of the unfolded matrix: C·KH·KW.
+    fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Columns of the unfolded matrix: Ho·Wo.
+    fn l(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// For each unfolded row `(c, i, j)` and output position, the input index or `None` (padding).
+    /// Calls `f(row, col, input_offset)` for every in-bounds element.
+    #[inline]
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (s, p) = (self.stride as isize, self.padding as isize);
+        for c in 0..self.c {
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    let row = (c * self.kh + i) * self.kw + j;
+                    for oy in 0..self.ho {
+                        let iy = oy as isize * s - p + i as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        let base_in = (c * self.h + iy as usize) * self.w;
+                        let base_col = oy * self.wo;
+                        for ox in 0..self.wo {
+                            let ix = ox as isize * s - p + j as isize;
+                            if ix < 0 || ix >= self.w as isize {
+                                continue;
+                            }
+                            f(row, base_col + ox, base_in + ix as usize);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Element types the gemm path handles.
+trait Float: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {
+    const ONE: Self;
+}
+impl Float for f32 {
+    const ONE: Self = 1.0;
+}
+impl Float for f64 {
+    const ONE: Self = 1.0;
+}
+
+fn im2col<T: Float>(g: &Geometry, x: &[T], cols: &mut [T]) {
+    cols.iter_mut().for_each(|v| *v = T::default());
+    let l = g.l();
+    g.for_each_tap(|row, col, at| cols[row * l + col] = x[at]);
+}
+
+fn col2im_add<T: Float>(g: &Geometry, cols: &[T], gx: &mut [T]) {
+    let l = g.l();
+    g.for_each_tap(|row, col, at| gx[at] += cols[row * l + col]);
+}
+
+/// dst(m×n) = lhs(m×k)·rhs(k×n) (+ dst when `accumulate`), with explicit row/column strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    (dst_rs, dst_cs): (isize, isize),
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (isize, isize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (isize, isize),
+    accumulate: bool,
+) {
+    // Number of elements a rows×cols matrix with these (positive) strides spans.
+    let span = |rows: usize, cols: usize, rs: isize, cs: isize| (rows - 1) * rs as usize + (cols - 1) * cs as usize;
+    assert!(m > 0 && n > 0 && k > 0, "conv2d: empty matrix product");
+    assert!(dst.len() > span(m, n, dst_rs, dst_cs), "conv2d: output buffer too small");
+    assert!(lhs.len() > span(m, k, lhs_rs, lhs_cs), "conv2d: left buffer too small");
+    assert!(rhs.len() > span(k, n, rhs_rs, rhs_cs), "conv2d: right buffer too small");
+    // SAFETY: the asserts above check that each strided matrix lies inside its slice; gemm only
+    // reads lhs and rhs and writes dst, which does not alias them (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs,
+            dst_rs,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+fn forward<T: Float>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
+    let (ckk, l) = (g.ckk(), g.l());
+    let mut out = vec![T::default(); g.n * g.o * l];
+    out.par_chunks_mut(g.o * l).zip(x.par_chunks(g.in_len())).for_each_init(
+        || vec![T::default(); ckk * l],
+        |cols, (out_n, x_n)| {
+            im2col(g, x_n, cols);
+            let l_i = l as isize;
+            matmul((g.o, l, ckk), out_n, (l_i, 1), k, (ckk as isize, 1), cols, (l_i, 1), false);
+        },
+    );
+    out
+}
+
+fn grad_input<T: Float>(g: &Geometry, k: &[T], gout: &[T]) -> Vec<T> {
+    let (ckk, l) = (g.ckk(), g.l());
+    let mut gx = vec![T::default(); g.n * g.in_len()];
+    gx.par_chunks_mut(g.in_len()).zip(gout.par_chunks(g.o * l)).for_each_init(
+        || vec![T::default(); ckk * l],
+        |gcols, (gx_n, gout_n)| {
+            let l_i = l as isize;
+            // gcols(ckk×l) = kᵀ(ckk×o) · gout_n(o×l)
+            matmul((ckk, l, g.o), gcols, (l_i, 1), k, (1, ckk as isize), gout_n, (l_i, 1), false);
+            col2im_add(g, gcols, gx_n);
+        },
+    );
+    gx
+}
+
+fn grad_kernel<T: Float>(g: &Geometry, x: &[T], gout: &[T]) -> Vec<T> {
+    let (ckk, l) = (g.ckk(), g.l());
+    let zero = || (vec![T::default(); g.o * ckk], vec![T::default(); ckk * l]);
+    let (gk, _) = x
+        .par_chunks(g.in_len())
+        .zip(gout.par_chunks(g.o * l))
+        .fold(zero, |(mut gk, mut cols), (x_n, gout_n)| {
+            im2col(g, x_n, &mut cols);
+            let l_i = l as isize;
+            // gk(o×ckk) += gout_n(o×l) · colsᵀ(l×ckk)
+            matmul((g.o, ckk, l), &mut gk, (ckk as isize, 1), gout_n, (l_i, 1), &cols, (1, l_i), true);
+            (gk, cols)
+        })
+        .reduce(zero, |(mut a, c), (b, _)| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
+            (a, c)
+        });
+    gk
+}
+
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("conv2d: expected a contiguous tensor"),
+    }
+}
+
+/// The forward op: `(x, kernel) -> y`.
+struct Conv2dOp {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "samhost-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let shape = Shape::from((g.n, g.o, g.ho, g.wo));
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(forward(&g, slice::<f32>(s1, l1)?, slice::<f32>(s2, l2)?)),
+            DType::F64 => CpuStorage::F64(forward(&g, slice::<f64>(s1, l1)?, slice::<f64>(s2, l2)?)),
+            d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, x: &Tensor, k: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = k.apply_op2_no_bwd(&grad, &GradInputOp { input: x.dims().to_vec(), conv: self.geometry() })?;
+        let gk = x.apply_op2_no_bwd(&grad, &GradKernelOp { kernel: k.dims().to_vec(), conv: self.geometry() })?;
+        Ok((Some(gx), Some(gk)))
+    }
+}
+
+impl Conv2dOp {
+    fn geometry(&self) -> (usize, usize) {
+        (self.stride, self.padding)
+    }
+}
+
+/// `(kernel, grad_out) -> grad_input`.
+struct GradInputOp {
+    input: Vec<usize>,
+    conv: (usize, usize),
+}
+
+impl CustomOp2 for GradInputOp {
+    fn name(&self) -> &'static str {
+        "samhost-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(&self.input, l1.dims(), self.conv.0, self.conv.1)?;
+        if l2.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!("conv2d backward: gradient {:?} does not match the output", l2.dims());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(grad_input(&g, slice::<f32>(s1, l1)?, slice::<f32>(s2, l2)?)),
+            DType::F64 => CpuStorage::F64(grad_input(&g, slice::<f64>(s1, l1)?, slice::<f64>(s2, l2)?)),
+            d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
+        };
+        Ok((out, Shape::from(self.input.clone())))
+    }
+}
+
+/// `(input, grad_out) -> grad_kernel`.
+struct GradKernelOp {
+    kernel: Vec<usize>,
+    conv: (usize, usize),
+}
+
+impl CustomOp2 for GradKernelOp {
+    fn name(&self) -> &'static str {
+        "samhost-conv2d-grad-kernel"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(l1.dims(), &self.kernel, self.conv.0, self.conv.1)?;
+        if l2.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!("conv2d backward: gradient {:?} does not match the output", l2.dims());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(grad_kernel(&g, slice::<f32>(s1, l1)?, slice::<f32>(s2, l2)?)),
+            DType::F64 => CpuStorage::F64(grad_kernel(&g, slice::<f64>(s1, l1)?, slice::<f64>(s2, l2)?)),
+            d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
+        };
+        Ok((out, Shape::from(self.kernel.clone())))
+    }
+}
+
+/// 2-D convolution of `x` `[N, C, H, W]` with `kernel` `[O, C, KH, KW]` (square stride and
+/// symmetric zero padding, no dilation, one group). CPU f32/f64 use the im2col + gemm path;
+/// anything else uses candle's `conv2d`.
+pub fn conv2d(x: &Tensor, kernel: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == kernel.dtype();
+    if !fast {
+        return x.conv2d(kernel, padding, stride, 1, 1);
+    }
+    let x = x.contiguous()?;
+    let kernel = kernel.contiguous()?;
+    x.apply_op2(&kernel, Conv2dOp { stride, padding })
+}
+
+/// A convolution layer with PyTorch's tensor names (`weight` `[O, C, KH, KW]`, optional `bias`
+/// `[O]`) and initialisation (Kaiming-uniform with a = √5, i.e. U(±1/√fan_in), bias likewise).
+#[derive(Clone, Debug)]
+pub struct Conv2dLayer {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2dLayer {
+    /// Creates (or loads) the layer's tensors under `vb`.
+    pub fn new(
+        vb: VarBuilder,
+        (in_c, out_c): (usize, usize),
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let bound = 1.0 / ((in_c * kernel * kernel) as f64).sqrt();
+        let init = candle_nn::Init::Uniform { lo: -bound, up: bound };
+        let weight = vb.get_with_hints((out_c, in_c, kernel, kernel), "weight", init)?;
+        let bias = if bias { Some(vb.get_with_hints(out_c, "bias", init)?) } else { None };
+        Ok(Self { weight, bias, stride, padding })
+    }
+
+    /// The kernel `[O, C, KH, KW]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl candle_core::Module for Conv2dLayer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = conv2d(x, &self.weight, self.stride, self.padding)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}

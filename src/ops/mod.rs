@@ -1,0 +1,6 @@
+//! Tensor operations that candle lacks or runs slowly on CPU, as candle custom ops with their
+//! own backward passes.
+
+pub mod conv2d;
+
+pub use conv2d::{conv2d, Conv2dLayer};
