@@ -13,6 +13,7 @@ pub mod engine;
 pub mod model;
 pub mod optim;
 pub mod report;
+pub mod run;
 pub mod runlog;
 pub mod runner;
 pub mod tensor;

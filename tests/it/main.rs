@@ -5,4 +5,5 @@ mod data;
 mod foundation;
 mod ops;
 mod reference;
+mod runs;
 mod sam;
