@@ -36,7 +36,10 @@ fn epoch_batches(s: &Session, ds: &Dataset, size: INT, bo: &BatchOptions) -> Res
     let seed = bo.seed.unwrap_or_else(|| s.rng.next_seed());
     let epoch = bo.epoch.unwrap_or_else(|| ds.next_epoch());
     let size = to_usize("batch size", size)?;
-    Ok(EpochBatches(op("batches", Batches::epoch(ds, size, bo, seed, epoch, &s.device))?))
+    let batches = op("batches", Batches::epoch(ds, size, bo, seed, epoch, &s.device))?;
+    // The progress display learns the epoch's length from the iterator the loop will run over.
+    s.run.borrow_mut().progress.begin_epoch(batches.num_batches());
+    Ok(EpochBatches(batches))
 }
 
 fn noisy(ds: &Dataset, kind: &str, rate: &Dynamic, seed: INT, map: Option<Map>) -> Res<Dataset> {
