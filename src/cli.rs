@@ -23,6 +23,9 @@ pub enum Command {
         /// The script.
         script: PathBuf,
     },
+    /// Overlay one metric of several runs in one PNG with a legend (e.g. SAM against SGD). Each
+    /// run is labelled by the config values that differ between the runs.
+    Plot(PlotArgs),
     /// Print the script API reference, generated from the registered functions.
     Api {
         /// Print the reference as JSON (Rhai's function metadata).
@@ -42,21 +45,46 @@ pub struct RunArgs {
     /// Where tensors live: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Seed of every random source (initialisation, shuffles, label noise, augmentation).
-    #[arg(long, default_value_t = crate::session::DEFAULT_SEED)]
-    pub seed: u64,
+    /// Seed of every random source (initialisation, shuffles, label noise, augmentation)
+    /// [default: 42; with --resume, the run's recorded seed].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Override a setting of the script's config(#{...}): KEY=VALUE, parsed to the default's type.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub set: Vec<(String, String)>,
     /// Folder that receives the run folders.
     #[arg(long, value_name = "DIR", default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// Continue the run in this folder from its newest checkpoint (the script calls `resume`);
+    /// its recorded seed and --set values are used unless given again.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// When stderr is not a terminal: print a progress line every N optimizer steps (0: never).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub progress_every: u64,
     /// Print errors only.
     #[arg(long, short)]
     pub quiet: bool,
     /// Never touch the network: Hub models come from the local cache only (as HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
+}
+
+/// Arguments of `samhost plot`.
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// Run folders (or their metrics.jsonl files).
+    #[arg(required = true, value_name = "RUN_DIR")]
+    pub runs: Vec<PathBuf>,
+    /// The metric to draw [default: accuracy when logged, else the first metric].
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// The PNG to write [default: METRIC.png].
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The horizontal axis: step, epoch or record [default: the finest that moves].
+    #[arg(long)]
+    pub x: Option<String>,
 }
 
 /// Parses `KEY=VALUE`.

@@ -22,17 +22,40 @@ fn api(json: bool, definitions: Option<std::path::PathBuf>) -> anyhow::Result<()
     Ok(())
 }
 
+fn plot(a: samhost::cli::PlotArgs) -> runner::Outcome {
+    let result =
+        a.x.as_deref()
+            .map(samhost::run::plot::XAxis::parse)
+            .transpose()
+            .and_then(|x| samhost::run::compare::plot_runs(&a.runs, a.metric.as_deref(), a.output.as_deref(), x));
+    match result {
+        Ok(c) => {
+            let others: Vec<&str> = c.available.iter().map(String::as_str).filter(|m| *m != c.metric).collect();
+            let more = if others.is_empty() { String::new() } else { format!(" (also logged: {})", others.join(", ")) };
+            eprintln!("wrote {}: {} of {} run(s){more}", c.file.display(), c.metric, a.runs.len());
+            runner::Outcome { code: 0, reports: Vec::new() }
+        }
+        Err(e) => runner::Outcome { code: 1, reports: vec![format!("error: {e:#}")] },
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(a) => runner::run(SessionOptions {
             device: a.device,
-            seed: a.seed,
+            seed: a.seed.unwrap_or(samhost::session::DEFAULT_SEED),
+            seed_given: a.seed.is_some(),
             overrides: a.set,
             quiet: a.quiet,
             script: Some(a.script),
+            runs_dir: Some(a.runs_dir),
+            resume: a.resume,
+            progress_every: a.progress_every,
+            command_line: std::env::args().collect(),
             offline: a.offline,
         }),
+        Command::Plot(a) => plot(a),
         Command::Check { script } => {
             let o = runner::check(&script);
             if o.code == 0 {

@@ -2,14 +2,20 @@
 //! output settings and the interrupt flag.
 
 use crate::rng::HostRng;
-use crate::run::MetricLog;
+use crate::run::progress::ProgressMode;
+use crate::run::RunRecord;
 use anyhow::{bail, Result};
 use candle_core::Device;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// After Ctrl-C, how long a training script may go on without starting a step (evaluation,
+/// work after training) before it is stopped wherever it is.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
 /// The seed used when `--seed` is not given.
 pub const DEFAULT_SEED: u64 = 42;
@@ -27,6 +33,16 @@ pub struct SessionOptions {
     pub quiet: bool,
     /// The script being run or checked, if any.
     pub script: Option<PathBuf>,
+    /// Whether `--seed` was given (a resumed run otherwise takes the recorded seed).
+    pub seed_given: bool,
+    /// Folder that receives the run folders (`--runs-dir`); `None`: no run folder.
+    pub runs_dir: Option<PathBuf>,
+    /// `--resume RUN_DIR`: continue that run.
+    pub resume: Option<PathBuf>,
+    /// Steps between two progress lines when stderr is not a terminal.
+    pub progress_every: u64,
+    /// The command line, for the run's config.json.
+    pub command_line: Vec<String>,
     /// Never touch the network: Hub files come from the cache only (as `HF_HUB_OFFLINE=1`).
     pub offline: bool,
 }
@@ -39,6 +55,11 @@ impl Default for SessionOptions {
             overrides: Vec::new(),
             quiet: true,
             script: None,
+            seed_given: false,
+            runs_dir: None,
+            resume: None,
+            progress_every: 100,
+            command_line: Vec::new(),
             offline: false,
         }
     }
@@ -60,20 +81,23 @@ pub struct Session {
     pub quiet: bool,
     /// The script being run or checked.
     pub script: Option<PathBuf>,
-    /// Set by Ctrl-C: the script stops at the next safe point.
+    /// Set by Ctrl-C: the script stops at the next safe point (see [`Session::stop_requested`]).
     pub interrupted: Arc<AtomicBool>,
+    /// When the engine first saw the interrupt flag.
+    interrupt_seen: Cell<Option<Instant>>,
     /// Never touch the network (`--offline`; `HF_HUB_OFFLINE=1` is read where the Hub is used).
     pub offline: bool,
     /// The configuration the script resolved with `config()`, as JSON.
     pub resolved_config: RefCell<Option<serde_json::Value>>,
-    /// Every `log(tag, map)` record of the run.
-    pub metrics: RefCell<MetricLog>,
+    /// The run's record: folder, metric log, progress display, step counter, checkpoints.
+    pub run: RefCell<RunRecord>,
 }
 
 impl Session {
     /// A session from command-line options; fails on an unknown or unavailable device.
     pub fn new(opts: SessionOptions) -> Result<Self> {
         let device = parse_device(&opts.device)?;
+        let mode = ProgressMode::detect(opts.quiet, opts.progress_every);
         Ok(Self {
             device,
             seed: opts.seed,
@@ -83,9 +107,10 @@ impl Session {
             quiet: opts.quiet,
             script: opts.script,
             interrupted: Arc::new(AtomicBool::new(false)),
+            interrupt_seen: Cell::new(None),
             offline: opts.offline,
             resolved_config: RefCell::new(None),
-            metrics: RefCell::new(MetricLog::default()),
+            run: RefCell::new(RunRecord::detached(mode)),
         })
     }
 
@@ -106,15 +131,54 @@ impl Session {
         }
     }
 
-    /// Records one `log(tag, map)` call.
-    pub fn record_metrics(&self, tag: &str, metrics: serde_json::Map<String, serde_json::Value>) -> Result<()> {
-        self.metrics.borrow_mut().record(tag, metrics)
+    /// Whether the script must stop now (asked between any two script operations). After Ctrl-C a
+    /// script that registered its training state (`resume` / `save_checkpoint`) runs on to the
+    /// start of its next optimizer step, so the step in progress and its bookkeeping (schedule,
+    /// counters, logging) complete and the checkpoint is exact; the steps stop themselves (see
+    /// [`Session::interrupt_pending`]). Without a registered state, or when no step starts within
+    /// [`INTERRUPT_GRACE`], the script stops at once.
+    pub fn stop_requested(&self) -> bool {
+        if !self.interrupted.load(Ordering::Relaxed) {
+            return false;
+        }
+        let registered = self.run.try_borrow().map(|r| r.has_train_state()).unwrap_or(true);
+        let seen = match self.interrupt_seen.get() {
+            Some(t) => t,
+            None => {
+                let now = Instant::now();
+                self.interrupt_seen.set(Some(now));
+                if registered {
+                    self.say("interrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to stop at once)");
+                }
+                now
+            }
+        };
+        !registered || seen.elapsed() >= INTERRUPT_GRACE
     }
 
-    /// Prints a line unless `--quiet`.
+    /// Whether Ctrl-C was pressed: an optimizer step about to start stops the script instead.
+    pub fn interrupt_pending(&self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
+    }
+
+    /// Records one `log(tag, map)` call.
+    pub fn record_metrics(&self, tag: &str, metrics: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+        self.run.borrow_mut().record_metrics(tag, metrics)
+    }
+
+    /// Records the config the script resolved (config.json, the epoch bar's length).
+    pub fn set_resolved_config(&self, config: serde_json::Value) -> Result<()> {
+        *self.resolved_config.borrow_mut() = Some(config.clone());
+        self.run.borrow_mut().set_resolved_config(config)
+    }
+
+    /// Prints a line unless `--quiet` (above the progress bars when they are shown).
     pub fn say(&self, line: &str) {
         if !self.quiet {
-            eprintln!("{line}");
+            match self.run.try_borrow() {
+                Ok(r) => r.progress.println(line),
+                Err(_) => eprintln!("{line}"),
+            }
         }
     }
 }

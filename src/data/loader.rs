@@ -1,13 +1,19 @@
-//! Batching: shuffled (seeded, a different order every epoch) or in order, batches assembled
-//! from a dataset view.
+//! The loader: the batches of one epoch, assembled (transforms applied) on a worker thread that
+//! stays up to two batches ahead of training. Every random choice is seeded by `(seed, epoch)`
+//! or `(seed, epoch, example)`, so the prefetched batches are exactly the single-threaded ones.
 
+use super::seed::{below, derived_rng, Purpose};
+use super::transforms::Scratch;
 use super::{Batch, Dataset};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// How many assembled batches may wait for training.
+pub const PREFETCH: usize = 2;
 
 /// How to cut a dataset into batches.
 #[derive(Clone, Debug, Deserialize)]
@@ -15,48 +21,93 @@ use serde::Deserialize;
 pub struct BatchOptions {
     /// Shuffle the order each epoch.
     pub shuffle: bool,
-    /// Seed of the shuffle (drawn from the host generator when absent).
+    /// Seed of the shuffle and of the random transforms (drawn from the host generator when
+    /// absent).
     pub seed: Option<u64>,
     /// Drop the last batch when it is smaller than the batch size.
     pub drop_last: bool,
-    /// Epoch number: the shuffle of epoch `e` is seeded by `(seed, e)`.
-    pub epoch: u64,
+    /// Epoch number: the order and augmentations of epoch `e` are seeded by `(seed, e)`. When
+    /// absent, the dataset counts: 0 for its first `batches` call, 1 for the next, ...
+    pub epoch: Option<u64>,
 }
 
 impl Default for BatchOptions {
     fn default() -> Self {
-        Self { shuffle: true, seed: None, drop_last: false, epoch: 0 }
+        Self { shuffle: true, seed: None, drop_last: false, epoch: None }
     }
 }
 
-/// The order in which an epoch visits the examples.
+/// The order in which an epoch visits the examples: each index once, shuffled by
+/// `(seed, epoch)` when `shuffle`.
 pub fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        order.shuffle(&mut rng);
+        let mut rng = derived_rng(seed, Purpose::Shuffle, epoch, 0);
+        for i in (1..n).rev() {
+            order.swap(i, below(&mut rng, i + 1));
+        }
     }
     order
 }
 
-/// An iterator over the batches of one epoch.
-#[derive(Clone)]
+/// One batch assembled in host memory, before it becomes tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostBatch {
+    /// Pixels `[N, C, H, W]`.
+    pub pixels: Vec<f32>,
+    /// Labels `[N]`.
+    pub labels: Vec<u32>,
+    /// `[N, C, H, W]`.
+    pub shape: [usize; 4],
+}
+
+impl HostBatch {
+    /// The batch as tensors on `device`.
+    pub fn into_batch(self, device: &Device) -> Result<Batch> {
+        let images = Tensor::from_vec(self.pixels, self.shape.to_vec(), device)?;
+        let labels = Tensor::from_vec(self.labels, self.shape[0], device)?;
+        Ok(Batch { images, labels })
+    }
+}
+
+/// The plan of one epoch: which examples go in which batch, and the seed of the transforms.
+/// Iterating it (`for b in batches`) starts the worker thread.
+#[derive(Clone, Debug)]
 pub struct Batches {
     ds: Dataset,
-    order: Vec<usize>,
+    order: Arc<Vec<usize>>,
     size: usize,
-    pos: usize,
     drop_last: bool,
+    seed: u64,
+    epoch: u64,
     device: Device,
 }
 
 impl Batches {
-    /// Batches of `size` examples of `ds` in `order`.
+    /// Batches of `size` examples of `ds` in `order`, random transforms seeded by (0, epoch 0).
     pub fn new(ds: Dataset, order: Vec<usize>, size: usize, drop_last: bool, device: Device) -> Result<Self> {
         if size == 0 {
-            anyhow::bail!("batch size must be > 0");
+            bail!("batch size must be > 0");
         }
-        Ok(Self { ds, order, size, pos: 0, drop_last, device })
+        if let Some(&i) = order.iter().find(|&&i| i >= ds.len()) {
+            bail!("batches: index {i} out of range for {} examples", ds.len());
+        }
+        Ok(Self { ds, order: Arc::new(order), size, drop_last, seed: 0, epoch: 0, device })
+    }
+
+    /// Epoch `epoch` of `ds`: the order (shuffled or not) and the transforms seeded by
+    /// `(seed, epoch)`.
+    pub fn epoch(
+        ds: &Dataset,
+        size: usize,
+        opts: &BatchOptions,
+        seed: u64,
+        epoch: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let order = epoch_order(ds.len(), opts.shuffle, seed, epoch);
+        let b = Self::new(ds.clone(), order, size, opts.drop_last, device.clone())?;
+        Ok(Self { seed, epoch, ..b })
     }
 
     /// Number of batches this epoch yields in total.
@@ -69,36 +120,115 @@ impl Batches {
         }
     }
 
-    fn make(&self, positions: &[usize]) -> Result<Batch> {
+    /// The dataset positions of batch `k`, in order.
+    pub fn positions(&self, k: usize) -> &[usize] {
+        let start = (k * self.size).min(self.order.len());
+        &self.order[start..(start + self.size).min(self.order.len())]
+    }
+
+    /// Assembles batch `k` (`k < num_batches()`) in host memory.
+    pub fn host_batch(&self, k: usize, scratch: &mut Scratch) -> HostBatch {
+        let positions = self.positions(k);
         let [c, h, w] = self.ds.shape();
         let per = c * h * w;
-        let mut pixels = Vec::with_capacity(positions.len() * per);
-        let mut labels = Vec::with_capacity(positions.len());
-        for &i in positions {
-            pixels.extend_from_slice(self.ds.image(i));
-            labels.push(self.ds.label(i));
+        let mut pixels = vec![0f32; positions.len() * per];
+        for (slot, &i) in pixels.chunks_mut(per).zip(positions) {
+            self.ds.example_into(i, self.seed, self.epoch, slot, scratch);
         }
-        let n = positions.len();
-        let images = Tensor::from_vec(pixels, (n, c, h, w), &self.device)?;
-        let labels = Tensor::from_vec(labels, n, &self.device)?;
-        Batch::new(images, labels)
+        let labels = positions.iter().map(|&i| self.ds.label(i)).collect();
+        HostBatch { pixels, labels, shape: [positions.len(), c, h, w] }
+    }
+
+    /// The same batches assembled on the calling thread (no worker): the reference the loader
+    /// is tested against.
+    pub fn iter_sync(&self) -> impl Iterator<Item = Result<Batch>> + '_ {
+        let mut scratch = Scratch::default();
+        (0..self.num_batches()).map(move |k| self.host_batch(k, &mut scratch).into_batch(&self.device))
     }
 }
 
-impl Iterator for Batches {
+/// A running epoch: batches arrive from the worker thread through a channel of capacity
+/// [`PREFETCH`]. Dropping it early (a `break`) stops the worker after at most one batch.
+pub struct Loader {
+    rx: Option<Receiver<HostBatch>>,
+    worker: Option<JoinHandle<()>>,
+    device: Device,
+    failed: bool,
+    spawn_error: Option<String>,
+}
+
+impl Iterator for Loader {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let n = self.order.len();
-        if self.pos >= n {
+        if self.failed {
             return None;
         }
-        let end = (self.pos + self.size).min(n);
-        if self.drop_last && end - self.pos < self.size {
-            return None;
+        if let Some(e) = self.spawn_error.take() {
+            self.failed = true;
+            return Some(Err(anyhow::anyhow!("cannot start the loader thread: {e}")));
         }
-        let positions = self.order[self.pos..end].to_vec();
-        self.pos = end;
-        Some(self.make(&positions))
+        match self.rx.as_ref().map(|rx| rx.recv()) {
+            Some(Ok(hb)) => Some(hb.into_batch(&self.device)),
+            _ => {
+                // The worker is done: finished, or panicked (an error, never a short epoch).
+                self.rx = None;
+                match self.worker.take().map(|w| w.join()) {
+                    Some(Err(_)) => {
+                        self.failed = true;
+                        Some(Err(anyhow::anyhow!("the loader thread failed while assembling a batch")))
+                    }
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.rx = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl IntoIterator for Batches {
+    type Item = Result<Batch>;
+    type IntoIter = Loader;
+
+    fn into_iter(self) -> Loader {
+        let device = self.device.clone();
+        let (tx, rx) = sync_channel::<HostBatch>(PREFETCH);
+        let spawned = std::thread::Builder::new().name("samhost-loader".into()).spawn(move || {
+            let mut scratch = Scratch::default();
+            for k in 0..self.num_batches() {
+                if tx.send(self.host_batch(k, &mut scratch)).is_err() {
+                    break;
+                }
+            }
+        });
+        match spawned {
+            Ok(worker) => Loader { rx: Some(rx), worker: Some(worker), device, failed: false, spawn_error: None },
+            Err(e) => Loader { rx: None, worker: None, device, failed: false, spawn_error: Some(e.to_string()) },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_is_a_permutation_that_changes_by_epoch() {
+        let a = epoch_order(100, true, 7, 0);
+        let b = epoch_order(100, true, 7, 1);
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+        assert_ne!(a, b);
+        assert_eq!(a, epoch_order(100, true, 7, 0));
+        assert_eq!(epoch_order(5, false, 7, 3), vec![0, 1, 2, 3, 4]);
     }
 }

@@ -1,5 +1,16 @@
-//! Experiment records: the metric log of a run.
+//! Experiment records: the run folder, the metric log, the progress display, checkpoints,
+//! summaries and plots. Plain Rust: nothing here knows about Rhai.
 
+pub mod checkpoint;
+pub mod compare;
 pub mod metrics;
+pub mod plot;
+pub mod progress;
+pub mod record;
+pub mod rundir;
+pub mod summary;
 
 pub use metrics::MetricLog;
+pub use record::RunRecord;
+pub use rundir::RunDir;
+pub use summary::RunStatus;

@@ -80,7 +80,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             let resolved = resolve(&s, defaults)?;
             s.say(&format!("config:\n{}", show(&resolved)));
             if let Ok(json) = super::convert::to_json(&Dynamic::from_map(resolved.clone())) {
-                *s.resolved_config.borrow_mut() = Some(json);
+                s.set_resolved_config(json).map_err(|e| err(format!("config: {e:#}")))?;
             }
             Ok(resolved)
         });

@@ -5,7 +5,6 @@ use crate::session::Session;
 use rhai::module_resolvers::FileModuleResolver;
 use rhai::{Dynamic, Engine};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 
 /// An engine with the whole samhost API registered over `session`. Modules are imported
 /// relative to the script's folder (`import "lib/common" as common;`).
@@ -23,20 +22,25 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
     super::train::register(&mut engine, session);
     super::data::register(&mut engine, session);
     crate::script::runlog::register(&mut engine, session);
+    super::run::register(&mut engine, session);
 
-    let quiet = session.quiet;
+    let s = session.clone();
     engine.on_print(move |text| {
-        if !quiet {
-            println!("{text}");
+        if !s.quiet {
+            match s.run.try_borrow() {
+                Ok(r) => r.progress.suspend(|| println!("{text}")),
+                Err(_) => println!("{text}"),
+            }
         }
     });
+    let quiet = session.quiet;
     engine.on_debug(move |text, source, pos| {
         if !quiet {
             let src = source.unwrap_or("script");
             eprintln!("[debug] {src}:{pos}: {text}");
         }
     });
-    let flag = session.interrupted.clone();
-    engine.on_progress(move |_| if flag.load(Ordering::Relaxed) { Some(Dynamic::from("interrupted")) } else { None });
+    let s = session.clone();
+    engine.on_progress(move |_| if s.stop_requested() { Some(Dynamic::from("interrupted")) } else { None });
     engine
 }

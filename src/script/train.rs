@@ -99,21 +99,34 @@ pub fn eval_map(s: &EvalStats) -> Map {
     m
 }
 
-fn check_finite(what: &str, s: &StepStats) -> Res<()> {
-    if !s.loss.is_finite() || !s.sharp_loss.is_finite() {
-        return Err(err(format!(
-            "{what}: the loss is not finite (loss {}, sharp_loss {}): training diverged; lower the learning rate or rho",
-            s.loss, s.sharp_loss
-        )));
+/// After Ctrl-C, stops the script at the start of a step (nothing of the step is done).
+fn stop_if_interrupted(s: &Session) -> Res<()> {
+    if s.interrupt_pending() {
+        return Err(Box::new(rhai::EvalAltResult::ErrorTerminated(Dynamic::from("interrupted"), rhai::Position::NONE)));
     }
     Ok(())
 }
 
+/// Counts the step (progress, step number), then fails when its loss is not finite, naming the
+/// step; returns the statistics as a map.
+fn finish_step(s: &Session, what: &str, stats: &StepStats) -> Res<Map> {
+    let step = s.run.borrow_mut().after_step(stats.loss);
+    if !stats.loss.is_finite() || !stats.sharp_loss.is_finite() {
+        return Err(err(format!(
+            "{what}: the loss is not finite at step {step} (loss {}, sharp_loss {}): training diverged; lower the learning rate or rho",
+            stats.loss, stats.sharp_loss
+        )));
+    }
+    Ok(stats_map(stats))
+}
+
 /// Registers the training API.
 pub fn register(engine: &mut Engine, session: &Rc<Session>) {
+    let s = session.clone();
     api!(engine, "sam_step", "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
         "One Sharpness-Aware Minimization step; returns #{loss, sharp_loss, grad_norm, accuracy} (loss at w, loss at w+e, norm of the first gradient, batch accuracy).\nOptions: rho (0.05; 0 gives exactly the base optimizer's step); adaptive (false: ASAM scales e by T = |w| + eta, weights and biases alike); eta (0.01); m_sharpness (chunks of M examples, one perturbation each, gradients averaged; M must divide the batch); loss (\"cross_entropy\" or a closure |logits, labels| returning a scalar tensor, called for both passes); label_smoothing (0); grad_clip (global norm of the SAM gradient). BatchNorm running statistics come from the first pass only; frozen parameters are neither perturbed nor updated.",
-        |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
+        move |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
+            stop_if_interrupted(&s)?;
             let mut o = options_map;
             let closure = take_loss(&mut o)?;
             let label_smoothing = match o.remove("label_smoothing") {
@@ -125,27 +138,29 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             let stats = op("sam_step", with_loss(&ctx, closure, label_smoothing, |loss| {
                 sam_step(&m, optim.as_mut(), &batch.images, &batch.labels, loss, &cfg)
             }))?;
-            check_finite("sam_step", &stats)?;
-            Ok(stats_map(&stats))
+            finish_step(&s, "sam_step", &stats)
         });
+    let s = session.clone();
     api!(
         engine,
         "sam_step",
         "m: Model, opt: Optimizer, batch: Batch -> Map",
         "One SAM step with the default options (rho 0.05, cross-entropy).",
-        |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
+        move |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
+            stop_if_interrupted(&s)?;
             let mut optim = opt.0.borrow_mut();
             let stats = op(
                 "sam_step",
                 sam_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), &SamConfig::default()),
             )?;
-            check_finite("sam_step", &stats)?;
-            Ok(stats_map(&stats))
+            finish_step(&s, "sam_step", &stats)
         }
     );
+    let s = session.clone();
     api!(engine, "train_step", "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
         "One plain step (the baseline SAM is compared against): the same statistics as sam_step, with sharp_loss = loss. Options: loss, label_smoothing, grad_clip.",
-        |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
+        move |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
+            stop_if_interrupted(&s)?;
             let mut o = options_map;
             let closure = take_loss(&mut o)?;
             let p: PlainOptions = options("train_step", &o)?;
@@ -153,22 +168,22 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             let stats = op("train_step", with_loss(&ctx, closure, p.label_smoothing, |loss| {
                 train_step(&m, optim.as_mut(), &batch.images, &batch.labels, loss, p.grad_clip)
             }))?;
-            check_finite("train_step", &stats)?;
-            Ok(stats_map(&stats))
+            finish_step(&s, "train_step", &stats)
         });
+    let s = session.clone();
     api!(
         engine,
         "train_step",
         "m: Model, opt: Optimizer, batch: Batch -> Map",
         "One plain step with cross-entropy.",
-        |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
+        move |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
+            stop_if_interrupted(&s)?;
             let mut optim = opt.0.borrow_mut();
             let stats = op(
                 "train_step",
                 train_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), None),
             )?;
-            check_finite("train_step", &stats)?;
-            Ok(stats_map(&stats))
+            finish_step(&s, "train_step", &stats)
         }
     );
     let s = session.clone();

@@ -25,7 +25,9 @@ pub struct EvalStats {
     pub noisy_part_recovered: Option<f64>,
 }
 
-/// Evaluates `model` in evaluation mode on every example of `ds`, in order.
+/// Evaluates `model` in evaluation mode on every example of `ds`, in order. The dataset's
+/// transforms apply (random ones seeded by seed 0, epoch 0): evaluation sets should carry
+/// deterministic transforms only.
 pub fn evaluate(model: &Model, ds: &Dataset, batch_size: usize, device: &Device) -> Result<EvalStats> {
     if ds.is_empty() {
         bail!("evaluate: the dataset is empty");

@@ -573,6 +573,8 @@ fn finetune_example_runs_in_smoke_mode() {
     let script = repo().join("scripts/finetune_vit.rhai");
     let o = run_in(tmp.path(), &["run", script.to_str().unwrap(), "--set", "smoke=true", "--quiet"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let out = tmp.path().join("runs/finetune_vit/finetuned");
+    let runs: Vec<PathBuf> = std::fs::read_dir(tmp.path().join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let out = runs[0].join("finetuned");
     assert!(out.join("config.json").is_file() && out.join("model.safetensors").is_file());
 }

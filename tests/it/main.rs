@@ -1,9 +1,11 @@
 //! The integration tests: one binary, one module per area. Fixtures are written by the tests.
 
 mod common;
+mod data;
 mod foundation;
 mod hub;
 mod models;
 mod ops;
 mod reference;
+mod runs;
 mod sam;

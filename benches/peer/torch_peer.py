@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Times PyTorch CPU eager on exactly the models, batch sizes and optimizer settings of samhost's
+speed benchmark (`cargo bench --bench speed`), and prints samhost/PyTorch ratios.
+
+Not run by CI. PyTorch is large (about 5 GB with its CUDA dependencies): install it in a scratch
+virtual environment outside the repository, then run
+
+    python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch
+    cargo bench --bench speed                 # writes target/speed.json
+    /tmp/torchenv/bin/python benches/peer/torch_peer.py --samhost target/speed.json
+
+Settings mirrored from samhost: SGD(lr=0.01, momentum=0.9); SAM with rho=0.05, the ascent norm
+over all parameters, BatchNorm running statistics frozen in the second pass; cross-entropy; the
+median of the timed steps after two warm-up steps; 1 and 2 threads.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Mlp(nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class Cnn(nn.Module):
+    """Per stage a 3x3 conv (padding 1) + ReLU + 2x2 max-pool; hidden linear + ReLU; classifier."""
+
+    def __init__(self, channels=(32, 64, 128), hidden=256, classes=10, inp=(3, 32, 32)):
+        super().__init__()
+        convs, c, h, w = [], inp[0], inp[1], inp[2]
+        for out in channels:
+            convs.append(nn.Conv2d(c, out, 3, padding=1))
+            c, h, w = out, h // 2, w // 2
+        self.convs = nn.ModuleList(convs)
+        self.hidden = nn.Linear(c * h * w, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.max_pool2d(F.relu(conv(x)), 2)
+        return self.out(F.relu(self.hidden(x.flatten(1))))
+
+
+class BasicBlockA(nn.Module):
+    """CIFAR ResNet block with the parameter-free option-A shortcut."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.pad = c_out - c_in
+        self.stride = stride
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        if self.stride != 1 or self.pad:
+            x = x[:, :, :: self.stride, :: self.stride]
+            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(h + x)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth=20, classes=10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, c = [], 16
+        for g, width in enumerate((16, 32, 64)):
+            for i in range(n):
+                blocks.append(BasicBlockA(c, width, 2 if g > 0 and i == 0 else 1))
+                c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.linear = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(x.mean((2, 3)))
+
+
+class WideBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.short = None if (c_in == c_out and stride == 1) else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(x))
+        h = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        return h + (x if self.short is None else self.short(a))
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth=16, k=8, classes=10):
+        super().__init__()
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        blocks, c = [], 16
+        for g, width in enumerate((16 * k, 32 * k, 64 * k)):
+            for i in range(n):
+                blocks.append(WideBlock(c, width, 2 if g > 0 and i == 0 else 1))
+                c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.blocks(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class VitLayer(nn.Module):
+    def __init__(self, d, heads, mlp):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d, eps=1e-12)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d, eps=1e-12)
+        self.fc1 = nn.Linear(d, mlp)
+        self.fc2 = nn.Linear(mlp, d)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Vit(nn.Module):
+    def __init__(self, image=224, patch=16, d=384, depth=12, heads=6, mlp=1536, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, patch, patch)
+        n = (image // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.zeros(1, n + 1, d))
+        self.layers = nn.Sequential(*[VitLayer(d, heads, mlp) for _ in range(depth)])
+        self.ln = nn.LayerNorm(d, eps=1e-12)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.ln(self.layers(x))[:, 0])
+
+
+# name -> (constructor, input shape, batch, timed steps); the same rows as samhost's benchmark.
+MODELS = {
+    "mlp": (lambda: Mlp([3072, 512, 512, 10]), (3, 32, 32), 128, 10),
+    "cnn": (lambda: Cnn(), (3, 32, 32), 128, 10),
+    "resnet20": (lambda: CifarResNet(20), (3, 32, 32), 128, 10),
+    "wrn-16-8": (lambda: WideResNet(16, 8), (3, 32, 32), 128, 10),
+    "vit-s16": (lambda: Vit(), (3, 224, 224), 16, 10),
+}
+
+
+def set_bn_momentum(model, momentum):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+
+
+def sgd_step(model, opt, x, y):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def sam_step(model, opt, x, y, rho=0.05):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.sqrt(sum((p.grad * p.grad).sum() for p in params))
+        scale = rho / (norm + 1e-12)
+        es = []
+        for p in params:
+            e = p.grad * scale
+            p.add_(e)
+            es.append(e)
+    opt.zero_grad(set_to_none=True)
+    set_bn_momentum(model, 0.0)
+    F.cross_entropy(model(x), y).backward()
+    set_bn_momentum(model, 0.1)
+    with torch.no_grad():
+        for p, e in zip(params, es):
+            p.sub_(e)
+    opt.step()
+
+
+def time_model(name, threads):
+    make, shape, batch, steps = MODELS[name]
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = make()
+    model.train()
+    x = torch.randn(batch, *shape)
+    y = torch.arange(batch) % 10
+    row = {"model": name, "threads": threads, "batch": batch}
+    for kind, step in (("train_step", sgd_step), ("sam_step", sam_step)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        for _ in range(2):
+            step(model, opt, x, y)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            step(model, opt, x, y)
+            times.append((time.perf_counter() - t) * 1e3)
+        row[kind] = statistics.median(times)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samhost", help="JSON written by `cargo bench --bench speed` (target/speed.json)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    ours = {}
+    if args.samhost:
+        with open(args.samhost) as f:
+            for r in json.load(f):
+                ours[(r["model"], r["threads"])] = r
+    print(f"torch {torch.__version__}")
+    hdr = f"{'model':<10} {'thr':>3} {'batch':>5} {'torch sgd ms':>12} {'torch sam ms':>12} {'sam/sgd':>7}"
+    if ours:
+        hdr += f" {'ours sgd ms':>11} {'ours sam ms':>11} {'sgd ratio':>9} {'sam ratio':>9}"
+    print(hdr)
+    for name in args.models.split(","):
+        for t in (int(v) for v in args.threads.split(",")):
+            r = time_model(name, t)
+            line = (
+                f"{name:<10} {t:>3} {r['batch']:>5} {r['train_step']:>12.2f} {r['sam_step']:>12.2f}"
+                f" {r['sam_step'] / r['train_step']:>7.2f}"
+            )
+            o = ours.get((name, t))
+            if o:
+                line += (
+                    f" {o['train_step']:>11.2f} {o['sam_step']:>11.2f}"
+                    f" {o['train_step'] / r['train_step']:>9.2f} {o['sam_step'] / r['sam_step']:>9.2f}"
+                )
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
