@@ -5,7 +5,7 @@
 //! asked (see [`super::hub_http`]: every call has connect and read timeouts). Downloads land in
 //! the cache in the standard layout.
 
-use super::hub_cache::{self, check_repo_id, check_revision, RepoCache};
+use super::hub_cache::{self, check_repo_id, check_revision, RepoCache, RepoKind};
 use super::hub_http::{HttpClient, HttpError, Timeouts};
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -88,6 +88,7 @@ fn encode_revision(rev: &str) -> String {
 /// One repository at one revision.
 pub struct HubRepo {
     opts: HubOptions,
+    kind: RepoKind,
     repo_id: String,
     revision: String,
     cache: RepoCache,
@@ -101,13 +102,19 @@ impl HubRepo {
     /// A handle on `repo_id` (`org/name`) at `revision` (a branch, tag or commit; `main` when
     /// `None`).
     pub fn new(opts: &HubOptions, repo_id: &str, revision: Option<&str>) -> Result<Self> {
+        Self::of_kind(opts, RepoKind::Model, repo_id, revision)
+    }
+
+    /// A handle on a repository of any kind (a dataset: `RepoKind::Dataset`).
+    pub fn of_kind(opts: &HubOptions, kind: RepoKind, repo_id: &str, revision: Option<&str>) -> Result<Self> {
         check_repo_id(repo_id)?;
         let revision = revision.unwrap_or("main").to_string();
         check_revision(&revision)?;
-        let cache = RepoCache::new(&opts.cache_dir, repo_id);
+        let cache = RepoCache::of_kind(&opts.cache_dir, kind, repo_id);
         let commit = cache.commit_for(&revision);
         Ok(Self {
             opts: opts.clone(),
+            kind,
             repo_id: repo_id.to_string(),
             revision,
             cache,
@@ -140,7 +147,8 @@ impl HubRepo {
 
     fn url(&self, file: &str) -> String {
         let rev = self.commit.as_deref().unwrap_or(&self.revision);
-        format!("{}/{}/resolve/{}/{}", self.opts.endpoint, self.repo_id, encode_revision(rev), file)
+        let (endpoint, kind) = (&self.opts.endpoint, self.kind.url_prefix());
+        format!("{endpoint}/{kind}{}/resolve/{}/{file}", self.repo_id, encode_revision(rev))
     }
 
     fn cached(&self, file: &str) -> Option<Lookup> {

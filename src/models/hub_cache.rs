@@ -79,7 +79,34 @@ pub fn check_revision(rev: &str) -> Result<()> {
     Ok(())
 }
 
-/// One model repository's part of the cache.
+/// The kind of a Hub repository: it decides the cache folder prefix and the URL path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepoKind {
+    /// A model (`models--ORG--NAME`, `{endpoint}/ORG/NAME/...`).
+    Model,
+    /// A dataset (`datasets--ORG--NAME`, `{endpoint}/datasets/ORG/NAME/...`).
+    Dataset,
+}
+
+impl RepoKind {
+    /// `models` or `datasets`.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Self::Model => "models",
+            Self::Dataset => "datasets",
+        }
+    }
+
+    /// What precedes the repository id in a URL path: nothing for models, `datasets/` otherwise.
+    pub fn url_prefix(self) -> &'static str {
+        match self {
+            Self::Model => "",
+            Self::Dataset => "datasets/",
+        }
+    }
+}
+
+/// One repository's part of the cache.
 #[derive(Clone, Debug)]
 pub struct RepoCache {
     dir: PathBuf,
@@ -88,7 +115,12 @@ pub struct RepoCache {
 impl RepoCache {
     /// The cache of model repository `repo_id` under the hub cache `root`.
     pub fn new(root: &Path, repo_id: &str) -> Self {
-        Self { dir: root.join(format!("models--{}", repo_id.replace('/', "--"))) }
+        Self::of_kind(root, RepoKind::Model, repo_id)
+    }
+
+    /// The cache of a repository of any kind.
+    pub fn of_kind(root: &Path, kind: RepoKind, repo_id: &str) -> Self {
+        Self { dir: root.join(format!("{}--{}", kind.plural(), repo_id.replace('/', "--"))) }
     }
 
     /// The repository's folder.

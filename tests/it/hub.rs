@@ -578,3 +578,18 @@ fn finetune_example_runs_in_smoke_mode() {
     let out = runs[0].join("finetuned");
     assert!(out.join("config.json").is_file() && out.join("model.safetensors").is_file());
 }
+
+#[test]
+fn dataset_repositories_use_their_own_urls_and_cache_folders() {
+    use samhost::models::hub::{HubRepo, Lookup};
+    use samhost::models::hub_cache::RepoKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let endpoint = mock_hub("datasets/test-org/data", vec![("train/part-0.txt", b"hello".to_vec())]);
+    let hub = HubOptions { timeouts: Timeouts::uniform(5.0), ..HubOptions::new(&cache, &endpoint) };
+    let mut repo = HubRepo::of_kind(&hub, RepoKind::Dataset, "test-org/data", None).unwrap();
+    let Lookup::Found(p) = repo.file("train/part-0.txt").unwrap() else { panic!("not found") };
+    assert_eq!(std::fs::read(&p).unwrap(), b"hello");
+    assert!(p.starts_with(cache.join("datasets--test-org--data/snapshots").join(COMMIT)), "{}", p.display());
+    assert_eq!(repo.file("test/part-0.txt").unwrap(), Lookup::Missing);
+}
