@@ -1,6 +1,5 @@
 //! The multi-layer perceptron: flatten, then `fc1..fcN` linear layers with ReLU between.
 
-use super::layers::linear;
 use super::registry::{build_model, ArchConfig};
 use super::{Model, Network};
 use crate::rng::HostRng;
@@ -36,7 +35,8 @@ impl MlpConfig {
 }
 
 /// An MLP over flattened inputs. Layer `fcK` has weight `[out, in]` and bias `[out]` (the PyTorch
-/// layout), initialised as PyTorch's `nn.Linear` (uniform in ±1/sqrt(fan_in)).
+/// layout), initialised as candle-nn's `linear`: weights He-normal (std sqrt(2/fan_in)), biases
+/// uniform in ±1/sqrt(fan_in).
 pub struct Mlp {
     cfg: MlpConfig,
     layers: Vec<Linear>,
@@ -55,7 +55,7 @@ impl Mlp {
             .sizes
             .windows(2)
             .enumerate()
-            .map(|(i, w)| linear(w[0], w[1], vb.pp(format!("fc{}", i + 1))))
+            .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(format!("fc{}", i + 1))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { cfg: cfg.clone(), layers })
     }
