@@ -8,7 +8,14 @@
 //! <cache>/models--ORG--NAME/.no_exist/<commit>/<file>  empty: the file is known not to exist
 //! ```
 
+//!
+//! Folder names and `refs/` files come from `hf-hub` (`Repo::folder_name`, `CacheRepo::create_ref`),
+//! so samhost names things exactly as the Hugging Face client library does; the reads add what
+//! hf-hub 0.4's `CacheRepo::get` lacks (`HF_HUB_CACHE`, commit-hash revisions, trimmed refs,
+//! `.no_exist` markers). Downloads are in `hub_http.rs`: hf-hub sets no network timeouts.
+
 use anyhow::{bail, Context, Result};
+use hf_hub::{Repo, RepoType};
 use std::path::{Path, PathBuf};
 
 /// Whether an environment value means "on" the way `huggingface_hub` reads booleans.
@@ -97,6 +104,15 @@ impl RepoKind {
         }
     }
 
+    /// The hf-hub description of repository `repo_id` at `revision`.
+    pub fn repo(self, repo_id: &str, revision: &str) -> Repo {
+        let t = match self {
+            Self::Model => RepoType::Model,
+            Self::Dataset => RepoType::Dataset,
+        };
+        Repo::with_revision(repo_id.to_string(), t, revision.to_string())
+    }
+
     /// What precedes the repository id in a URL path: nothing for models, `datasets/` otherwise.
     pub fn url_prefix(self) -> &'static str {
         match self {
@@ -109,6 +125,9 @@ impl RepoKind {
 /// One repository's part of the cache.
 #[derive(Clone, Debug)]
 pub struct RepoCache {
+    root: PathBuf,
+    kind: RepoKind,
+    repo_id: String,
     dir: PathBuf,
 }
 
@@ -120,7 +139,12 @@ impl RepoCache {
 
     /// The cache of a repository of any kind.
     pub fn of_kind(root: &Path, kind: RepoKind, repo_id: &str) -> Self {
-        Self { dir: root.join(format!("{}--{}", kind.plural(), repo_id.replace('/', "--"))) }
+        Self {
+            root: root.to_path_buf(),
+            kind,
+            repo_id: repo_id.to_string(),
+            dir: root.join(kind.repo(repo_id, "main").folder_name()),
+        }
     }
 
     /// The repository's folder.
@@ -162,9 +186,11 @@ impl RepoCache {
         if revision == commit {
             return Ok(());
         }
-        let p = self.dir.join("refs").join(revision);
-        create_parent(&p)?;
-        crate::fsutil::write_bytes_atomic(&p, commit.as_bytes())
+        let repo = self.kind.repo(&self.repo_id, revision);
+        hf_hub::Cache::new(self.root.clone())
+            .repo(repo)
+            .create_ref(commit)
+            .with_context(|| format!("{}: cannot write refs/{revision}", self.dir.display()))
     }
 
     /// `blobs/<etag>`.

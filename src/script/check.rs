@@ -114,7 +114,10 @@ fn check_file(
     let mut calls: Vec<(String, String, Position)> = Vec::new();
     ast.walk(&mut |nodes: &[ASTNode]| {
         match nodes.last() {
-            Some(ASTNode::Expr(Expr::FnCall(x, pos))) | Some(ASTNode::Stmt(Stmt::FnCall(x, pos))) => {
+            // Operators (`+`, `..`, ...) always exist; their argument types are checked at run time.
+            Some(ASTNode::Expr(Expr::FnCall(x, pos))) | Some(ASTNode::Stmt(Stmt::FnCall(x, pos)))
+                if x.op_token.is_none() =>
+            {
                 calls.push((x.namespace.to_string(), x.name.to_string(), *pos));
             }
             Some(ASTNode::Expr(Expr::MethodCall(x, pos))) => {

@@ -185,16 +185,9 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     );
     api!(
         engine,
-        "eval",
-        "m: Model",
-        "Switches to evaluation mode (BatchNorm running statistics, dropout off).",
-        |m: &mut Model| m.set_training(false)
-    );
-    api!(
-        engine,
         "eval_mode",
         "m: Model",
-        "Switches to evaluation mode, as `eval` (which Rhai reserves as a keyword, so `m.eval()` cannot be written).",
+        "Switches to evaluation mode: BatchNorm running statistics, dropout off (PyTorch's `eval()`, a reserved word in Rhai).",
         |m: &mut Model| m.set_training(false)
     );
     getter!(engine, "training", "bool", "Whether the model is in training mode.", |m: &mut Model| m.is_training());

@@ -188,6 +188,8 @@ fn every_example_script_runs_in_smoke_mode() {
     for entry in std::fs::read_dir(repo().join("scripts")).unwrap() {
         let p = entry.unwrap().path();
         if p.extension().is_some_and(|e| e == "rhai") {
+            let c = samhost().arg("check").arg(&p).output().unwrap();
+            assert!(c.status.success(), "check {}: {}", p.display(), stderr(&c));
             let o = samhost()
                 .arg("run")
                 .arg(&p)
