@@ -1,0 +1,180 @@
+//! Training speed: ms per step of `train_step` and `sam_step` (SGD with momentum 0.9, lr 0.01,
+//! rho 0.05, cross-entropy) per model and thread count, the SAM/SGD ratio, images per second and
+//! the peak heap memory of a step. The same settings as `benches/peer/torch_peer.py`, which reads
+//! the `target/speed.json` this writes and prints samhost/PyTorch ratios.
+//!
+//! `cargo bench --bench speed` runs every model with 1 and 2 threads (each thread count in a child
+//! process with `RAYON_NUM_THREADS` set, since the thread pools are sized once per process).
+//! `SAMHOST_BENCH_MODELS=mlp,cnn` picks models; `SAMHOST_BENCH_STEPS` sets the timed steps
+//! (default 10; the ViT uses half); the median is reported after two warm-up steps.
+
+use candle_core::{Device, Tensor};
+use samhost::data::Batch;
+use samhost::models::registry::{build_model, resolve_config, ArchConfig};
+use samhost::models::Model;
+use samhost::rng::HostRng;
+use samhost::train::{sam_step, train_step, LossFn, SamConfig, Sgd, SgdConfig};
+use serde_json::{json, Value};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Counts live heap bytes and their peak.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// (name, config name or JSON, image side, batch, steps divisor)
+const MODELS: [(&str, &str, usize, usize, usize); 5] = [
+    ("mlp", r#"{"model_type": "mlp", "sizes": [3072, 512, 512, 10]}"#, 32, 128, 1),
+    ("cnn", "cnn", 32, 128, 1),
+    ("resnet20", "resnet20", 32, 128, 1),
+    ("wrn-16-8", "wrn-16-8", 32, 16, 1),
+    ("vit-s16", "vit-s16", 224, 8, 2),
+];
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn build(spec: &str) -> Model {
+    let v: Value = if spec.starts_with('{') {
+        serde_json::from_str(spec).expect("json")
+    } else {
+        let mut v = resolve_config(spec).expect("named config");
+        if let Some(o) = v.as_object_mut() {
+            if o.contains_key("num_labels") {
+                o.insert("num_labels".into(), json!(10));
+            }
+        }
+        v
+    };
+    let cfg = ArchConfig::from_json(&v, false).expect("config");
+    build_model(&cfg, &HostRng::new(0), &Device::Cpu).expect("model")
+}
+
+/// (median ms per step, peak heap bytes above the resting level during one step)
+fn time_step(model: &Model, b: &Batch, sam: bool, steps: usize) -> (f64, usize) {
+    let mut opt = Sgd::new(SgdConfig { lr: 0.01, momentum: 0.9, ..SgdConfig::default() }).expect("sgd");
+    let cfg = SamConfig::default();
+    let mut run = || {
+        if sam {
+            sam_step(model, &mut opt, &b.images, &b.labels, &LossFn::default(), &cfg).expect("sam_step");
+        } else {
+            train_step(model, &mut opt, &b.images, &b.labels, &LossFn::default(), None).expect("train_step");
+        }
+    };
+    run();
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    run();
+    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    let times = (0..steps)
+        .map(|_| {
+            let t = Instant::now();
+            run();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    (median(times), peak)
+}
+
+fn child(selected: &[String], steps: usize) {
+    let threads: usize = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    for (name, spec, side, batch, div) in MODELS {
+        if !selected.is_empty() && !selected.iter().any(|s| s == name) {
+            continue;
+        }
+        let model = build(spec);
+        let rng = HostRng::new(1);
+        let x = Tensor::from_vec(rng.normal(batch * 3 * side * side, 0.0, 1.0), (batch, 3, side, side), &Device::Cpu)
+            .expect("input");
+        let y = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(), batch, &Device::Cpu)
+            .expect("labels");
+        let b = Batch::new(x, y).expect("batch");
+        let n = (steps / div).max(3);
+        let (t_sgd, m_sgd) = time_step(&model, &b, false, n);
+        let (t_sam, m_sam) = time_step(&model, &b, true, n);
+        let row = json!({
+            "model": name, "threads": threads, "batch": batch, "steps": n,
+            "train_step": t_sgd, "sam_step": t_sam,
+            "train_peak_mb": m_sgd as f64 / 1e6, "sam_peak_mb": m_sam as f64 / 1e6,
+            "params_mb": model.params().num_trainable() as f64 * 4.0 / 1e6,
+        });
+        println!("ROW {row}");
+    }
+}
+
+fn main() {
+    let steps: usize = std::env::var("SAMHOST_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let selected: Vec<String> = std::env::var("SAMHOST_BENCH_MODELS")
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if std::env::args().any(|a| a == "--child") {
+        child(&selected, steps);
+        return;
+    }
+    let exe = std::env::current_exe().expect("bench executable");
+    println!(
+        "{:<9} {:>3} {:>5} {:>10} {:>10} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9}",
+        "model", "thr", "batch", "sgd ms", "sam ms", "sam/sgd", "sgd im/s", "sam im/s", "sgd peakMB", "sam peakMB",
+        "paramsMB"
+    );
+    let mut rows = Vec::new();
+    for threads in [1, 2] {
+        let out = std::process::Command::new(&exe)
+            .arg("--child")
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .output()
+            .expect("child benchmark");
+        if !out.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            std::process::exit(1);
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(j) = line.strip_prefix("ROW ") else { continue };
+            let r: Value = serde_json::from_str(j).expect("row");
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            let batch = f("batch");
+            println!(
+                "{:<9} {:>3} {:>5} {:>10.2} {:>10.2} {:>7.2} {:>8.0} {:>8.0} {:>11.1} {:>11.1} {:>9.1}",
+                r["model"].as_str().unwrap_or("?"),
+                threads,
+                batch,
+                f("train_step"),
+                f("sam_step"),
+                f("sam_step") / f("train_step"),
+                batch / f("train_step") * 1e3,
+                batch / f("sam_step") * 1e3,
+                f("train_peak_mb"),
+                f("sam_peak_mb"),
+                f("params_mb")
+            );
+            rows.push(r);
+        }
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("speed.json");
+    match std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap_or_default()) {
+        Ok(()) => println!("wrote {}", path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+    }
+}
