@@ -5,6 +5,7 @@
 
 use candle_core::{Device, Tensor};
 use samhost::data::Batch;
+use samhost::models::registry::{build_model, resolve_config, ArchConfig};
 use samhost::models::{mlp::mlp, Model};
 use samhost::rng::HostRng;
 use samhost::session::Session;

@@ -136,7 +136,16 @@ fn main() {
     let exe = std::env::current_exe().expect("bench executable");
     println!(
         "{:<9} {:>3} {:>5} {:>10} {:>10} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9}",
-        "model", "thr", "batch", "sgd ms", "sam ms", "sam/sgd", "sgd im/s", "sam im/s", "sgd peakMB", "sam peakMB",
+        "model",
+        "thr",
+        "batch",
+        "sgd ms",
+        "sam ms",
+        "sam/sgd",
+        "sgd im/s",
+        "sam im/s",
+        "sgd peakMB",
+        "sam peakMB",
         "paramsMB"
     );
     let mut rows = Vec::new();
