@@ -2,13 +2,16 @@
 //! `{bytes, path}` of PNG/JPEG bytes, or plain bytes) and an integer label column. Files are found
 //! in the Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`): `datasets--ORG--NAME/refs/<revision>` holds the commit,
-//! `snapshots/<commit>/...` the files. Class names come from the `huggingface` metadata the
-//! `datasets` library writes into each file (the label's ClassLabel names).
+//! `snapshots/<commit>/...` the files. A split that is not in the cache is downloaded into it
+//! (see [`super::hub_download`]) unless offline. Class names come from the `huggingface`
+//! metadata the `datasets` library writes into each file (the label's ClassLabel names).
 //!
 //! Parquet is read with the `parquet` crate's record API (no arrow).
 
 use super::folder::decode_all;
+pub use super::hub_download::download_dataset_files;
 use super::Dataset;
+use crate::models::hub as access;
 use anyhow::{bail, Context, Result};
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
@@ -60,22 +63,15 @@ impl Default for HubOptions {
     }
 }
 
-/// The Hugging Face hub cache folder, as Python's huggingface_hub finds it.
+/// The Hugging Face hub cache folder, as Python's huggingface_hub finds it (the one the model
+/// side uses).
 pub fn hub_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(d).join("hub");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("huggingface").join("hub")
+    crate::models::hub_cache::hub_cache_dir()
 }
 
 /// Whether `HF_HUB_OFFLINE` asks for the cache only.
 pub fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| crate::models::hub_cache::env_flag(&v))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -91,10 +87,66 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// Whether a file (path relative to the snapshot) belongs to `split`.
-fn in_split(rel: &Path, split: &str) -> bool {
+pub(crate) fn in_split(rel: &Path, split: &str) -> bool {
     let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let dirs = rel.parent().map(|p| p.iter().any(|c| c == split)).unwrap_or(false);
     dirs || name.starts_with(&format!("{split}-")) || name.starts_with(&format!("{split}."))
+}
+
+/// The split a parquet file (path relative to the snapshot) holds, by the naming rules of
+/// [`in_split`]: the name up to its first `-` or `.` (`train-00000-of-00001.parquet`), or the
+/// folder when the name is a number (`plain_text/train/0000.parquet`).
+pub(crate) fn split_of(rel: &Path) -> String {
+    let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let head = name.split(['-', '.']).next().unwrap_or_default();
+    if head.is_empty() || head.bytes().all(|b| b.is_ascii_digit()) {
+        if let Some(dir) = rel.parent().and_then(|p| p.file_name()) {
+            return dir.to_string_lossy().into_owned();
+        }
+    }
+    head.to_string()
+}
+
+/// The configuration of a file in a snapshot: the first folder under
+/// `.../snapshots/<commit>/`, or "" for a file at the top.
+fn config_of(p: &Path) -> String {
+    let parts: Vec<String> = p.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+    let at = parts.iter().rposition(|c| c == "snapshots").map(|i| i + 2).unwrap_or(0);
+    if at + 1 < parts.len() {
+        parts[at].clone()
+    } else {
+        String::new()
+    }
+}
+
+/// Of the files of `split` (paths under `.../snapshots/<commit>/`), those of `config`; with no
+/// config, all of them when they are of one configuration, else an error naming the
+/// configurations. `what` names the dataset in errors.
+pub(crate) fn select_config(
+    what: &str,
+    split: &str,
+    mut files: Vec<PathBuf>,
+    config: Option<&str>,
+) -> Result<Vec<PathBuf>> {
+    let mut configs: Vec<String> = files.iter().map(|f| config_of(f)).collect();
+    configs.sort();
+    configs.dedup();
+    match config {
+        Some(c) => {
+            files.retain(|f| config_of(f) == c);
+            if files.is_empty() {
+                bail!(
+                    "{what}: no `{split}` files under config `{c}` (configs with that split: {})",
+                    configs.join(", ")
+                );
+            }
+        }
+        None if configs.len() > 1 => {
+            bail!("{what}: split `{split}` exists in several configs ({}); give config", configs.join(", "))
+        }
+        None => {}
+    }
+    Ok(files)
 }
 
 /// The parquet files of `split` of dataset `repo` at `revision` in the cache folder `cache`.
@@ -139,56 +191,41 @@ pub fn resolve_dataset_files(repo: &str, revision: &str, split: &str) -> Result<
     resolve_dataset_files_in(&hub_cache_dir(), repo, revision, split)
 }
 
-/// THE place where a network download plugs in: fetch the parquet files of `split` of `repo` at
-/// `revision` into the cache and return their paths. Not connected yet: it fails with what to
-/// do instead.
-pub fn download_dataset_files(repo: &str, revision: &str, split: &str) -> Result<Vec<PathBuf>> {
-    bail!(
-        "dataset {repo}@{revision} (split {split}) is not in the Hugging Face cache ({}), and downloading datasets \
-         is not connected yet; fetch it with `huggingface-cli download --repo-type dataset {repo}` first",
-        hub_cache_dir().display()
-    )
-}
-
-/// The parquet files of a Hub dataset split: from the cache, else downloaded (unless
-/// `HF_HUB_OFFLINE` is set).
-pub fn hub_dataset_files(repo: &str, revision: &str, split: &str) -> Result<Vec<PathBuf>> {
-    match resolve_dataset_files(repo, revision, split) {
-        Ok(f) => Ok(f),
-        Err(e) if hub_offline() => Err(e.context("HF_HUB_OFFLINE is set: the cache only")),
-        Err(_) => download_dataset_files(repo, revision, split),
-    }
-}
-
-/// Loads a Hub dataset (see the module doc).
-pub fn hub_dataset(repo: &str, opts: &HubOptions) -> Result<Dataset> {
-    let mut files = hub_dataset_files(repo, &opts.revision, &opts.split)?;
-    let config_of = |p: &Path| -> String {
-        let snap_rel: Vec<String> = p.iter().map(|c| c.to_string_lossy().into_owned()).collect();
-        // .../snapshots/<commit>/<config>/...
-        let at = snap_rel.iter().rposition(|c| c == "snapshots").map(|i| i + 2).unwrap_or(0);
-        if at + 1 < snap_rel.len() {
-            snap_rel[at].clone()
-        } else {
-            String::new()
-        }
+/// The parquet files of a Hub dataset split (of `config`, when given): from the cache
+/// `hub.cache_dir`, else downloaded into it (unless `hub.offline`).
+pub fn hub_dataset_files(
+    hub: &access::HubOptions,
+    repo: &str,
+    revision: &str,
+    split: &str,
+    config: Option<&str>,
+) -> Result<Vec<PathBuf>> {
+    let offline_note = "offline (HF_HUB_OFFLINE or --offline): the Hugging Face cache only";
+    let cached = match resolve_dataset_files_in(&hub.cache_dir, repo, revision, split) {
+        // The split is cached: the config rules decide, except that a config missing from the
+        // cache may be on the Hub.
+        Ok(found) => match select_config(&format!("dataset {repo}@{revision}"), split, found, config) {
+            Ok(f) => return Ok(f),
+            Err(e) if config.is_none() => return Err(e),
+            Err(e) => e,
+        },
+        Err(e) => e,
     };
-    if let Some(c) = &opts.config {
-        files.retain(|f| config_of(f) == *c);
-        if files.is_empty() {
-            bail!("dataset {repo}: no `{}` files under config `{c}`", opts.split);
-        }
-    } else {
-        let mut configs: Vec<String> = files.iter().map(|f| config_of(f)).collect();
-        configs.dedup();
-        if configs.len() > 1 {
-            bail!(
-                "dataset {repo}: split `{}` exists in several configs ({}); give config",
-                opts.split,
-                configs.join(", ")
-            );
-        }
+    if hub.offline {
+        return Err(cached.context(offline_note));
     }
+    download_dataset_files(hub, repo, revision, split, config)
+}
+
+/// Loads a Hub dataset (see the module doc), reaching the Hub as the environment says
+/// (`HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`, `SAMHOST_HTTP_TIMEOUT_SECS`), without progress bars.
+pub fn hub_dataset(repo: &str, opts: &HubOptions) -> Result<Dataset> {
+    hub_dataset_with(repo, opts, &access::HubOptions::from_env(false, false)?)
+}
+
+/// Loads a Hub dataset (see the module doc), reaching the Hub with `hub`.
+pub fn hub_dataset_with(repo: &str, opts: &HubOptions, hub: &access::HubOptions) -> Result<Dataset> {
+    let files = hub_dataset_files(hub, repo, &opts.revision, &opts.split, opts.config.as_deref())?;
     load_parquet(&files, opts).with_context(|| format!("dataset {repo}"))
 }
 

@@ -7,7 +7,8 @@
 
 use super::hub_cache::{self, check_repo_id, check_revision, RepoCache, RepoKind};
 use super::hub_http::{HttpClient, HttpError, Timeouts};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 /// The default endpoint.
@@ -85,6 +86,35 @@ fn encode_revision(rev: &str) -> String {
         .collect()
 }
 
+/// One entry of a repository's file listing (the Hub's `tree` API).
+#[derive(Clone, Debug, Deserialize)]
+pub struct TreeEntry {
+    /// `file` or `directory`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The path in the repository (`plain_text/train-00000-of-00001.parquet`).
+    pub path: String,
+    /// Size in bytes (0 for a folder).
+    #[serde(default)]
+    pub size: u64,
+}
+
+impl TreeEntry {
+    /// Whether the entry is a file.
+    pub fn is_file(&self) -> bool {
+        self.kind == "file"
+    }
+}
+
+/// The part of the Hub's revision answer that is read.
+#[derive(Deserialize)]
+struct RevisionInfo {
+    sha: Option<String>,
+}
+
+/// How many pages of a listing are followed at most (a guard against a server that loops).
+const MAX_PAGES: usize = 10_000;
+
 /// One repository at one revision.
 pub struct HubRepo {
     opts: HubOptions,
@@ -159,10 +189,15 @@ impl HubRepo {
         self.cache.known_missing(commit, file).then_some(Lookup::Missing)
     }
 
-    /// The error for a request that failed, worded for the user.
+    /// The error for a request on a file that failed, worded for the user.
     fn explain(&self, file: &str, e: HttpError) -> anyhow::Error {
+        self.explain_at(&self.url(file), file, e)
+    }
+
+    /// The error for a request on `url` (about `what`: a file, the file list) that failed.
+    fn explain_at(&self, url: &str, what: &str, e: HttpError) -> anyhow::Error {
         let cache_note =
-            format!("there is no cached copy of {file} for {} in {}", self.label(), self.opts.cache_dir.display());
+            format!("there is no cached copy of {what} for {} in {}", self.label(), self.opts.cache_dir.display());
         match e {
             HttpError::Status { code: Some(c), .. } if c == "RepoNotFound" => anyhow::anyhow!(
                 "repository `{}` does not exist on {} (or it is private or gated and needs a token: set HF_TOKEN)",
@@ -184,16 +219,18 @@ impl HubRepo {
                 self.repo_id,
                 self.opts.endpoint
             ),
-            HttpError::Status { status: 404, .. } => anyhow::anyhow!(
-                "{} not found at {} (the repository or revision does not exist)",
-                self.url(file),
-                self.opts.endpoint
-            ),
-            e @ HttpError::Status { .. } => anyhow::anyhow!("{}: {e}", self.url(file)),
+            HttpError::Status { status: 404, .. } => {
+                anyhow::anyhow!("{url} not found at {} (the repository or revision does not exist)", self.opts.endpoint)
+            }
+            e @ HttpError::Status { .. } => anyhow::anyhow!("{url}: {e}"),
             HttpError::Timeout(m) => anyhow::anyhow!("timeout: {m}; {cache_note}"),
             HttpError::Unreachable(m) => anyhow::anyhow!(
                 "cannot reach the Hub ({m}) and {cache_note}; connect to the network, or download it first \
-                 (e.g. `huggingface-cli download {}`)",
+                 (e.g. `huggingface-cli download {}{}`)",
+                match self.kind {
+                    RepoKind::Model => "",
+                    RepoKind::Dataset => "--repo-type dataset ",
+                },
                 self.repo_id
             ),
         }
@@ -264,6 +301,74 @@ impl HubRepo {
             Ok(_) => Ok(Lookup::Found(PathBuf::from(url))),
             Err(HttpError::Status { status: 404, .. }) => Ok(Lookup::Missing),
             Err(e) => Err(self.explain(file, e)),
+        }
+    }
+
+    /// `{endpoint}/api/{models|datasets}/{repo}/{what}`.
+    fn api_url(&self, what: &str) -> String {
+        format!("{}/api/{}/{}/{what}", self.opts.endpoint, self.kind.plural(), self.repo_id)
+    }
+
+    /// GETs an API URL and parses its JSON answer; `what` names it in errors.
+    fn get_json<T: serde::de::DeserializeOwned>(&mut self, url: &str, what: &str) -> Result<(T, Option<String>)> {
+        let page = match self.client().get_text(url) {
+            Ok(p) => p,
+            Err(e) => return Err(self.explain_at(url, what, e)),
+        };
+        let value = serde_json::from_str(&page.body)
+            .with_context(|| format!("{url}: the Hub's answer is not the expected JSON ({what})"))?;
+        Ok((value, page.next))
+    }
+
+    /// Asks the Hub which commit the revision points to now, and uses that commit from here on
+    /// (the cache's `refs/` is written by [`Self::write_ref`]). A commit hash is taken as it is.
+    /// Fails when offline.
+    pub fn resolve_online(&mut self) -> Result<String> {
+        if self.opts.offline {
+            bail!("{}: offline, so the revision cannot be asked of the Hub", self.label());
+        }
+        let commit = if hub_cache::is_commit_hash(&self.revision) {
+            self.revision.to_ascii_lowercase()
+        } else {
+            let url = self.api_url(&format!("revision/{}", encode_revision(&self.revision)));
+            let (info, _): (RevisionInfo, _) = self.get_json(&url, "the revision's commit")?;
+            match info.sha {
+                Some(c) if hub_cache::is_commit_hash(&c) => c.to_ascii_lowercase(),
+                other => bail!("{url}: the Hub gave no commit for `{}` (sha: {other:?})", self.revision),
+            }
+        };
+        self.commit = Some(commit.clone());
+        Ok(commit)
+    }
+
+    /// Every file and folder of the repository at the revision's commit (resolved online
+    /// first when it is not yet), through all pages of the Hub's recursive `tree` listing.
+    pub fn list_files(&mut self) -> Result<Vec<TreeEntry>> {
+        let commit = match &self.commit {
+            Some(c) => c.clone(),
+            None => self.resolve_online()?,
+        };
+        let mut url = Some(self.api_url(&format!("tree/{commit}?recursive=true")));
+        let mut entries = Vec::new();
+        let mut pages = 0;
+        while let Some(u) = url.take() {
+            pages += 1;
+            if pages > MAX_PAGES {
+                bail!("{}: the file list has more than {MAX_PAGES} pages", self.label());
+            }
+            let (page, next): (Vec<TreeEntry>, _) = self.get_json(&u, "the file list")?;
+            entries.extend(page);
+            url = next.filter(|n| *n != u);
+        }
+        Ok(entries)
+    }
+
+    /// Records in the cache that the revision points at the resolved commit (`refs/<revision>`;
+    /// nothing for a commit-hash revision, or before the commit is known).
+    pub fn write_ref(&self) -> Result<()> {
+        match &self.commit {
+            Some(c) => self.cache.write_ref(&self.revision, c),
+            None => Ok(()),
         }
     }
 }

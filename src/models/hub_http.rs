@@ -119,6 +119,42 @@ fn is_timeout(t: &ureq::Transport) -> bool {
     t.to_string().contains("timed out")
 }
 
+/// The most text [`HttpClient::get_text`] reads (one page of a listing is far smaller).
+const MAX_TEXT_BYTES: u64 = 256 << 20;
+
+/// One answer of [`HttpClient::get_text`].
+#[derive(Clone, Debug)]
+pub struct Page {
+    /// The body.
+    pub body: String,
+    /// The next page of a paginated listing (`Link: <url>; rel="next"`), if any.
+    pub next: Option<String>,
+}
+
+/// The `rel="next"` target of a `Link` header (`<url>; rel="next", <url>; rel="last"`).
+fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        let is_next = params.split(';').any(|p| {
+            let p = p.trim();
+            p.eq_ignore_ascii_case("rel=\"next\"") || p.eq_ignore_ascii_case("rel=next")
+        });
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        (is_next && !target.is_empty()).then(|| target.to_string())
+    })
+}
+
+/// `target` made absolute against the origin of `base` when it is a path (`/api/...`).
+fn absolute(base: &str, target: &str) -> String {
+    if !target.starts_with('/') {
+        return target.to_string();
+    }
+    match base.find("://").and_then(|i| base[i + 3..].find('/').map(|j| i + 3 + j)) {
+        Some(end) => format!("{}{target}", &base[..end]),
+        None => format!("{}{target}", base.trim_end_matches('/')),
+    }
+}
+
 /// An HTTP client for one Hub endpoint.
 pub struct HttpClient {
     follow: ureq::Agent,
@@ -192,11 +228,7 @@ impl HttpClient {
                     commit: None,
                 })?;
                 if location.starts_with('/') {
-                    let origin = match current.find("://").and_then(|i| current[i + 3..].find('/').map(|j| i + 3 + j)) {
-                        Some(end) => current[..end].to_string(),
-                        None => current.clone(),
-                    };
-                    current = format!("{origin}{location}");
+                    current = absolute(&current, &location);
                     continue;
                 }
                 return Ok(FileMeta { commit, etag, size, download_url: location });
@@ -204,6 +236,24 @@ impl HttpClient {
             return Ok(FileMeta { commit, etag, size, download_url: current });
         }
         Err(HttpError::Unreachable(format!("{url}: too many redirects")))
+    }
+
+    /// The body of a `GET` on `url` as text (an API answer: JSON), with the `rel="next"` link
+    /// of a paginated listing (the `Link` header), made absolute.
+    pub fn get_text(&self, url: &str) -> Result<Page, HttpError> {
+        let r = self.request(&self.follow, "GET", url).call().map_err(|e| self.classify(url, e))?;
+        let next = header(&r, "link").and_then(|l| next_link(&l)).map(|n| absolute(url, &n));
+        let mut body = String::new();
+        match r.into_reader().take(MAX_TEXT_BYTES).read_to_string(&mut body) {
+            Ok(_) => Ok(Page { body, next }),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
+                Err(HttpError::Timeout(format!(
+                    "{url}: the answer stalled for {:.0} s (set {TIMEOUT_ENV} to wait longer)",
+                    self.timeouts.read.as_secs_f64()
+                )))
+            }
+            Err(e) => Err(HttpError::Unreachable(format!("{url}: the answer was cut off: {e}"))),
+        }
     }
 
     /// Downloads `url` into `dest` (through `dest.incomplete`, renamed when complete); checks
@@ -273,5 +323,20 @@ impl HttpClient {
         }
         bar.set_message(label.to_string());
         bar
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{absolute, next_link};
+
+    #[test]
+    fn link_headers_and_relative_targets() {
+        let l = r#"<https://hf.co/api/x/tree/main?cursor=abc>; rel="next", <https://hf.co/api/x?p=9>; rel="last""#;
+        assert_eq!(next_link(l).as_deref(), Some("https://hf.co/api/x/tree/main?cursor=abc"));
+        assert_eq!(next_link(r#"<https://hf.co/a>; rel="last""#), None);
+        assert_eq!(next_link("garbage"), None);
+        assert_eq!(absolute("http://127.0.0.1:8/api/a?b", "/api/c?d"), "http://127.0.0.1:8/api/c?d");
+        assert_eq!(absolute("http://h:1/a", "https://cdn/x"), "https://cdn/x");
     }
 }

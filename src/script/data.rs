@@ -1,12 +1,13 @@
 //! Dataset, batch and batch-iterator script types.
 
 use super::convert::{err, number, op, options, to_json, to_usize, Res};
-use crate::data::hub::{hub_dataset, HubOptions};
+use crate::data::hub::{hub_dataset_with, HubOptions};
 use crate::data::loader::Loader;
 use crate::data::noise::parse_class_map;
 use crate::data::synthetic::{synthetic, SyntheticConfig};
 use crate::data::transforms::parse_transforms;
 use crate::data::{load_dataset, Batch, BatchOptions, Batches, Dataset, LoadOptions, NoiseKind};
+use crate::models::hub::HubOptions as HubAccess;
 use crate::session::Session;
 use candle_core::{Device, Tensor};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, FLOAT, INT};
@@ -76,18 +77,22 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         |path: &str| -> Res<Dataset> { op("load_dataset", load_dataset(Path::new(path), &LoadOptions::default())) }
     );
 
+    let s = session.clone();
+    let hub = move |repo: &str, o: Map| -> Res<Dataset> {
+        let ho: HubOptions = options("hub_dataset", &o)?;
+        let access = op("hub_dataset", HubAccess::from_env(s.offline, !s.quiet))?;
+        op("hub_dataset", hub_dataset_with(repo, &ho, &access))
+    };
+    let f = hub.clone();
     api!(engine, "hub_dataset", "repo: String, options: Map -> Dataset",
-        "A Hugging Face Hub dataset stored as parquet (image bytes and an integer label), e.g. \"uoft-cs/cifar10\", read from the Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub); class names come from the files' metadata. Options: split (\"train\"), image_column (img or image), label_column (label, labels or fine_label), revision (\"main\"), config (when the repo has several), channels (1 or 3), size ([h, w]: resize while loading), classes.",
-        |repo: &str, o: Map| -> Res<Dataset> {
-            let ho: HubOptions = options("hub_dataset", &o)?;
-            op("hub_dataset", hub_dataset(repo, &ho))
-        });
+        "A Hugging Face Hub dataset stored as parquet (image bytes and an integer label), e.g. \"uoft-cs/cifar10\", read from the Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub), else the split's parquet files are downloaded into it with timeouts (HF_ENDPOINT, HF_TOKEN; SAMHOST_HTTP_TIMEOUT_SECS); HF_HUB_OFFLINE=1 or --offline reads the cache only. Class names come from the files' metadata. Options: split (\"train\"), image_column (img or image), label_column (label, labels or fine_label), revision (\"main\"; \"refs/convert/parquet\" for the Hub's parquet copy of a dataset stored otherwise), config (when the repo has several), channels (1 or 3), size ([h, w]: resize while loading), classes.",
+        hub);
     api!(
         engine,
         "hub_dataset",
         "repo: String -> Dataset",
         "The train split of a Hub parquet dataset.",
-        |repo: &str| -> Res<Dataset> { op("hub_dataset", hub_dataset(repo, &HubOptions::default())) }
+        move |repo: &str| f(repo, Map::new())
     );
 
     api!(engine, "synthetic", "options: Map -> Dataset",

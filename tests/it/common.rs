@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use samhost::data::hub::write_image_parquet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -50,4 +51,34 @@ pub fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
         let abs = (x - y).abs();
         assert!(rel <= tol || abs <= tol * 1e-3, "{what}[{i}]: {x} vs {y} (rel {rel:e} > {tol:e})");
     }
+}
+
+/// A `w`x`h` RGB PNG whose pixels are all (value, value / 2, 255 - value).
+pub fn png_bytes(w: u32, h: u32, value: u8) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(w, h, image::Rgb([value, value / 2, 255 - value]))
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+/// The class names of [`write_tiny_parquet`] files.
+pub fn tiny_classes() -> Vec<String> {
+    ["airplane", "automobile", "bird"].iter().map(|s| s.to_string()).collect()
+}
+
+/// Writes a parquet file in the `datasets` image layout (columns `img`, `label`, the class
+/// names of [`tiny_classes`] in its metadata): one 4x4 PNG per label, image `i` all `40 * i`.
+pub fn write_tiny_parquet(path: &Path, labels: &[i64]) {
+    let imgs: Vec<Vec<u8>> = (0..labels.len()).map(|i| png_bytes(4, 4, 40 * i as u8)).collect();
+    write_image_parquet(path, "img", "label", &imgs, labels, Some(&tiny_classes())).unwrap();
+}
+
+/// The bytes of a [`write_tiny_parquet`] file (written under `dir`, then removed).
+pub fn tiny_parquet_bytes(dir: &Path, labels: &[i64]) -> Vec<u8> {
+    let p = dir.join("tiny-parquet.tmp");
+    write_tiny_parquet(&p, labels);
+    let b = std::fs::read(&p).unwrap();
+    std::fs::remove_file(&p).unwrap();
+    b
 }

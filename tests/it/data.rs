@@ -3,7 +3,7 @@
 
 use crate::common::*;
 use candle_core::{Device, Tensor};
-use samhost::data::hub::{resolve_dataset_files_in, write_image_parquet};
+use samhost::data::hub::resolve_dataset_files_in;
 use samhost::data::loader::{epoch_order, Batches};
 use samhost::data::noise::{corrupt_labels, CIFAR10_MAP};
 use samhost::data::synthetic::{synthetic, SyntheticConfig};
@@ -234,14 +234,6 @@ fn safetensors_u8_scaled_and_f32_exact() {
     assert!(e.contains("bad.safetensors") && e.contains("2 images but 3 labels"), "{e}");
 }
 
-fn png_bytes(w: u32, h: u32, value: u8) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::RgbImage::from_pixel(w, h, image::Rgb([value, value / 2, 255 - value]))
-        .write_to(&mut out, image::ImageFormat::Png)
-        .unwrap();
-    out.into_inner()
-}
-
 /// A fake Hugging Face cache holding a dataset `org/tiny` at commit `c0ffee...`.
 fn fake_hub_cache(root: &Path) {
     let repo = root.join("datasets--org--tiny");
@@ -250,19 +242,8 @@ fn fake_hub_cache(root: &Path) {
     std::fs::write(repo.join("refs").join("main"), format!("{commit}\n")).unwrap();
     let snap = repo.join("snapshots").join(commit).join("plain_text");
     std::fs::create_dir_all(&snap).unwrap();
-    let names: Vec<String> = ["airplane", "automobile", "bird"].iter().map(|s| s.to_string()).collect();
-    let imgs: Vec<Vec<u8>> = (0..5).map(|i| png_bytes(4, 4, 40 * i as u8)).collect();
-    write_image_parquet(
-        &snap.join("train-00000-of-00001.parquet"),
-        "img",
-        "label",
-        &imgs,
-        &[0, 1, 2, 1, 0],
-        Some(&names),
-    )
-    .unwrap();
-    write_image_parquet(&snap.join("test-00000-of-00001.parquet"), "img", "label", &imgs[..2], &[2, 2], Some(&names))
-        .unwrap();
+    write_tiny_parquet(&snap.join("train-00000-of-00001.parquet"), &[0, 1, 2, 1, 0]);
+    write_tiny_parquet(&snap.join("test-00000-of-00001.parquet"), &[2, 2]);
 }
 
 #[test]

@@ -297,7 +297,10 @@ fn clear_errors_for_bad_checkpoints() {
 // A loopback server that plays the Hub.
 
 struct Served {
+    /// The repository's URL path: `org/name` for a model, `datasets/org/name` for a dataset.
     repo: &'static str,
+    /// The Hub's port (for the absolute `Link` of the next page of a listing).
+    port: u16,
     files: HashMap<String, Vec<u8>>,
     /// Every request: method, path, Authorization header.
     log: RequestLog,
@@ -336,6 +339,62 @@ fn respond(stream: &mut TcpStream, method: &str, status: &str, headers: &[(&str,
     let _ = stream.flush();
 }
 
+/// Entries per page of the `tree` listing, small so that the client must follow `Link`.
+const TREE_PAGE: usize = 2;
+
+/// The Hub's API: `/api/{models|datasets}/REPO/revision/REV` (the commit) and
+/// `/api/.../REPO/tree/REV?recursive=true[&cursor=N]` (every file and folder, a page at a time).
+fn api(stream: &mut TcpStream, method: &str, path: &str, served: &Served) {
+    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    let route = route.strip_prefix("models/").unwrap_or(route);
+    let (repo, rev, tree) = match (route.split_once("/revision/"), route.split_once("/tree/")) {
+        (Some((repo, rev)), _) => (repo, rev, false),
+        (None, Some((repo, rev))) => (repo, rev, true),
+        _ => return respond(stream, method, "404 Not Found", &[], b""),
+    };
+    if repo != served.repo {
+        return respond(stream, method, "401 Unauthorized", &[("X-Error-Code", "RepoNotFound".into())], b"");
+    }
+    if rev != "main" && rev != COMMIT {
+        return respond(stream, method, "404 Not Found", &[("X-Error-Code", "RevisionNotFound".into())], b"");
+    }
+    let json = ("Content-Type", "application/json".to_string());
+    if !tree {
+        let body = json!({"id": repo.trim_start_matches("datasets/"), "sha": COMMIT}).to_string();
+        return respond(stream, method, "200 OK", &[json], body.as_bytes());
+    }
+    assert!(query.contains("recursive=true"), "{path}");
+    // Folders first, then files, as the Hub lists them; a folder per parent of every file.
+    let mut names: Vec<&String> = served.files.keys().collect();
+    names.sort();
+    let mut dirs: Vec<String> = names
+        .iter()
+        .flat_map(|n| {
+            let parts: Vec<&str> = n.split('/').collect();
+            (1..parts.len()).map(move |i| parts[..i].join("/"))
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let entries: Vec<Value> = dirs
+        .iter()
+        .map(|d| json!({"type": "directory", "oid": "0".repeat(40), "size": 0, "path": d}))
+        .chain(
+            names
+                .iter()
+                .map(|n| json!({"type": "file", "oid": "1".repeat(40), "size": served.files[*n].len(), "path": n})),
+        )
+        .collect();
+    let start: usize = query.split('&').find_map(|kv| kv.strip_prefix("cursor=")).map_or(0, |c| c.parse().unwrap());
+    let end = (start + TREE_PAGE).min(entries.len());
+    let mut headers = vec![json];
+    if end < entries.len() {
+        let next = format!("http://127.0.0.1:{}/api/{route}?recursive=true&cursor={end}", served.port);
+        headers.push(("Link", format!("<{next}>; rel=\"next\"")));
+    }
+    respond(stream, method, "200 OK", &headers, Value::from(entries[start..end].to_vec()).to_string().as_bytes())
+}
+
 fn handle(mut stream: TcpStream, cdn_port: u16, served: &Served) {
     let Some((method, path, auth)) = read_request(&mut stream) else { return };
     served.log.lock().unwrap().push((method.clone(), path.clone(), auth));
@@ -343,6 +402,9 @@ fn handle(mut stream: TcpStream, cdn_port: u16, served: &Served) {
     if let Some(name) = path.strip_prefix("/cdn/") {
         let body = served.files.get(name).cloned().unwrap_or_default();
         return respond(&mut stream, &method, "200 OK", &[], &body);
+    }
+    if let Some(rest) = path.strip_prefix("/api/") {
+        return api(&mut stream, &method, rest, served);
     }
     let Some((repo, rest)) = path.trim_start_matches('/').split_once("/resolve/") else {
         return respond(&mut stream, &method, "404 Not Found", &[], b"");
@@ -359,7 +421,7 @@ fn handle(mut stream: TcpStream, cdn_port: u16, served: &Served) {
         None => {
             respond(&mut stream, &method, "404 Not Found", &[("X-Error-Code", "EntryNotFound".into()), commit], b"")
         }
-        Some(body) if file.ends_with(".safetensors") => {
+        Some(body) if file.ends_with(".safetensors") || file.ends_with(".parquet") => {
             // Large files live on a CDN: the Hub redirects to an absolute URL.
             let location = format!("http://127.0.0.1:{cdn_port}/cdn/{file}");
             let headers = [
@@ -383,7 +445,8 @@ fn mock_hub_logged(repo: &'static str, files: Vec<(&str, Vec<u8>)>) -> (String, 
     let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
     let (port, cdn_port) = (hub.local_addr().unwrap().port(), cdn.local_addr().unwrap().port());
     let log = RequestLog::default();
-    let served = Served { repo, files: files.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), log: log.clone() };
+    let files = files.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let served = Served { repo, port, files, log: log.clone() };
     let served = Arc::new(served);
     for listener in [hub, cdn] {
         let served = served.clone();
@@ -592,4 +655,128 @@ fn dataset_repositories_use_their_own_urls_and_cache_folders() {
     assert_eq!(std::fs::read(&p).unwrap(), b"hello");
     assert!(p.starts_with(cache.join("datasets--test-org--data/snapshots").join(COMMIT)), "{}", p.display());
     assert_eq!(repo.file("test/part-0.txt").unwrap(), Lookup::Missing);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hub datasets: the split's parquet files are listed (tree API), downloaded, then read offline.
+
+const DATA_REPO: &str = "test-org/tiny";
+
+/// A dataset repository on the mock Hub: a README and one parquet file per split of config
+/// `plain_text` (train: 5 images, test: 2).
+fn mock_dataset_hub(tmp: &Path) -> (String, RequestLog) {
+    let train = tiny_parquet_bytes(tmp, &[0, 1, 2, 1, 0]);
+    let test = tiny_parquet_bytes(tmp, &[2, 2]);
+    mock_hub_logged(
+        "datasets/test-org/tiny",
+        vec![
+            ("README.md", b"# tiny".to_vec()),
+            ("plain_text/train-00000-of-00001.parquet", train),
+            ("plain_text/test-00000-of-00001.parquet", test),
+        ],
+    )
+}
+
+#[test]
+fn hub_dataset_downloads_a_split_then_reads_it_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let (endpoint, requests) = mock_dataset_hub(tmp.path());
+    write(
+        tmp.path(),
+        "d.rhai",
+        r#"let tr = hub_dataset("test-org/tiny");
+let te = hub_dataset("test-org/tiny", #{ split: "test" });
+print(`${tr.len()} ${te.len()} ${tr.classes} ${tr.shape} ${te.num_classes}`);"#,
+    );
+    let run = |offline: bool| {
+        let mut c = samhost();
+        if !offline {
+            c.env_remove("HF_HUB_OFFLINE");
+        }
+        c.current_dir(tmp.path())
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_ENDPOINT", &endpoint)
+            .env("SAMHOST_HTTP_TIMEOUT_SECS", "5")
+            .args(["run", "d.rhai"])
+            .output()
+            .unwrap()
+    };
+    let want = "5 2 [\"airplane\", \"automobile\", \"bird\"] [3, 4, 4] 3";
+    let o = run(false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), want);
+    // The download shows progress (the bar itself only on a terminal).
+    assert!(stderr(&o).contains("downloading test-org/tiny/plain_text/test-00000-of-00001.parquet"), "{}", stderr(&o));
+
+    let log: Vec<String> = requests.lock().unwrap().iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+    assert!(log.contains(&"GET /api/datasets/test-org/tiny/revision/main".to_string()), "{log:?}");
+    // The listing was followed over its pages (4 entries: a folder and 3 files).
+    let tree = format!("GET /api/datasets/test-org/tiny/tree/{COMMIT}?recursive=true");
+    assert!(log.contains(&tree) && log.contains(&format!("{tree}&cursor=2")), "{log:?}");
+    assert!(log.iter().any(|r| r.starts_with("GET /cdn/plain_text/train-")), "{log:?}");
+    assert!(!log.iter().any(|r| r.contains("README")), "only the split's files are fetched: {log:?}");
+
+    // The standard cache layout: refs/main, snapshot links into blobs/.
+    let root = cache.join("datasets--test-org--tiny");
+    assert_eq!(std::fs::read_to_string(root.join("refs/main")).unwrap().trim(), COMMIT);
+    let snap = root.join("snapshots").join(COMMIT).join("plain_text");
+    for f in ["train-00000-of-00001.parquet", "test-00000-of-00001.parquet"] {
+        let link = std::fs::read_link(snap.join(f)).unwrap();
+        assert!(link.starts_with("../../../blobs"), "{f} -> {}", link.display());
+        assert!(snap.join(f).is_file(), "{f}");
+    }
+
+    // HF_HUB_OFFLINE=1 with the server still up: the cache alone serves both splits.
+    let before = requests.lock().unwrap().len();
+    let o = run(true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), want);
+    assert_eq!(requests.lock().unwrap().len(), before, "offline made requests");
+}
+
+#[test]
+fn hub_dataset_errors_list_the_splits_found() {
+    use samhost::data::hub::{hub_dataset_with, HubOptions as DataOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let (endpoint, _) = mock_dataset_hub(tmp.path());
+    let hub = HubOptions { timeouts: Timeouts::uniform(5.0), ..HubOptions::new(&tmp.path().join("hub"), &endpoint) };
+    let split = |s: &str| DataOptions { split: s.into(), ..Default::default() };
+    let err = |r: anyhow::Result<samhost::data::Dataset>| match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    };
+
+    let e = err(hub_dataset_with(DATA_REPO, &split("validation"), &hub));
+    assert!(e.contains("test-org/tiny@main") && e.contains("no parquet file for split `validation`"), "{e}");
+    assert!(e.contains("splits found: test (plain_text), train (plain_text)"), "{e}");
+
+    let e = err(hub_dataset_with("test-org/absent", &split("train"), &hub));
+    assert!(e.contains("repository `test-org/absent` does not exist"), "{e}");
+    let e = err(hub_dataset_with(DATA_REPO, &DataOptions { revision: "v9".into(), ..split("train") }, &hub));
+    assert!(e.contains("revision `v9` does not exist"), "{e}");
+
+    // A config that is not there names the ones that are; the right one loads the labels.
+    let e = err(hub_dataset_with(DATA_REPO, &DataOptions { config: Some("other".into()), ..split("test") }, &hub));
+    assert!(e.contains("no `test` files under config `other`") && e.contains("plain_text"), "{e}");
+    let ds =
+        hub_dataset_with(DATA_REPO, &DataOptions { config: Some("plain_text".into()), ..split("test") }, &hub).unwrap();
+    assert_eq!((ds.len(), ds.label(0), ds.label(1), ds.classes()[2].as_str()), (2, 2, 2, "bird"));
+
+    // A Hub that never answers: a timeout, named, within the timeout.
+    let hub =
+        HubOptions { timeouts: Timeouts::uniform(0.5), ..HubOptions::new(&tmp.path().join("hub"), &silent_server()) };
+    let start = Instant::now();
+    let e = err(hub_dataset_with(DATA_REPO, &split("train"), &hub));
+    assert!(e.contains("test-org/tiny@main (split `train`)") && e.contains("timeout"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+
+    // A repository without parquet files points at the Hub's parquet copy.
+    let endpoint = mock_hub("datasets/test-org/csv", vec![("data/train.csv", b"a,b\n".to_vec())]);
+    let hub = HubOptions { timeouts: Timeouts::uniform(5.0), ..HubOptions::new(&tmp.path().join("hub"), &endpoint) };
+    let e = err(hub_dataset_with("test-org/csv", &split("train"), &hub));
+    assert!(
+        e.contains("no parquet files") && e.contains("data/train.csv") && e.contains("refs/convert/parquet"),
+        "{e}"
+    );
 }
