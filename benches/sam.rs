@@ -154,8 +154,11 @@ fn main() {
     println!("  tensor op from Rust {rust_ns:.0} ns; extra cost from a script {over_ns:.0} ns per call\n");
 
     let rng = HostRng::new(0);
-    let models: Vec<(&str, Model, Vec<usize>)> =
-        vec![("mlp [3072,512,512,10]", mlp(&[3072, 512, 512, 10], &rng, &Device::Cpu).unwrap(), vec![3, 32, 32])];
+    let cnn_cfg = ArchConfig::from_json(&resolve_config("cnn").unwrap(), false).unwrap();
+    let models: Vec<(&str, Model, Vec<usize>)> = vec![
+        ("mlp [3072,512,512,10]", mlp(&[3072, 512, 512, 10], &rng, &Device::Cpu).unwrap(), vec![3, 32, 32]),
+        ("cnn (defaults)", build_model(&cnn_cfg, &rng, &Device::Cpu).unwrap(), vec![3, 32, 32]),
+    ];
     println!(
         "{:<24} {:>5} {:>12} {:>12} {:>8} {:>14} {:>14} {:>10}",
         "model", "batch", "train ms", "sam ms", "sam/sgd", "train peak MB", "sam peak MB", "params MB"
