@@ -74,6 +74,15 @@ impl Optimizer for Sgd {
         check_aligned(params, grads)?;
         let c = &self.cfg;
         for ((name, p), g) in params.iter().zip(grads) {
+            let buf = self.momentum.get(name);
+            if super::inplace::applies(&[p.as_tensor(), g]) && buf.is_none_or(|b| super::inplace::applies(&[b])) {
+                let buf = self.momentum.remove(name);
+                let (lr, m, damp, wd) = (c.lr, c.momentum, c.dampening, c.weight_decay);
+                if let Some(b) = super::inplace::sgd(p.as_tensor(), g, buf, lr, m, damp, c.nesterov, wd)? {
+                    self.momentum.insert(name.clone(), b);
+                }
+                continue;
+            }
             let mut d = g.to_dtype(p.dtype())?;
             if c.weight_decay != 0.0 {
                 d = (d + p.as_tensor().affine(c.weight_decay, 0.0)?)?;
@@ -102,8 +111,9 @@ impl Optimizer for Sgd {
     }
 
     fn state(&self) -> Result<BTreeMap<String, Tensor>> {
+        // Copies: the buffers are updated in place by later steps.
         let mut s: BTreeMap<String, Tensor> =
-            self.momentum.iter().map(|(k, v)| (format!("momentum.{k}"), v.clone())).collect();
+            self.momentum.iter().map(|(k, v)| Ok((format!("momentum.{k}"), v.copy()?))).collect::<Result<_>>()?;
         s.insert("steps".into(), Tensor::new(&[self.steps as f64], &candle_core::Device::Cpu)?);
         s.insert("lr".into(), Tensor::new(&[self.cfg.lr], &candle_core::Device::Cpu)?);
         Ok(s)
@@ -114,8 +124,11 @@ impl Optimizer for Sgd {
         if let Some(lr) = state.get("lr") {
             self.cfg.lr = lr.flatten_all()?.to_vec1::<f64>()?[0];
         }
-        self.momentum =
-            state.iter().filter_map(|(k, v)| k.strip_prefix("momentum.").map(|n| (n.to_string(), v.clone()))).collect();
+        // Copies: the buffers are updated in place by later steps.
+        self.momentum = state
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("momentum.").map(|n| Ok((n.to_string(), v.copy()?))))
+            .collect::<Result<_>>()?;
         Ok(())
     }
 }
