@@ -187,8 +187,12 @@ impl RunRecord {
         self.resolved_config.as_ref()
     }
 
-    /// Records one `log(tag, map)` call and shows it.
-    pub fn record_metrics(&mut self, tag: &str, metrics: Map<String, Value>) -> Result<()> {
+    /// Records one `log(tag, map)` call and shows it. Without a `step` key the record gets the
+    /// number of optimizer steps taken so far.
+    pub fn record_metrics(&mut self, tag: &str, mut metrics: Map<String, Value>) -> Result<()> {
+        if !metrics.contains_key("step") && self.steps > 0 {
+            metrics.insert("step".into(), Value::from(self.steps));
+        }
         let epoch = metrics.get("epoch").and_then(Value::as_u64);
         let line = format_metrics(tag, &metrics);
         self.metrics.record(tag, metrics)?;
