@@ -125,6 +125,7 @@ fn child(selected: &[String], steps: usize) {
 }
 
 fn main() {
+    samhost::alloc::keep_freed_buffers();
     let steps: usize = std::env::var("SAMHOST_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let selected: Vec<String> = std::env::var("SAMHOST_BENCH_MODELS")
         .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())

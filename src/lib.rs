@@ -3,6 +3,7 @@
 //! The core (`train`, `models`, `data`, `run`) is plain Rust over candle and knows nothing of Rhai;
 //! `script` is the only module that imports `rhai`, and it only converts values and calls the core.
 
+pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod fsutil;

@@ -40,6 +40,7 @@ fn plot(a: samhost::cli::PlotArgs) -> runner::Outcome {
 }
 
 fn main() -> ExitCode {
+    samhost::alloc::keep_freed_buffers();
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(a) => runner::run(SessionOptions {
