@@ -89,39 +89,44 @@ fn time_step(model: &Model, b: &Batch, sam: bool) -> (f64, usize) {
     (median(times), peak)
 }
 
-fn script_loop(model: &Model, b: &Batch, n: usize, sam: bool) -> f64 {
+/// Median ms per step of the same step driven from Rust and from a Rhai script, the two timed
+/// alternately (one Rust step, one script step, `n` times) so that machine noise hits both alike.
+/// The script side is a `for` loop body: a registered call with an option map and the returned
+/// statistics map, as an experiment script runs it.
+fn rust_vs_script(model: &Model, b: &Batch, n: usize, sam: bool) -> (f64, f64) {
     let session = Rc::new(Session::cpu());
     let engine = samhost::script::build_engine(&session);
     let mut scope = rhai::Scope::new();
     scope.push("m", model.clone());
     scope.push("b", b.clone());
-    let call = if sam { "sam_step(m, o, b, #{ rho: 0.05 })" } else { "train_step(m, o, b)" };
-    let src = format!("let o = sgd(m, #{{ lr: 0.01, momentum: 0.9 }}); for i in 0..{n} {{ {call}; }}");
-    let ast = engine.compile(&src).unwrap();
-    engine.run_ast_with_scope(&mut scope, &ast).unwrap(); // warm-up
-    let t = Instant::now();
-    engine.run_ast_with_scope(&mut scope, &ast).unwrap();
-    t.elapsed().as_secs_f64() * 1e3 / n as f64
-}
-
-fn rust_loop(model: &Model, b: &Batch, n: usize, sam: bool) -> f64 {
+    let setup = engine.compile("let o = sgd(m, #{ lr: 0.01, momentum: 0.9 });").unwrap();
+    engine.run_ast_with_scope(&mut scope, &setup).unwrap();
+    let call =
+        if sam { "let s = sam_step(m, o, b, #{ rho: 0.05 }); s.loss" } else { "let s = train_step(m, o, b); s.loss" };
+    let step = engine.compile(call).unwrap();
     let mut o = opt();
     let cfg = SamConfig::default();
-    let one = |o: &mut Sgd| {
+    let mut rust = || {
         if sam {
-            sam_step(model, o, &b.images, &b.labels, &LossFn::default(), &cfg).unwrap();
+            sam_step(model, &mut o, &b.images, &b.labels, &LossFn::default(), &cfg).unwrap();
         } else {
-            train_step(model, o, &b.images, &b.labels, &LossFn::default(), None).unwrap();
+            train_step(model, &mut o, &b.images, &b.labels, &LossFn::default(), None).unwrap();
         }
     };
-    for _ in 0..n {
-        one(&mut o);
+    let (mut tr, mut ts) = (Vec::new(), Vec::new());
+    for i in 0..n + 2 {
+        let t = Instant::now();
+        rust();
+        let r = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        engine.eval_ast_with_scope::<rhai::Dynamic>(&mut scope, &step).unwrap();
+        let s = t.elapsed().as_secs_f64() * 1e3;
+        if i >= 2 {
+            tr.push(r);
+            ts.push(s);
+        }
     }
-    let t = Instant::now();
-    for _ in 0..n {
-        one(&mut o);
-    }
-    t.elapsed().as_secs_f64() * 1e3 / n as f64
+    (median(tr), median(ts))
 }
 
 /// Nanoseconds per script call of `t + 1.0` on a one-element tensor, minus the same op from Rust.
@@ -178,8 +183,7 @@ fn main() {
         );
         let n = steps();
         for sam in [false, true] {
-            let r = rust_loop(model, &b, n, sam);
-            let s = script_loop(model, &b, n, sam);
+            let (r, s) = rust_vs_script(model, &b, n, sam);
             println!(
                 "  {} loop: Rust {r:.2} ms/step, Rhai script {s:.2} ms/step, script overhead {:+.2}%",
                 if sam { "sam_step  " } else { "train_step" },
