@@ -142,3 +142,28 @@ pub fn sgd(
     p.inplace_op3(&g, &buf, &apply)?;
     Ok(Some(buf))
 }
+
+/// `p ← p + a·g`.
+struct Axpy {
+    a: f32,
+}
+
+impl InplaceOp2 for Axpy {
+    fn name(&self) -> &'static str {
+        "axpy"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let p = slice_mut(s1, l1, self.name())?;
+        let g = slice(s2, l2, self.name())?;
+        for (p, &g) in p.iter_mut().zip(g) {
+            *p += self.a * g;
+        }
+        Ok(())
+    }
+}
+
+/// `p ← p + a·g` in place (CPU, f32, contiguous: check with [`applies`]).
+pub fn axpy(p: &Tensor, g: &Tensor, a: f64) -> Result<()> {
+    p.inplace_op2(g, &Axpy { a: a as f32 })
+}

@@ -135,14 +135,18 @@ fn perturb(params: &[(String, Var)], g: &[Tensor], cfg: &SamConfig) -> Result<Ve
     let scale = cfg.rho / (norm + cfg.eps);
     let mut saved = Vec::with_capacity(params.len());
     for ((_, p), g) in params.iter().zip(g) {
-        let g = g.to_dtype(p.dtype())?;
-        let e = if cfg.adaptive {
-            (asam_scale(p, cfg.eta)?.sqr()? * g)?.affine(scale, 0.0)?
-        } else {
-            g.affine(scale, 0.0)?
-        };
         let w = p.as_tensor().copy()?;
-        p.set(&(&w + e)?)?;
+        if !cfg.adaptive && super::inplace::applies(&[p.as_tensor(), g]) {
+            super::inplace::axpy(p.as_tensor(), g, scale)?;
+        } else {
+            let g = g.to_dtype(p.dtype())?;
+            let e = if cfg.adaptive {
+                (asam_scale(p, cfg.eta)?.sqr()? * g)?.affine(scale, 0.0)?
+            } else {
+                g.affine(scale, 0.0)?
+            };
+            p.set(&(&w + e)?)?;
+        }
         saved.push(w);
     }
     Ok(saved)
