@@ -1,7 +1,7 @@
 //! A small convolutional network: per stage a 3x3 convolution (padding 1), ReLU and 2x2
 //! max-pooling; then flatten, a hidden linear layer with ReLU, and the classifier.
 
-use super::layers::{conv_torch, linear, max_pool2, Conv};
+use super::layers::{conv_torch, linear, Conv};
 use super::registry::ArchConfig;
 use super::Network;
 use anyhow::{bail, Result};
@@ -97,9 +97,9 @@ impl Network for Cnn {
         super::layers::check_input("cnn", x, &self.cfg.input)?;
         let mut h = x.clone();
         for conv in &self.convs {
-            h = max_pool2(&conv.forward(&h)?.relu()?)?;
+            h = crate::ops::max_pool2(&crate::ops::relu(&conv.forward(&h)?)?)?;
         }
-        let h = self.fc.forward(&h.flatten_from(1)?)?.relu()?;
+        let h = crate::ops::relu(&self.fc.forward(&h.flatten_from(1)?)?)?;
         self.classifier.forward(&h)
     }
 

@@ -168,7 +168,7 @@ impl Activation {
             Self::Gelu => super::fused::gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
-            Self::Relu => x.relu(),
+            Self::Relu => crate::ops::relu(x),
             Self::Silu => x.mul(&sigmoid(x)?),
         }
     }
@@ -182,22 +182,6 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 /// The mean over the spatial dimensions: `[N, C, H, W]` to `[N, C]`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean(D::Minus1)?.mean(D::Minus1)
-}
-
-/// 2x2 max-pooling with stride 2 (floor mode, as PyTorch: an odd last row or column is
-/// dropped). Computed as a max over a reshaped view: candle's `max_pool2d` backward scales the
-/// gradient by 1/4 (it multiplies by the share of maxima in a window instead of dividing by
-/// their count). Where a window holds tied maxima, each gets the full gradient (PyTorch gives it
-/// to one); after a ReLU such ties are zeros, whose gradient the ReLU stops anyway.
-pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    if h < 2 || w < 2 {
-        candle_core::bail!("2x2 max-pooling needs an input of at least 2x2, got {h}x{w}");
-    }
-    let (h2, w2) = (h / 2, w / 2);
-    let x = if h % 2 == 1 { x.narrow(2, 0, h - 1)? } else { x.clone() };
-    let x = if w % 2 == 1 { x.narrow(3, 0, w - 1)? } else { x };
-    x.reshape((n, c, h2, 2, w2, 2))?.max(5)?.max(3)
 }
 
 /// `x[:, :, ::2, ::2]`: every other row and column, starting with the first.

@@ -73,7 +73,7 @@ impl Network for Mlp {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h)?;
             if i < last {
-                h = h.relu()?;
+                h = crate::ops::relu(&h)?;
             }
         }
         Ok(h)

@@ -98,14 +98,14 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = bn(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
+        let h = crate::ops::relu(&bn(&self.bn1, &self.conv1.forward(x)?, train)?)?;
         let h = bn(&self.bn2, &self.conv2.forward(&h)?, train)?;
         let s = match &self.skip {
             Skip::Identity => x.clone(),
             Skip::Pad { left, right } => subsample2(x)?.pad_with_zeros(1, *left, *right)?,
             Skip::Conv { conv, bn: norm } => bn(norm, &conv.forward(x)?, train)?,
         };
-        (h + s)?.relu()
+        crate::ops::relu(&(h + s)?)
     }
 }
 
@@ -146,7 +146,7 @@ impl Network for ResNet {
         if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
             candle_core::bail!("resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
-        let mut h = bn(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
+        let mut h = crate::ops::relu(&bn(&self.bn1, &self.conv1.forward(x)?, train)?)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }

@@ -85,8 +85,8 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let a = bn(&self.bn1, x, train)?.relu()?;
-        let h = bn(&self.bn2, &self.conv1.forward(&a)?, train)?.relu()?;
+        let a = crate::ops::relu(&bn(&self.bn1, x, train)?)?;
+        let h = crate::ops::relu(&bn(&self.bn2, &self.conv1.forward(&a)?, train)?)?;
         let h = self.conv2.forward(&self.dropout.forward_t(&h, train)?)?;
         // The shortcut of a block that changes shape sees the pre-activated input.
         match &self.shortcut {
@@ -141,7 +141,7 @@ impl Network for WideResNet {
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
-        let h = bn(&self.bn1, &h, train)?.relu()?;
+        let h = crate::ops::relu(&bn(&self.bn1, &h, train)?)?;
         self.fc.forward(&global_avg_pool(&h)?)
     }
 

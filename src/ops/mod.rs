@@ -2,5 +2,7 @@
 //! own backward passes.
 
 pub mod conv2d;
+pub mod pointwise;
 
 pub use conv2d::{conv2d, Conv2dLayer};
+pub use pointwise::{max_pool2, relu};

@@ -241,7 +241,7 @@ fn max_pool_backward_is_exact_on_odd_sizes() {
         &Tensor::from_vec(vec![1f32, 5., 9., 2., 3., 8., 7., 6., 4.], (1, 1, 3, 3), &Device::Cpu).unwrap(),
     )
     .unwrap();
-    let y = layers::max_pool2(x.as_tensor()).unwrap();
+    let y = samhost::ops::max_pool2(x.as_tensor()).unwrap();
     assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [5.0]);
     let g = y.sum_all().unwrap().backward().unwrap();
     let gx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

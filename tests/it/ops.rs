@@ -59,3 +59,33 @@ fn conv2d_rejects_bad_shapes_with_a_message() {
     let e = conv2d(&x, &k, 1, 1).unwrap_err().to_string();
     assert!(e.contains("3 channels") && e.contains("expects 4"), "{e}");
 }
+
+/// The single-pass ReLU and 2x2 max-pool against candle's elementary ops: values and gradients.
+#[test]
+fn relu_and_max_pool_match_elementary_ops() {
+    let rng = HostRng::new(9);
+    for dims in [[2usize, 3, 8, 8], [3, 2, 7, 5], [1, 4, 2, 3]] {
+        let x = Var::from_tensor(&rand(&rng, &dims, DType::F32)).unwrap();
+        let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+        // relu
+        let r = rand(&rng, &dims, DType::F32);
+        let ours = samhost::ops::relu(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().relu().unwrap();
+        assert_eq!(max_rel(&ours, &theirs), 0.0);
+        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(max_rel(ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap()), 0.0, "relu grad {dims:?}");
+        // max-pool: reshape + max over the cropped input as the reference
+        let ours = samhost::ops::max_pool2(x.as_tensor()).unwrap();
+        let cropped = x.as_tensor().narrow(2, 0, h - h % 2).unwrap().narrow(3, 0, w - w % 2).unwrap();
+        let theirs = cropped.reshape((n, c, h / 2, 2, w / 2, 2)).unwrap().max(5).unwrap().max(3).unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        assert_eq!(max_rel(&ours, &theirs), 0.0, "max-pool values {dims:?}");
+        let r = rand(&rng, ours.dims(), DType::F32);
+        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        // Each window's gradient goes to its maximum (random inputs: no ties).
+        let (a, b) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
+        assert!(max_rel(a, b) < 1e-6, "max-pool grad {dims:?}: {:e}", max_rel(a, b));
+    }
+}
