@@ -7,7 +7,7 @@
 //! devices, other dtypes, evaluation mode, and second-order gradients
 //! (`CANDLE_GRAD_DO_NOT_DETACH` set) use the same math from elementary ops.
 
-use super::fused::{f32_slice, fused_ok};
+use crate::ops::cpu::{f32_slice, fused_ok};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use std::sync::{Arc, Mutex};

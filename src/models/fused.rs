@@ -11,18 +11,7 @@
 use candle_core::cpu::erf::erf_f64;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-/// Whether `x` takes the fused path.
-pub fn fused_ok(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none()
-}
-
-/// The elements of a contiguous f32 storage.
-pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("fused op: {what} must be a contiguous f32 tensor"),
-    }
-}
+use crate::ops::cpu::{f32_slice, fused_ok};
 
 fn host(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()

@@ -2,6 +2,7 @@
 //! own backward passes.
 
 pub mod conv2d;
+pub mod cpu;
 pub mod pointwise;
 
 pub use conv2d::{conv2d, Conv2dLayer};

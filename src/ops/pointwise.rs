@@ -4,22 +4,12 @@
 //! full-size temporaries) and max-pooling through `reshape` + `max` builds equality masks; here
 //! each direction is one pass over contiguous f32 data. Other devices and dtypes use candle.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
-
-fn fast(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none()
-}
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
-    }
-}
+use super::cpu::{f32_slice, fused_ok};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `max(x, 0)` element-wise.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if fast(x) {
+    if fused_ok(x) {
         x.contiguous()?.apply_op1(Relu)
     } else {
         x.relu()
@@ -34,7 +24,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, self.name())?;
+        let x = f32_slice(s, l, self.name())?;
         Ok((CpuStorage::F32(x.iter().map(|&v| v.max(0.0)).collect()), l.shape().clone()))
     }
 
@@ -52,7 +42,7 @@ impl CustomOp2 for ReluGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (y, g) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
         let dx = y.iter().zip(g).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect();
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -65,7 +55,7 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
     if h < 2 || w < 2 {
         candle_core::bail!("2x2 max-pooling needs an input of at least 2x2, got {h}x{w}");
     }
-    if fast(x) {
+    if fused_ok(x) {
         x.contiguous()?.apply_op1(MaxPool2)
     } else {
         let (n, c) = (x.dim(0)?, x.dim(1)?);
@@ -96,7 +86,7 @@ impl CustomOp1 for MaxPool2 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, self.name())?;
+        let x = f32_slice(s, l, self.name())?;
         let (n, c, h, w) = l.shape().dims4()?;
         let (ho, wo) = (h / 2, w / 2);
         let mut y = Vec::with_capacity(n * c * ho * wo);
@@ -125,7 +115,7 @@ impl CustomOp2 for MaxPool2Grad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (x, g) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
         let (n, c, h, w) = l1.shape().dims4()?;
         let (ho, wo) = (h / 2, w / 2);
         if l2.shape().dims() != [n, c, ho, wo] {

@@ -271,6 +271,19 @@ pub fn file_stem(metric: &str) -> String {
     metric.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
+impl Figure {
+    /// A figure of one metric against `x`, titled by the metric.
+    fn of_metric(metric: &str, x: XAxis, lines: Vec<Line>) -> Self {
+        Self {
+            title: metric.to_string(),
+            x_label: x.label().into(),
+            y_label: metric.to_string(),
+            lines,
+            goal: goal(metric),
+        }
+    }
+}
+
 /// The figure of `metric` over `records`, one line per tag (only the tags in `tags`, when given),
 /// against `x` (chosen from the data when `None`). `None` when no record has the metric.
 pub fn metric_figure(records: &[Value], metric: &str, tags: Option<&[String]>, x: Option<XAxis>) -> Option<Figure> {
@@ -287,13 +300,7 @@ pub fn metric_figure(records: &[Value], metric: &str, tags: Option<&[String]>, x
             points: pts.iter().enumerate().map(|(i, p)| (x.x(i, p), p.value)).collect(),
         })
         .collect();
-    Some(Figure {
-        title: metric.to_string(),
-        x_label: x.label().into(),
-        y_label: metric.to_string(),
-        lines,
-        goal: goal(metric),
-    })
+    Some(Figure::of_metric(metric, x, lines))
 }
 
 /// Writes `<dir>/<metric>.png` for every numeric metric of `records`; returns the files written.
@@ -337,13 +344,7 @@ pub fn compare_figure(runs: &[RunSeries], metric: &str, x: Option<XAxis>) -> Opt
     if lines.is_empty() {
         return None;
     }
-    Some(Figure {
-        title: metric.to_string(),
-        x_label: x.label().into(),
-        y_label: metric.to_string(),
-        lines,
-        goal: goal(metric),
-    })
+    Some(Figure::of_metric(metric, x, lines))
 }
 
 #[cfg(test)]

@@ -1,21 +1,8 @@
 //! Element-wise optimizer updates written in place on the CPU (one pass over each array, no
 //! temporaries), for f32 contiguous tensors. Other devices and dtypes use the tensor-op path.
 
+use crate::ops::cpu::{f32_slice, f32_slice_mut};
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("in-place {what}: expected a contiguous f32 tensor"),
-    }
-}
-
-fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("in-place {what}: expected a contiguous f32 tensor"),
-    }
-}
 
 /// Whether the fast path applies to these tensors.
 pub fn applies(ts: &[&Tensor]) -> bool {
@@ -44,8 +31,8 @@ impl InplaceOp3 for MomentumUpdate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let buf = slice_mut(s1, l1, self.name())?;
-        let (g, p) = (slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
+        let buf = f32_slice_mut(s1, l1, self.name())?;
+        let (g, p) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let (m, keep, wd) = (self.momentum, 1.0 - self.dampening, self.weight_decay);
         for ((b, &g), &p) in buf.iter_mut().zip(g).zip(p) {
             let d = g + wd * p;
@@ -77,8 +64,8 @@ impl InplaceOp3 for MomentumApply {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let p = slice_mut(s1, l1, self.name())?;
-        let (g, buf) = (slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
+        let p = f32_slice_mut(s1, l1, self.name())?;
+        let (g, buf) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let (lr, m, wd) = (self.lr, self.momentum, self.weight_decay);
         for ((p, &g), &b) in p.iter_mut().zip(g).zip(buf) {
             let u = if self.nesterov { g + wd * *p + m * b } else { b };
@@ -100,8 +87,8 @@ impl InplaceOp2 for PlainApply {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let p = slice_mut(s1, l1, self.name())?;
-        let g = slice(s2, l2, self.name())?;
+        let p = f32_slice_mut(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
         for (p, &g) in p.iter_mut().zip(g) {
             *p -= self.lr * (g + self.weight_decay * *p);
         }
@@ -154,8 +141,8 @@ impl InplaceOp2 for Axpy {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let p = slice_mut(s1, l1, self.name())?;
-        let g = slice(s2, l2, self.name())?;
+        let p = f32_slice_mut(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
         for (p, &g) in p.iter_mut().zip(g) {
             *p += self.a * g;
         }

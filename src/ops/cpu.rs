@@ -1,0 +1,27 @@
+//! Shared plumbing of the CPU custom ops: when the fast path applies, and typed views of candle's
+//! CPU storage.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+
+/// Whether `x` takes the fused CPU path: f32 on the CPU, and first-order gradients only
+/// (with `CANDLE_GRAD_DO_NOT_DETACH` set the backward passes must themselves be differentiable,
+/// which the fused ones are not).
+pub fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none()
+}
+
+/// The elements of a contiguous f32 storage; `what` names the operand in the error.
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
+    }
+}
+
+/// The elements of a contiguous f32 storage, for writing in place.
+pub fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
+    }
+}
