@@ -45,6 +45,11 @@ pub struct RunArgs {
     /// Where tensors live: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Precision of the forward and backward passes: f32, or bf16 / f16 mixed precision (master
+    /// weights, gradients, optimizer state and the SAM ascent norm stay f32)
+    /// [default: f32; with --resume, the run's recorded dtype].
+    #[arg(long, value_parser = parse_precision)]
+    pub dtype: Option<crate::models::Precision>,
     /// Seed of every random source (initialisation, shuffles, label noise, augmentation)
     /// [default: 42; with --resume, the run's recorded seed].
     #[arg(long)]
@@ -85,6 +90,11 @@ pub struct PlotArgs {
     /// The horizontal axis: step, epoch or record [default: the finest that moves].
     #[arg(long)]
     pub x: Option<String>,
+}
+
+/// Parses `--dtype`.
+pub fn parse_precision(s: &str) -> Result<crate::models::Precision, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
 }
 
 /// Parses `KEY=VALUE`.

@@ -6,6 +6,7 @@
 pub mod alloc;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod fsutil;
 pub mod models;
 pub mod ops;

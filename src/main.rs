@@ -45,6 +45,8 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(a) => runner::run(SessionOptions {
             device: a.device,
+            precision: a.dtype.unwrap_or_default(),
+            precision_given: a.dtype.is_some(),
             seed: a.seed.unwrap_or(samhost::session::DEFAULT_SEED),
             seed_given: a.seed.is_some(),
             overrides: a.set,

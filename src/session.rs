@@ -1,10 +1,13 @@
 //! The host state every script binding reaches: device, seeded generator, `--set` overrides,
 //! output settings and the interrupt flag.
 
+use crate::device::{parse_device, DeviceChoice};
+use crate::models::registry::{build_model, ArchConfig};
+use crate::models::{Model, Precision};
 use crate::rng::HostRng;
 use crate::run::progress::ProgressMode;
 use crate::run::RunRecord;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Device;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
@@ -25,6 +28,10 @@ pub const DEFAULT_SEED: u64 = 42;
 pub struct SessionOptions {
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
+    /// The precision models compute in (`--dtype`): f32, or bf16/f16 mixed precision.
+    pub precision: Precision,
+    /// Whether `--dtype` was given (a resumed run otherwise takes the recorded one).
+    pub precision_given: bool,
     /// Seed of every random source of the host.
     pub seed: u64,
     /// `--set KEY=VALUE` overrides, in order.
@@ -51,6 +58,8 @@ impl Default for SessionOptions {
     fn default() -> Self {
         Self {
             device: "cpu".into(),
+            precision: Precision::F32,
+            precision_given: false,
             seed: DEFAULT_SEED,
             overrides: Vec::new(),
             quiet: true,
@@ -69,6 +78,10 @@ impl Default for SessionOptions {
 pub struct Session {
     /// Where tensors and models live.
     pub device: Device,
+    /// The device as chosen (what was asked for, and why `auto` chose it).
+    pub device_choice: DeviceChoice,
+    /// The precision new models compute in (`--dtype`).
+    pub precision: Precision,
     /// The seed the generator started from.
     pub seed: u64,
     /// The generator behind every random number the host draws.
@@ -94,12 +107,22 @@ pub struct Session {
 }
 
 impl Session {
+    /// A model of `cfg` on the session's device, initialised from its generator, computing in its
+    /// precision.
+    pub fn build_model(&self, cfg: &ArchConfig) -> Result<Model> {
+        let model = build_model(cfg, &self.rng, &self.device)?;
+        model.set_precision(self.precision);
+        Ok(model)
+    }
+
     /// A session from command-line options; fails on an unknown or unavailable device.
     pub fn new(opts: SessionOptions) -> Result<Self> {
-        let device = parse_device(&opts.device)?;
+        let device_choice = parse_device(&opts.device)?;
         let mode = ProgressMode::detect(opts.quiet, opts.progress_every);
         Ok(Self {
-            device,
+            device: device_choice.device.clone(),
+            device_choice,
+            precision: opts.precision,
             seed: opts.seed,
             rng: HostRng::new(opts.seed),
             overrides: opts.overrides,
@@ -180,47 +203,5 @@ impl Session {
                 Err(_) => eprintln!("{line}"),
             }
         }
-    }
-}
-
-/// A human name for a device: `cpu` or `cuda:N`.
-pub fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
-/// Parses `cpu`, `cuda`, `cuda:N` or `auto` into a device.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let spec = spec.trim().to_ascii_lowercase();
-    let ordinal = |s: &str| -> Result<usize> {
-        s.parse().map_err(|_| anyhow::anyhow!("--device {spec}: `{s}` is not a GPU number"))
-    };
-    match spec.as_str() {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            if cfg!(feature = "cuda") {
-                if let Ok(d) = Device::new_cuda(0) {
-                    return Ok(d);
-                }
-            }
-            Ok(Device::Cpu)
-        }
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let n = match s.strip_prefix("cuda:") {
-                Some(n) => ordinal(n)?,
-                None => 0,
-            };
-            if !cfg!(feature = "cuda") {
-                bail!(
-                    "--device {spec}: this samhost was built without CUDA; rebuild it with \
-                     `cargo build --release --features cuda` (needs the CUDA compiler, nvcc)"
-                );
-            }
-            Device::new_cuda(n).map_err(|e| anyhow::anyhow!("--device {spec}: cannot open GPU {n}: {e}"))
-        }
-        other => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
     }
 }

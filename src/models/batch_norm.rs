@@ -41,8 +41,12 @@ pub fn bn(layer: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
 }
 
 impl BatchNorm2d {
-    /// Normalises `x` in training (`train`) or evaluation mode.
+    /// Normalises `x` in training (`train`) or evaluation mode. bf16/f16 inputs are normalised
+    /// in f32 (statistics, weights and running buffers stay f32) and the result cast back.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if matches!(x.dtype(), DType::BF16 | DType::F16) {
+            return self.forward_t(&x.to_dtype(DType::F32)?, train)?.to_dtype(x.dtype());
+        }
         let (n, c, h, w) = x.dims4()?;
         if c != self.weight.dim(0)? {
             candle_core::bail!("batch norm of {} channels got an input {:?}", self.weight.dim(0)?, x.dims());

@@ -1,12 +1,12 @@
 //! A small convolutional network: per stage a 3x3 convolution (padding 1), ReLU and 2x2
 //! max-pooling; then flatten, a hidden linear layer with ReLU, and the classifier.
 
-use super::layers::{conv_torch, linear, Conv};
+use super::layers::{conv_torch, linear, Conv, Linear};
 use super::registry::ArchConfig;
 use super::Network;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// The configuration of [`Cnn`]. Tensors: `conv1..convK`, `fc` (hidden), `classifier`.

@@ -63,8 +63,21 @@ impl CustomOp1 for GeluErf {
     }
 }
 
-/// Softmax over the last dimension.
+/// `f` applied to `x` in f32 and its result cast back to `x`'s type, for bf16/f16 inputs
+/// (mixed precision keeps normalisations and softmax in f32, as PyTorch's autocast does).
+fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+}
+
+fn is_low_precision(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
+/// Softmax over the last dimension (computed in f32 for bf16/f16 inputs).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if is_low_precision(x) {
+        return in_f32(x, softmax_last);
+    }
     if fused_ok(x) && x.rank() > 0 {
         x.contiguous()?.apply_op1(SoftmaxLast)
     } else {
@@ -111,8 +124,12 @@ impl CustomOp1 for SoftmaxLast {
 }
 
 /// Layer normalisation over the last dimension with `weight` and `bias` (the reference math:
-/// `(x - mean) / sqrt(var + eps) * weight + bias`, biased variance).
+/// `(x - mean) / sqrt(var + eps) * weight + bias`, biased variance). bf16/f16 inputs are
+/// normalised in f32 with the f32 weight and bias, and the result cast back.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_low_precision(x) {
+        return in_f32(x, |x| layer_norm(x, weight, bias, eps));
+    }
     if fused_ok(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
         x.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps })
     } else {

@@ -3,10 +3,68 @@
 //! tensor names.
 
 use crate::rng::HostRng;
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 
 pub use super::batch_norm::{batch_norm, bn, BatchNorm2d};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+
+/// `t` in `dtype`: `t` itself when it already is, else a cast that gradients flow through (they
+/// come back in `t`'s own type). Mixed precision casts the f32 master weights this way at each use.
+pub fn cast_as(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
+    }
+}
+
+/// `x + p` for a parameter `p` broadcast over `x` (a bias, an embedding). With `x` in bf16/f16
+/// and `p` f32 the sum is taken in f32 and rounded back, so the gradient of `p`, a sum over the
+/// broadcast dimensions, accumulates in f32 (a bf16 sum over a batch of feature maps loses most
+/// of its digits).
+pub fn add_param(x: &Tensor, p: &Tensor) -> Result<Tensor> {
+    if x.dtype() == p.dtype() {
+        x.broadcast_add(p)
+    } else {
+        x.to_dtype(p.dtype())?.broadcast_add(p)?.to_dtype(x.dtype())
+    }
+}
+
+/// A fully connected layer `x·Wᵀ + b` (`weight [out, in]`, optional `bias [out]`, the PyTorch
+/// layout) that computes in its input's dtype.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer over existing tensors.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl From<candle_nn::Linear> for Linear {
+    fn from(l: candle_nn::Linear) -> Self {
+        Self::new(l.weight().clone(), l.bias().cloned())
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = candle_nn::Linear::new(cast_as(&self.weight, x.dtype())?, None).forward(x)?;
+        match &self.bias {
+            Some(b) => add_param(&y, b),
+            None => Ok(y),
+        }
+    }
+}
 
 /// A linear layer `weight [out, in]`, `bias [out]` initialised as PyTorch's `nn.Linear`: both
 /// uniform in ±1/sqrt(in).
@@ -37,9 +95,9 @@ pub struct Conv {
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::ops::conv2d(x, &self.weight, self.stride, self.padding)?;
+        let y = crate::ops::conv2d(x, &cast_as(&self.weight, x.dtype())?, self.stride, self.padding)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(b) => add_param(&y, &b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
         }
     }
@@ -179,8 +237,12 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
-/// The mean over the spatial dimensions: `[N, C, H, W]` to `[N, C]`.
+/// The mean over the spatial dimensions: `[N, C, H, W]` to `[N, C]` (summed in f32 for bf16/f16
+/// inputs).
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    if matches!(x.dtype(), DType::BF16 | DType::F16) {
+        return global_avg_pool(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
     x.mean(D::Minus1)?.mean(D::Minus1)
 }
 

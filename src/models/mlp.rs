@@ -1,11 +1,12 @@
 //! The multi-layer perceptron: flatten, then `fc1..fcN` linear layers with ReLU between.
 
+use super::layers::Linear;
 use super::registry::{build_model, ArchConfig};
 use super::{Model, Network};
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// The configuration of an MLP: `sizes` is `[in, hidden.., classes]`.
@@ -55,7 +56,7 @@ impl Mlp {
             .sizes
             .windows(2)
             .enumerate()
-            .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(format!("fc{}", i + 1))))
+            .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(format!("fc{}", i + 1))).map(Linear::from))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { cfg: cfg.clone(), layers })
     }

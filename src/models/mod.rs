@@ -12,6 +12,7 @@ pub mod layers;
 pub mod mlp;
 pub mod model;
 pub mod params;
+pub mod precision;
 pub mod pretrained;
 pub mod registry;
 pub mod resnet;
@@ -21,4 +22,5 @@ pub mod wide_resnet;
 
 pub use model::{Model, Network};
 pub use params::{is_buffer, Params};
+pub use precision::Precision;
 pub use registry::{build_model, ArchConfig};

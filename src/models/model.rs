@@ -1,8 +1,9 @@
 //! [`Model`]: an architecture ([`Network`]) with its parameters and its train/eval mode.
 
 use super::params::Params;
-use candle_core::{Result, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
+use super::precision::Precision;
+use candle_core::{DType, Result, Tensor};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// An architecture: the forward computation over parameters held in a [`Params`].
@@ -16,19 +17,35 @@ pub trait Network: Send + Sync {
     fn config(&self) -> serde_json::Value;
 }
 
-/// A model: a network, its parameters and whether it is in training mode.
-/// Cloning gives another handle to the same model.
+/// A model: a network, its parameters, whether it is in training mode and the precision it
+/// computes in. Cloning gives another handle to the same model.
 #[derive(Clone)]
 pub struct Model {
     net: Arc<dyn Network>,
     params: Params,
     training: Arc<AtomicBool>,
+    precision: Arc<AtomicU8>,
 }
 
+const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::F16];
+
 impl Model {
-    /// A model in training mode.
+    /// A model in training mode, computing in f32.
     pub fn new(net: Arc<dyn Network>, params: Params) -> Self {
-        Self { net, params, training: Arc::new(AtomicBool::new(true)) }
+        Self { net, params, training: Arc::new(AtomicBool::new(true)), precision: Arc::new(AtomicU8::new(0)) }
+    }
+
+    /// The precision of the forward and backward passes (parameters stay f32).
+    pub fn precision(&self) -> Precision {
+        PRECISIONS.get(self.precision.load(Ordering::Relaxed) as usize).copied().unwrap_or_default()
+    }
+
+    /// Sets the precision of the forward and backward passes: with bf16 or f16 the input is cast
+    /// to it, every layer casts its f32 weights at use, and the logits come back as f32 (so losses
+    /// and metrics are computed in f32).
+    pub fn set_precision(&self, precision: Precision) {
+        let index = PRECISIONS.iter().position(|&p| p == precision).unwrap_or(0);
+        self.precision.store(index as u8, Ordering::Relaxed)
     }
 
     /// The parameters (shared with this model).
@@ -53,11 +70,16 @@ impl Model {
 
     /// Forward pass in the model's current mode.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.net.forward_t(x, self.is_training())
+        self.forward_t(x, self.is_training())
     }
 
-    /// Forward pass in an explicit mode.
+    /// Forward pass in an explicit mode, in the model's precision; the logits are f32.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.net.forward_t(x, train)
+        let precision = self.precision();
+        if !precision.is_mixed() {
+            return self.net.forward_t(x, train);
+        }
+        let y = self.net.forward_t(&x.to_dtype(precision.dtype())?, train)?;
+        y.to_dtype(DType::F32)
     }
 }

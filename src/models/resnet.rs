@@ -3,12 +3,12 @@
 //! and a linear classifier. Tensor names follow the common PyTorch implementation
 //! (`conv1`, `bn1`, `layer1.0.conv1`, ..., `linear`).
 
-use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear, subsample2, BatchNorm2d, Conv};
+use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear, subsample2, BatchNorm2d, Conv, Linear};
 use super::registry::ArchConfig;
 use super::Network;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// How a block that changes width and resolution forms its shortcut.

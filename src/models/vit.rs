@@ -4,13 +4,13 @@
 //! Built from differentiable ops only: softmax and layer norm from elementary ops, dropout from
 //! the seeded generator.
 
-use super::layers::{Activation, Dropout, LayerNorm};
+use super::layers::{add_param, cast_as, Activation, Dropout, LayerNorm, Linear};
 use super::registry::ArchConfig;
 use super::Network;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -367,8 +367,8 @@ impl Vit {
             .contiguous()?
             .reshape((b * gh * gw, c * ph * pw))?;
         let hidden = self.cfg.hidden_size;
-        let weight = self.patch_weight.reshape((hidden, c * ph * pw))?;
-        patches.matmul(&weight.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, hidden))
+        let weight = cast_as(&self.patch_weight, x.dtype())?.reshape((hidden, c * ph * pw))?;
+        add_param(&patches.matmul(&weight.t()?)?, &self.patch_bias)?.reshape((b, gh * gw, hidden))
     }
 }
 
@@ -376,8 +376,8 @@ impl Network for Vit {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let patches = self.embed_patches(x)?;
         let (b, _, h) = patches.dims3()?;
-        let cls = self.cls_token.broadcast_as((b, 1, h))?;
-        let tokens = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)?;
+        let cls = add_param(&patches.zeros_like()?.narrow(1, 0, 1)?, &self.cls_token)?;
+        let tokens = add_param(&Tensor::cat(&[&cls, &patches], 1)?, &self.position_embeddings)?;
         let n = tokens.dim(1)?;
         let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, h))?;
         for layer in &self.layers {

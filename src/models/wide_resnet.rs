@@ -4,13 +4,13 @@
 //! Tensor names follow the common PyTorch implementation (`conv1`, `block1.layer.0.bn1`,
 //! `block1.layer.0.convShortcut`, ..., `bn1`, `fc`).
 
-use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear_init, BatchNorm2d, Conv, Dropout};
+use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear_init, BatchNorm2d, Conv, Dropout, Linear};
 use super::registry::ArchConfig;
 use super::Network;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// The configuration of a WideResNet.

@@ -11,7 +11,6 @@
 //! Other devices and dtypes fall back to candle's own `conv2d`.
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
@@ -307,8 +306,14 @@ impl CustomOp2 for GradKernelOp {
 
 /// 2-D convolution of `x` `[N, C, H, W]` with `kernel` `[O, C, KH, KW]` (square stride and
 /// symmetric zero padding, no dilation, one group). CPU f32/f64 use the im2col + gemm path;
-/// anything else uses candle's `conv2d`.
+/// CPU bf16/f16 use it too, on the operands widened to f32 (products accumulate in f32, the
+/// result is rounded back, as on tensor cores); anything else uses candle's `conv2d`.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let low = matches!(x.dtype(), DType::BF16 | DType::F16);
+    if x.device().is_cpu() && low && kernel.dtype() == x.dtype() {
+        let y = conv2d(&x.to_dtype(DType::F32)?, &kernel.to_dtype(DType::F32)?, stride, padding)?;
+        return y.to_dtype(x.dtype());
+    }
     let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == kernel.dtype();
     if !fast {
         return x.conv2d(kernel, padding, stride, 1, 1);
@@ -316,47 +321,4 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, stride: usize, padding: usize) -> Res
     let x = x.contiguous()?;
     let kernel = kernel.contiguous()?;
     x.apply_op2(&kernel, Conv2dOp { stride, padding })
-}
-
-/// A convolution layer with PyTorch's tensor names (`weight` `[O, C, KH, KW]`, optional `bias`
-/// `[O]`) and initialisation (Kaiming-uniform with a = √5, i.e. U(±1/√fan_in), bias likewise).
-#[derive(Clone, Debug)]
-pub struct Conv2dLayer {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    stride: usize,
-    padding: usize,
-}
-
-impl Conv2dLayer {
-    /// Creates (or loads) the layer's tensors under `vb`.
-    pub fn new(
-        vb: VarBuilder,
-        (in_c, out_c): (usize, usize),
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        let bound = 1.0 / ((in_c * kernel * kernel) as f64).sqrt();
-        let init = candle_nn::Init::Uniform { lo: -bound, up: bound };
-        let weight = vb.get_with_hints((out_c, in_c, kernel, kernel), "weight", init)?;
-        let bias = if bias { Some(vb.get_with_hints(out_c, "bias", init)?) } else { None };
-        Ok(Self { weight, bias, stride, padding })
-    }
-
-    /// The kernel `[O, C, KH, KW]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-}
-
-impl candle_core::Module for Conv2dLayer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight, self.stride, self.padding)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }
-    }
 }

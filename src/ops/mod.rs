@@ -5,5 +5,5 @@ pub mod conv2d;
 pub mod cpu;
 pub mod pointwise;
 
-pub use conv2d::{conv2d, Conv2dLayer};
+pub use conv2d::conv2d;
 pub use pointwise::{max_pool2, relu};

@@ -5,7 +5,7 @@
 //! each direction is one pass over contiguous f32 data. Other devices and dtypes use candle.
 
 use super::cpu::{f32_slice, fused_ok};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// `max(x, 0)` element-wise.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
@@ -55,12 +55,21 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
     if h < 2 || w < 2 {
         candle_core::bail!("2x2 max-pooling needs an input of at least 2x2, got {h}x{w}");
     }
-    if fused_ok(x) {
+    let low = matches!(x.dtype(), DType::BF16 | DType::F16);
+    if low && x.device().is_cpu() {
+        // bf16 values are exact in f32, so this picks the same maximum as the f32 path.
+        max_pool2(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+    } else if fused_ok(x) {
         x.contiguous()?.apply_op1(MaxPool2)
     } else {
+        // One element per window through `gather`, so the gradient goes to one input even when
+        // the window has ties (frequent in bf16), where `max`'s backward would give it to each.
         let (n, c) = (x.dim(0)?, x.dim(1)?);
-        let x = x.narrow(2, 0, h - h % 2)?.narrow(3, 0, w - w % 2)?;
-        x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+        let (h2, w2) = (h / 2, w / 2);
+        let x = x.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?;
+        let windows = x.reshape((n, c, h2, 2, w2, 2))?.permute((0, 1, 2, 4, 3, 5))?.contiguous()?;
+        let windows = windows.reshape((n, c, h2, w2, 4))?;
+        windows.gather(&windows.argmax_keepdim(4)?, 4)?.squeeze(4)
     }
 }
 

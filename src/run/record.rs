@@ -24,6 +24,10 @@ pub struct RunInfo {
     pub seed: u64,
     /// The device, in words (`cpu`, `cuda:0`).
     pub device: String,
+    /// The `--device` asked for (`auto` records what it chose in `device`).
+    pub device_requested: String,
+    /// The precision models compute in (`f32`, `bf16`, `f16`).
+    pub precision: String,
     /// `--set` overrides, in order.
     pub overrides: Vec<(String, String)>,
     /// The command line.
@@ -151,6 +155,8 @@ impl RunRecord {
             "overrides": overrides,
             "seed": self.info.seed,
             "device": self.info.device,
+            "device_requested": self.info.device_requested,
+            "dtype": self.info.precision,
             "samhost_version": env!("CARGO_PKG_VERSION"),
             "candle_version": env!("SAMHOST_CANDLE_VERSION"),
             "command_line": self.info.command_line,

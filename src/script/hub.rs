@@ -18,6 +18,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         for note in &p.notes {
             s.say(&format!("from_pretrained {}: {note}", p.source));
         }
+        p.model.set_precision(s.precision);
         Ok(p.model)
     };
     let f = load.clone();

@@ -7,7 +7,7 @@ use crate::models::wide_resnet::WideResNetConfig;
 use crate::models::{self, Model};
 use crate::session::Session;
 use candle_core::Tensor;
-use rhai::{Array, Dynamic, Engine, Map, INT};
+use rhai::{Array, Dynamic, Engine, ImmutableString, Map, INT};
 use serde::Deserialize;
 use std::path::Path;
 use std::rc::Rc;
@@ -69,14 +69,17 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     let s = session.clone();
     api!(engine, "mlp", "sizes: Array -> Model",
         "A multi-layer perceptron `[in, hidden.., classes]`: flattens its input; layers `fc1..fcN` with weight [out, in] and bias [out] (the PyTorch layout), ReLU between. Initialised from the seeded host generator.",
-        move |sizes: Array| op("mlp", models::mlp::mlp(&shape_of("mlp sizes", &sizes)?, &s.rng, &s.device)));
+        move |sizes: Array| {
+            let cfg = ArchConfig::Mlp(models::mlp::MlpConfig { sizes: shape_of("mlp sizes", &sizes)? });
+            op("mlp", s.build_model(&cfg))
+        });
 
     let s = session.clone();
     api!(engine, "cnn", "config: Map -> Model",
         "A small CNN: per stage a 3x3 convolution (padding 1) + ReLU + 2x2 max-pooling, then flatten, a hidden linear layer + ReLU and the classifier. Keys (defaults): channels [32, 64, 128], hidden 256, classes 10, input [3, 32, 32]. Tensors conv1..convK, fc, classifier.",
         move |o: Map| -> Res<Model> {
             let cfg = op("cnn", ArchConfig::from_json(&config_map("cnn", "cnn", o)?, true))?;
-            op("cnn", models::build_model(&cfg, &s.rng, &s.device))
+            op("cnn", s.build_model(&cfg))
         });
     let s = session.clone();
     api!(
@@ -86,7 +89,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "The CNN with its default configuration (see `cnn(config)`).",
         move || -> Res<Model> {
             let cfg = op("cnn", ArchConfig::from_json(&config_map("cnn", "cnn", Map::new())?, true))?;
-            op("cnn", models::build_model(&cfg, &s.rng, &s.device))
+            op("cnn", s.build_model(&cfg))
         }
     );
 
@@ -101,7 +104,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             shortcut: opts.shortcut.unwrap_or(d.shortcut),
         };
         let cfg = ArchConfig::ResNet(cfg);
-        op("resnet", cfg.validate().and_then(|()| models::build_model(&cfg, &s.rng, &s.device)))
+        op("resnet", cfg.validate().and_then(|()| s.build_model(&cfg)))
     };
     let f = build_resnet.clone();
     api!(engine, "resnet", "depth: int, classes: int -> Model",
@@ -123,7 +126,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             dropout: opts.dropout.unwrap_or(d.dropout),
         };
         let cfg = ArchConfig::WideResNet(cfg);
-        op("wide_resnet", cfg.validate().and_then(|()| models::build_model(&cfg, &s.rng, &s.device)))
+        op("wide_resnet", cfg.validate().and_then(|()| s.build_model(&cfg)))
     };
     let f = build_wrn.clone();
     api!(engine, "wide_resnet", "depth: int, width: int, classes: int -> Model",
@@ -142,7 +145,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "A Vision Transformer with Hugging Face's ViTConfig fields (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, initializer_range, layer_norm_eps, image_size, patch_size, num_channels, qkv_bias) and num_labels; missing fields take ViT-B/16's values. Tensors as ViTForImageClassification: vit.embeddings..., vit.encoder.layer.N..., vit.layernorm, classifier.",
         move |o: Map| -> Res<Model> {
             let cfg = op("vit", ArchConfig::from_json(&config_map("vit", "vit", o)?, true))?;
-            op("vit", models::build_model(&cfg, &s.rng, &s.device))
+            op("vit", s.build_model(&cfg))
         });
 
     let s = session.clone();
@@ -150,7 +153,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         let base = op("model", registry::resolve_config(name))?;
         let merged = op("model", registry::merge(&base, &to_json(&Dynamic::from_map(o))?))?;
         let cfg = op("model", ArchConfig::from_json(&merged, true).map_err(|e| e.context(name.to_string())))?;
-        op("model", models::build_model(&cfg, &s.rng, &s.device))
+        op("model", s.build_model(&cfg))
     };
     let f = build_named.clone();
     api!(engine, "model", "name: String -> Model",
@@ -191,6 +194,15 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         |m: &mut Model| m.set_training(false)
     );
     getter!(engine, "training", "bool", "Whether the model is in training mode.", |m: &mut Model| m.is_training());
+    getter!(engine, "precision", "String",
+        "The precision of the forward and backward passes: \"f32\", or \"bf16\"/\"f16\" mixed precision (parameters, gradients and optimizer state stay f32). New models take `--dtype`.",
+        |m: &mut Model| -> ImmutableString { m.precision().name().into() });
+    api!(engine, "set_precision", "m: Model, dtype: String",
+        "Sets the precision of the forward and backward passes: \"f32\", \"bf16\" or \"f16\". In bf16/f16 the input and each layer's f32 weights are cast at use, normalisations and softmax run in f32, the logits come back as f32; `sam_step` computes its ascent norm over the f32 gradients.",
+        |m: &mut Model, dtype: &str| -> Res<()> {
+            m.set_precision(op("set_precision", dtype.parse::<models::Precision>())?);
+            Ok(())
+        });
     api!(engine, "save", "m: Model, path: String",
         "Saves the weights: `x.safetensors` writes that file; any other path is a folder that gets `model.safetensors` (Hugging Face tensor names) and `config.json`. Atomic writes.",
         |m: &mut Model, path: &str| op("save", save_model(m, path)));

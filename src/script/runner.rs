@@ -5,7 +5,7 @@ use super::report::Sources;
 use crate::run::progress::ProgressMode;
 use crate::run::record::RunInfo;
 use crate::run::{RunDir, RunRecord, RunStatus};
-use crate::session::{device_name, Session, SessionOptions, DEFAULT_SEED};
+use crate::session::{Session, SessionOptions, DEFAULT_SEED};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -106,6 +106,11 @@ pub fn run(opts: SessionOptions) -> Outcome {
                 seed_note = " (recorded by the run)";
             }
         }
+        if !opts.precision_given {
+            if let Some(p) = prev.get("dtype").and_then(serde_json::Value::as_str).and_then(|p| p.parse().ok()) {
+                opts.precision = p;
+            }
+        }
         opts.overrides = merged_overrides(&prev, &opts.overrides);
     }
     let runs_dir = opts.runs_dir.clone();
@@ -114,6 +119,8 @@ pub fn run(opts: SessionOptions) -> Outcome {
         script: path.clone(),
         seed: opts.seed,
         device: String::new(),
+        device_requested: opts.device.clone(),
+        precision: opts.precision.name().into(),
         overrides: opts.overrides.clone(),
         command_line: opts.command_line.clone(),
     };
@@ -121,12 +128,13 @@ pub fn run(opts: SessionOptions) -> Outcome {
         Ok(s) => Rc::new(s),
         Err(e) => return Outcome::fail(2, format!("error: {e:#}")),
     };
-    info.device = device_name(&session.device);
+    info.device = crate::device::device_name(&session.device);
     session.say(&format!(
-        "samhost {}: {} on {}, seed {}{seed_note}",
+        "samhost {}: {} on {}, {}, seed {}{seed_note}",
         env!("CARGO_PKG_VERSION"),
         path.display(),
-        info.device,
+        session.device_choice.describe(),
+        session.precision,
         session.seed
     ));
     let engine = super::build_engine(&session);

@@ -2,7 +2,8 @@
 //! operations, element-wise functions, and safetensors files.
 
 use super::convert::{dim_index, err, op, shape_of, tensor_from_dynamic, tensor_to_dynamic, tensor_values, Res};
-use crate::session::{device_name, Session};
+use crate::device::device_name;
+use crate::session::Session;
 use crate::train::loss;
 use candle_core::{DType, Device, Tensor};
 use rhai::{Array, Dynamic, Engine, ImmutableString, Map, FLOAT, INT};

@@ -82,3 +82,22 @@ pub fn tiny_parquet_bytes(dir: &Path, labels: &[i64]) -> Vec<u8> {
     std::fs::remove_file(&p).unwrap();
     b
 }
+
+/// Defines a test once for every device, from a function taking `&Device`: `$cpu` always runs;
+/// `$cuda` is compiled with the `cuda` feature and runs on GPU 0 (scripts/device_check.sh runs
+/// these variants on a machine with a GPU).
+macro_rules! test_device {
+    ($body:ident, $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() {
+            $body(&candle_core::Device::Cpu)
+        }
+
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $cuda() {
+            $body(&candle_core::Device::new_cuda(0).expect("CUDA variant: GPU 0 must open"))
+        }
+    };
+}
+pub(crate) use test_device;

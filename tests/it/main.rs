@@ -6,6 +6,7 @@ mod foundation;
 mod hub;
 mod models;
 mod ops;
+mod precision;
 mod reference;
 mod runs;
 mod sam;
