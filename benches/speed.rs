@@ -10,7 +10,6 @@
 
 use candle_core::{Device, Tensor};
 use samhost::data::Batch;
-use samhost::models::registry::{build_model, resolve_config, ArchConfig};
 use samhost::models::Model;
 use samhost::rng::HostRng;
 use samhost::train::{sam_step, train_step, LossFn, SamConfig, Sgd, SgdConfig};
@@ -18,8 +17,11 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+#[path = "support/bench_models.rs"]
+mod bench_models;
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
+use bench_models::{build_on, median};
 use counting_alloc::{LIVE, PEAK};
 
 /// (name, config name or JSON, image side, batch, steps divisor)
@@ -31,25 +33,8 @@ const MODELS: [(&str, &str, usize, usize, usize); 5] = [
     ("vit-s16", "vit-s16", 224, 8, 2),
 ];
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn build(spec: &str) -> Model {
-    let v: Value = if spec.starts_with('{') {
-        serde_json::from_str(spec).expect("json")
-    } else {
-        let mut v = resolve_config(spec).expect("named config");
-        if let Some(o) = v.as_object_mut() {
-            if o.contains_key("num_labels") {
-                o.insert("num_labels".into(), json!(10));
-            }
-        }
-        v
-    };
-    let cfg = ArchConfig::from_json(&v, false).expect("config");
-    build_model(&cfg, &HostRng::new(0), &Device::Cpu).expect("model")
+    build_on(spec, &Device::Cpu)
 }
 
 /// (median ms per step, peak heap bytes above the resting level during one step)

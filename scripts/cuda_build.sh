@@ -31,7 +31,8 @@ wheels=(
   nvidia-cublas==13.0.0.19
 )
 
-archs="80 90"
+default_archs="80 90"
+archs="$default_archs"
 build_tests=0
 env_only=0
 while [ $# -gt 0 ]; do
@@ -94,5 +95,9 @@ if [ "$build_tests" = 1 ]; then
   CUDA_COMPUTE_CAP="$last" cargo bench --features cuda --target-dir target/cuda --bench device --no-run
 fi
 
-"$repo/.ci/cuda-stamp.sh" >"$repo/.ci/cuda-stamp"
-echo "cuda_build: ok (sm: $archs); wrote .ci/cuda-stamp" >&2
+if [ "$archs" = "$default_archs" ]; then
+  "$repo/.ci/cuda-stamp.sh" >"$repo/.ci/cuda-stamp"
+  echo "cuda_build: ok (sm: $archs); wrote .ci/cuda-stamp" >&2
+else
+  echo "cuda_build: ok (sm: $archs; .ci/cuda-stamp is written for the default set, $default_archs)" >&2
+fi

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use samhost::models::init::seeded_var_builder;
 use samhost::models::registry::{self, build_model, count_parameters, ArchConfig};
 use samhost::models::vit::{Vit, VitConfig};
-use samhost::models::{layers, Model};
+use samhost::models::{layers, Model, Precision};
 use samhost::rng::HostRng;
 use samhost::train::grads::gradients;
 use samhost::train::loss::cross_entropy;
@@ -16,60 +16,68 @@ fn cfg(v: serde_json::Value) -> ArchConfig {
     ArchConfig::from_json(&v, true).expect("a valid config")
 }
 
-fn input(rng: &HostRng, dims: &[usize]) -> Tensor {
+fn input(rng: &HostRng, dims: &[usize], device: &Device) -> Tensor {
     let n: usize = dims.iter().product();
-    Tensor::from_vec(rng.normal(n, 0.0, 1.0), dims, &Device::Cpu).unwrap()
+    Tensor::from_vec(rng.normal(n, 0.0, 1.0), dims, device).unwrap()
 }
 
-fn labels(n: usize, classes: usize) -> Tensor {
-    Tensor::from_vec((0..n).map(|i| (i % classes) as u32).collect::<Vec<_>>(), n, &Device::Cpu).unwrap()
+fn labels(n: usize, classes: usize, device: &Device) -> Tensor {
+    Tensor::from_vec((0..n).map(|i| (i % classes) as u32).collect::<Vec<_>>(), n, device).unwrap()
 }
 
-/// Builds the model, runs a training-mode forward and backward, and checks that every trainable
-/// tensor (all of them but the buffers) gets a finite, non-zero gradient.
-fn assert_all_gradients(c: ArchConfig, x_dims: &[usize]) -> Model {
+/// Builds the model on `device`, runs a training-mode forward and backward in f32 and in bf16
+/// mixed precision, and checks that every trainable tensor (all of them but the buffers) gets a
+/// finite, non-zero f32 gradient both times.
+fn assert_all_gradients(c: ArchConfig, x_dims: &[usize], device: &Device) -> Model {
     let rng = HostRng::new(3);
-    let m = build_model(&c, &rng, &Device::Cpu).unwrap();
+    let m = build_model(&c, &rng, device).unwrap();
     let classes = c.num_classes().unwrap();
-    let x = input(&rng, x_dims);
-    let logits = m.forward_t(&x, true).unwrap();
-    assert_eq!(logits.dims(), [x_dims[0], classes]);
-    let loss = cross_entropy(&logits, &labels(x_dims[0], classes), 0.0).unwrap();
-    let params = m.params().trainable();
-    let non_buffers = m.params().all().iter().filter(|(n, _)| !samhost::models::is_buffer(n)).count();
-    assert_eq!(params.len(), non_buffers);
-    let grads = gradients(&loss, &params).unwrap();
-    for ((name, _), g) in params.iter().zip(&grads) {
-        let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(s.is_finite() && s > 0.0, "{}: tensor `{name}` got no gradient (|g| sum {s})", c.model_type());
+    let x = input(&rng, x_dims, device);
+    for precision in [Precision::F32, Precision::Bf16] {
+        m.set_precision(precision);
+        let logits = m.forward_t(&x, true).unwrap();
+        assert_eq!(logits.dims(), [x_dims[0], classes]);
+        assert_eq!(logits.dtype(), DType::F32);
+        let loss = cross_entropy(&logits, &labels(x_dims[0], classes, device), 0.0).unwrap();
+        let params = m.params().trainable();
+        let non_buffers = m.params().all().iter().filter(|(n, _)| !samhost::models::is_buffer(n)).count();
+        assert_eq!(params.len(), non_buffers);
+        let grads = gradients(&loss, &params).unwrap();
+        for ((name, _), g) in params.iter().zip(&grads) {
+            assert_eq!(g.dtype(), DType::F32, "{name}: gradients of the f32 master weights are f32");
+            let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let arch = c.model_type();
+            assert!(s.is_finite() && s > 0.0, "{arch} {precision}: tensor `{name}` got no gradient (|g| sum {s})");
+        }
     }
+    m.set_precision(Precision::F32);
     m
 }
 
-#[test]
-fn mlp_all_tensors_get_gradients() {
-    assert_all_gradients(cfg(json!({"model_type": "mlp", "sizes": [12, 8, 3]})), &[4, 3, 2, 2]);
+fn mlp_all_tensors_get_gradients(device: &Device) {
+    assert_all_gradients(cfg(json!({"model_type": "mlp", "sizes": [12, 8, 3]})), &[4, 3, 2, 2], device);
 }
+test_device!(mlp_all_tensors_get_gradients, mlp_gradients_cpu, mlp_gradients_cuda);
 
-#[test]
-fn cnn_all_tensors_get_gradients() {
+fn cnn_all_tensors_get_gradients(device: &Device) {
     // 12 -> 6 -> 3 -> 1: the last pooling drops a row and a column.
     let c = cfg(json!({"model_type": "cnn", "channels": [4, 6, 8], "hidden": 10, "classes": 3, "input": [2, 12, 12]}));
-    assert_all_gradients(c, &[4, 2, 12, 12]);
+    assert_all_gradients(c, &[4, 2, 12, 12], device);
 }
+test_device!(cnn_all_tensors_get_gradients, cnn_gradients_cpu, cnn_gradients_cuda);
 
-#[test]
-fn resnet_all_tensors_get_gradients() {
-    assert_all_gradients(cfg(json!({"model_type": "cifar_resnet", "depth": 8, "num_labels": 3})), &[3, 3, 8, 8]);
+fn resnet_all_tensors_get_gradients(device: &Device) {
+    let a = cfg(json!({"model_type": "cifar_resnet", "depth": 8, "num_labels": 3}));
+    assert_all_gradients(a, &[3, 3, 8, 8], device);
     let b = cfg(json!({"model_type": "cifar_resnet", "depth": 8, "num_labels": 3, "shortcut": "B"}));
-    let m = assert_all_gradients(b, &[3, 3, 7, 7]);
+    let m = assert_all_gradients(b, &[3, 3, 7, 7], device);
     assert!(m.params().get("layer2.0.shortcut.0.weight").is_some());
 }
+test_device!(resnet_all_tensors_get_gradients, resnet_gradients_cpu, resnet_gradients_cuda);
 
-#[test]
-fn wide_resnet_all_tensors_get_gradients() {
+fn wide_resnet_all_tensors_get_gradients(device: &Device) {
     let c = cfg(json!({"model_type": "wide_resnet", "depth": 10, "widen_factor": 1, "num_labels": 3, "dropout": 0.2}));
-    let m = assert_all_gradients(c, &[3, 3, 8, 8]);
+    let m = assert_all_gradients(c, &[3, 3, 8, 8], device);
     for name in
         ["conv1.weight", "block1.layer.0.bn1.weight", "block2.layer.0.convShortcut.weight", "bn1.bias", "fc.weight"]
     {
@@ -78,6 +86,7 @@ fn wide_resnet_all_tensors_get_gradients() {
     // Width 1: the first group keeps 16 channels, so it has no shortcut convolution.
     assert!(m.params().get("block1.layer.0.convShortcut.weight").is_none());
 }
+test_device!(wide_resnet_all_tensors_get_gradients, wide_resnet_gradients_cpu, wide_resnet_gradients_cuda);
 
 fn tiny_vit(extra: serde_json::Value) -> serde_json::Value {
     let mut v = json!({
@@ -90,10 +99,9 @@ fn tiny_vit(extra: serde_json::Value) -> serde_json::Value {
     v
 }
 
-#[test]
-fn vit_all_tensors_get_gradients() {
+fn vit_all_tensors_get_gradients(device: &Device) {
     let c = cfg(tiny_vit(json!({"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})));
-    let m = assert_all_gradients(c, &[2, 3, 8, 8]);
+    let m = assert_all_gradients(c, &[2, 3, 8, 8], device);
     let names: Vec<String> = m.params().all().into_iter().map(|(n, _)| n).collect();
     for name in [
         "vit.embeddings.cls_token",
@@ -115,9 +123,10 @@ fn vit_all_tensors_get_gradients() {
     let c = cfg(tiny_vit(
         json!({"image_size": [8, 12], "patch_size": [4, 6], "qkv_bias": false, "hidden_act": "gelu_new"}),
     ));
-    let m = assert_all_gradients(c, &[2, 3, 8, 12]);
+    let m = assert_all_gradients(c, &[2, 3, 8, 12], device);
     assert!(m.params().get("vit.encoder.layer.0.attention.attention.key.bias").is_none());
 }
+test_device!(vit_all_tensors_get_gradients, vit_gradients_cpu, vit_gradients_cuda);
 
 #[test]
 fn parameter_counts_match_the_papers() {
@@ -162,7 +171,7 @@ fn batch_norm_updates_running_stats_only_in_training() {
     let c = cfg(json!({"model_type": "cifar_resnet", "depth": 8, "num_labels": 3}));
     let rng = HostRng::new(5);
     let m = build_model(&c, &rng, &Device::Cpu).unwrap();
-    let x = input(&rng, &[4, 3, 8, 8]);
+    let x = input(&rng, &[4, 3, 8, 8], &Device::Cpu);
     let mean = || m.params().get("bn1.running_mean").unwrap().as_tensor().to_vec1::<f32>().unwrap();
     let before = mean();
     m.set_training(false);
@@ -181,7 +190,7 @@ fn dropout_is_seeded_and_off_in_eval() {
     let run = |seed| {
         let rng = HostRng::new(seed);
         let m = build_model(&c, &rng, &Device::Cpu).unwrap();
-        let x = input(&HostRng::new(9), &[2, 3, 8, 8]);
+        let x = input(&HostRng::new(9), &[2, 3, 8, 8], &Device::Cpu);
         let t1 = m.forward_t(&x, true).unwrap().to_vec2::<f32>().unwrap();
         let t2 = m.forward_t(&x, true).unwrap().to_vec2::<f32>().unwrap();
         let e1 = m.forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
@@ -199,7 +208,7 @@ fn vit_patch_embedding_equals_a_strided_convolution() {
     let rng = HostRng::new(2);
     let varmap = candle_nn::VarMap::new();
     let vit = Vit::build(&c, seeded_var_builder(&varmap, &rng, &Device::Cpu), &rng).unwrap();
-    let x = input(&rng, &[2, 3, 8, 8]);
+    let x = input(&rng, &[2, 3, 8, 8], &Device::Cpu);
     let data = varmap.data().lock().unwrap();
     let w = data["vit.embeddings.patch_embeddings.projection.weight"].as_tensor().clone();
     let b = data["vit.embeddings.patch_embeddings.projection.bias"].as_tensor().clone();
@@ -225,7 +234,7 @@ fn layer_norm_matches_candles_fused_kernel() {
     let varmap = candle_nn::VarMap::new();
     let vb = seeded_var_builder(&varmap, &rng, &Device::Cpu);
     let ln = layers::LayerNorm::new(6, 1e-12, vb).unwrap();
-    let x = input(&rng, &[3, 5, 6]);
+    let x = input(&rng, &[3, 5, 6], &Device::Cpu);
     let ones = Tensor::ones(6, DType::F32, &Device::Cpu).unwrap();
     let zeros = Tensor::zeros(6, DType::F32, &Device::Cpu).unwrap();
     let fused = candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-12).unwrap();
@@ -233,6 +242,23 @@ fn layer_norm_matches_candles_fused_kernel() {
     let diff = (ours - fused).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-5, "layer norm differs by {diff}");
 }
+
+/// Windows with ties (common in bf16) send the gradient to one input each, in f32 and bf16.
+fn max_pool_ties_get_one_gradient(device: &Device) {
+    for dtype in [DType::F32, DType::BF16] {
+        let x = Tensor::from_vec(vec![2f32, 2., 2., 2., 1., 3., 3., 0.], (1, 2, 2, 2), device).unwrap();
+        let x = candle_core::Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let y = samhost::ops::max_pool2(x.as_tensor()).unwrap();
+        let yv = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(yv, [2.0, 3.0], "{dtype:?}");
+        let g = y.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let gx = gx.to_vec1::<f32>().unwrap();
+        assert_eq!(gx.iter().sum::<f32>(), 2.0, "{dtype:?}: one unit of gradient per window, got {gx:?}");
+        assert_eq!(gx.iter().filter(|&&v| v == 1.0).count(), 2, "{dtype:?}: {gx:?}");
+    }
+}
+test_device!(max_pool_ties_get_one_gradient, max_pool_ties_cpu, max_pool_ties_cuda);
 
 #[test]
 fn max_pool_backward_is_exact_on_odd_sizes() {
@@ -291,7 +317,7 @@ print("ok");
 fn batch_norm_matches_candle_nn() {
     use candle_nn::ModuleT;
     let rng = HostRng::new(6);
-    let x = input(&rng, &[4, 3, 5, 5]).affine(2.0, 1.0).unwrap();
+    let x = input(&rng, &[4, 3, 5, 5], &Device::Cpu).affine(2.0, 1.0).unwrap();
     let ours_map = candle_nn::VarMap::new();
     let ours = layers::batch_norm(3, seeded_var_builder(&ours_map, &rng, &Device::Cpu)).unwrap();
     let theirs_map = candle_nn::VarMap::new();
@@ -317,11 +343,11 @@ fn fused_batch_norm_matches_elementary_ops_with_gradients() {
     // Weight and bias away from 1 and 0.
     for (name, v) in varmap.data().lock().unwrap().iter() {
         if name == "weight" || name == "bias" {
-            v.set(&input(&rng, &[4])).unwrap();
+            v.set(&input(&rng, &[4], &Device::Cpu)).unwrap();
         }
     }
-    let x = candle_core::Var::from_tensor(&input(&rng, &[3, 4, 5, 5]).affine(1.5, 0.3).unwrap()).unwrap();
-    let r = input(&rng, &[3, 4, 5, 5]);
+    let x = candle_core::Var::from_tensor(&input(&rng, &[3, 4, 5, 5], &Device::Cpu).affine(1.5, 0.3).unwrap()).unwrap();
+    let r = input(&rng, &[3, 4, 5, 5], &Device::Cpu);
     let fused = b.forward_t(x.as_tensor(), true).unwrap();
     let (plain, _, _) = b.forward_train_unfused(x.as_tensor()).unwrap();
     let diff = |a: &Tensor, b: &Tensor| {
@@ -348,12 +374,12 @@ fn fused_transformer_ops_match_elementary_ops_with_gradients() {
             / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6)
     };
     let var = |dims: &[usize], scale: f64| {
-        candle_core::Var::from_tensor(&input(&rng, dims).affine(scale, 0.1).unwrap()).unwrap()
+        candle_core::Var::from_tensor(&input(&rng, dims, &Device::Cpu).affine(scale, 0.1).unwrap()).unwrap()
     };
     let x = var(&[3, 5, 7], 3.0);
     let w = var(&[7], 1.0);
     let b = var(&[7], 1.0);
-    let r = input(&rng, &[3, 5, 7]);
+    let r = input(&rng, &[3, 5, 7], &Device::Cpu);
     type Pair = (Box<dyn Fn() -> Tensor>, Box<dyn Fn() -> Tensor>);
     let (xt, wt, bt) = (x.as_tensor().clone(), w.as_tensor().clone(), b.as_tensor().clone());
     let cases: Vec<(&str, Pair)> = vec![

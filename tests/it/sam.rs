@@ -1,6 +1,7 @@
 //! SAM, ASAM, m-sharpness and the optimizers, checked against independent float64 math.
 //! Tolerances are stated per test; samhost computes in float32.
 
+use crate::common::test_device;
 use crate::reference::{sam_grad, AdamWRef, Mlp2, SgdRef};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarMap;
@@ -37,7 +38,11 @@ fn reference_mlp(seed: u64) -> Mlp2 {
 }
 
 fn samhost_mlp(r: &Mlp2) -> Model {
-    let m = mlp(&[r.d_in, r.d_h, r.d_out], &HostRng::new(0), &Device::Cpu).unwrap();
+    samhost_mlp_on(r, &Device::Cpu)
+}
+
+fn samhost_mlp_on(r: &Mlp2, device: &Device) -> Model {
+    let m = mlp(&[r.d_in, r.d_h, r.d_out], &HostRng::new(0), device).unwrap();
     set_weights(&m, &r.flat());
     m
 }
@@ -64,10 +69,14 @@ fn weights(m: &Model) -> Vec<Vec<f64>> {
 }
 
 fn batch(seed: u64, n: usize, d: usize, classes: usize) -> (Vec<f64>, Vec<usize>, Tensor, Tensor) {
+    batch_on(seed, n, d, classes, &Device::Cpu)
+}
+
+fn batch_on(seed: u64, n: usize, d: usize, classes: usize, device: &Device) -> (Vec<f64>, Vec<usize>, Tensor, Tensor) {
     let x = lcg(seed, n * d, 1.5);
     let y: Vec<usize> = (0..n).map(|i| (i * 7 + seed as usize) % classes).collect();
-    let xt = Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, d), &Device::Cpu).unwrap();
-    let yt = Tensor::from_vec(y.iter().map(|&v| v as u32).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
+    let xt = Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, d), device).unwrap();
+    let yt = Tensor::from_vec(y.iter().map(|&v| v as u32).collect::<Vec<_>>(), n, device).unwrap();
     (x, y, xt, yt)
 }
 
@@ -110,16 +119,15 @@ impl Network for Direct {
     }
 }
 
-fn direct(w0: &[f64]) -> Model {
+fn direct(w0: &[f64], device: &Device) -> Model {
     let varmap = VarMap::new();
-    let var = Var::from_vec(w0.to_vec(), w0.len(), &Device::Cpu).unwrap();
+    let var = Var::from_vec(w0.to_vec(), w0.len(), device).unwrap();
     varmap.data().lock().unwrap().insert("w".into(), var.clone());
     Model::new(Arc::new(Direct { w: var.as_tensor().clone() }), Params::new(varmap))
 }
 
 /// L(w) = ½ wᵀAw + bᵀw: one SAM and one ASAM step match the closed form to 1e-6 (relative).
-#[test]
-fn quadratic_sam_and_asam_match_the_closed_form() {
+fn quadratic_sam_and_asam_match_the_closed_form(device: &Device) {
     let d = 5;
     let m = lcg(11, d * d, 1.0);
     // A = MᵀM + I, symmetric positive definite.
@@ -134,19 +142,19 @@ fn quadratic_sam_and_asam_match_the_closed_form() {
     let grad =
         |w: &[f64]| -> Vec<f64> { (0..d).map(|i| (0..d).map(|j| a[i * d + j] * w[j]).sum::<f64>() + b[i]).collect() };
     let (rho, lr, eta) = (0.3, 0.1, 0.05);
-    let at = Tensor::from_vec(a.clone(), (d, d), &Device::Cpu).unwrap();
-    let bt = Tensor::from_vec(b.clone(), d, &Device::Cpu).unwrap();
+    let at = Tensor::from_vec(a.clone(), (d, d), device).unwrap();
+    let bt = Tensor::from_vec(b.clone(), d, device).unwrap();
     let quad = move |w: &Tensor, _y: &Tensor| -> anyhow::Result<Tensor> {
         let wc = w.unsqueeze(1)?;
         let q = wc.t()?.matmul(&at.matmul(&wc)?)?.squeeze(0)?.squeeze(0)?;
         Ok(((q * 0.5)? + (w * &bt)?.sum_all()?)?)
     };
     for adaptive in [false, true] {
-        let model = direct(&w0);
+        let model = direct(&w0, device);
         let mut opt = sgd(lr, 0.0, false, 0.0);
         let cfg = SamConfig { rho, adaptive, eta, ..SamConfig::default() };
-        let x = Tensor::zeros((1, 1), DType::F64, &Device::Cpu).unwrap();
-        let y = Tensor::zeros(1, DType::U32, &Device::Cpu).unwrap();
+        let x = Tensor::zeros((1, 1), DType::F64, device).unwrap();
+        let y = Tensor::zeros(1, DType::U32, device).unwrap();
         sam_step(&model, &mut opt, &x, &y, &LossFn::Custom(&quad), &cfg).unwrap();
         let got = model.params().get("w").unwrap().as_tensor().to_vec1::<f64>().unwrap();
         // Closed form.
@@ -160,15 +168,15 @@ fn quadratic_sam_and_asam_match_the_closed_form() {
         crate::common::assert_close(if adaptive { "asam" } else { "sam" }, &got, &want, 1e-6);
     }
 }
+test_device!(quadratic_sam_and_asam_match_the_closed_form, quadratic_closed_form_cpu, quadratic_closed_form_cuda);
 
 /// An MLP with cross-entropy: SAM and ASAM steps (with SGD momentum, weight decay and label
 /// smoothing) match the float64 reference to 1e-5 relative.
-#[test]
-fn mlp_sam_step_matches_float64_reference() {
+fn mlp_sam_step_matches_float64_reference(device: &Device) {
     let r = reference_mlp(3);
-    let (x, y, xt, yt) = batch(5, 8, r.d_in, r.d_out);
+    let (x, y, xt, yt) = batch_on(5, 8, r.d_in, r.d_out, device);
     for (adaptive, ls) in [(false, 0.0), (true, 0.0), (false, 0.1)] {
-        let model = samhost_mlp(&r);
+        let model = samhost_mlp_on(&r, device);
         let mut opt = sgd(0.05, 0.9, false, 5e-4);
         let cfg = SamConfig { rho: 0.2, adaptive, eta: 0.01, ..SamConfig::default() };
         let mut reference = r.flat();
@@ -188,6 +196,7 @@ fn mlp_sam_step_matches_float64_reference() {
         assert!(err < 1e-5, "adaptive {adaptive}, smoothing {ls}: relative error {err:e}");
     }
 }
+test_device!(mlp_sam_step_matches_float64_reference, mlp_sam_reference_cpu, mlp_sam_reference_cuda);
 
 /// Frozen parameters are neither perturbed nor updated; the ascent norm covers the others only.
 #[test]
@@ -293,9 +302,9 @@ impl Network for BnNet {
     }
 }
 
-fn bn_model(seed: u64) -> Model {
+fn bn_model(seed: u64, device: &Device) -> Model {
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, &HostRng::new(seed), &Device::Cpu);
+    let vb = seeded_var_builder(&varmap, &HostRng::new(seed), device);
     let net = BnNet {
         fc1: candle_nn::linear(6, 8, vb.pp("fc1")).unwrap(),
         bn: candle_nn::batch_norm(8, candle_nn::BatchNormConfig::default(), vb.pp("bn")).unwrap(),
@@ -306,11 +315,10 @@ fn bn_model(seed: u64) -> Model {
 
 /// After a SAM step the BatchNorm running statistics equal those after one training-mode
 /// forward at the original weights; they are never trained.
-#[test]
-fn batchnorm_statistics_come_from_the_first_pass_only() {
-    let (_, _, xt, yt) = batch(12, 16, 6, 3);
-    let a = bn_model(1);
-    let b = bn_model(1);
+fn batchnorm_statistics_come_from_the_first_pass_only(device: &Device) {
+    let (_, _, xt, yt) = batch_on(12, 16, 6, 3, device);
+    let a = bn_model(1, device);
+    let b = bn_model(1, device);
     assert_eq!(a.params().trainable().len(), 6, "running stats are not trainable");
     b.forward_t(&xt, true).unwrap();
     sam_step(&a, &mut sgd(0.5, 0.0, false, 0.0), &xt, &yt, &LossFn::default(), &sam(0.5)).unwrap();
@@ -323,6 +331,7 @@ fn batchnorm_statistics_come_from_the_first_pass_only() {
     let mean = a.params().get("bn.running_mean").unwrap().as_tensor().to_vec1::<f32>().unwrap();
     assert!(mean.iter().any(|&v| v != 0.0));
 }
+test_device!(batchnorm_statistics_come_from_the_first_pass_only, bn_first_pass_stats_cpu, bn_first_pass_stats_cuda);
 
 /// A zero gradient gives a zero perturbation and finite weights.
 #[test]
