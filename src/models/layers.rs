@@ -24,9 +24,9 @@ pub fn cast_as(t: &Tensor, dtype: DType) -> Result<Tensor> {
 /// of its digits).
 pub fn add_param(x: &Tensor, p: &Tensor) -> Result<Tensor> {
     if x.dtype() == p.dtype() {
-        x.broadcast_add(p)
+        crate::ops::bias::add_broadcast(x, p)
     } else {
-        x.to_dtype(p.dtype())?.broadcast_add(p)?.to_dtype(x.dtype())
+        crate::ops::bias::add_broadcast(&x.to_dtype(p.dtype())?, p)?.to_dtype(x.dtype())
     }
 }
 
@@ -58,7 +58,7 @@ impl From<candle_nn::Linear> for Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = candle_nn::Linear::new(cast_as(&self.weight, x.dtype())?, None).forward(x)?;
+        let y = crate::ops::linear::linear(x, &cast_as(&self.weight, x.dtype())?)?;
         match &self.bias {
             Some(b) => add_param(&y, b),
             None => Ok(y),

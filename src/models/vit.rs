@@ -368,7 +368,7 @@ impl Vit {
             .reshape((b * gh * gw, c * ph * pw))?;
         let hidden = self.cfg.hidden_size;
         let weight = cast_as(&self.patch_weight, x.dtype())?.reshape((hidden, c * ph * pw))?;
-        add_param(&patches.matmul(&weight.t()?)?, &self.patch_bias)?.reshape((b, gh * gw, hidden))
+        add_param(&crate::ops::linear::linear(&patches, &weight)?, &self.patch_bias)?.reshape((b, gh * gw, hidden))
     }
 }
 

@@ -10,6 +10,7 @@
 //!
 //! Other devices and dtypes fall back to candle's own `conv2d`.
 
+use super::gemm::{matmul, Float};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -95,17 +96,6 @@ impl Geometry {
     }
 }
 
-/// Element types the gemm path handles.
-trait Float: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {
-    const ONE: Self;
-}
-impl Float for f32 {
-    const ONE: Self = 1.0;
-}
-impl Float for f64 {
-    const ONE: Self = 1.0;
-}
-
 fn im2col<T: Float>(g: &Geometry, x: &[T], cols: &mut [T]) {
     cols.iter_mut().for_each(|v| *v = T::default());
     let l = g.l();
@@ -117,51 +107,6 @@ fn col2im_add<T: Float>(g: &Geometry, cols: &[T], gx: &mut [T]) {
     g.for_each_tap(|row, col, at| gx[at] += cols[row * l + col]);
 }
 
-/// dst(m×n) = lhs(m×k)·rhs(k×n) (+ dst when `accumulate`), with explicit row/column strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul<T: Float>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    (dst_rs, dst_cs): (isize, isize),
-    lhs: &[T],
-    (lhs_rs, lhs_cs): (isize, isize),
-    rhs: &[T],
-    (rhs_rs, rhs_cs): (isize, isize),
-    accumulate: bool,
-) {
-    // Number of elements a rows×cols matrix with these (positive) strides spans.
-    let span = |rows: usize, cols: usize, rs: isize, cs: isize| (rows - 1) * rs as usize + (cols - 1) * cs as usize;
-    assert!(m > 0 && n > 0 && k > 0, "conv2d: empty matrix product");
-    assert!(dst.len() > span(m, n, dst_rs, dst_cs), "conv2d: output buffer too small");
-    assert!(lhs.len() > span(m, k, lhs_rs, lhs_cs), "conv2d: left buffer too small");
-    assert!(rhs.len() > span(k, n, rhs_rs, rhs_cs), "conv2d: right buffer too small");
-    // SAFETY: the asserts above check that each strided matrix lies inside its slice; gemm only
-    // reads lhs and rhs and writes dst, which does not alias them (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs,
-            dst_rs,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 fn forward<T: Float>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
     let (ckk, l) = (g.ckk(), g.l());
     let mut out = vec![T::default(); g.n * g.o * l];
@@ -170,7 +115,7 @@ fn forward<T: Float>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
         |cols, (out_n, x_n)| {
             im2col(g, x_n, cols);
             let l_i = l as isize;
-            matmul((g.o, l, ckk), out_n, (l_i, 1), k, (ckk as isize, 1), cols, (l_i, 1), false);
+            matmul((g.o, l, ckk), out_n, (l_i, 1), k, (ckk as isize, 1), cols, (l_i, 1), false, false);
         },
     );
     out
@@ -184,7 +129,7 @@ fn grad_input<T: Float>(g: &Geometry, k: &[T], gout: &[T]) -> Vec<T> {
         |gcols, (gx_n, gout_n)| {
             let l_i = l as isize;
             // gcols(ckk×l) = kᵀ(ckk×o) · gout_n(o×l)
-            matmul((ckk, l, g.o), gcols, (l_i, 1), k, (1, ckk as isize), gout_n, (l_i, 1), false);
+            matmul((ckk, l, g.o), gcols, (l_i, 1), k, (1, ckk as isize), gout_n, (l_i, 1), false, false);
             col2im_add(g, gcols, gx_n);
         },
     );
@@ -201,7 +146,7 @@ fn grad_kernel<T: Float>(g: &Geometry, x: &[T], gout: &[T]) -> Vec<T> {
             im2col(g, x_n, &mut cols);
             let l_i = l as isize;
             // gk(o×ckk) += gout_n(o×l) · colsᵀ(l×ckk)
-            matmul((g.o, ckk, l), &mut gk, (ckk as isize, 1), gout_n, (l_i, 1), &cols, (1, l_i), true);
+            matmul((g.o, ckk, l), &mut gk, (ckk as isize, 1), gout_n, (l_i, 1), &cols, (1, l_i), true, false);
             (gk, cols)
         })
         .reduce(zero, |(mut a, c), (b, _)| {

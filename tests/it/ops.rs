@@ -89,3 +89,64 @@ fn relu_and_max_pool_match_elementary_ops() {
         assert!(max_rel(a, b) < 1e-6, "max-pool grad {dims:?}: {:e}", max_rel(a, b));
     }
 }
+
+/// The one-gemm linear op against candle's `x.matmul(&w.t())`: values and the gradients of the
+/// input and the weight, on shapes with odd sizes and a rank-3 input, to 1e-5 relative (of the
+/// largest magnitude); an input that is not tracked gets no gradient and the weight still does.
+#[test]
+fn linear_matches_candle_values_and_gradients() {
+    let rng = HostRng::new(5);
+    for dims in [vec![4, 6], vec![1, 1], vec![33, 17], vec![3, 5, 7], vec![128, 300]] {
+        let k = *dims.last().unwrap();
+        let n = [5, 1, 9, 4, 64][dims.len() % 5 + dims[0] % 3];
+        let x = Var::from_tensor(&rand(&rng, &dims, DType::F32)).unwrap();
+        let w = Var::from_tensor(&rand(&rng, &[n, k], DType::F32)).unwrap();
+        let r = rand(&rng, &[&dims[..dims.len() - 1], &[n]].concat(), DType::F32);
+        let ours = samhost::ops::linear::linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let theirs = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        assert!(max_rel(&ours, &theirs) < 1e-5, "{dims:?} x {n}: values");
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, v) in [("input", &x), ("weight", &w)] {
+            let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert!(max_rel(a, b) < 1e-5, "{dims:?} x {n}: {what} gradient off by {}", max_rel(a, b));
+        }
+        // A data batch (no variable behind it): only the weight gets a gradient.
+        let data = x.as_tensor().detach();
+        let y = samhost::ops::linear::linear(&data, w.as_tensor()).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&data).is_none());
+        assert!(max_rel(g.get(w.as_tensor()).unwrap(), g2.get(w.as_tensor()).unwrap()) < 1e-5);
+    }
+}
+
+/// A parameter broadcast over a tensor (conv bias, linear bias, position embedding, a shape the
+/// fast path does not take) against candle's `broadcast_add`: values and both gradients to 1e-5
+/// relative (of the largest magnitude).
+#[test]
+fn broadcast_parameter_add_matches_candle() {
+    let rng = HostRng::new(8);
+    let cases: [(&[usize], &[usize]); 5] = [
+        (&[4, 3, 5, 5], &[1, 3, 1, 1]),
+        (&[7, 9], &[9]),
+        (&[3, 4, 6], &[1, 4, 6]),
+        (&[2, 3, 4], &[3, 1]),
+        (&[5, 1], &[1]),
+    ];
+    for (ydims, pdims) in cases {
+        let y = Var::from_tensor(&rand(&rng, ydims, DType::F32)).unwrap();
+        let p = Var::from_tensor(&rand(&rng, pdims, DType::F32)).unwrap();
+        let r = rand(&rng, ydims, DType::F32);
+        let ours = samhost::ops::bias::add_broadcast(y.as_tensor(), p.as_tensor()).unwrap();
+        let theirs = y.as_tensor().broadcast_add(p.as_tensor()).unwrap();
+        assert!(max_rel(&ours, &theirs) < 1e-6, "{ydims:?} + {pdims:?}: values");
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, v) in [("y", &y), ("p", &p)] {
+            let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert_eq!(a.dims(), b.dims(), "{ydims:?} + {pdims:?}: {what} gradient shape");
+            assert!(max_rel(a, b) < 1e-5, "{ydims:?} + {pdims:?}: {what} gradient off by {}", max_rel(a, b));
+        }
+    }
+}
