@@ -66,29 +66,31 @@ impl Geometry {
         self.c * self.h * self.w
     }
 
-    /// For each unfolded row `(c, i, j)` and output position, the input index or `None` (padding).
-    /// Calls `f(row, col, input_offset)` for every in-bounds element.
+    /// For each unfolded row `(c, i, j)` and output row `oy`, the run of output columns whose
+    /// input lies inside the image: calls `f(col_offset, input_offset, len)` where the run covers
+    /// unfolded elements `col_offset..col_offset + len` and input elements `input_offset`,
+    /// `input_offset + stride`, … (padding positions are skipped).
     #[inline]
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
-        let (s, p) = (self.stride as isize, self.padding as isize);
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (s, p) = (self.stride, self.padding);
+        let l = self.l();
         for c in 0..self.c {
             for i in 0..self.kh {
                 for j in 0..self.kw {
                     let row = (c * self.kh + i) * self.kw + j;
+                    // Output columns ox with 0 <= ox·s + j - p < w.
+                    let ox0 = p.saturating_sub(j).div_ceil(s);
+                    let ox1 = if self.w + p > j { ((self.w + p - j - 1) / s + 1).min(self.wo) } else { 0 };
+                    if ox0 >= ox1 {
+                        continue;
+                    }
                     for oy in 0..self.ho {
-                        let iy = oy as isize * s - p + i as isize;
+                        let iy = (oy * s + i) as isize - p as isize;
                         if iy < 0 || iy >= self.h as isize {
                             continue;
                         }
                         let base_in = (c * self.h + iy as usize) * self.w;
-                        let base_col = oy * self.wo;
-                        for ox in 0..self.wo {
-                            let ix = ox as isize * s - p + j as isize;
-                            if ix < 0 || ix >= self.w as isize {
-                                continue;
-                            }
-                            f(row, base_col + ox, base_in + ix as usize);
-                        }
+                        f(row * l + oy * self.wo + ox0, base_in + ox0 * s + j - p, ox1 - ox0);
                     }
                 }
             }
@@ -98,13 +100,27 @@ impl Geometry {
 
 fn im2col<T: Float>(g: &Geometry, x: &[T], cols: &mut [T]) {
     cols.iter_mut().for_each(|v| *v = T::default());
-    let l = g.l();
-    g.for_each_tap(|row, col, at| cols[row * l + col] = x[at]);
+    let s = g.stride;
+    g.for_each_run(|col, at, len| {
+        let dst = &mut cols[col..col + len];
+        if s == 1 {
+            dst.copy_from_slice(&x[at..at + len]);
+        } else {
+            dst.iter_mut().zip(x[at..].iter().step_by(s)).for_each(|(d, &v)| *d = v);
+        }
+    });
 }
 
 fn col2im_add<T: Float>(g: &Geometry, cols: &[T], gx: &mut [T]) {
-    let l = g.l();
-    g.for_each_tap(|row, col, at| gx[at] += cols[row * l + col]);
+    let s = g.stride;
+    g.for_each_run(|col, at, len| {
+        let src = &cols[col..col + len];
+        if s == 1 {
+            gx[at..at + len].iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+        } else {
+            gx[at..].iter_mut().step_by(s).zip(src).for_each(|(d, &v)| *d += v);
+        }
+    });
 }
 
 fn forward<T: Float>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {

@@ -6,6 +6,7 @@
 
 use super::cpu::{f32_slice, fused_ok};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// `max(x, 0)` element-wise.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
@@ -25,7 +26,11 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
-        Ok((CpuStorage::F32(x.iter().map(|&v| v.max(0.0)).collect()), l.shape().clone()))
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(y, x)| {
+            y.iter_mut().zip(x).for_each(|(y, &v)| *y = v.max(0.0));
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -43,7 +48,10 @@ impl CustomOp2 for ReluGrad {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
-        let dx = y.iter().zip(g).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect();
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(1 << 16).zip(y.par_chunks(1 << 16).zip(g.par_chunks(1 << 16))).for_each(|(dx, (y, g))| {
+            dx.iter_mut().zip(y.iter().zip(g)).for_each(|(d, (&y, &g))| *d = if y > 0.0 { g } else { 0.0 });
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -73,15 +81,23 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// For output cell (plane, oy, ox) the input index of the maximum of its 2x2 window (the first
-/// one on ties, in row-major order).
+/// The two input rows `2·oy` and `2·oy + 1` of a plane of width `w`, cut to `2·wo` columns.
 #[inline]
-fn window_argmax(x: &[f32], base: usize, w: usize, oy: usize, ox: usize) -> usize {
-    let i0 = base + 2 * oy * w + 2 * ox;
-    let mut best = i0;
-    for i in [i0 + 1, i0 + w, i0 + w + 1] {
-        if x[i] > x[best] {
-            best = i;
+fn row_pair(plane: &[f32], w: usize, wo: usize, oy: usize) -> (&[f32], &[f32]) {
+    let r0 = &plane[2 * oy * w..];
+    (&r0[..2 * wo], &r0[w..w + 2 * wo])
+}
+
+/// Which of the window `[a0, a1; b0, b1]` is its maximum (0..4, row-major), the first one on
+/// ties.
+#[inline]
+fn argmax4(a: &[f32], b: &[f32]) -> usize {
+    let mut best = 0;
+    let mut v = a[0];
+    for (k, x) in [(1, a[1]), (2, b[0]), (3, b[1])] {
+        if x > v {
+            best = k;
+            v = x;
         }
     }
     best
@@ -98,14 +114,16 @@ impl CustomOp1 for MaxPool2 {
         let x = f32_slice(s, l, self.name())?;
         let (n, c, h, w) = l.shape().dims4()?;
         let (ho, wo) = (h / 2, w / 2);
-        let mut y = Vec::with_capacity(n * c * ho * wo);
-        for p in 0..n * c {
-            let base = p * h * w;
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    y.push(x[window_argmax(x, base, w, oy, ox)]);
+        let mut y = vec![0f32; n * c * ho * wo];
+        if ho * wo > 0 {
+            y.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(y_p, x_p)| {
+                for (oy, y_row) in y_p.chunks_mut(wo).enumerate() {
+                    let (r0, r1) = row_pair(x_p, w, wo, oy);
+                    for ((out, a), b) in y_row.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                        *out = [a[0], a[1], b[0], b[1]][argmax4(a, b)];
+                    }
                 }
-            }
+            });
         }
         Ok((CpuStorage::F32(y), Shape::from((n, c, ho, wo))))
     }
@@ -131,13 +149,20 @@ impl CustomOp2 for MaxPool2Grad {
             candle_core::bail!("max-pool backward: gradient {:?} does not match the output", l2.shape());
         }
         let mut dx = vec![0f32; x.len()];
-        for p in 0..n * c {
-            let base = p * h * w;
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    dx[window_argmax(x, base, w, oy, ox)] = g[(p * ho + oy) * wo + ox];
-                }
-            }
+        if ho * wo > 0 {
+            dx.par_chunks_mut(h * w).zip(x.par_chunks(h * w)).zip(g.par_chunks(ho * wo)).for_each(
+                |((dx_p, x_p), g_p)| {
+                    for (oy, g_row) in g_p.chunks(wo).enumerate() {
+                        let (r0, r1) = row_pair(x_p, w, wo, oy);
+                        let (d0, d1) = dx_p[2 * oy * w..].split_at_mut(w);
+                        for (ox, &gv) in g_row.iter().enumerate() {
+                            let k = argmax4(&r0[2 * ox..2 * ox + 2], &r1[2 * ox..2 * ox + 2]);
+                            let row = if k < 2 { &mut *d0 } else { &mut *d1 };
+                            row[2 * ox + (k & 1)] = gv;
+                        }
+                    }
+                },
+            );
         }
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
