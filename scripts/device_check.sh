@@ -59,6 +59,7 @@ for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libc
     libdirs="$libdirs:$(dirname "$found")"
   fi
 done
+[ -d /usr/local/nvidia/lib64 ] && libdirs="$libdirs:/usr/local/nvidia/lib64"
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 ldd "$bin/it" | grep -E 'not found|cuda|cublas|curand|nvrtc' || true
 

@@ -154,21 +154,31 @@ fn grad_input<T: Float>(g: &Geometry, k: &[T], gout: &[T]) -> Vec<T> {
 
 fn grad_kernel<T: Float>(g: &Geometry, x: &[T], gout: &[T]) -> Vec<T> {
     let (ckk, l) = (g.ckk(), g.l());
-    let zero = || (vec![T::default(); g.o * ckk], vec![T::default(); ckk * l]);
-    let (gk, _) = x
-        .par_chunks(g.in_len())
-        .zip(gout.par_chunks(g.o * l))
-        .fold(zero, |(mut gk, mut cols), (x_n, gout_n)| {
-            im2col(g, x_n, &mut cols);
+    // One partial sum per worker over a fixed range of samples, added in order: the same result
+    // on every run with the same number of threads (rayon's fold would group by work stealing).
+    let parts = rayon::current_num_threads().clamp(1, g.n);
+    let per = g.n.div_ceil(parts);
+    let partials: Vec<Vec<T>> = (0..parts)
+        .into_par_iter()
+        .map(|part| {
+            let mut gk = vec![T::default(); g.o * ckk];
+            let mut cols = vec![T::default(); ckk * l];
             let l_i = l as isize;
-            // gk(o×ckk) += gout_n(o×l) · colsᵀ(l×ckk)
-            matmul((g.o, ckk, l), &mut gk, (ckk as isize, 1), gout_n, (l_i, 1), &cols, (1, l_i), true, false);
-            (gk, cols)
+            for i in part * per..((part + 1) * per).min(g.n) {
+                let x_n = &x[i * g.in_len()..(i + 1) * g.in_len()];
+                let gout_n = &gout[i * g.o * l..(i + 1) * g.o * l];
+                im2col(g, x_n, &mut cols);
+                // gk(o×ckk) += gout_n(o×l) · colsᵀ(l×ckk)
+                matmul((g.o, ckk, l), &mut gk, (ckk as isize, 1), gout_n, (l_i, 1), &cols, (1, l_i), true, false);
+            }
+            gk
         })
-        .reduce(zero, |(mut a, c), (b, _)| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
-            (a, c)
-        });
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut gk = parts.next().unwrap_or_else(|| vec![T::default(); g.o * ckk]);
+    for p in parts {
+        gk.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
+    }
     gk
 }
 
