@@ -2,7 +2,7 @@
 # The GPU check, in one command, for a machine with an NVIDIA GPU and no Rust toolchain.
 #
 # 1. Here, on a build machine (no GPU needed):  scripts/device_check.sh --prepare
-#    builds with scripts/cuda_build.sh --tests (CUDA 13.0, sm_90) and packs the CUDA test binary
+#    builds with scripts/cuda_build.sh --tests --archs 90 (CUDA 13.0, Hopper) and packs the CUDA test binary
 #    and the device benchmark, stripped and compressed, into .device/ (ignored by git).
 # 2. There, from the repository root with .device/ beside it:  scripts/device_check.sh
 #    - prints the GPU, the driver and where the CUDA 13 libraries were found (cuBLAS, cuRAND, NVRTC
@@ -19,7 +19,7 @@ pack=.device
 
 if [ "${1:-}" = "--prepare" ]; then
   set -e
-  scripts/cuda_build.sh --tests
+  scripts/cuda_build.sh --tests --archs 90
   rm -rf "$pack" && mkdir -p "$pack"
   newest() { ls -t "$@" 2>/dev/null | grep -v '\.d$' | head -1; }
   it="$(newest target/cuda/release/deps/it-*)"
