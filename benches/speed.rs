@@ -6,7 +6,8 @@
 //! `cargo bench --bench speed` runs every model with 1 and 2 threads (each thread count in a child
 //! process with `RAYON_NUM_THREADS` set, since the thread pools are sized once per process).
 //! `SAMHOST_BENCH_MODELS=mlp,cnn` picks models; `SAMHOST_BENCH_STEPS` sets the timed steps
-//! (default 10; the ViT uses half); the median is reported after two warm-up steps.
+//! (default 10; the ViT uses half); train and SAM steps alternate, and the medians are reported
+//! after a warm-up step of each.
 
 use candle_core::{Device, Tensor};
 use samhost::data::Batch;
@@ -37,30 +38,54 @@ fn build(spec: &str) -> Model {
     build_on(spec, &Device::Cpu)
 }
 
-/// (median ms per step, peak heap bytes above the resting level during one step)
-fn time_step(model: &Model, b: &Batch, sam: bool, steps: usize) -> (f64, usize) {
-    let mut opt = Sgd::new(SgdConfig { lr: 0.01, momentum: 0.9, ..SgdConfig::default() }).expect("sgd");
-    let cfg = SamConfig::default();
-    let mut run = || {
-        if sam {
-            sam_step(model, &mut opt, &b.images, &b.labels, &LossFn::default(), &cfg).expect("sam_step");
+/// One step of `train_step` (`sam` false) or `sam_step` with its own optimizer.
+struct Stepper<'a> {
+    model: &'a Model,
+    batch: &'a Batch,
+    sam: bool,
+    opt: Sgd,
+}
+
+impl Stepper<'_> {
+    fn run(&mut self) {
+        let (x, y, loss) = (&self.batch.images, &self.batch.labels, LossFn::default());
+        if self.sam {
+            sam_step(self.model, &mut self.opt, x, y, &loss, &SamConfig::default()).expect("sam_step");
         } else {
-            train_step(model, &mut opt, &b.images, &b.labels, &LossFn::default(), None).expect("train_step");
+            train_step(self.model, &mut self.opt, x, y, &loss, None).expect("train_step");
         }
-    };
-    run();
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    run();
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
-    let times = (0..steps)
-        .map(|_| {
-            let t = Instant::now();
-            run();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    (median(times), peak)
+    }
+
+    /// Peak heap bytes above the resting level during one step.
+    fn peak(&mut self) -> usize {
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        self.run();
+        PEAK.load(Ordering::Relaxed).saturating_sub(base)
+    }
+
+    fn timed(&mut self) -> f64 {
+        let t = Instant::now();
+        self.run();
+        t.elapsed().as_secs_f64() * 1e3
+    }
+}
+
+/// Median ms per step of train_step and sam_step, timed alternately (a train step, then a SAM
+/// step, `steps` times) so that a slow spell of the machine hits both, and their peak heap.
+fn time_steps(model: &Model, b: &Batch, steps: usize) -> ((f64, usize), (f64, usize)) {
+    let sgd = || Sgd::new(SgdConfig { lr: 0.01, momentum: 0.9, ..SgdConfig::default() }).expect("sgd");
+    let mut plain = Stepper { model, batch: b, sam: false, opt: sgd() };
+    let mut sam = Stepper { model, batch: b, sam: true, opt: sgd() };
+    plain.run();
+    sam.run();
+    let (peak_plain, peak_sam) = (plain.peak(), sam.peak());
+    let (mut tp, mut ts) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
+    for _ in 0..steps {
+        tp.push(plain.timed());
+        ts.push(sam.timed());
+    }
+    ((median(tp), peak_plain), (median(ts), peak_sam))
 }
 
 fn child(selected: &[String], steps: usize) {
@@ -77,8 +102,7 @@ fn child(selected: &[String], steps: usize) {
             .expect("labels");
         let b = Batch::new(x, y).expect("batch");
         let n = (steps / div).max(3);
-        let (t_sgd, m_sgd) = time_step(&model, &b, false, n);
-        let (t_sam, m_sam) = time_step(&model, &b, true, n);
+        let ((t_sgd, m_sgd), (t_sam, m_sam)) = time_steps(&model, &b, n);
         let row = json!({
             "model": name, "threads": threads, "batch": batch, "steps": n,
             "train_step": t_sgd, "sam_step": t_sam,
