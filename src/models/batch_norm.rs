@@ -10,6 +10,7 @@
 use crate::ops::cpu::{f32_slice, fused_ok};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 /// BatchNorm over channels: eps 1e-5, momentum 0.1, weight 1, bias 0. Training mode normalises
@@ -120,27 +121,25 @@ struct FusedBatchNorm {
     stats: Arc<Mutex<Stats>>,
 }
 
-/// Per channel: the mean and the biased variance (accumulated in f64).
+/// The `n` planes of channel `ch` in `[n, c, hw]` data.
+fn planes(x: &[f32], n: usize, c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &[f32]> {
+    (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
+}
+
+/// Per channel: the mean and the biased variance (accumulated in f64; channels in parallel,
+/// each summed in a fixed order).
 fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     let m = (n * hw) as f64;
-    let mut mean = vec![0f64; c];
-    for i in 0..n {
-        for (ch, acc) in mean.iter_mut().enumerate() {
-            let base = (i * c + ch) * hw;
-            *acc += x[base..base + hw].iter().map(|&v| v as f64).sum::<f64>();
-        }
-    }
-    mean.iter_mut().for_each(|v| *v /= m);
-    let mut var = vec![0f64; c];
-    for i in 0..n {
-        for ch in 0..c {
-            let base = (i * c + ch) * hw;
-            let mu = mean[ch];
-            var[ch] += x[base..base + hw].iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>();
-        }
-    }
-    var.iter_mut().for_each(|v| *v /= m);
-    (mean, var)
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = planes(x, n, c, hw, ch).map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / m;
+            let var =
+                planes(x, n, c, hw, ch).map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum::<f64>()
+                    / m;
+            (mean, var)
+        })
+        .unzip()
 }
 
 impl CustomOp3 for FusedBatchNorm {
@@ -163,18 +162,17 @@ impl CustomOp3 for FusedBatchNorm {
         let weight = f32_slice(s2, l2, "the weight")?;
         let bias = f32_slice(s3, l3, "the bias")?;
         let (mean, var) = channel_stats(x, n, c, hw);
-        let mut y = vec![0f32; x.len()];
-        for i in 0..n {
-            for ch in 0..c {
-                let base = (i * c + ch) * hw;
+        let affine: Vec<(f32, f32)> = (0..c)
+            .map(|ch| {
                 let scale = weight[ch] as f64 / (var[ch] + self.eps).sqrt();
-                let shift = bias[ch] as f64 - mean[ch] * scale;
-                let (scale, shift) = (scale as f32, shift as f32);
-                for (o, &v) in y[base..base + hw].iter_mut().zip(&x[base..base + hw]) {
-                    *o = v * scale + shift;
-                }
-            }
-        }
+                (scale as f32, (bias[ch] as f64 - mean[ch] * scale) as f32)
+            })
+            .collect();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (out, inp))| {
+            let (scale, shift) = affine[plane % c];
+            out.iter_mut().zip(inp).for_each(|(o, &v)| *o = v * scale + shift);
+        });
         if let Ok(mut s) = self.stats.lock() {
             s.mean = mean.iter().map(|&v| v as f32).collect();
             s.var = var.iter().map(|&v| v as f32).collect();
@@ -199,31 +197,33 @@ impl CustomOp3 for FusedBatchNorm {
         let (mean, var) = channel_stats(&xs, n, c, hw);
         let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         // Per channel: sum(dy) and sum(dy * xhat).
-        let (mut db, mut dw) = (vec![0f64; c], vec![0f64; c]);
-        for i in 0..n {
-            for ch in 0..c {
-                let base = (i * c + ch) * hw;
+        let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
                 let (mu, is) = (mean[ch], invstd[ch]);
-                for (&g, &v) in gs[base..base + hw].iter().zip(&xs[base..base + hw]) {
-                    db[ch] += g as f64;
-                    dw[ch] += g as f64 * (v as f64 - mu) * is;
+                let (mut db, mut dw) = (0f64, 0f64);
+                for (gp, xp) in planes(&gs, n, c, hw, ch).zip(planes(&xs, n, c, hw, ch)) {
+                    for (&g, &v) in gp.iter().zip(xp) {
+                        db += g as f64;
+                        dw += g as f64 * (v as f64 - mu) * is;
+                    }
                 }
-            }
-        }
+                (db, dw)
+            })
+            .unzip();
         // dx = w·invstd/m · (m·dy − Σdy − xhat·Σ(dy·xhat))
         let mut dx = vec![0f32; xs.len()];
-        for i in 0..n {
-            for ch in 0..c {
-                let base = (i * c + ch) * hw;
+        dx.par_chunks_mut(hw).zip(gs.par_chunks(hw).zip(xs.par_chunks(hw))).enumerate().for_each(
+            |(plane, (out, (gp, xp)))| {
+                let ch = plane % c;
                 let (mu, is) = (mean[ch], invstd[ch]);
                 let k = ws[ch] as f64 * is / m;
-                for ((o, &g), &v) in dx[base..base + hw].iter_mut().zip(&gs[base..base + hw]).zip(&xs[base..base + hw])
-                {
+                for ((o, &g), &v) in out.iter_mut().zip(gp).zip(xp) {
                     let xhat = (v as f64 - mu) * is;
                     *o = (k * (m * g as f64 - db[ch] - xhat * dw[ch])) as f32;
                 }
-            }
-        }
+            },
+        );
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
         Ok((
