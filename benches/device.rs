@@ -17,7 +17,7 @@ use std::time::Instant;
 
 #[path = "support/bench_models.rs"]
 mod bench_models;
-use bench_models::{build_on, median};
+use bench_models::{build_on, env_list, median};
 
 /// (name, named configuration, image side, batch)
 const MODELS: [(&str, &str, usize, usize); 4] = [
@@ -26,15 +26,6 @@ const MODELS: [(&str, &str, usize, usize); 4] = [
     ("wrn-16-8", "wrn-16-8", 32, 128),
     ("vit-b16", "vit-b16", 224, 32),
 ];
-
-fn list(var: &str, default: &str) -> Vec<String> {
-    std::env::var(var)
-        .unwrap_or_else(|_| default.to_string())
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
 
 /// Median ms of `steps` timed steps after 3 warm-up steps.
 fn time_step(model: &Model, x: &Tensor, y: &Tensor, sam: bool, steps: usize, device: &Device) -> f64 {
@@ -65,9 +56,9 @@ fn main() {
     let device = parse_device(&std::env::var("SAMHOST_BENCH_DEVICE").unwrap_or_else(|_| "auto".into()))
         .expect("SAMHOST_BENCH_DEVICE");
     let steps: usize = std::env::var("SAMHOST_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let models = list("SAMHOST_BENCH_MODELS", "cnn,resnet32,wrn-16-8,vit-b16");
+    let models = env_list("SAMHOST_BENCH_MODELS", "cnn,resnet32,wrn-16-8,vit-b16");
     let dtypes: Vec<Precision> =
-        list("SAMHOST_BENCH_DTYPES", "f32,bf16").iter().map(|d| d.parse().expect("SAMHOST_BENCH_DTYPES")).collect();
+        env_list("SAMHOST_BENCH_DTYPES", "f32,bf16").iter().map(|d| d.parse().expect("SAMHOST_BENCH_DTYPES")).collect();
     println!("device {} ({} timed steps, median)", device.describe(), steps);
     println!(
         "{:<9} {:>5} {:>5} {:>10} {:>10} {:>7} {:>9} {:>9}",

@@ -22,7 +22,7 @@ use std::time::Instant;
 mod bench_models;
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
-use bench_models::{build_on, median};
+use bench_models::{build_on, env_list, median};
 use counting_alloc::{LIVE, PEAK};
 
 /// (name, config name or JSON, image side, batch, steps divisor)
@@ -116,9 +116,7 @@ fn child(selected: &[String], steps: usize) {
 fn main() {
     samhost::alloc::keep_freed_buffers();
     let steps: usize = std::env::var("SAMHOST_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let selected: Vec<String> = std::env::var("SAMHOST_BENCH_MODELS")
-        .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
-        .unwrap_or_default();
+    let selected = env_list("SAMHOST_BENCH_MODELS", "");
     if std::env::args().any(|a| a == "--child") {
         child(&selected, steps);
         return;

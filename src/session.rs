@@ -76,9 +76,7 @@ impl Default for SessionOptions {
 
 /// Host state shared by all bindings of one engine.
 pub struct Session {
-    /// Where tensors and models live.
-    pub device: Device,
-    /// The device as chosen (what was asked for, and why `auto` chose it).
+    /// Where tensors and models live, what was asked for, and why `auto` chose it.
     pub device_choice: DeviceChoice,
     /// The precision new models compute in (`--dtype`).
     pub precision: Precision,
@@ -107,10 +105,15 @@ pub struct Session {
 }
 
 impl Session {
+    /// Where tensors and models live.
+    pub fn device(&self) -> &Device {
+        &self.device_choice.device
+    }
+
     /// A model of `cfg` on the session's device, initialised from its generator, computing in its
     /// precision.
     pub fn build_model(&self, cfg: &ArchConfig) -> Result<Model> {
-        let model = build_model(cfg, &self.rng, &self.device)?;
+        let model = build_model(cfg, &self.rng, self.device())?;
         model.set_precision(self.precision);
         Ok(model)
     }
@@ -120,7 +123,6 @@ impl Session {
         let device_choice = parse_device(&opts.device)?;
         let mode = ProgressMode::detect(opts.quiet, opts.progress_every);
         Ok(Self {
-            device: device_choice.device.clone(),
             device_choice,
             precision: opts.precision,
             seed: opts.seed,

@@ -8,6 +8,16 @@ use samhost::models::Model;
 use samhost::rng::HostRng;
 use serde_json::{json, Value};
 
+/// The comma-separated values of environment variable `var` (`default` when unset).
+pub fn env_list(var: &str, default: &str) -> Vec<String> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 /// The median of `v`.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

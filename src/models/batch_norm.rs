@@ -8,6 +8,7 @@
 //! (`CANDLE_GRAD_DO_NOT_DETACH` set) use the same math from elementary ops.
 
 use crate::ops::cpu::{f32_slice, fused_ok};
+use crate::ops::half::{in_f32, is_half};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
@@ -45,8 +46,8 @@ impl BatchNorm2d {
     /// Normalises `x` in training (`train`) or evaluation mode. bf16/f16 inputs are normalised
     /// in f32 (statistics, weights and running buffers stay f32) and the result cast back.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if matches!(x.dtype(), DType::BF16 | DType::F16) {
-            return self.forward_t(&x.to_dtype(DType::F32)?, train)?.to_dtype(x.dtype());
+        if is_half(x) {
+            return in_f32(x, |x| self.forward_t(x, train));
         }
         let (n, c, h, w) = x.dims4()?;
         if c != self.weight.dim(0)? {

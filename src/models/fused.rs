@@ -12,6 +12,7 @@ use candle_core::cpu::erf::erf_f64;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 use crate::ops::cpu::{f32_slice, fused_ok};
+use crate::ops::half::{in_f32, is_half};
 
 fn host(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
@@ -63,19 +64,9 @@ impl CustomOp1 for GeluErf {
     }
 }
 
-/// `f` applied to `x` in f32 and its result cast back to `x`'s type, for bf16/f16 inputs
-/// (mixed precision keeps normalisations and softmax in f32, as PyTorch's autocast does).
-fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
-}
-
-fn is_low_precision(x: &Tensor) -> bool {
-    matches!(x.dtype(), DType::BF16 | DType::F16)
-}
-
 /// Softmax over the last dimension (computed in f32 for bf16/f16 inputs).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if is_low_precision(x) {
+    if is_half(x) {
         return in_f32(x, softmax_last);
     }
     if fused_ok(x) && x.rank() > 0 {
@@ -127,7 +118,7 @@ impl CustomOp1 for SoftmaxLast {
 /// `(x - mean) / sqrt(var + eps) * weight + bias`, biased variance). bf16/f16 inputs are
 /// normalised in f32 with the f32 weight and bias, and the result cast back.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if is_low_precision(x) {
+    if is_half(x) {
         return in_f32(x, |x| layer_norm(x, weight, bias, eps));
     }
     if fused_ok(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {

@@ -2,6 +2,7 @@
 //! kernel that would cut the gradient: see ../shared/STACK.md), with PyTorch's initialisation and
 //! tensor names.
 
+use crate::ops::half::{in_f32, is_half};
 use crate::rng::HostRng;
 use candle_core::{DType, Module, Result, Tensor, D};
 
@@ -240,8 +241,8 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 /// The mean over the spatial dimensions: `[N, C, H, W]` to `[N, C]` (summed in f32 for bf16/f16
 /// inputs).
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
-    if matches!(x.dtype(), DType::BF16 | DType::F16) {
-        return global_avg_pool(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    if is_half(x) {
+        return in_f32(x, global_avg_pool);
     }
     x.mean(D::Minus1)?.mean(D::Minus1)
 }

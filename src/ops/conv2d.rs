@@ -11,6 +11,7 @@
 //! Other devices and dtypes fall back to candle's own `conv2d`.
 
 use super::gemm::{matmul, Float};
+use super::half::{in_f32, is_half};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -280,10 +281,8 @@ impl CustomOp2 for GradKernelOp {
 /// CPU bf16/f16 use it too, on the operands widened to f32 (products accumulate in f32, the
 /// result is rounded back, as on tensor cores); anything else uses candle's `conv2d`.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let low = matches!(x.dtype(), DType::BF16 | DType::F16);
-    if x.device().is_cpu() && low && kernel.dtype() == x.dtype() {
-        let y = conv2d(&x.to_dtype(DType::F32)?, &kernel.to_dtype(DType::F32)?, stride, padding)?;
-        return y.to_dtype(x.dtype());
+    if x.device().is_cpu() && is_half(x) && kernel.dtype() == x.dtype() {
+        return in_f32(x, |x| conv2d(x, &kernel.to_dtype(DType::F32)?, stride, padding));
     }
     let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == kernel.dtype();
     if !fast {

@@ -26,13 +26,6 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.reshape((m, k))?.apply_op2(&w.contiguous()?, Linear)?.reshape(out)
 }
 
-fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
-    match l.shape().dims() {
-        [a, b] => Ok((*a, *b)),
-        d => candle_core::bail!("linear: {what} must be a matrix, got {d:?}"),
-    }
-}
-
 /// `(x [M, K], w [N, K]) -> x·wᵀ [M, N]`.
 struct Linear;
 
@@ -43,7 +36,7 @@ impl CustomOp2 for Linear {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (f32_slice(s1, l1, "linear input")?, f32_slice(s2, l2, "linear weight")?);
-        let ((m, k), (n, _)) = (dims2(l1, "the input")?, dims2(l2, "the weight")?);
+        let ((m, k), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let mut y = vec![0f32; m * n];
         // wᵀ as a k×n matrix: element (kk, nn) is w[nn·k + kk].
         matmul((m, n, k), &mut y, (n as isize, 1), x, (k as isize, 1), w, (1, k as isize), false, true);
@@ -68,7 +61,7 @@ impl CustomOp2 for GradInput {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (dy, w) = (f32_slice(s1, l1, "linear gradient")?, f32_slice(s2, l2, "linear weight")?);
-        let ((m, n), (_, k)) = (dims2(l1, "the gradient")?, dims2(l2, "the weight")?);
+        let ((m, n), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let mut dx = vec![0f32; m * k];
         matmul((m, k, n), &mut dx, (k as isize, 1), dy, (n as isize, 1), w, (k as isize, 1), false, true);
         Ok((CpuStorage::F32(dx), Shape::from((m, k))))
@@ -85,7 +78,7 @@ impl CustomOp2 for GradWeight {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (dy, x) = (f32_slice(s1, l1, "linear gradient")?, f32_slice(s2, l2, "linear input")?);
-        let ((m, n), (_, k)) = (dims2(l1, "the gradient")?, dims2(l2, "the input")?);
+        let ((m, n), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let mut dw = vec![0f32; n * k];
         // dyᵀ as an n×m matrix: element (nn, mm) is dy[mm·n + nn].
         matmul((n, k, m), &mut dw, (k as isize, 1), dy, (1, n as isize), x, (k as isize, 1), false, true);

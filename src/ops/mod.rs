@@ -5,6 +5,7 @@ pub mod bias;
 pub mod conv2d;
 pub mod cpu;
 pub mod gemm;
+pub mod half;
 pub mod linear;
 pub mod pointwise;
 

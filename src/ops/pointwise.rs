@@ -5,7 +5,8 @@
 //! each direction is one pass over contiguous f32 data. Other devices and dtypes use candle.
 
 use super::cpu::{f32_slice, fused_ok};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use super::half::{in_f32, is_half};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `max(x, 0)` element-wise.
@@ -63,10 +64,9 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
     if h < 2 || w < 2 {
         candle_core::bail!("2x2 max-pooling needs an input of at least 2x2, got {h}x{w}");
     }
-    let low = matches!(x.dtype(), DType::BF16 | DType::F16);
-    if low && x.device().is_cpu() {
+    if is_half(x) && x.device().is_cpu() {
         // bf16 values are exact in f32, so this picks the same maximum as the f32 path.
-        max_pool2(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+        in_f32(x, max_pool2)
     } else if fused_ok(x) {
         x.contiguous()?.apply_op1(MaxPool2)
     } else {

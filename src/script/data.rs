@@ -37,7 +37,7 @@ fn epoch_batches(s: &Session, ds: &Dataset, size: INT, bo: &BatchOptions) -> Res
     let seed = bo.seed.unwrap_or_else(|| s.rng.next_seed());
     let epoch = bo.epoch.unwrap_or_else(|| ds.next_epoch());
     let size = to_usize("batch size", size)?;
-    let batches = op("batches", Batches::epoch(ds, size, bo, seed, epoch, &s.device))?;
+    let batches = op("batches", Batches::epoch(ds, size, bo, seed, epoch, s.device()))?;
     // The progress display learns the epoch's length from the iterator the loop will run over.
     s.run.borrow_mut().progress.begin_epoch(batches.num_batches());
     Ok(EpochBatches(batches))
@@ -160,11 +160,11 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "labels",
         "Tensor",
         "The training labels [N] (u32; noisy when label noise was applied).",
-        move |d: &mut Dataset| -> Res<Tensor> { u32_tensor("labels", d.labels(), &s.device) }
+        move |d: &mut Dataset| -> Res<Tensor> { u32_tensor("labels", d.labels(), s.device()) }
     );
     let s = session.clone();
     getter!(engine, "clean_labels", "Tensor", "The true labels [N] (u32).", move |d: &mut Dataset| -> Res<Tensor> {
-        u32_tensor("clean_labels", d.clean_labels(), &s.device)
+        u32_tensor("clean_labels", d.clean_labels(), s.device())
     });
     api!(engine, "to_string", "ds: Dataset -> String", "A one-line description.", |d: &mut Dataset| d.describe());
     api!(engine, "to_debug", "ds: Dataset -> String", "A one-line description.", |d: &mut Dataset| d.describe());
@@ -205,7 +205,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             let t = d.transition_matrix();
             let k = t.len();
             let flat: Vec<f32> = t.into_iter().flatten().map(|v| v as f32).collect();
-            op("transition_matrix", Tensor::from_vec(flat, (k, k), &s.device))
+            op("transition_matrix", Tensor::from_vec(flat, (k, k), s.device()))
         });
     let s = session.clone();
     api!(
@@ -216,7 +216,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         move |d: &mut Dataset| -> Res<Tensor> {
             let m: Vec<u8> = d.noise_mask().into_iter().map(u8::from).collect();
             let n = m.len();
-            op("noise_mask", Tensor::from_vec(m, n, &s.device))
+            op("noise_mask", Tensor::from_vec(m, n, s.device()))
         }
     );
 }

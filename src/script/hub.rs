@@ -14,7 +14,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     let load = move |repo: &str, o: Map| -> Res<Model> {
         let opts: PretrainedOptions = options("from_pretrained", &o)?;
         let hub = op("from_pretrained", HubOptions::from_env(s.offline, !s.quiet))?;
-        let p = op("from_pretrained", from_pretrained(repo, &opts, &hub, &s.rng, &s.device))?;
+        let p = op("from_pretrained", from_pretrained(repo, &opts, &hub, &s.rng, s.device()))?;
         for note in &p.notes {
             s.say(&format!("from_pretrained {}: {note}", p.source));
         }

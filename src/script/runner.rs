@@ -128,7 +128,7 @@ pub fn run(opts: SessionOptions) -> Outcome {
         Ok(s) => Rc::new(s),
         Err(e) => return Outcome::fail(2, format!("error: {e:#}")),
     };
-    info.device = crate::device::device_name(&session.device);
+    info.device = crate::device::device_name(session.device());
     session.say(&format!(
         "samhost {}: {} on {}, {}, seed {}{seed_note}",
         env!("CARGO_PKG_VERSION"),

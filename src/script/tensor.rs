@@ -136,7 +136,7 @@ fn random(session: &Session, shape: &Array, normal: bool) -> Res<Tensor> {
     let dims = shape_of("shape", shape)?;
     let n = dims.iter().product();
     let values = if normal { session.rng.normal(n, 0.0, 1.0) } else { session.rng.uniform(n, 0.0, 1.0) };
-    op("random", Tensor::from_vec(values, dims, &session.device))
+    op("random", Tensor::from_vec(values, dims, session.device()))
 }
 
 /// Reads a safetensors file into a map of name -> Tensor (on the session's device).
@@ -175,7 +175,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "tensor",
         "values: Array -> Tensor",
         "A float32 tensor from a number or a nested array of numbers, e.g. `tensor([[1, 2], [3, 4]])`.",
-        move |v: Dynamic| tensor_from_dynamic(&v, DType::F32, &s.device)
+        move |v: Dynamic| tensor_from_dynamic(&v, DType::F32, s.device())
     );
     let s = session.clone();
     api!(
@@ -183,7 +183,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "tensor",
         "values: Array, dtype: String -> Tensor",
         "A tensor of the given dtype (f32, f64, f16, bf16, u8, u32, i64) from nested numbers.",
-        move |v: Dynamic, dtype: &str| tensor_from_dynamic(&v, parse_dtype(dtype)?, &s.device)
+        move |v: Dynamic, dtype: &str| tensor_from_dynamic(&v, parse_dtype(dtype)?, s.device())
     );
     let s = session.clone();
     api!(
@@ -191,7 +191,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "zeros",
         "shape: Array -> Tensor",
         "A float32 tensor of zeros of the given shape.",
-        move |shape: Array| op("zeros", Tensor::zeros(shape_of("zeros", &shape)?, DType::F32, &s.device))
+        move |shape: Array| op("zeros", Tensor::zeros(shape_of("zeros", &shape)?, DType::F32, s.device()))
     );
     let s = session.clone();
     api!(
@@ -199,7 +199,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "ones",
         "shape: Array -> Tensor",
         "A float32 tensor of ones of the given shape.",
-        move |shape: Array| op("ones", Tensor::ones(shape_of("ones", &shape)?, DType::F32, &s.device))
+        move |shape: Array| op("ones", Tensor::ones(shape_of("ones", &shape)?, DType::F32, s.device()))
     );
     let s = session.clone();
     api!(
@@ -220,7 +220,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     let s = session.clone();
     api!(engine, "arange", "end: int -> Tensor", "The float32 values 0, 1, …, end-1.", move |end: INT| op(
         "arange",
-        Tensor::arange(0f32, end as f32, &s.device)
+        Tensor::arange(0f32, end as f32, s.device())
     ));
     let s = session.clone();
     api!(
@@ -237,7 +237,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             if st == 0.0 {
                 return Err(err("arange: step must not be 0"));
             }
-            op("arange", Tensor::arange_step(a as f32, b as f32, st as f32, &s.device))
+            op("arange", Tensor::arange_step(a as f32, b as f32, st as f32, s.device()))
         }
     );
 
@@ -488,7 +488,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "load_tensors",
         "path: String -> Map",
         "Reads a safetensors file into a map of name -> Tensor.",
-        move |path: &str| load_tensor_map(path, &s.device)
+        move |path: &str| load_tensor_map(path, s.device())
     );
     api!(
         engine,

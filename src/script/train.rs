@@ -191,13 +191,13 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "Evaluates in eval mode over the whole dataset: #{loss, accuracy}; on a dataset with label noise also accuracy_clean (against the true labels), clean_part_accuracy, noisy_part_fit (corrupted examples predicted as their wrong label) and noisy_part_recovered (predicted as their true label). Options: batch (256).",
         move |m: Model, ds: Dataset, o: Map| -> Res<Map> {
             let eo: EvalOptions = options("evaluate", &o)?;
-            Ok(eval_map(&op("evaluate", evaluate(&m, &ds, eo.batch, &s.device))?))
+            Ok(eval_map(&op("evaluate", evaluate(&m, &ds, eo.batch, s.device()))?))
         });
     let s = session.clone();
     api!(engine, "evaluate", "m: Model, ds: Dataset -> Map", "Evaluates with batches of 256.", move |m: Model,
                                                                                                      ds: Dataset|
           -> Res<Map> {
-        Ok(eval_map(&op("evaluate", evaluate(&m, &ds, 256, &s.device))?))
+        Ok(eval_map(&op("evaluate", evaluate(&m, &ds, 256, s.device()))?))
     });
     api!(
         engine,
