@@ -97,9 +97,9 @@ impl Network for Cnn {
         super::layers::check_input("cnn", x, &self.cfg.input)?;
         let mut h = x.clone();
         for conv in &self.convs {
-            h = crate::ops::max_pool2(&crate::ops::relu(&conv.forward(&h)?)?)?;
+            h = conv.forward_block(&h, true, true)?;
         }
-        let h = crate::ops::relu(&self.fc.forward(&h.flatten_from(1)?)?)?;
+        let h = self.fc.forward_act(&h.flatten_from(1)?, true)?;
         self.classifier.forward(&h)
     }
 

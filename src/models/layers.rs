@@ -3,6 +3,7 @@
 //! tensor names.
 
 use crate::ops::half::{in_f32, is_half};
+use crate::ops::ConvBlockOptions;
 use crate::rng::HostRng;
 use candle_core::{DType, Module, Result, Tensor, D};
 
@@ -49,6 +50,24 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// `x·Wᵀ + b`, followed by a ReLU when `relu`: one fused op for f32 (see
+    /// [`crate::ops::linear::dense`]).
+    pub fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            return crate::ops::linear::dense(x, &self.weight, self.bias.as_ref(), relu);
+        }
+        let y = crate::ops::linear::linear(x, &cast_as(&self.weight, x.dtype())?)?;
+        let y = match &self.bias {
+            Some(b) => add_param(&y, b)?,
+            None => y,
+        };
+        if relu {
+            crate::ops::relu(&y)
+        } else {
+            Ok(y)
+        }
+    }
 }
 
 impl From<candle_nn::Linear> for Linear {
@@ -59,11 +78,7 @@ impl From<candle_nn::Linear> for Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::ops::linear::linear(x, &cast_as(&self.weight, x.dtype())?)?;
-        match &self.bias {
-            Some(b) => add_param(&y, b),
-            None => Ok(y),
-        }
+        self.forward_act(x, false)
     }
 }
 
@@ -94,13 +109,31 @@ pub struct Conv {
     padding: usize,
 }
 
+impl Conv {
+    /// The convolution (plus bias), followed by a ReLU when `relu` and 2x2 max-pooling when
+    /// `pool`: one fused op when `x` and the weights are f32 (see [`crate::ops::conv2d_block`]).
+    pub fn forward_block(&self, x: &Tensor, relu: bool, pool: bool) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            let opts = ConvBlockOptions { stride: self.stride, padding: self.padding, relu, pool };
+            return crate::ops::conv2d_block(x, &self.weight, self.bias.as_ref(), opts);
+        }
+        let y = crate::ops::conv2d(x, &cast_as(&self.weight, x.dtype())?, self.stride, self.padding)?;
+        let y = match &self.bias {
+            Some(b) => add_param(&y, &b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => y,
+        };
+        let y = if relu { crate::ops::relu(&y)? } else { y };
+        if pool {
+            crate::ops::max_pool2(&y)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::ops::conv2d(x, &cast_as(&self.weight, x.dtype())?, self.stride, self.padding)?;
-        match &self.bias {
-            Some(b) => add_param(&y, &b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }
+        self.forward_block(x, false, false)
     }
 }
 

@@ -5,7 +5,7 @@ use super::registry::{build_model, ArchConfig};
 use super::{Model, Network};
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -72,10 +72,7 @@ impl Network for Mlp {
         let mut h = x.flatten_from(1)?;
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h)?;
-            if i < last {
-                h = crate::ops::relu(&h)?;
-            }
+            h = layer.forward_act(&h, i < last)?;
         }
         Ok(h)
     }

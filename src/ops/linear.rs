@@ -1,87 +1,180 @@
-//! `x·wᵀ` on CPU as one gemm per pass, with a backward pass that writes each gradient once.
+//! The fully connected layer `relu?(x·wᵀ + b)` on CPU as one gemm and one pass per direction.
 //!
 //! Through candle's ops, `x.matmul(&w.t())` differentiates into a product for `wᵀ` followed by a
 //! transpose, and the transposed gradient is then added into a zero-filled `[N, K]` tensor element
-//! by element (the strided add was a quarter of the mlp's step in a profile). Here the weight
-//! gradient `dyᵀ·x` is written contiguous by the gemm directly, and the input gradient is only
-//! computed when the input needs one (not for a data batch). Other devices and dtypes use candle.
+//! by element (the strided add was a quarter of the mlp's step in a profile); the bias and the
+//! ReLU are two more graph nodes, each with a full-size gradient added into zeros. Here one op
+//! does all three: the forward pass adds the bias and clamps in one pass over the gemm's output,
+//! and the backward pass masks the incoming gradient once, then writes `dyᵀ·x`, the bias sums and
+//! (only when the input needs one: not for a data batch) `dy·w`. The parameters' gradients go to
+//! [`super::param_grads`]. Other devices and dtypes use candle.
 
-use super::cpu::{f32_slice, fused_ok};
-use super::gemm::matmul;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use super::cpu::{f32_slice, fused_ok, with_f32};
+use super::gemm::matmul_new;
+use super::param_grads::deliver;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// `x·wᵀ` for `x` `[.., K]` and `w` `[N, K]` (PyTorch's linear layer without its bias).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    dense(x, w, None, false)
+}
+
+/// `x·wᵀ + b`, then `max(·, 0)` when `relu`, for `x` `[.., K]`, `w` `[N, K]` and `b` `[N]`.
+pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     let k = x.dims().last().copied().unwrap_or(0);
     let (n, wk) = w.dims2()?;
     let m = x.elem_count() / k.max(1);
-    let fast = fused_ok(x) && w.dtype() == DType::F32 && w.device().is_cpu() && m > 0 && n > 0 && k > 0;
-    if !fast || wk != k {
-        return x.broadcast_matmul(&w.t()?);
+    let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let bias_ok = b.is_none_or(|b| on_cpu_f32(b) && b.dims() == [n]);
+    if !(fused_ok(x) && on_cpu_f32(w) && bias_ok && m > 0 && n > 0 && k > 0 && wk == k) {
+        let y = x.broadcast_matmul(&w.t()?)?;
+        let y = match b {
+            Some(b) => super::bias::add_broadcast(&y, b)?,
+            None => y,
+        };
+        return if relu { super::relu(&y) } else { Ok(y) };
     }
     let mut out = x.dims().to_vec();
     if let Some(last) = out.last_mut() {
         *last = n;
     }
-    x.contiguous()?.reshape((m, k))?.apply_op2(&w.contiguous()?, Linear)?.reshape(out)
+    let (x, w) = (x.contiguous()?.reshape((m, k))?, w.contiguous()?);
+    let y = match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense { relu })?,
+        None => x.apply_op2(&w, Dense { relu })?,
+    };
+    y.reshape(out)
 }
 
-/// `(x [M, K], w [N, K]) -> x·wᵀ [M, N]`.
-struct Linear;
+/// `(x [M, K], w [N, K], b [N]?) -> relu?(x·wᵀ + b) [M, N]`.
+struct Dense {
+    relu: bool,
+}
 
-impl CustomOp2 for Linear {
+/// Rows of the output per parallel task of the epilogue and the masking pass.
+const ROWS_PER_TASK: usize = 16;
+
+impl Dense {
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+        // wᵀ as a k×n matrix: element (kk, nn) is w[nn·k + kk].
+        let mut y = matmul_new((m, n, k), x, (k as isize, 1), w, (1, k as isize), true);
+        if b.is_some() || self.relu {
+            y.par_chunks_mut(n * ROWS_PER_TASK).for_each(|rows| {
+                for row in rows.chunks_mut(n) {
+                    if let Some(b) = b {
+                        row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
+                    }
+                    if self.relu {
+                        row.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
+                }
+            });
+        }
+        y
+    }
+
+    fn cpu(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((m, k), (n, _)) = (x.1.shape().dims2()?, w.1.shape().dims2()?);
+        let b = b.map(|(s, l)| f32_slice(s, l, "linear bias")).transpose()?;
+        let y = self.forward(f32_slice(x.0, x.1, "linear input")?, f32_slice(w.0, w.1, "linear weight")?, b, (m, n, k));
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    /// The gradients of `x`, `w` and `b` from the output `y` and its gradient `dy`.
+    fn backward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
+        let dy = dy.contiguous()?;
+        let ((m, n), k) = (dy.dims2()?, x.dim(1)?);
+        // The gradient before the ReLU: dy where the output is positive.
+        let dz = if self.relu {
+            let masked = with_f32(y, "linear output", |y| {
+                with_f32(&dy, "linear gradient", |dy| {
+                    let mut dz = dy.to_vec();
+                    dz.par_chunks_mut(n * ROWS_PER_TASK).zip(y.par_chunks(n * ROWS_PER_TASK)).for_each(|(d, y)| {
+                        d.iter_mut().zip(y).for_each(|(d, &y)| *d = if y > 0.0 { *d } else { 0.0 });
+                    });
+                    dz
+                })
+            })??;
+            Tensor::from_vec(masked, (m, n), dy.device())?
+        } else {
+            dy
+        };
+        let dev = dz.device().clone();
+        with_f32(&dz, "linear gradient", |dz| -> Result<Grads3> {
+            let dx = if x.track_op() {
+                let v = with_f32(w, "linear weight", |w| {
+                    matmul_new((m, k, n), dz, (n as isize, 1), w, (k as isize, 1), true)
+                })?;
+                Some(Tensor::from_vec(v, (m, k), &dev)?)
+            } else {
+                None
+            };
+            let dw = if w.track_op() {
+                // dzᵀ as an n×m matrix: element (nn, mm) is dz[mm·n + nn].
+                let v = with_f32(x, "linear input", |x| {
+                    matmul_new((n, k, m), dz, (1, n as isize), x, (k as isize, 1), true)
+                })?;
+                deliver(w, Tensor::from_vec(v, (n, k), &dev)?)?
+            } else {
+                None
+            };
+            let db = match b {
+                Some(b) if b.track_op() => {
+                    let mut sums = vec![0f32; n];
+                    for row in dz.chunks_exact(n) {
+                        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+                    }
+                    deliver(b, Tensor::from_vec(sums, n, &dev)?)?
+                }
+                _ => None,
+            };
+            Ok((dx, dw, db))
+        })?
+    }
+}
+
+/// Gradients of up to three operands.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl CustomOp2 for Dense {
     fn name(&self) -> &'static str {
         "samhost-linear"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (f32_slice(s1, l1, "linear input")?, f32_slice(s2, l2, "linear weight")?);
-        let ((m, k), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let mut y = vec![0f32; m * n];
-        // wᵀ as a k×n matrix: element (kk, nn) is w[nn·k + kk].
-        matmul((m, n, k), &mut y, (n as isize, 1), x, (k as isize, 1), w, (1, k as isize), false, true);
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        self.cpu((s1, l1), (s2, l2), None)
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = if x.track_op() { Some(dy.apply_op2_no_bwd(w, &GradInput)?) } else { None };
-        let dw = if w.track_op() { Some(dy.apply_op2_no_bwd(x, &GradWeight)?) } else { None };
+    fn bwd(&self, x: &Tensor, w: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, None, y, dy)?;
         Ok((dx, dw))
     }
 }
 
-/// `(dy [M, N], w [N, K]) -> dy·w [M, K]`.
-struct GradInput;
-
-impl CustomOp2 for GradInput {
+impl CustomOp3 for Dense {
     fn name(&self) -> &'static str {
-        "samhost-linear-grad-input"
+        "samhost-linear-bias"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (dy, w) = (f32_slice(s1, l1, "linear gradient")?, f32_slice(s2, l2, "linear weight")?);
-        let ((m, n), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let mut dx = vec![0f32; m * k];
-        matmul((m, k, n), &mut dx, (k as isize, 1), dy, (n as isize, 1), w, (k as isize, 1), false, true);
-        Ok((CpuStorage::F32(dx), Shape::from((m, k))))
-    }
-}
-
-/// `(dy [M, N], x [M, K]) -> dyᵀ·x [N, K]`.
-struct GradWeight;
-
-impl CustomOp2 for GradWeight {
-    fn name(&self) -> &'static str {
-        "samhost-linear-grad-weight"
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu((s1, l1), (s2, l2), Some((s3, l3)))
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (dy, x) = (f32_slice(s1, l1, "linear gradient")?, f32_slice(s2, l2, "linear input")?);
-        let ((m, n), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let mut dw = vec![0f32; n * k];
-        // dyᵀ as an n×m matrix: element (nn, mm) is dy[mm·n + nn].
-        matmul((n, k, m), &mut dw, (k as isize, 1), dy, (1, n as isize), x, (k as isize, 1), false, true);
-        Ok((CpuStorage::F32(dw), Shape::from((n, k))))
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
+        self.backward(x, w, Some(b), y, dy)
     }
 }

@@ -7,7 +7,8 @@ pub mod cpu;
 pub mod gemm;
 pub mod half;
 pub mod linear;
+pub mod param_grads;
 pub mod pointwise;
 
-pub use conv2d::conv2d;
+pub use conv2d::{conv2d, conv2d_block, ConvBlockOptions};
 pub use pointwise::{max_pool2, relu};

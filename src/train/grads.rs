@@ -4,14 +4,21 @@ use anyhow::Result;
 use candle_core::{DType, Tensor, Var};
 
 /// The gradient of `loss` with respect to each of `params` (zeros where a parameter does not
-/// reach the loss).
+/// reach the loss). The custom ops hand the gradients of variables over directly
+/// ([`crate::ops::param_grads`]); candle's store holds the rest, and a parameter reached both
+/// ways gets the sum.
 pub fn gradients(loss: &Tensor, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
-    let store = loss.backward()?;
+    let (store, mut direct) = crate::ops::param_grads::capture(|| loss.backward())?;
     params
         .iter()
-        .map(|(_, v)| match store.get(v.as_tensor()) {
-            Some(g) => Ok(g.clone()),
-            None => Ok(v.as_tensor().zeros_like()?),
+        .map(|(_, v)| {
+            let t = v.as_tensor();
+            Ok(match (store.get(t), direct.remove(&t.id())) {
+                (Some(a), Some(b)) => (a + b)?,
+                (Some(g), None) => g.clone(),
+                (None, Some(g)) => g,
+                (None, None) => t.zeros_like()?,
+            })
         })
         .collect()
 }

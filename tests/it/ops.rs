@@ -1,5 +1,5 @@
-//! The fast CPU conv2d against candle's own conv2d: values and both gradients on random shapes,
-//! to 1e-5 relative (of the largest magnitude).
+//! The CPU custom ops against candle's own ops: values and gradients on random shapes, to 1e-5
+//! relative (of the largest magnitude).
 
 use candle_core::{DType, Device, Tensor, Var};
 use samhost::ops::conv2d;
@@ -148,5 +148,136 @@ fn broadcast_parameter_add_matches_candle() {
             assert_eq!(a.dims(), b.dims(), "{ydims:?} + {pdims:?}: {what} gradient shape");
             assert!(max_rel(a, b) < 1e-5, "{ydims:?} + {pdims:?}: {what} gradient off by {}", max_rel(a, b));
         }
+    }
+}
+
+/// The reference for the fused convolution block, from candle's ops alone: `conv2d`,
+/// `broadcast_add`, `relu` and a 2x2 max over reshaped windows.
+fn block_reference(x: &Tensor, k: &Tensor, b: Option<&Tensor>, s: usize, p: usize, relu: bool, pool: bool) -> Tensor {
+    let mut y = x.conv2d(k, p, s, 1, 1).unwrap();
+    if let Some(b) = b {
+        y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap()).unwrap();
+    }
+    if relu {
+        y = y.relu().unwrap();
+    }
+    if pool {
+        let (n, c, h, w) = y.dims4().unwrap();
+        let cropped = y.narrow(2, 0, h - h % 2).unwrap().narrow(3, 0, w - w % 2).unwrap();
+        y = cropped.reshape((n, c, h / 2, 2, w / 2, 2)).unwrap().max(5).unwrap().max(3).unwrap();
+    }
+    y
+}
+
+/// The fused convolution block (bias, ReLU, 2x2 max-pooling in every combination) against the
+/// composition of candle's ops: values and the gradients of input, kernel and bias, in f32 and
+/// f64, on batches that split into several sample groups with a short last one; the gradients
+/// handed over to `gradients()` equal those in candle's store, and a data batch gets none.
+#[test]
+fn conv2d_block_matches_candle_composition() {
+    use samhost::ops::{conv2d_block, ConvBlockOptions};
+    use samhost::train::grads::gradients;
+    let rng = HostRng::new(11);
+    // (n, c, h, w, o, k, stride, padding): 8x8 outputs make groups of 8 samples (21 = 8 + 8 + 5).
+    let shapes =
+        [(21, 3, 8, 8, 4, 3, 1, 1), (3, 5, 9, 7, 6, 3, 2, 1), (2, 4, 33, 32, 5, 3, 1, 1), (10, 2, 7, 7, 3, 2, 1, 0)];
+    for dtype in [DType::F32, DType::F64] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        for &(n, c, h, w, o, k, s, p) in &shapes {
+            for (bias, relu, pool) in [
+                (true, true, true),
+                (true, false, false),
+                (false, true, false),
+                (false, false, true),
+                (true, true, false),
+            ] {
+                let case = format!("{dtype:?} {:?} bias {bias} relu {relu} pool {pool}", (n, c, h, w, o, k, s, p));
+                let x = Var::from_tensor(&rand(&rng, &[n, c, h, w], dtype)).unwrap();
+                let kern = Var::from_tensor(&rand(&rng, &[o, c, k, k], dtype)).unwrap();
+                let b = Var::from_tensor(&rand(&rng, &[o], dtype)).unwrap();
+                let bt = bias.then(|| b.as_tensor());
+                let opts = ConvBlockOptions { stride: s, padding: p, relu, pool };
+                let ours = conv2d_block(x.as_tensor(), kern.as_tensor(), bt, opts).unwrap();
+                let theirs = block_reference(x.as_tensor(), kern.as_tensor(), bt, s, p, relu, pool);
+                assert_eq!(ours.dims(), theirs.dims(), "{case}");
+                assert!(max_rel(&ours, &theirs) < tol, "{case}: values off by {:e}", max_rel(&ours, &theirs));
+                let r = rand(&rng, ours.dims(), dtype);
+                let loss = (&ours * &r).unwrap().sum_all().unwrap();
+                let g1 = loss.backward().unwrap();
+                let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut vars = vec![("input", &x), ("kernel", &kern)];
+                if bias {
+                    vars.push(("bias", &b));
+                }
+                for &(what, v) in &vars {
+                    let (a, e) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                    assert!(max_rel(a, e) < tol, "{case}: {what} gradient off by {:e}", max_rel(a, e));
+                }
+                let params: Vec<(String, Var)> = vars.iter().map(|(n, v)| (n.to_string(), (*v).clone())).collect();
+                for ((what, v), g) in params.iter().zip(gradients(&loss, &params).unwrap()) {
+                    assert_eq!(max_rel(&g, g1.get(v.as_tensor()).unwrap()), 0.0, "{case}: captured {what} gradient");
+                }
+                // A data batch: no input gradient, the same kernel gradient.
+                let data = x.as_tensor().detach();
+                let y = conv2d_block(&data, kern.as_tensor(), bt, opts).unwrap();
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(g.get(&data).is_none(), "{case}");
+                assert_eq!(max_rel(g.get(kern.as_tensor()).unwrap(), g1.get(kern.as_tensor()).unwrap()), 0.0, "{case}");
+            }
+        }
+    }
+}
+
+/// The fused linear layer `relu?(x·wᵀ + b)` against candle's matmul, broadcast add and ReLU:
+/// values and all three gradients; a weight used twice gets the sum of both uses, also when
+/// its gradients are handed over to `gradients()`.
+#[test]
+fn dense_matches_candle_composition() {
+    use samhost::ops::linear::dense;
+    use samhost::train::grads::gradients;
+    let rng = HostRng::new(12);
+    for (m, k, n) in [(4, 6, 5), (33, 17, 9), (128, 300, 64), (1, 1, 1)] {
+        for (bias, relu) in [(true, true), (true, false), (false, true)] {
+            let case = format!("{m}x{k} -> {n}, bias {bias} relu {relu}");
+            let x = Var::from_tensor(&rand(&rng, &[m, k], DType::F32)).unwrap();
+            let w = Var::from_tensor(&rand(&rng, &[n, k], DType::F32)).unwrap();
+            let b = Var::from_tensor(&rand(&rng, &[n], DType::F32)).unwrap();
+            let bt = bias.then(|| b.as_tensor());
+            let ours = dense(x.as_tensor(), w.as_tensor(), bt, relu).unwrap();
+            let mut theirs = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+            if bias {
+                theirs = theirs.broadcast_add(b.as_tensor()).unwrap();
+            }
+            if relu {
+                theirs = theirs.relu().unwrap();
+            }
+            assert!(max_rel(&ours, &theirs) < 1e-5, "{case}: values");
+            let r = rand(&rng, &[m, n], DType::F32);
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut vars = vec![("input", &x), ("weight", &w)];
+            if bias {
+                vars.push(("bias", &b));
+            }
+            for &(what, v) in &vars {
+                let (a, e) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(max_rel(a, e) < 1e-5, "{case}: {what} gradient off by {:e}", max_rel(a, e));
+            }
+        }
+    }
+    // A square weight applied twice: y = w·relu(w·x + b) + b.
+    let x = rand(&rng, &[7, 5], DType::F32);
+    let w = Var::from_tensor(&rand(&rng, &[5, 5], DType::F32)).unwrap();
+    let b = Var::from_tensor(&rand(&rng, &[5], DType::F32)).unwrap();
+    let h = dense(&x, w.as_tensor(), Some(b.as_tensor()), true).unwrap();
+    let loss = dense(&h, w.as_tensor(), Some(b.as_tensor()), false).unwrap().sqr().unwrap().sum_all().unwrap();
+    let wt = w.as_tensor().t().unwrap();
+    let h2 = x.matmul(&wt).unwrap().broadcast_add(b.as_tensor()).unwrap().relu().unwrap();
+    let reference = h2.matmul(&wt).unwrap().broadcast_add(b.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap();
+    let expected = reference.backward().unwrap();
+    let params = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
+    for ((name, v), g) in params.iter().zip(gradients(&loss, &params).unwrap()) {
+        let e = expected.get(v.as_tensor()).unwrap();
+        assert!(max_rel(&g, e) < 1e-5, "shared {name}: off by {:e}", max_rel(&g, e));
     }
 }
