@@ -53,6 +53,7 @@ fn time_step(model: &Model, x: &Tensor, y: &Tensor, sam: bool, steps: usize, dev
 }
 
 fn main() {
+    samhost::runtime::tune();
     let device = parse_device(&std::env::var("SAMHOST_BENCH_DEVICE").unwrap_or_else(|_| "auto".into()))
         .expect("SAMHOST_BENCH_DEVICE");
     let steps: usize = std::env::var("SAMHOST_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);

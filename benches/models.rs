@@ -43,7 +43,7 @@ fn time(cfg: &ArchConfig, image: usize, n: usize, steps: usize) -> f64 {
 }
 
 fn main() {
-    samhost::alloc::keep_freed_buffers();
+    samhost::runtime::tune();
     let steps = env("SAMHOST_BENCH_STEPS", 3);
     let batch = env("SAMHOST_BENCH_BATCH", 16);
     println!(

@@ -135,7 +135,7 @@ fn call_overhead() -> (f64, f64) {
 }
 
 fn main() {
-    samhost::alloc::keep_freed_buffers();
+    samhost::runtime::tune();
     let (rust_ns, over_ns) = call_overhead();
     println!("script call into a registered tensor function (t + 1.0, 1 element):");
     println!("  tensor op from Rust {rust_ns:.0} ns; extra cost from a script {over_ns:.0} ns per call\n");

@@ -114,7 +114,7 @@ fn child(selected: &[String], steps: usize) {
 }
 
 fn main() {
-    samhost::alloc::keep_freed_buffers();
+    samhost::runtime::tune();
     let steps: usize = std::env::var("SAMHOST_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let selected = env_list("SAMHOST_BENCH_MODELS", "");
     if std::env::args().any(|a| a == "--child") {

@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod models;
 pub mod ops;
 pub mod rng;
+pub mod runtime;
 pub mod run;
 pub mod script;
 pub mod session;

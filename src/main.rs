@@ -40,7 +40,7 @@ fn plot(a: samhost::cli::PlotArgs) -> runner::Outcome {
 }
 
 fn main() -> ExitCode {
-    samhost::alloc::keep_freed_buffers();
+    samhost::runtime::tune();
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(a) => runner::run(SessionOptions {
