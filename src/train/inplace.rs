@@ -3,6 +3,20 @@
 
 use crate::ops::cpu::{f32_slice, f32_slice_mut};
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task of an update.
+const BLOCK: usize = 1 << 15;
+
+/// `f` over matching blocks of `a` (written) and `b`, in parallel.
+fn par_zip2(a: &mut [f32], b: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    a.par_chunks_mut(BLOCK).zip(b.par_chunks(BLOCK)).for_each(|(a, b)| f(a, b));
+}
+
+/// `f` over matching blocks of `a` (written), `b` and `c`, in parallel.
+fn par_zip3(a: &mut [f32], b: &[f32], c: &[f32], f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) {
+    a.par_chunks_mut(BLOCK).zip(b.par_chunks(BLOCK).zip(c.par_chunks(BLOCK))).for_each(|(a, (b, c))| f(a, b, c));
+}
 
 /// Whether the fast path applies to these tensors.
 pub fn applies(ts: &[&Tensor]) -> bool {
@@ -34,9 +48,14 @@ impl InplaceOp3 for MomentumUpdate {
         let buf = f32_slice_mut(s1, l1, self.name())?;
         let (g, p) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let (m, keep, wd) = (self.momentum, 1.0 - self.dampening, self.weight_decay);
-        for ((b, &g), &p) in buf.iter_mut().zip(g).zip(p) {
-            let d = g + wd * p;
-            *b = if self.first { d } else { m * *b + keep * d };
+        if self.first {
+            par_zip3(buf, g, p, move |buf, g, p| {
+                buf.iter_mut().zip(g).zip(p).for_each(|((b, &g), &p)| *b = g + wd * p);
+            });
+        } else {
+            par_zip3(buf, g, p, move |buf, g, p| {
+                buf.iter_mut().zip(g).zip(p).for_each(|((b, &g), &p)| *b = m * *b + keep * (g + wd * p));
+            });
         }
         Ok(())
     }
@@ -67,9 +86,12 @@ impl InplaceOp3 for MomentumApply {
         let p = f32_slice_mut(s1, l1, self.name())?;
         let (g, buf) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let (lr, m, wd) = (self.lr, self.momentum, self.weight_decay);
-        for ((p, &g), &b) in p.iter_mut().zip(g).zip(buf) {
-            let u = if self.nesterov { g + wd * *p + m * b } else { b };
-            *p -= lr * u;
+        if self.nesterov {
+            par_zip3(p, g, buf, move |p, g, buf| {
+                p.iter_mut().zip(g).zip(buf).for_each(|((p, &g), &b)| *p -= lr * (g + wd * *p + m * b));
+            });
+        } else {
+            par_zip3(p, g, buf, move |p, _, buf| p.iter_mut().zip(buf).for_each(|(p, &b)| *p -= lr * b));
         }
         Ok(())
     }
@@ -89,9 +111,8 @@ impl InplaceOp2 for PlainApply {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let p = f32_slice_mut(s1, l1, self.name())?;
         let g = f32_slice(s2, l2, self.name())?;
-        for (p, &g) in p.iter_mut().zip(g) {
-            *p -= self.lr * (g + self.weight_decay * *p);
-        }
+        let (lr, wd) = (self.lr, self.weight_decay);
+        par_zip2(p, g, move |p, g| p.iter_mut().zip(g).for_each(|(p, &g)| *p -= lr * (g + wd * *p)));
         Ok(())
     }
 }
@@ -130,27 +151,68 @@ pub fn sgd(
     Ok(Some(buf))
 }
 
-/// `p ← p + a·g`.
-struct Axpy {
+/// `p ← p + a·g`, keeping the values `p` had before in `saved`.
+struct AxpySaving {
     a: f32,
+    saved: std::sync::Mutex<Vec<f32>>,
 }
 
-impl InplaceOp2 for Axpy {
+impl InplaceOp2 for AxpySaving {
     fn name(&self) -> &'static str {
-        "axpy"
+        "axpy-saving"
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let p = f32_slice_mut(s1, l1, self.name())?;
         let g = f32_slice(s2, l2, self.name())?;
-        for (p, &g) in p.iter_mut().zip(g) {
-            *p += self.a * g;
-        }
+        let a = self.a;
+        let mut saved = Vec::with_capacity(p.len());
+        let spare = &mut saved.spare_capacity_mut()[..p.len()];
+        spare.par_chunks_mut(BLOCK).zip(p.par_chunks_mut(BLOCK).zip(g.par_chunks(BLOCK))).for_each(|(s, (p, g))| {
+            for ((s, p), &g) in s.iter_mut().zip(p.iter_mut()).zip(g) {
+                s.write(*p);
+                *p += a * g;
+            }
+        });
+        // SAFETY: the loop above wrote every one of the p.len() elements.
+        unsafe { saved.set_len(p.len()) };
+        *self.saved.lock().map_err(|_| candle_core::Error::Msg("axpy: poisoned lock".into()))? = saved;
         Ok(())
     }
 }
 
-/// `p ← p + a·g` in place (CPU, f32, contiguous: check with [`applies`]).
-pub fn axpy(p: &Tensor, g: &Tensor, a: f64) -> Result<()> {
-    p.inplace_op2(g, &Axpy { a: a as f32 })
+/// `p ← p + a·g` in place, returning a copy of `p` from before, in one pass over both (CPU, f32,
+/// contiguous: check with [`applies`]).
+pub fn axpy_saving(p: &Tensor, g: &Tensor, a: f64) -> Result<Tensor> {
+    let op = AxpySaving { a: a as f32, saved: std::sync::Mutex::new(Vec::new()) };
+    p.inplace_op2(g, &op)?;
+    let saved = op.saved.into_inner().map_err(|_| candle_core::Error::Msg("axpy: poisoned lock".into()))?;
+    Tensor::from_vec(saved, p.shape(), p.device())
+}
+
+/// `p ← src`.
+struct CopyFrom;
+
+impl InplaceOp2 for CopyFrom {
+    fn name(&self) -> &'static str {
+        "copy-from"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let p = f32_slice_mut(s1, l1, self.name())?;
+        let src = f32_slice(s2, l2, self.name())?;
+        if p.len() != src.len() {
+            candle_core::bail!("copy: {} elements into {}", src.len(), p.len());
+        }
+        par_zip2(p, src, |p, s| p.copy_from_slice(s));
+        Ok(())
+    }
+}
+
+/// `p ← src` in place, in parallel blocks (CPU, f32, contiguous: check with [`applies`]).
+pub fn copy_into(p: &Tensor, src: &Tensor) -> Result<()> {
+    if p.shape() != src.shape() {
+        candle_core::bail!("copy: shape {:?} into {:?}", src.dims(), p.dims());
+    }
+    p.inplace_op2(src, &CopyFrom)
 }

@@ -119,10 +119,11 @@ fn asam_scale(p: &Var, eta: f64) -> Result<Tensor> {
     Ok(p.as_tensor().abs()?.affine(1.0, eta)?)
 }
 
-/// Moves every parameter to `w + e` in place and returns copies of the original weights. The
-/// ascent step `e` is formed one parameter at a time, so besides the weight copies only one
+/// Moves every parameter to `w + e` in place and returns copies of the original weights (`g_norm`
+/// is `‖g‖₂`, already computed for the statistics). The ascent step `e` is formed one parameter
+/// at a time, so besides the weight copies only one
 /// parameter-sized temporary is alive at once.
-fn perturb(params: &[(String, Var)], g: &[Tensor], cfg: &SamConfig) -> Result<Vec<Tensor>> {
+fn perturb(params: &[(String, Var)], g: &[Tensor], g_norm: f64, cfg: &SamConfig) -> Result<Vec<Tensor>> {
     let norm = if cfg.adaptive {
         let mut sq = 0.0;
         for ((_, p), g) in params.iter().zip(g) {
@@ -130,23 +131,23 @@ fn perturb(params: &[(String, Var)], g: &[Tensor], cfg: &SamConfig) -> Result<Ve
         }
         sq.sqrt()
     } else {
-        global_norm(g)?
+        g_norm
     };
     let scale = cfg.rho / (norm + cfg.eps);
     let mut saved = Vec::with_capacity(params.len());
     for ((_, p), g) in params.iter().zip(g) {
-        let w = p.as_tensor().copy()?;
         if !cfg.adaptive && super::inplace::applies(&[p.as_tensor(), g]) {
-            super::inplace::axpy(p.as_tensor(), g, scale)?;
-        } else {
-            let g = g.to_dtype(p.dtype())?;
-            let e = if cfg.adaptive {
-                (asam_scale(p, cfg.eta)?.sqr()? * g)?.affine(scale, 0.0)?
-            } else {
-                g.affine(scale, 0.0)?
-            };
-            p.set(&(&w + e)?)?;
+            saved.push(super::inplace::axpy_saving(p.as_tensor(), g, scale)?);
+            continue;
         }
+        let w = p.as_tensor().copy()?;
+        let g = g.to_dtype(p.dtype())?;
+        let e = if cfg.adaptive {
+            (asam_scale(p, cfg.eta)?.sqr()? * g)?.affine(scale, 0.0)?
+        } else {
+            g.affine(scale, 0.0)?
+        };
+        p.set(&(&w + e)?)?;
         saved.push(w);
     }
     Ok(saved)
@@ -183,20 +184,25 @@ pub fn sam_step(
         };
         let first = forward_backward(model, &params, &x, &y, loss_fn)?;
         loss_sum += scalar(&first.loss)?;
-        norm_sum += sum_squares(&first.grads)?.sqrt();
+        let g_norm = sum_squares(&first.grads)?.sqrt();
+        norm_sum += g_norm;
         match first.correct {
             Some(c) => hits += c,
             None => counted = false,
         }
         // Perturb in place, keeping one copy of the weights; the first gradients go.
-        let saved_w = perturb(&params, &first.grads, cfg)?;
+        let saved_w = perturb(&params, &first.grads, g_norm, cfg)?;
         drop(first);
         let saved_buffers: Vec<Tensor> =
             buffers.iter().map(|(_, b)| b.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
         let second = forward_backward(model, &params, &x, &y, loss_fn);
         // Restore weights and running statistics whatever the second pass did.
         for ((_, p), w) in params.iter().zip(&saved_w) {
-            p.set(w)?;
+            if super::inplace::applies(&[p.as_tensor(), w]) {
+                super::inplace::copy_into(p.as_tensor(), w)?;
+            } else {
+                p.set(w)?;
+            }
         }
         for ((_, b), s) in buffers.iter().zip(&saved_buffers) {
             b.set(s)?;
