@@ -1,14 +1,17 @@
 //! BatchNorm over the channels of images `[N, C, H, W]`, as PyTorch's `nn.BatchNorm2d`.
 //!
-//! In training mode on the CPU (f32) the normalisation is one fused operation with its own
-//! backward pass: two passes over the input forward, two backward, instead of the dozen full-size
+//! In training mode on the CPU (f32) the normalisation, and the ReLU that usually follows it, are
+//! one fused operation with its own backward pass: two passes over the input forward, two
+//! backward (the statistics of the forward pass are kept for it), instead of the dozen full-size
 //! tensors that elementary ops (or candle-nn's `BatchNorm`, which also transposes and copies the
-//! input) create; BatchNorm was more than half of a CIFAR ResNet's training step before. Other
-//! devices, other dtypes, evaluation mode, and second-order gradients
-//! (`CANDLE_GRAD_DO_NOT_DETACH` set) use the same math from elementary ops.
+//! input) create; BatchNorm was more than half of a CIFAR ResNet's training step before. Sums
+//! run over each plane in f32 lanes and across planes in f64. Other devices, other dtypes,
+//! evaluation mode, and second-order gradients (`CANDLE_GRAD_DO_NOT_DETACH` set) use the same
+//! math from elementary ops.
 
-use crate::ops::cpu::{f32_slice, fused_ok};
+use crate::ops::cpu::{f32_slice, fused_ok, slice_of};
 use crate::ops::half::{in_f32, is_half};
+use crate::ops::param_grads::deliver;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
@@ -42,19 +45,31 @@ pub fn bn(layer: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
     layer.forward_t(x, train)
 }
 
+/// Applies a BatchNorm in training or evaluation mode followed by a ReLU (one fused op in
+/// training mode on the CPU).
+pub fn bn_relu(layer: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
+    layer.forward_act(x, train, true)
+}
+
 impl BatchNorm2d {
     /// Normalises `x` in training (`train`) or evaluation mode. bf16/f16 inputs are normalised
     /// in f32 (statistics, weights and running buffers stay f32) and the result cast back.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// [`Self::forward_t`], followed by a ReLU when `relu`.
+    pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if is_half(x) {
-            return in_f32(x, |x| self.forward_t(x, train));
+            return in_f32(x, |x| self.forward_act(x, train, relu));
         }
         let (n, c, h, w) = x.dims4()?;
         if c != self.weight.dim(0)? {
             candle_core::bail!("batch norm of {} channels got an input {:?}", self.weight.dim(0)?, x.dims());
         }
+        let then_relu = |y: Tensor| if relu { crate::ops::relu(&y) } else { Ok(y) };
         if !train {
-            return self.forward_eval(x);
+            return then_relu(self.forward_eval(x)?);
         }
         let m = n * h * w;
         if m < 2 {
@@ -63,14 +78,15 @@ impl BatchNorm2d {
         let fused = fused_ok(x) && self.weight.dtype() == DType::F32;
         let (y, mean, var) = if fused {
             let stats = Arc::new(Mutex::new(Stats::default()));
-            let op = FusedBatchNorm { eps: self.eps, stats: stats.clone() };
+            let op = FusedBatchNorm { eps: self.eps, relu, stats: stats.clone() };
             let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
             let s = stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
             let mean = Tensor::from_slice(&s.mean, c, x.device())?;
             let var = Tensor::from_slice(&s.var, c, x.device())?;
             (y, mean, var)
         } else {
-            self.forward_train_unfused(x)?
+            let (y, mean, var) = self.forward_train_unfused(x)?;
+            (then_relu(y)?, mean, var)
         };
         let k = self.momentum;
         let unbiased = m as f64 / (m as f64 - 1.0);
@@ -108,17 +124,21 @@ impl BatchNorm2d {
     }
 }
 
-/// Batch statistics per channel, filled by the forward pass.
+/// Batch statistics per channel, filled by the forward pass (mean and biased variance for the
+/// running statistics, mean and 1/sqrt(var + eps) for the backward pass).
 #[derive(Debug, Default)]
 struct Stats {
     mean: Vec<f32>,
     var: Vec<f32>,
+    mean64: Vec<f64>,
+    invstd: Vec<f64>,
 }
 
-/// `y = (x - mean) / sqrt(var + eps) * weight + bias` over `[N, C, H, W]` with the batch's
+/// `y = relu?((x - mean) / sqrt(var + eps) * weight + bias)` over `[N, C, H, W]` with the batch's
 /// statistics, and its exact backward pass.
 struct FusedBatchNorm {
     eps: f64,
+    relu: bool,
     stats: Arc<Mutex<Stats>>,
 }
 
@@ -127,17 +147,38 @@ fn planes(x: &[f32], n: usize, c: usize, hw: usize, ch: usize) -> impl Iterator<
     (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
 }
 
-/// Per channel: the mean and the biased variance (accumulated in f64; channels in parallel,
-/// each summed in a fixed order).
+/// `Σ f(a, b, c)` over matching elements of three equally long slices, in eight f32 lanes,
+/// returned in f64 (the lanes let the compiler vectorise the sum).
+#[inline]
+fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let tail: f32 =
+        ca.remainder().iter().zip(cb.remainder()).zip(cc.remainder()).map(|((&x, &y), &z)| f(x, y, z)).sum();
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for l in 0..8 {
+            acc[l] += f(x[l], y[l], z[l]);
+        }
+    }
+    (acc.iter().sum::<f32>() + tail) as f64
+}
+
+/// `Σ f(v)` over a slice, as [`lane_sum3`].
+#[inline]
+fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    lane_sum3(a, a, a, |x, _, _| f(x))
+}
+
+/// Per channel: the mean and the biased variance (channels in parallel, each summed in a fixed
+/// order: plane sums in f32 lanes, added in f64).
 fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     let m = (n * hw) as f64;
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mean = planes(x, n, c, hw, ch).map(|p| p.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / m;
-            let var =
-                planes(x, n, c, hw, ch).map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()).sum::<f64>()
-                    / m;
+            let mean = planes(x, n, c, hw, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
+            let mu = mean as f32;
+            let var = planes(x, n, c, hw, ch).map(|p| lane_sum(p, |v| (v - mu) * (v - mu))).sum::<f64>() / m;
             (mean, var)
         })
         .unzip()
@@ -163,21 +204,29 @@ impl CustomOp3 for FusedBatchNorm {
         let weight = f32_slice(s2, l2, "the weight")?;
         let bias = f32_slice(s3, l3, "the bias")?;
         let (mean, var) = channel_stats(x, n, c, hw);
+        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let affine: Vec<(f32, f32)> = (0..c)
             .map(|ch| {
-                let scale = weight[ch] as f64 / (var[ch] + self.eps).sqrt();
+                let scale = weight[ch] as f64 * invstd[ch];
                 (scale as f32, (bias[ch] as f64 - mean[ch] * scale) as f32)
             })
             .collect();
         let mut y = vec![0f32; x.len()];
+        let relu = self.relu;
         y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (out, inp))| {
             let (scale, shift) = affine[plane % c];
-            out.iter_mut().zip(inp).for_each(|(o, &v)| *o = v * scale + shift);
+            if relu {
+                out.iter_mut().zip(inp).for_each(|(o, &v)| *o = (v * scale + shift).max(0.0));
+            } else {
+                out.iter_mut().zip(inp).for_each(|(o, &v)| *o = v * scale + shift);
+            }
         });
-        if let Ok(mut s) = self.stats.lock() {
-            s.mean = mean.iter().map(|&v| v as f32).collect();
-            s.var = var.iter().map(|&v| v as f32).collect();
-        }
+        let mut s =
+            self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
+        s.mean = mean.iter().map(|&v| v as f32).collect();
+        s.var = var.iter().map(|&v| v as f32).collect();
+        s.mean64 = mean;
+        s.invstd = invstd;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -185,52 +234,68 @@ impl CustomOp3 for FusedBatchNorm {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
-        _y: &Tensor,
+        bias: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
         let hw = h * w;
         let m = (n * hw) as f64;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let gs = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let ws = weight.to_vec1::<f32>()?;
-        let (mean, var) = channel_stats(&xs, n, c, hw);
-        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        // Per channel: sum(dy) and sum(dy * xhat).
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let stats =
+            self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
+        if stats.invstd.len() != c {
+            candle_core::bail!("batch norm backward: the statistics of the forward pass are missing");
+        }
+        let (mean, invstd) = (&stats.mean64, &stats.invstd);
+        let ((xs, xl), (gs, gl), (ys, yl), (ws, wl)) =
+            (x.storage_and_layout(), grad.storage_and_layout(), y.storage_and_layout(), weight.storage_and_layout());
+        let xs = slice_of::<f32>(&xs, xl, "batch norm input")?;
+        let gs = slice_of::<f32>(&gs, gl, "batch norm gradient")?;
+        let ys = slice_of::<f32>(&ys, yl, "batch norm output")?;
+        let ws = slice_of::<f32>(&ws, wl, "batch norm weight")?;
+        let relu = self.relu;
+        // The gradient before the ReLU.
+        let gz = move |g: f32, y: f32| if !relu || y > 0.0 { g } else { 0.0 };
+        // Per channel: Σdz and Σ(dz·xhat).
         let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (mu, is) = (mean[ch], invstd[ch]);
+                let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
                 let (mut db, mut dw) = (0f64, 0f64);
-                for (gp, xp) in planes(&gs, n, c, hw, ch).zip(planes(&xs, n, c, hw, ch)) {
-                    for (&g, &v) in gp.iter().zip(xp) {
-                        db += g as f64;
-                        dw += g as f64 * (v as f64 - mu) * is;
-                    }
+                for ((gp, xp), yp) in
+                    planes(gs, n, c, hw, ch).zip(planes(xs, n, c, hw, ch)).zip(planes(ys, n, c, hw, ch))
+                {
+                    db += lane_sum3(gp, yp, yp, |g, y, _| gz(g, y));
+                    dw += lane_sum3(gp, yp, xp, |g, y, x| gz(g, y) * (x - mu) * is);
                 }
                 (db, dw)
             })
             .unzip();
-        // dx = w·invstd/m · (m·dy − Σdy − xhat·Σ(dy·xhat))
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(hw).zip(gs.par_chunks(hw).zip(xs.par_chunks(hw))).enumerate().for_each(
-            |(plane, (out, (gp, xp)))| {
-                let ch = plane % c;
-                let (mu, is) = (mean[ch], invstd[ch]);
-                let k = ws[ch] as f64 * is / m;
-                for ((o, &g), &v) in out.iter_mut().zip(gp).zip(xp) {
-                    let xhat = (v as f64 - mu) * is;
-                    *o = (k * (m * g as f64 - db[ch] - xhat * dw[ch])) as f32;
-                }
-            },
-        );
+        // dx = w·invstd/m · (m·dz − Σdz − xhat·Σ(dz·xhat))
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; xs.len()];
+            dx.par_chunks_mut(hw)
+                .zip(gs.par_chunks(hw).zip(xs.par_chunks(hw).zip(ys.par_chunks(hw))))
+                .enumerate()
+                .for_each(|(plane, (out, (gp, (xp, yp))))| {
+                    let ch = plane % c;
+                    let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
+                    let k = (ws[ch] as f64 * invstd[ch] / m) as f32;
+                    let (a, b) = ((m * k as f64) as f32, k * db[ch] as f32);
+                    let cx = k * dw[ch] as f32;
+                    for (o, ((&g, &x), &y)) in out.iter_mut().zip(gp.iter().zip(xp).zip(yp)) {
+                        *o = a * gz(g, y) - b - (x - mu) * is * cx;
+                    }
+                });
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(to32(dw), c, dev)?),
-            Some(Tensor::from_vec(to32(db), c, dev)?),
-        ))
+        let dw = if weight.track_op() { deliver(weight, Tensor::from_vec(to32(dw), c, dev)?)? } else { None };
+        let db = if bias.track_op() { deliver(bias, Tensor::from_vec(to32(db), c, dev)?)? } else { None };
+        Ok((dx, dw, db))
     }
 }

@@ -7,7 +7,7 @@ use crate::ops::ConvBlockOptions;
 use crate::rng::HostRng;
 use candle_core::{DType, Module, Result, Tensor, D};
 
-pub use super::batch_norm::{batch_norm, bn, BatchNorm2d};
+pub use super::batch_norm::{batch_norm, bn, bn_relu, BatchNorm2d};
 use candle_nn::{Init, VarBuilder};
 
 /// `t` in `dtype`: `t` itself when it already is, else a cast that gradients flow through (they

@@ -3,7 +3,9 @@
 //! and a linear classifier. Tensor names follow the common PyTorch implementation
 //! (`conv1`, `bn1`, `layer1.0.conv1`, ..., `linear`).
 
-use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear, subsample2, BatchNorm2d, Conv, Linear};
+use super::layers::{
+    batch_norm, bn, bn_relu, conv_no_bias, global_avg_pool, linear, subsample2, BatchNorm2d, Conv, Linear,
+};
 use super::registry::ArchConfig;
 use super::Network;
 use anyhow::{bail, Result};
@@ -98,7 +100,7 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = crate::ops::relu(&bn(&self.bn1, &self.conv1.forward(x)?, train)?)?;
+        let h = bn_relu(&self.bn1, &self.conv1.forward(x)?, train)?;
         let h = bn(&self.bn2, &self.conv2.forward(&h)?, train)?;
         let s = match &self.skip {
             Skip::Identity => x.clone(),
@@ -146,7 +148,7 @@ impl Network for ResNet {
         if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
             candle_core::bail!("resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
-        let mut h = crate::ops::relu(&bn(&self.bn1, &self.conv1.forward(x)?, train)?)?;
+        let mut h = bn_relu(&self.bn1, &self.conv1.forward(x)?, train)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }

@@ -4,7 +4,9 @@
 //! Tensor names follow the common PyTorch implementation (`conv1`, `block1.layer.0.bn1`,
 //! `block1.layer.0.convShortcut`, ..., `bn1`, `fc`).
 
-use super::layers::{batch_norm, bn, conv_no_bias, global_avg_pool, linear_init, BatchNorm2d, Conv, Dropout, Linear};
+use super::layers::{
+    batch_norm, bn_relu, conv_no_bias, global_avg_pool, linear_init, BatchNorm2d, Conv, Dropout, Linear,
+};
 use super::registry::ArchConfig;
 use super::Network;
 use crate::rng::HostRng;
@@ -85,8 +87,8 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let a = crate::ops::relu(&bn(&self.bn1, x, train)?)?;
-        let h = crate::ops::relu(&bn(&self.bn2, &self.conv1.forward(&a)?, train)?)?;
+        let a = bn_relu(&self.bn1, x, train)?;
+        let h = bn_relu(&self.bn2, &self.conv1.forward(&a)?, train)?;
         let h = self.conv2.forward(&self.dropout.forward_t(&h, train)?)?;
         // The shortcut of a block that changes shape sees the pre-activated input.
         match &self.shortcut {
@@ -141,7 +143,7 @@ impl Network for WideResNet {
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
-        let h = crate::ops::relu(&bn(&self.bn1, &h, train)?)?;
+        let h = bn_relu(&self.bn1, &h, train)?;
         self.fc.forward(&global_avg_pool(&h)?)
     }
 

@@ -356,22 +356,29 @@ fn fused_batch_norm_matches_elementary_ops_with_gradients() {
             v.set(&input(&rng, &[4], &Device::Cpu)).unwrap();
         }
     }
-    let x = candle_core::Var::from_tensor(&input(&rng, &[3, 4, 5, 5], &Device::Cpu).affine(1.5, 0.3).unwrap()).unwrap();
-    let r = input(&rng, &[3, 4, 5, 5], &Device::Cpu);
-    let fused = b.forward_t(x.as_tensor(), true).unwrap();
-    let (plain, _, _) = b.forward_train_unfused(x.as_tensor()).unwrap();
     let diff = |a: &Tensor, b: &Tensor| {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
             / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6)
     };
-    assert!(diff(&fused, &plain) < 1e-5, "outputs differ");
-    let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gp = (plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let data = varmap.data().lock().unwrap();
-    for (what, t) in [("x", x.as_tensor()), ("weight", data["weight"].as_tensor()), ("bias", data["bias"].as_tensor())]
+    // A small batch, and one with 2,304 values per channel; without and with the fused ReLU.
+    for (dims, relu) in [([3, 4, 5, 5], false), ([3, 4, 5, 5], true), ([16, 4, 12, 12], false), ([16, 4, 12, 12], true)]
     {
-        let d = diff(gf.get(t).unwrap(), gp.get(t).unwrap());
-        assert!(d < 1e-4, "gradient of {what} differs by {d} (relative)");
+        let case = format!("{dims:?} relu {relu}");
+        let x = candle_core::Var::from_tensor(&input(&rng, &dims, &Device::Cpu).affine(1.5, 0.3).unwrap()).unwrap();
+        let r = input(&rng, &dims, &Device::Cpu);
+        let fused = b.forward_act(x.as_tensor(), true, relu).unwrap();
+        let (plain, _, _) = b.forward_train_unfused(x.as_tensor()).unwrap();
+        let plain = if relu { plain.relu().unwrap() } else { plain };
+        assert!(diff(&fused, &plain) < 1e-5, "{case}: outputs differ");
+        let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        for (what, t) in
+            [("x", x.as_tensor()), ("weight", data["weight"].as_tensor()), ("bias", data["bias"].as_tensor())]
+        {
+            let d = diff(gf.get(t).unwrap(), gp.get(t).unwrap());
+            assert!(d < 1e-4, "{case}: gradient of {what} differs by {d} (relative)");
+        }
     }
 }
 
