@@ -335,8 +335,9 @@ fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs)
                 }
                 if needs.kernel {
                     im2col(g, &x[b0 * g.in_len()..], bs, &mut cols);
-                    // gk(o×ckk) += gz(o×ld) · colsᵀ(ld×ckk)
-                    matmul((g.o, ckk, ld), &mut gk, (ckk as isize, 1), &gz, (ld_i, 1), &cols, (1, ld_i), true, false);
+                    // gkᵀ(ckk×o) += cols(ckk×ld) · gzᵀ(ld×o), kept transposed: with the output
+                    // contiguous along o the gemm packs the small gz, not the unfolded columns.
+                    matmul((ckk, g.o, ld), &mut gk, (g.o as isize, 1), &cols, (ld_i, 1), &gz, (1, ld_i), true, false);
                 }
                 if let Some(gx_part) = gx_part.as_deref_mut() {
                     // cols(ckk×ld) = kᵀ(ckk×o) · gz(o×ld)
@@ -353,7 +354,9 @@ fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs)
         gk.iter_mut().zip(&pk).for_each(|(a, &b)| *a += b);
         gb.iter_mut().zip(&pb).for_each(|(a, &b)| *a += b);
     }
-    (needs.input.then_some(gx), needs.kernel.then_some(gk), needs.bias.then_some(gb))
+    // gkᵀ [ckk, o] to the kernel's layout [o, ckk].
+    let gk = needs.kernel.then(|| (0..g.o * ckk).map(|i| gk[(i % ckk) * g.o + i / ckk]).collect());
+    (needs.input.then_some(gx), gk, needs.bias.then_some(gb))
 }
 
 /// The op: `(x, kernel[, bias]) -> epilogue(conv(x, kernel))`.
