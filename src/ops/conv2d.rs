@@ -137,27 +137,58 @@ impl Epilogue {
     }
 }
 
-/// Unfolds the `bs` samples of `x` into `cols` `[C·KH·KW, bs·L]` (row stride `bs·L`).
-fn im2col<T: Float>(g: &Geometry, x: &[T], bs: usize, cols: &mut [T]) {
-    let (l, ld, s) = (g.l(), bs * g.l(), g.stride);
-    cols[..g.ckk() * ld].fill(T::default());
-    for (b, x_b) in x.chunks_exact(g.in_len()).take(bs).enumerate() {
-        g.for_each_run(|row, pos, at, len| {
-            let dst = &mut cols[row * ld + b * l + pos..][..len];
-            if s == 1 {
-                dst.copy_from_slice(&x_b[at..at + len]);
-            } else {
-                dst.iter_mut().zip(x_b[at..].iter().step_by(s)).for_each(|(d, &v)| *d = v);
-            }
-        });
+/// Copies a short run: whole blocks of 8 as fixed-size copies (kept inline, where
+/// `copy_from_slice` on a run of 8 to 32 values calls `memmove`), then the rest.
+#[inline]
+fn copy_run<T: Copy>(dst: &mut [T], src: &[T]) {
+    let (mut d, mut s) = (dst.chunks_exact_mut(8), src.chunks_exact(8));
+    for (d, s) in (&mut d).zip(&mut s) {
+        let block: &[T; 8] = s.try_into().expect("a chunk of 8");
+        d.copy_from_slice(block);
+    }
+    d.into_remainder().iter_mut().zip(s.remainder()).for_each(|(d, &v)| *d = v);
+}
+
+/// A per-thread buffer of unfolded samples `[C·KH·KW, bs·L]` (row stride `bs·L`). Positions
+/// that fall on the padding are never written, so the buffer is zero-filled only when its
+/// layout (`bs`) changes.
+struct Unfolded<T> {
+    cols: Vec<T>,
+    ld: usize,
+}
+
+impl<T: Float> Unfolded<T> {
+    fn new(g: &Geometry) -> Self {
+        Self { cols: vec![T::default(); g.ckk() * g.group() * g.l()], ld: 0 }
+    }
+
+    /// Unfolds the `bs` samples of `x`.
+    fn fill(&mut self, g: &Geometry, x: &[T], bs: usize) -> &[T] {
+        let (l, ld, s) = (g.l(), bs * g.l(), g.stride);
+        let cols = &mut self.cols[..g.ckk() * ld];
+        if self.ld != ld {
+            cols.fill(T::default());
+            self.ld = ld;
+        }
+        for (b, x_b) in x.chunks_exact(g.in_len()).take(bs).enumerate() {
+            g.for_each_run(|row, pos, at, len| {
+                let dst = &mut cols[row * ld + b * l + pos..][..len];
+                if s == 1 {
+                    copy_run(dst, &x_b[at..at + len]);
+                } else {
+                    dst.iter_mut().zip(x_b[at..].iter().step_by(s)).for_each(|(d, &v)| *d = v);
+                }
+            });
+        }
+        cols
     }
 }
 
-/// Folds `cols` `[C·KH·KW, bs·L]` back onto the `bs` samples of `gx` (overwritten).
+/// Folds `cols` `[C·KH·KW, bs·L]` back onto the `bs` samples of `gx`, adding to it (zero on
+/// entry: each input element gathers the contributions of every kernel position over it).
 fn col2im<T: Float>(g: &Geometry, cols: &[T], bs: usize, gx: &mut [T]) {
     let (l, ld, s) = (g.l(), bs * g.l(), g.stride);
     for (b, gx_b) in gx.chunks_exact_mut(g.in_len()).take(bs).enumerate() {
-        gx_b.fill(T::default());
         g.for_each_run(|row, pos, at, len| {
             let src = &cols[row * ld + b * l + pos..][..len];
             if s == 1 {
@@ -210,11 +241,11 @@ fn forward<T: Float>(g: &Geometry, ep: Epilogue, x: &[T], k: &[T], bias: Option<
         (0..g.n.div_ceil(bsz)).map(|_| None).collect()
     };
     out.par_chunks_mut(bsz * out_per).zip(am_chunks.par_iter_mut()).zip(x.par_chunks(bsz * g.in_len())).for_each_init(
-        || (vec![T::default(); ckk * bsz * l], vec![T::default(); g.o * bsz * l]),
-        |(cols, prod), ((out_g, am_g), x_g)| {
+        || (Unfolded::new(g), vec![T::default(); g.o * bsz * l]),
+        |(unfolded, prod), ((out_g, am_g), x_g)| {
             let bs = x_g.len() / g.in_len();
             let ld = bs * l;
-            im2col(g, x_g, bs, cols);
+            let cols = unfolded.fill(g, x_g, bs);
             matmul((g.o, ld, ckk), prod, (ld as isize, 1), k, (ckk as isize, 1), cols, (ld as isize, 1), false, false);
             for b in 0..bs {
                 for c in 0..g.o {
@@ -321,7 +352,8 @@ fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs)
             let mut gk = vec![T::default(); if needs.kernel { g.o * ckk } else { 0 }];
             let mut gb = vec![T::default(); if needs.bias { g.o } else { 0 }];
             let mut gz = vec![T::default(); g.o * bsz * l];
-            let mut cols = vec![T::default(); ckk * bsz * l];
+            let mut unfolded = Unfolded::new(g);
+            let mut gcols = vec![T::default(); if needs.input { ckk * bsz * l } else { 0 }];
             let (s0, s1) = (part * per, ((part + 1) * per).min(g.n));
             for b0 in (s0..s1).step_by(bsz) {
                 let bs = bsz.min(s1 - b0);
@@ -334,15 +366,15 @@ fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs)
                     }
                 }
                 if needs.kernel {
-                    im2col(g, &x[b0 * g.in_len()..], bs, &mut cols);
+                    let cols = unfolded.fill(g, &x[b0 * g.in_len()..], bs);
                     // gkᵀ(ckk×o) += cols(ckk×ld) · gzᵀ(ld×o), kept transposed: with the output
                     // contiguous along o the gemm packs the small gz, not the unfolded columns.
-                    matmul((ckk, g.o, ld), &mut gk, (g.o as isize, 1), &cols, (ld_i, 1), &gz, (1, ld_i), true, false);
+                    matmul((ckk, g.o, ld), &mut gk, (g.o as isize, 1), cols, (ld_i, 1), &gz, (1, ld_i), true, false);
                 }
                 if let Some(gx_part) = gx_part.as_deref_mut() {
                     // cols(ckk×ld) = kᵀ(ckk×o) · gz(o×ld)
-                    matmul((ckk, ld, g.o), &mut cols, (ld_i, 1), k, (1, ckk as isize), &gz, (ld_i, 1), false, false);
-                    col2im(g, &cols, bs, &mut gx_part[(b0 - s0) * g.in_len()..]);
+                    matmul((ckk, ld, g.o), &mut gcols, (ld_i, 1), k, (1, ckk as isize), &gz, (ld_i, 1), false, false);
+                    col2im(g, &gcols, bs, &mut gx_part[(b0 - s0) * g.in_len()..]);
                 }
             }
             (gk, gb)
