@@ -10,7 +10,7 @@
 //! [`super::param_grads`]. Other devices and dtypes use candle.
 
 use super::cpu::{f32_slice, fused_ok, with_f32};
-use super::gemm::matmul_new;
+use super::gemm::{matmul, matmul_new};
 use super::param_grads::deliver;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -57,6 +57,9 @@ const ROWS_PER_TASK: usize = 16;
 
 impl Dense {
     fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+        if n > m {
+            return self.forward_transposed(x, w, b, (m, n, k));
+        }
         // wᵀ as a k×n matrix: element (kk, nn) is w[nn·k + kk].
         let mut y = matmul_new((m, n, k), x, (k as isize, 1), w, (1, k as isize), true);
         if b.is_some() || self.relu {
@@ -71,6 +74,34 @@ impl Dense {
                 }
             });
         }
+        y
+    }
+
+    /// The forward pass for a weight larger than the batch (`n > m`, e.g. an mlp's first layer
+    /// at batch 128): the gemm writes `y` column-major, so it packs the batch rather than the
+    /// weight (mlp 3072 -> 512 at batch 128: 3.9 instead of 4.8 ms on one core); the transpose
+    /// to row-major is fused with the bias and the ReLU.
+    fn forward_transposed(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        (m, n, k): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let mut yt = vec![0f32; m * n];
+        // y(m×n) with element (i, j) at yt[j·m + i].
+        matmul((m, n, k), &mut yt, (1, m as isize), x, (k as isize, 1), w, (1, k as isize), false, true);
+        let mut y = vec![0f32; m * n];
+        let relu = self.relu;
+        y.par_chunks_mut(n * ROWS_PER_TASK).enumerate().for_each(|(task, rows)| {
+            for (r, row) in rows.chunks_mut(n).enumerate() {
+                let i = task * ROWS_PER_TASK + r;
+                for (j, v) in row.iter_mut().enumerate() {
+                    let z = yt[j * m + i] + b.map_or(0.0, |b| b[j]);
+                    *v = if relu { z.max(0.0) } else { z };
+                }
+            }
+        });
         y
     }
 
