@@ -2,7 +2,9 @@
 //! (erf), softmax over the last dimension and layer normalisation.
 //!
 //! Built from elementary candle ops these are correct but create a full-size temporary per step
-//! (candle's GELU backward alone makes six); fused, each is one or two passes over the data.
+//! (candle's GELU backward alone makes six); fused, each is one or two passes over the data, in
+//! parallel over blocks of rows (layer norm's weight and bias gradients are summed per block of
+//! rows and the blocks added in order, so the result depends only on the thread count).
 //! candle's own fused softmax and layer-norm kernels have no backward pass at all (they cut the
 //! graph silently: see ../shared/STACK.md). The fused path runs for contiguous f32 tensors on
 //! the CPU; other devices and dtypes, and second-order gradients (`CANDLE_GRAD_DO_NOT_DETACH`
@@ -10,12 +12,24 @@
 
 use candle_core::cpu::erf::erf_f64;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
-use crate::ops::cpu::{f32_slice, fused_ok};
+use crate::ops::cpu::{f32_slice, fused_ok, slice_of};
 use crate::ops::half::{in_f32, is_half};
+use crate::ops::param_grads::deliver;
 
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+/// Elements per parallel task of the element-wise passes.
+const BLOCK: usize = 1 << 14;
+
+/// Rows per parallel task for rows of `n` elements (about [`BLOCK`] elements).
+fn rows_per_task(n: usize) -> usize {
+    (BLOCK / n.max(1)).max(1)
+}
+
+/// The contiguous f32 elements of `grad` (a backward pass's incoming gradient), made contiguous
+/// and f32 first when needed.
+fn grad_f32(grad: &Tensor) -> Result<Tensor> {
+    grad.to_dtype(DType::F32)?.contiguous()
 }
 
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -38,28 +52,29 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "the input")?;
-        let y = x
-            .iter()
-            .map(|&v| {
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK)).for_each(|(y, x)| {
+            for (o, &v) in y.iter_mut().zip(x) {
                 let v = v as f64;
-                (0.5 * v * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2))) as f32
-            })
-            .collect();
+                *o = (0.5 * v * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (x, g) = (host(arg)?, host(grad)?);
-        let dx: Vec<f32> = x
-            .iter()
-            .zip(&g)
-            .map(|(&v, &g)| {
+        let grad = grad_f32(grad)?;
+        let ((xs, xl), (gs, gl)) = (arg.storage_and_layout(), grad.storage_and_layout());
+        let (x, g) = (slice_of::<f32>(&xs, xl, "gelu input")?, slice_of::<f32>(&gs, gl, "gelu gradient")?);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK))).for_each(|(dx, (x, g))| {
+            for ((o, &v), &g) in dx.iter_mut().zip(x).zip(g) {
                 let v = v as f64;
                 let cdf = 0.5 * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2));
                 let pdf = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
-                (g as f64 * (cdf + v * pdf)) as f32
-            })
-            .collect();
+                *o = (g as f64 * (cdf + v * pdf)) as f32;
+            }
+        });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -87,29 +102,37 @@ impl CustomOp1 for SoftmaxLast {
         let x = f32_slice(s, l, "the input")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0f32; x.len()];
-        for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for (o, &v) in out.iter_mut().zip(row) {
-                *o = (v - max).exp();
-                sum += *o as f64;
+        let task = rows_per_task(n) * n;
+        y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| {
+            for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o = (v - max).exp();
+                    sum += *o as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                out.iter_mut().for_each(|o| *o *= inv);
             }
-            let inv = (1.0 / sum) as f32;
-            out.iter_mut().for_each(|o| *o *= inv);
-        }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (y, g) = (host(res)?, host(grad)?);
+        let grad = grad_f32(grad)?;
+        let ((ys, yl), (gs, gl)) = (res.storage_and_layout(), grad.storage_and_layout());
+        let (y, g) = (slice_of::<f32>(&ys, yl, "softmax output")?, slice_of::<f32>(&gs, gl, "softmax gradient")?);
         let n = arg.dims().last().copied().unwrap_or(1).max(1);
         let mut dx = vec![0f32; y.len()];
-        for ((yr, gr), out) in y.chunks(n).zip(g.chunks(n)).zip(dx.chunks_mut(n)) {
-            let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a as f64 * b as f64).sum();
-            for ((o, &a), &b) in out.iter_mut().zip(yr).zip(gr) {
-                *o = (a as f64 * (b as f64 - dot)) as f32;
+        let task = rows_per_task(n) * n;
+        dx.par_chunks_mut(task).zip(y.par_chunks(task).zip(g.par_chunks(task))).for_each(|(dx, (y, g))| {
+            for ((yr, gr), out) in y.chunks(n).zip(g.chunks(n)).zip(dx.chunks_mut(n)) {
+                let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                for ((o, &a), &b) in out.iter_mut().zip(yr).zip(gr) {
+                    *o = (a as f64 * (b as f64 - dot)) as f32;
+                }
             }
-        }
+        });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -171,12 +194,15 @@ impl CustomOp3 for LayerNormOp {
             candle_core::bail!("layer norm: input {:?} with weight [{n}] and bias [{}]", l1.shape().dims(), b.len());
         }
         let mut y = vec![0f32; x.len()];
-        for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
-            let (mean, is) = row_stats(row, self.eps);
-            for (((o, &v), &wv), &bv) in out.iter_mut().zip(row).zip(w).zip(b) {
-                *o = (((v as f64 - mean) * is) * wv as f64 + bv as f64) as f32;
+        let task = rows_per_task(n) * n;
+        y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| {
+            for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
+                let (mean, is) = row_stats(row, self.eps);
+                for (((o, &v), &wv), &bv) in out.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (((v as f64 - mean) * is) * wv as f64 + bv as f64) as f32;
+                }
             }
-        }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -184,39 +210,59 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (xs, gs, ws) = (host(x)?, host(grad)?, host(weight)?);
+        let grad = grad_f32(grad)?;
+        let ((xs, xl), (gs, gl), (wst, wl)) =
+            (x.storage_and_layout(), grad.storage_and_layout(), weight.storage_and_layout());
+        let xs = slice_of::<f32>(&xs, xl, "layer norm input")?;
+        let gs = slice_of::<f32>(&gs, gl, "layer norm gradient")?;
+        let ws = slice_of::<f32>(&wst, wl, "layer norm weight")?;
         let n = ws.len();
         let nf = n as f64;
-        let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+        let rows = xs.len() / n.max(1);
+        // One block of rows per thread: its input gradient rows and its partial weight and bias
+        // gradients, added in block order below.
+        let per = rows.div_ceil(rayon::current_num_threads().clamp(1, rows.max(1))).max(1) * n;
         let mut dx = vec![0f32; xs.len()];
-        let mut xhat = vec![0f64; n];
-        for ((row, gr), out) in xs.chunks(n).zip(gs.chunks(n)).zip(dx.chunks_mut(n)) {
-            let (mean, is) = row_stats(row, self.eps);
-            let (mut sum_gw, mut sum_gw_xhat) = (0f64, 0f64);
-            for j in 0..n {
-                xhat[j] = (row[j] as f64 - mean) * is;
-                let g = gr[j] as f64;
-                dw[j] += g * xhat[j];
-                db[j] += g;
-                let gw = g * ws[j] as f64;
-                sum_gw += gw;
-                sum_gw_xhat += gw * xhat[j];
-            }
-            for j in 0..n {
-                let gw = gr[j] as f64 * ws[j] as f64;
-                out[j] = (is / nf * (nf * gw - sum_gw - xhat[j] * sum_gw_xhat)) as f32;
-            }
+        let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
+            .par_chunks_mut(per)
+            .zip(xs.par_chunks(per).zip(gs.par_chunks(per)))
+            .map(|(dx, (xs, gs))| {
+                let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+                let mut xhat = vec![0f64; n];
+                for ((row, gr), out) in xs.chunks(n).zip(gs.chunks(n)).zip(dx.chunks_mut(n)) {
+                    let (mean, is) = row_stats(row, self.eps);
+                    let (mut sum_gw, mut sum_gw_xhat) = (0f64, 0f64);
+                    for j in 0..n {
+                        xhat[j] = (row[j] as f64 - mean) * is;
+                        let g = gr[j] as f64;
+                        dw[j] += g * xhat[j];
+                        db[j] += g;
+                        let gw = g * ws[j] as f64;
+                        sum_gw += gw;
+                        sum_gw_xhat += gw * xhat[j];
+                    }
+                    for j in 0..n {
+                        let gw = gr[j] as f64 * ws[j] as f64;
+                        out[j] = (is / nf * (nf * gw - sum_gw - xhat[j] * sum_gw_xhat)) as f32;
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+        for (pw, pb) in partials {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
         }
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(to32(dw), n, dev)?),
-            Some(Tensor::from_vec(to32(db), n, dev)?),
-        ))
+        let dx = if x.track_op() { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
+        let dw = if weight.track_op() { deliver(weight, Tensor::from_vec(to32(dw), n, dev)?)? } else { None };
+        let db = if bias.track_op() { deliver(bias, Tensor::from_vec(to32(db), n, dev)?)? } else { None };
+        Ok((dx, dw, db))
     }
 }

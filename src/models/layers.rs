@@ -1,6 +1,9 @@
-//! Building blocks shared by the architectures, all made of differentiable candle ops (no fused
-//! kernel that would cut the gradient: see ../shared/STACK.md), with PyTorch's initialisation and
-//! tensor names.
+//! Building blocks shared by the architectures, with PyTorch's initialisation and tensor names.
+//! Every block is differentiable end to end: on the CPU in f32 the linear layer, the convolution
+//! (with its bias, ReLU and pooling) and BatchNorm (with its ReLU) run as fused custom ops with
+//! their own backward passes ([`crate::ops`], each checked against candle's elementary ops in
+//! tests/it/ops.rs), never candle's fused kernels that cut the gradient (../shared/STACK.md);
+//! other devices and dtypes compose candle's ops.
 
 use crate::ops::half::{in_f32, is_half};
 use crate::ops::ConvBlockOptions;

@@ -107,7 +107,7 @@ impl Block {
             Skip::Pad { left, right } => subsample2(x)?.pad_with_zeros(1, *left, *right)?,
             Skip::Conv { conv, bn: norm } => bn(norm, &conv.forward(x)?, train)?,
         };
-        crate::ops::relu(&(h + s)?)
+        crate::ops::add_relu(&h, &s)
     }
 }
 

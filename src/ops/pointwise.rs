@@ -1,4 +1,5 @@
-//! ReLU and 2x2 max-pooling on CPU as single-pass custom ops with single-pass backward passes.
+//! ReLU, a residual sum with its ReLU, and 2x2 max-pooling on CPU as single-pass custom ops with
+//! single-pass backward passes.
 //!
 //! Built from candle's elementary ops, ReLU's backward is a compare, a cast and a multiply (three
 //! full-size temporaries) and max-pooling through `reshape` + `max` builds equality masks; here
@@ -54,6 +55,41 @@ impl CustomOp2 for ReluGrad {
             dx.iter_mut().zip(y.iter().zip(g)).for_each(|(d, (&y, &g))| *d = if y > 0.0 { g } else { 0.0 });
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `max(a + b, 0)` element-wise (a residual connection and its ReLU) for tensors of one shape.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_ok(a) && fused_ok(b) && a.shape() == b.shape() {
+        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+    } else {
+        relu(&(a + b)?)
+    }
+}
+
+/// `(a, b) -> max(a + b, 0)`; both operands get the gradient where the output is positive.
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "samhost-add-relu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(y, (a, b))| {
+            y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (&a, &b))| *y = (a + b).max(0.0));
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !a.track_op() && !b.track_op() {
+            return Ok((None, None));
+        }
+        let g = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluGrad)?;
+        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
     }
 }
 

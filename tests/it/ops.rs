@@ -281,3 +281,65 @@ fn dense_matches_candle_composition() {
         assert!(max_rel(&g, e) < 1e-5, "shared {name}: off by {:e}", max_rel(&g, e));
     }
 }
+
+/// The residual sum with its ReLU against candle's add and relu: values and both gradients, also
+/// when one operand is data (no gradient) and when both operands are one tensor.
+#[test]
+fn add_relu_matches_elementary_ops() {
+    let rng = HostRng::new(13);
+    for dims in [[2usize, 3, 8, 8], [5, 7, 1, 3]] {
+        let a = Var::from_tensor(&rand(&rng, &dims, DType::F32)).unwrap();
+        let b = Var::from_tensor(&rand(&rng, &dims, DType::F32)).unwrap();
+        let r = rand(&rng, &dims, DType::F32);
+        let ours = samhost::ops::add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+        let theirs = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+        assert_eq!(max_rel(&ours, &theirs), 0.0, "{dims:?}: values");
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&a, &b] {
+            assert_eq!(max_rel(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()), 0.0, "{dims:?}");
+        }
+        let data = b.as_tensor().detach();
+        let g = (samhost::ops::add_relu(a.as_tensor(), &data).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&data).is_none());
+        assert_eq!(max_rel(g.get(a.as_tensor()).unwrap(), g2.get(a.as_tensor()).unwrap()), 0.0);
+        // y = relu(a + a): a gets twice the masked gradient.
+        let twice = samhost::ops::add_relu(a.as_tensor(), a.as_tensor()).unwrap();
+        let reference = (a.as_tensor() + a.as_tensor()).unwrap().relu().unwrap();
+        let g3 = (&twice * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g4 = (&reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(max_rel(g3.get(a.as_tensor()).unwrap(), g4.get(a.as_tensor()).unwrap()), 0.0, "{dims:?}: a + a");
+    }
+}
+
+/// The batched products `a·b` and `a·bᵀ` against candle's matmul: values and both gradients on
+/// batches of odd-sized matrices, to 1e-5 relative.
+#[test]
+fn batched_matmul_matches_candle() {
+    let rng = HostRng::new(14);
+    for (batch, m, k, n) in [(vec![2usize, 3], 5usize, 7usize, 4usize), (vec![1], 1, 1, 1), (vec![4], 17, 8, 17)] {
+        for transpose_b in [false, true] {
+            let case = format!("{batch:?} {m}x{k}x{n} transposed {transpose_b}");
+            let a = Var::from_tensor(&rand(&rng, &[&batch[..], &[m, k]].concat(), DType::F32)).unwrap();
+            let b_dims = if transpose_b { [n, k] } else { [k, n] };
+            let b = Var::from_tensor(&rand(&rng, &[&batch[..], &b_dims].concat(), DType::F32)).unwrap();
+            let ours = samhost::ops::bmm::bmm(a.as_tensor(), b.as_tensor(), transpose_b).unwrap();
+            let bt = if transpose_b { b.as_tensor().t().unwrap().contiguous().unwrap() } else { b.as_tensor().clone() };
+            let theirs = a.as_tensor().matmul(&bt).unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "{case}");
+            assert!(max_rel(&ours, &theirs) < 1e-5, "{case}: values");
+            let r = rand(&rng, ours.dims(), DType::F32);
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (what, v) in [("a", &a), ("b", &b)] {
+                let (x, y) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(max_rel(x, y) < 1e-5, "{case}: gradient of {what} off by {:e}", max_rel(x, y));
+            }
+        }
+    }
+}
