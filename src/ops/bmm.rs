@@ -20,7 +20,7 @@ pub fn bmm(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
     }
     let fast = fused_ok(a) && fused_ok(b) && a.elem_count() > 0 && b.elem_count() > 0;
     if !fast {
-        return if transpose_b { a.matmul(&b.t()?) } else { a.matmul(b) };
+        return if transpose_b { a.matmul(&b.t()?.contiguous()?) } else { a.matmul(b) };
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     a.apply_op2(&b, Bmm { transpose_b })
