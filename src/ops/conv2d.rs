@@ -351,7 +351,7 @@ fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs)
         .map(|(part, mut gx_part)| {
             let mut gk = vec![T::default(); if needs.kernel { g.o * ckk } else { 0 }];
             let mut gb = vec![T::default(); if needs.bias { g.o } else { 0 }];
-            let mut gz = vec![T::default(); g.o * bsz * l];
+            let mut gz_buf = vec![T::default(); g.o * bsz * l];
             let mut unfolded = Unfolded::new(g);
             let mut gcols = vec![T::default(); if needs.input { ckk * bsz * l } else { 0 }];
             let (s0, s1) = (part * per, ((part + 1) * per).min(g.n));
@@ -359,7 +359,14 @@ fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs)
                 let bs = bsz.min(s1 - b0);
                 let ld = bs * l;
                 let ld_i = ld as isize;
-                output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz);
+                // A single sample with nothing after the convolution: the incoming gradient
+                // already has the [O, L] layout.
+                let gz: &[T] = if bs == 1 && !ep.pool && !ep.relu {
+                    &dy[b0 * g.o * l..(b0 + 1) * g.o * l]
+                } else {
+                    output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz_buf);
+                    &gz_buf
+                };
                 if needs.bias {
                     for (s, row) in gb.iter_mut().zip(gz.chunks_exact(ld)) {
                         *s += row.iter().fold(T::default(), |a, &v| a + v);
@@ -369,11 +376,11 @@ fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs)
                     let cols = unfolded.fill(g, &x[b0 * g.in_len()..], bs);
                     // gkᵀ(ckk×o) += cols(ckk×ld) · gzᵀ(ld×o), kept transposed: with the output
                     // contiguous along o the gemm packs the small gz, not the unfolded columns.
-                    matmul((ckk, g.o, ld), &mut gk, (g.o as isize, 1), cols, (ld_i, 1), &gz, (1, ld_i), true, false);
+                    matmul((ckk, g.o, ld), &mut gk, (g.o as isize, 1), cols, (ld_i, 1), gz, (1, ld_i), true, false);
                 }
                 if let Some(gx_part) = gx_part.as_deref_mut() {
                     // cols(ckk×ld) = kᵀ(ckk×o) · gz(o×ld)
-                    matmul((ckk, ld, g.o), &mut gcols, (ld_i, 1), k, (1, ckk as isize), &gz, (ld_i, 1), false, false);
+                    matmul((ckk, ld, g.o), &mut gcols, (ld_i, 1), k, (1, ckk as isize), gz, (ld_i, 1), false, false);
                     col2im(g, &gcols, bs, &mut gx_part[(b0 - s0) * g.in_len()..]);
                 }
             }
