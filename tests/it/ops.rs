@@ -30,6 +30,11 @@ fn conv2d_matches_candle_values_and_gradients() {
         (2, 3, 7, 9, 5, 5, 1, 2),
         (5, 16, 8, 8, 16, 3, 1, 1),
         (2, 1, 5, 5, 2, 2, 2, 0),
+        // Padding 0, 1 and 2 of 3x3 and 5x5 kernels on non-square images.
+        (3, 4, 9, 11, 5, 3, 1, 0),
+        (6, 16, 8, 8, 16, 3, 1, 1),
+        (2, 3, 6, 5, 4, 5, 1, 2),
+        (2, 3, 6, 6, 4, 3, 1, 2),
     ];
     for dtype in [DType::F32, DType::F64] {
         for &(n, c, h, w, o, k, s, p) in &shapes {
