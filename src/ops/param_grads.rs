@@ -61,3 +61,56 @@ pub fn deliver(param: &Tensor, grad: Tensor) -> Result<Option<Tensor>> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_vec1::<f32>().expect("a vector")
+    }
+
+    #[test]
+    fn variables_are_captured_and_summed_everything_else_goes_to_candle() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[1f32, 2.0], &dev).expect("var");
+        let derived = (w.as_tensor() * 2.0).expect("derived");
+        let g = Tensor::new(&[0.5f32, -1.0], &dev).expect("grad");
+        // Outside a capture: back to candle.
+        assert!(deliver(w.as_tensor(), g.clone()).expect("deliver").is_some());
+        let ((), captured) = capture(|| {
+            assert!(deliver(w.as_tensor(), g.clone())?.is_none());
+            assert!(deliver(w.as_tensor(), g.clone())?.is_none());
+            // Not a variable: its gradient must flow on through candle's graph.
+            assert!(deliver(&derived, g.clone())?.is_some());
+            Ok(())
+        })
+        .expect("capture");
+        assert_eq!(captured.len(), 1);
+        assert_eq!(values(&captured[&w.as_tensor().id()]), [1.0, -2.0]);
+        assert!(deliver(w.as_tensor(), g).expect("deliver").is_some(), "the capture ended");
+    }
+
+    #[test]
+    fn a_failed_or_nested_capture_leaves_no_state_behind() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[1f32], &dev).expect("var");
+        let g = Tensor::new(&[3f32], &dev).expect("grad");
+        let failed: Result<((), Captured)> = capture(|| {
+            deliver(w.as_tensor(), g.clone())?;
+            candle_core::bail!("backward failed")
+        });
+        assert!(failed.is_err());
+        assert!(deliver(w.as_tensor(), g.clone()).expect("deliver").is_some(), "no capture left running");
+        let ((), outer) = capture(|| {
+            deliver(w.as_tensor(), g.clone())?;
+            let ((), inner) = capture(|| deliver(w.as_tensor(), g.clone()).map(|_| ()))?;
+            assert_eq!(values(&inner[&w.as_tensor().id()]), [3.0]);
+            deliver(w.as_tensor(), g.clone()).map(|_| ())
+        })
+        .expect("capture");
+        // The outer capture keeps its own two deliveries, not the inner one.
+        assert_eq!(values(&outer[&w.as_tensor().id()]), [6.0]);
+    }
+}
