@@ -103,7 +103,7 @@ pub fn linear_init(in_dim: usize, out_dim: usize, w_init: Init, b_init: Init, vb
 }
 
 /// A 2-D convolution (`weight` `[O, C, K, K]`, optional `bias` `[O]`) run by
-/// [`crate::ops::conv2d`] (im2col + gemm on CPU, with both backward passes).
+/// [`crate::ops::conv2d()`] (im2col + gemm on CPU, with both backward passes).
 #[derive(Clone, Debug)]
 pub struct Conv {
     weight: Tensor,
