@@ -1,0 +1,95 @@
+//! The shape of one convolution and how its input unfolds into columns.
+
+use candle_core::Result;
+
+/// Columns one gemm of a group of samples spans at least (fewer samples per group when one
+/// sample's output has that many positions).
+pub const MIN_COLUMNS: usize = 512;
+
+/// Geometry of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Geometry {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) stride: usize,
+    pub(super) padding: usize,
+    pub(super) ho: usize,
+    pub(super) wo: usize,
+}
+
+impl Geometry {
+    pub(super) fn new(x: &[usize], k: &[usize], stride: usize, padding: usize) -> Result<Self> {
+        let (&[n, c, h, w], &[o, kc, kh, kw]) = (x, k) else {
+            candle_core::bail!("conv2d: input {x:?} and kernel {k:?} must both have rank 4");
+        };
+        if kc != c {
+            candle_core::bail!("conv2d: input {x:?} has {c} channels, the kernel {k:?} expects {kc}");
+        }
+        if [n, c, h, w, o, kh, kw].contains(&0) {
+            candle_core::bail!("conv2d: empty input {x:?} or kernel {k:?}");
+        }
+        if stride == 0 {
+            candle_core::bail!("conv2d: stride must be > 0");
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded input {h}x{w} (padding {padding})");
+        }
+        let ho = (h + 2 * padding - kh) / stride + 1;
+        let wo = (w + 2 * padding - kw) / stride + 1;
+        Ok(Self { n, c, h, w, o, kh, kw, stride, padding, ho, wo })
+    }
+
+    /// Rows of the unfolded matrix: C·KH·KW.
+    pub(super) fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Columns of the unfolded matrix: Ho·Wo.
+    pub(super) fn l(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    pub(super) fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// For each unfolded row `(c, i, j)` and output row `oy`, the run of output positions whose
+    /// input lies inside the image: calls `f(row, position, input_offset, len)` where the run
+    /// covers positions `position..position + len` of unfolded row `row` and input elements
+    /// `input_offset`, `input_offset + stride`, … (padding positions are skipped).
+    #[inline]
+    pub(super) fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let (s, p) = (self.stride, self.padding);
+        for c in 0..self.c {
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    let row = (c * self.kh + i) * self.kw + j;
+                    // Output columns ox with 0 <= ox·s + j - p < w.
+                    let ox0 = p.saturating_sub(j).div_ceil(s);
+                    let ox1 = if self.w + p > j { ((self.w + p - j - 1) / s + 1).min(self.wo) } else { 0 };
+                    if ox0 >= ox1 {
+                        continue;
+                    }
+                    for oy in 0..self.ho {
+                        let iy = (oy * s + i) as isize - p as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        let base_in = (c * self.h + iy as usize) * self.w;
+                        f(row, oy * self.wo + ox0, base_in + ox0 * s + j - p, ox1 - ox0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Samples per gemm.
+    pub(super) fn group(&self) -> usize {
+        MIN_COLUMNS.div_ceil(self.l()).clamp(1, self.n)
+    }
+}

@@ -1,0 +1,236 @@
+//! 2-D convolution on CPU as im2col + gemm, with an optional fused epilogue (bias, ReLU, 2x2
+//! max-pooling) and its backward pass.
+//!
+//! candle 0.11 runs CPU conv2d as a direct loop and its backward through `conv_transpose2d` and a
+//! batch-transposed convolution, well below its matmul rate. Here a group of samples is unfolded
+//! (im2col: `[C·KH·KW, B·Ho·Wo]`, enough samples that the product has at least
+//! [`MIN_COLUMNS`] columns) into a per-thread buffer and multiplied with the weight matrix
+//! `[O, C·KH·KW]` by the gemm candle uses for matmul; the input gradient multiplies by the
+//! transposed weights and folds back (col2im), the weight gradient accumulates `grad·colsᵀ` per
+//! thread over a fixed range of samples (the same sum on every run with the same thread count).
+//!
+//! The epilogue runs on each group's product while it is in cache: add the bias, clamp at zero,
+//! pool. With pooling only the pooled output and the position of each window's maximum are kept,
+//! and the backward pass scatters the incoming gradient straight into the group's buffer: no
+//! full-size intermediate or its gradient exists, where candle's graph would hold three (and add
+//! each gradient into a zero-filled tensor). The input gradient is computed only when the input
+//! needs one (not for a data batch), and the parameters' gradients go to [`super::param_grads`].
+//!
+//! Other devices and dtypes fall back to candle's `conv2d` and the separate ops.
+
+mod geometry;
+mod passes;
+mod unfold;
+
+pub use geometry::MIN_COLUMNS;
+
+use super::cpu::slice_of;
+use super::gemm::Float;
+use super::half::{in_f32, is_half};
+use super::param_grads::deliver;
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use geometry::Geometry;
+use passes::{backward, forward, Epilogue, Grads, Needs, Saved};
+use std::sync::Mutex;
+
+/// The op: `(x, kernel[, bias]) -> epilogue(conv(x, kernel))`.
+struct ConvBlock {
+    stride: usize,
+    padding: usize,
+    ep: Epilogue,
+    /// Each pooling window's argmax, written by the forward pass for the backward pass.
+    argmax: Mutex<Vec<u8>>,
+}
+
+impl ConvBlock {
+    fn out_shape(&self, g: &Geometry) -> Shape {
+        if self.ep.pool {
+            Shape::from((g.n, g.o, g.ho / 2, g.wo / 2))
+        } else {
+            Shape::from((g.n, g.o, g.ho, g.wo))
+        }
+    }
+
+    fn cpu(
+        &self,
+        x: (&CpuStorage, &Layout),
+        k: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(x.1.dims(), k.1.dims(), self.stride, self.padding)?;
+        fn typed<'a, T: Float>(s: (&'a CpuStorage, &Layout)) -> Result<&'a [T]> {
+            match s.1.contiguous_offsets() {
+                Some((a, b)) => Ok(&s.0.as_slice::<T>()?[a..b]),
+                None => candle_core::bail!("conv2d: expected a contiguous tensor"),
+            }
+        }
+        let (out, argmax) = match x.0.dtype() {
+            DType::F32 => {
+                let (o, a) = forward(&g, self.ep, typed(x)?, typed(k)?, b.map(typed).transpose()?);
+                (CpuStorage::F32(o), a)
+            }
+            DType::F64 => {
+                let (o, a) = forward(&g, self.ep, typed(x)?, typed(k)?, b.map(typed).transpose()?);
+                (CpuStorage::F64(o), a)
+            }
+            d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
+        };
+        *self.argmax.lock().map_err(|_| candle_core::Error::Msg("conv2d: poisoned lock".into()))? = argmax;
+        Ok((out, self.out_shape(&g)))
+    }
+
+    fn grads<T: Float>(
+        &self,
+        g: &Geometry,
+        x: &Tensor,
+        k: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        needs: Needs,
+    ) -> Result<Grads<T>> {
+        let ((xs, xl), (ks, kl)) = (x.storage_and_layout(), k.storage_and_layout());
+        let ((ys, yl), (ds, dl)) = (y.storage_and_layout(), dy.storage_and_layout());
+        let argmax = self.argmax.lock().map_err(|_| candle_core::Error::Msg("conv2d: poisoned lock".into()))?;
+        if self.ep.pool && argmax.len() != y.elem_count() {
+            candle_core::bail!("conv2d backward: the pooling positions of the forward pass are missing");
+        }
+        let (xv, kv) = (slice_of::<T>(&xs, xl, "conv2d input")?, slice_of::<T>(&ks, kl, "conv2d kernel")?);
+        let (yv, dv) = (slice_of::<T>(&ys, yl, "conv2d output")?, slice_of::<T>(&ds, dl, "conv2d gradient")?);
+        Ok(backward(g, self.ep, Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax }, needs))
+    }
+
+    fn backward(&self, x: &Tensor, k: &Tensor, b: Option<&Tensor>, y: &Tensor, dy: &Tensor) -> Result<TensorGrads> {
+        let g = Geometry::new(x.dims(), k.dims(), self.stride, self.padding)?;
+        let dy = dy.contiguous()?;
+        if dy.shape() != y.shape() {
+            candle_core::bail!("conv2d backward: gradient {:?} does not match the output {:?}", dy.dims(), y.dims());
+        }
+        let needs = Needs { input: x.track_op(), kernel: k.track_op(), bias: b.is_some_and(|b| b.track_op()) };
+        let dev = x.device();
+        fn wrap<T: Float>(v: Option<Vec<T>>, shape: &[usize], dev: &candle_core::Device) -> Result<Option<Tensor>> {
+            v.map(|v| Tensor::from_vec(v, shape, dev)).transpose()
+        }
+        let (gx, gk, gb) = match x.dtype() {
+            DType::F32 => {
+                let (gx, gk, gb) = self.grads::<f32>(&g, x, k, y, &dy, needs)?;
+                (wrap(gx, x.dims(), dev)?, wrap(gk, k.dims(), dev)?, wrap(gb, &[g.o], dev)?)
+            }
+            DType::F64 => {
+                let (gx, gk, gb) = self.grads::<f64>(&g, x, k, y, &dy, needs)?;
+                (wrap(gx, x.dims(), dev)?, wrap(gk, k.dims(), dev)?, wrap(gb, &[g.o], dev)?)
+            }
+            d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
+        };
+        let gk = gk.map(|t| deliver(k, t)).transpose()?.flatten();
+        let gb = match (b, gb) {
+            (Some(b), Some(t)) => deliver(b, t)?,
+            _ => None,
+        };
+        Ok((gx, gk, gb))
+    }
+}
+
+/// Gradients of up to three operands.
+type TensorGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl CustomOp2 for ConvBlock {
+    fn name(&self) -> &'static str {
+        "samhost-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(&self, x: &Tensor, k: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gk, _) = self.backward(x, k, None, y, dy)?;
+        Ok((gx, gk))
+    }
+}
+
+impl CustomOp3 for ConvBlock {
+    fn name(&self) -> &'static str {
+        "samhost-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(&self, x: &Tensor, k: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<TensorGrads> {
+        self.backward(x, k, Some(b), y, dy)
+    }
+}
+
+/// Options of [`conv2d_block`]: the convolution's stride and padding and what follows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ConvBlockOptions {
+    /// Square stride (0 means 1).
+    pub stride: usize,
+    /// Symmetric zero padding.
+    pub padding: usize,
+    /// Clamp the output at zero.
+    pub relu: bool,
+    /// 2x2 max-pooling with stride 2 after the ReLU (an odd last row or column is dropped).
+    pub pool: bool,
+}
+
+/// 2-D convolution of `x` `[N, C, H, W]` with `kernel` `[O, C, KH, KW]` (square stride and
+/// symmetric zero padding, no dilation, one group). CPU f32/f64 use the im2col + gemm path;
+/// CPU bf16/f16 use it too, on the operands widened to f32 (products accumulate in f32, the
+/// result is rounded back, as on tensor cores); anything else uses candle's `conv2d`.
+pub fn conv2d(x: &Tensor, kernel: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_block(x, kernel, None, ConvBlockOptions { stride, padding, ..Default::default() })
+}
+
+/// `pool?(relu?(conv2d(x, kernel) + bias))` as one op on the CPU in f32/f64 (bias `[O]`); other
+/// dtypes and devices compose [`conv2d`], the broadcast add, [`super::relu`] and
+/// [`super::max_pool2`], which compute the same.
+pub fn conv2d_block(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, opts: ConvBlockOptions) -> Result<Tensor> {
+    let stride = opts.stride.max(1);
+    let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
+    let fast = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && same(kernel)
+        && bias.is_none_or(same)
+        && std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none();
+    if !fast {
+        let y = if x.device().is_cpu() && is_half(x) && kernel.dtype() == x.dtype() {
+            in_f32(x, |x| conv2d(x, &kernel.to_dtype(DType::F32)?, stride, opts.padding))?
+        } else if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && same(kernel) {
+            conv2d(x, kernel, stride, opts.padding)?
+        } else {
+            x.conv2d(kernel, opts.padding, stride, 1, 1)?
+        };
+        let y = match bias {
+            Some(b) => super::bias::add_broadcast(&y, &b.reshape((1, b.elem_count(), 1, 1))?)?,
+            None => y,
+        };
+        let y = if opts.relu { super::relu(&y)? } else { y };
+        return if opts.pool { super::max_pool2(&y) } else { Ok(y) };
+    }
+    let g = Geometry::new(x.dims(), kernel.dims(), stride, opts.padding)?;
+    if opts.pool && (g.ho < 2 || g.wo < 2) {
+        candle_core::bail!("2x2 max-pooling needs an input of at least 2x2, got {}x{}", g.ho, g.wo);
+    }
+    let ep = Epilogue { bias: bias.is_some(), relu: opts.relu, pool: opts.pool };
+    let op = ConvBlock { stride, padding: opts.padding, ep, argmax: Mutex::new(Vec::new()) };
+    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
+    match bias {
+        Some(b) => {
+            if b.dims() != [g.o] {
+                candle_core::bail!("conv2d: bias {:?} does not match the kernel's {} output channels", b.dims(), g.o);
+            }
+            x.apply_op3(&kernel, &b.contiguous()?, op)
+        }
+        None => x.apply_op2(&kernel, op),
+    }
+}

@@ -1,0 +1,223 @@
+//! The forward and backward passes of a convolution block on CPU slices.
+
+use super::geometry::Geometry;
+use super::unfold::{col2im, Unfolded};
+use crate::ops::gemm::{matmul, Float};
+use rayon::prelude::*;
+
+/// What runs on the convolution's output before it is stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Epilogue {
+    pub(super) bias: bool,
+    pub(super) relu: bool,
+    pub(super) pool: bool,
+}
+
+impl Epilogue {
+    /// Output positions per channel: Ho·Wo, or (Ho/2)·(Wo/2) after pooling.
+    pub(super) fn out_len(&self, g: &Geometry) -> usize {
+        if self.pool {
+            (g.ho / 2) * (g.wo / 2)
+        } else {
+            g.l()
+        }
+    }
+}
+
+/// `max(v, 0)`.
+#[inline]
+fn relu<T: Float>(v: T) -> T {
+    if v > T::default() {
+        v
+    } else {
+        T::default()
+    }
+}
+
+/// 2x2 max-pooling of one `ho`×`wo` plane into `out` with the window position of each maximum
+/// (0..4, row-major, the first one on ties).
+fn pool_plane<T: Float>(plane: &[T], (ho, wo): (usize, usize), out: &mut [T], argmax: &mut [u8]) {
+    let pw = wo / 2;
+    for (py, (out_row, am_row)) in out.chunks_exact_mut(pw).zip(argmax.chunks_exact_mut(pw)).take(ho / 2).enumerate() {
+        let r0 = &plane[2 * py * wo..][..2 * pw];
+        let r1 = &plane[(2 * py + 1) * wo..][..2 * pw];
+        for (px, (o, a)) in out_row.iter_mut().zip(am_row.iter_mut()).enumerate() {
+            let mut best = (0u8, r0[2 * px]);
+            for (k, v) in [(1u8, r0[2 * px + 1]), (2, r1[2 * px]), (3, r1[2 * px + 1])] {
+                if v > best.1 {
+                    best = (k, v);
+                }
+            }
+            (*a, *o) = best;
+        }
+    }
+}
+
+/// The forward pass: the output `[N, O, ·]` and, when pooling, each window's argmax.
+pub(super) fn forward<T: Float>(g: &Geometry, ep: Epilogue, x: &[T], k: &[T], bias: Option<&[T]>) -> (Vec<T>, Vec<u8>) {
+    let (ckk, l, bsz) = (g.ckk(), g.l(), g.group());
+    let out_per = g.o * ep.out_len(g);
+    let mut out = vec![T::default(); g.n * out_per];
+    let mut argmax = vec![0u8; if ep.pool { g.n * out_per } else { 0 }];
+    let mut am_chunks: Vec<Option<&mut [u8]>> = if ep.pool {
+        argmax.chunks_mut(bsz * out_per).map(Some).collect()
+    } else {
+        (0..g.n.div_ceil(bsz)).map(|_| None).collect()
+    };
+    out.par_chunks_mut(bsz * out_per).zip(am_chunks.par_iter_mut()).zip(x.par_chunks(bsz * g.in_len())).for_each_init(
+        || (Unfolded::new(g), vec![T::default(); g.o * bsz * l]),
+        |(unfolded, prod), ((out_g, am_g), x_g)| {
+            let bs = x_g.len() / g.in_len();
+            let ld = bs * l;
+            let cols = unfolded.fill(g, x_g, bs);
+            matmul((g.o, ld, ckk), prod, (ld as isize, 1), k, (ckk as isize, 1), cols, (ld as isize, 1), false, false);
+            for b in 0..bs {
+                for c in 0..g.o {
+                    let z = &mut prod[c * ld + b * l..][..l];
+                    if let Some(bias) = bias {
+                        z.iter_mut().for_each(|v| *v += bias[c]);
+                    }
+                    let at = (b * g.o + c) * ep.out_len(g);
+                    let dst = &mut out_g[at..at + ep.out_len(g)];
+                    match am_g.as_deref_mut() {
+                        Some(am) => pool_plane(z, (g.ho, g.wo), dst, &mut am[at..at + ep.out_len(g)]),
+                        None => dst.copy_from_slice(z),
+                    }
+                    if ep.relu {
+                        dst.iter_mut().for_each(|v| *v = relu(*v));
+                    }
+                }
+            }
+        },
+    );
+    (out, argmax)
+}
+
+/// What the backward pass reads: the operands, the output, its gradient and the pooling positions.
+pub(super) struct Saved<'a, T> {
+    pub(super) x: &'a [T],
+    pub(super) k: &'a [T],
+    pub(super) y: &'a [T],
+    pub(super) dy: &'a [T],
+    pub(super) argmax: &'a [u8],
+}
+
+/// Which gradients the backward pass computes.
+#[derive(Clone, Copy)]
+pub(super) struct Needs {
+    pub(super) input: bool,
+    pub(super) kernel: bool,
+    pub(super) bias: bool,
+}
+
+/// Gradients of the input, the kernel and the bias (those asked for).
+pub(super) type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
+
+/// Writes the gradient of the convolution's raw output for samples `b0..b0 + bs` into `gz`
+/// `[O, bs·L]`, from the output `y`, its gradient `dy` and the pooling positions.
+#[allow(clippy::too_many_arguments)]
+fn output_grad<T: Float>(
+    g: &Geometry,
+    ep: Epilogue,
+    y: &[T],
+    dy: &[T],
+    argmax: &[u8],
+    b0: usize,
+    bs: usize,
+    gz: &mut [T],
+) {
+    let (l, out_len) = (g.l(), ep.out_len(g));
+    let ld = bs * l;
+    if ep.pool {
+        gz[..g.o * ld].fill(T::default());
+    }
+    let pw = g.wo / 2;
+    for b in 0..bs {
+        for c in 0..g.o {
+            let at = ((b0 + b) * g.o + c) * out_len;
+            let (y_p, dy_p) = (&y[at..at + out_len], &dy[at..at + out_len]);
+            let dst = &mut gz[c * ld + b * l..][..l];
+            if ep.pool {
+                for (q, ((&yv, &dv), &a)) in y_p.iter().zip(dy_p).zip(&argmax[at..at + out_len]).enumerate() {
+                    if !ep.relu || yv > T::default() {
+                        let (iy, ix) = (2 * (q / pw) + (a as usize >> 1), 2 * (q % pw) + (a as usize & 1));
+                        dst[iy * g.wo + ix] = dv;
+                    }
+                }
+            } else if ep.relu {
+                dst.iter_mut().zip(y_p.iter().zip(dy_p)).for_each(|(d, (&yv, &dv))| {
+                    *d = if yv > T::default() { dv } else { T::default() };
+                });
+            } else {
+                dst.copy_from_slice(dy_p);
+            }
+        }
+    }
+}
+
+/// The backward pass over fixed ranges of samples, one per thread, in groups of
+/// [`Geometry::group`] samples.
+pub(super) fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs) -> Grads<T> {
+    let Saved { x, k, y, dy, argmax } = saved;
+    let (ckk, l, bsz) = (g.ckk(), g.l(), g.group());
+    let groups = g.n.div_ceil(bsz);
+    let per = groups.div_ceil(rayon::current_num_threads().clamp(1, groups)) * bsz;
+    let parts = g.n.div_ceil(per);
+    let mut gx = vec![T::default(); if needs.input { g.n * g.in_len() } else { 0 }];
+    let gx_parts: Vec<Option<&mut [T]>> = if needs.input {
+        gx.chunks_mut(per * g.in_len()).map(Some).collect()
+    } else {
+        (0..parts).map(|_| None).collect()
+    };
+    let partials: Vec<(Vec<T>, Vec<T>)> = gx_parts
+        .into_par_iter()
+        .enumerate()
+        .map(|(part, mut gx_part)| {
+            let mut gk = vec![T::default(); if needs.kernel { g.o * ckk } else { 0 }];
+            let mut gb = vec![T::default(); if needs.bias { g.o } else { 0 }];
+            let mut gz_buf = vec![T::default(); g.o * bsz * l];
+            let mut unfolded = Unfolded::new(g);
+            let mut gcols = vec![T::default(); if needs.input { ckk * bsz * l } else { 0 }];
+            let (s0, s1) = (part * per, ((part + 1) * per).min(g.n));
+            for b0 in (s0..s1).step_by(bsz) {
+                let bs = bsz.min(s1 - b0);
+                let ld = bs * l;
+                let ld_i = ld as isize;
+                // A single sample with nothing after the convolution: the incoming gradient
+                // already has the [O, L] layout.
+                let gz: &[T] = if bs == 1 && !ep.pool && !ep.relu {
+                    &dy[b0 * g.o * l..(b0 + 1) * g.o * l]
+                } else {
+                    output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz_buf);
+                    &gz_buf
+                };
+                if needs.bias {
+                    for (s, row) in gb.iter_mut().zip(gz.chunks_exact(ld)) {
+                        *s += row.iter().fold(T::default(), |a, &v| a + v);
+                    }
+                }
+                if needs.kernel {
+                    let cols = unfolded.fill(g, &x[b0 * g.in_len()..], bs);
+                    // gkᵀ(ckk×o) += cols(ckk×ld) · gzᵀ(ld×o), kept transposed: with the output
+                    // contiguous along o the gemm packs the small gz, not the unfolded columns.
+                    matmul((ckk, g.o, ld), &mut gk, (g.o as isize, 1), cols, (ld_i, 1), gz, (1, ld_i), true, false);
+                }
+                if let Some(gx_part) = gx_part.as_deref_mut() {
+                    // cols(ckk×ld) = kᵀ(ckk×o) · gz(o×ld)
+                    matmul((ckk, ld, g.o), &mut gcols, (ld_i, 1), k, (1, ckk as isize), gz, (ld_i, 1), false, false);
+                    col2im(g, &gcols, bs, &mut gx_part[(b0 - s0) * g.in_len()..]);
+                }
+            }
+            (gk, gb)
+        })
+        .collect();
+    let mut sums = partials.into_iter();
+    let (mut gk, mut gb) = sums.next().unwrap_or_default();
+    for (pk, pb) in sums {
+        gk.iter_mut().zip(&pk).for_each(|(a, &b)| *a += b);
+        gb.iter_mut().zip(&pb).for_each(|(a, &b)| *a += b);
+    }
+    // gkᵀ [ckk, o] to the kernel's layout [o, ckk].
+    let gk = needs.kernel.then(|| (0..g.o * ckk).map(|i| gk[(i % ckk) * g.o + i / ckk]).collect());
+    (needs.input.then_some(gx), gk, needs.bias.then_some(gb))
+}
