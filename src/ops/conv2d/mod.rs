@@ -17,6 +17,10 @@
 //! needs one (not for a data batch), and the parameters' gradients go to [`super::param_grads`].
 //!
 //! Other devices and dtypes fall back to candle's `conv2d` and the separate ops.
+//!
+//! Files: `geometry.rs` (the shape of a convolution, its runs of valid input positions, the
+//! sample groups), `unfold.rs` (im2col and col2im), `passes.rs` (the forward and backward passes
+//! on slices), this file (the candle op and the public functions).
 
 mod geometry;
 mod passes;
