@@ -88,6 +88,41 @@ impl Geometry {
         }
     }
 
+    /// Whether every unfolded row is the input plane shifted by a constant (stride 1 and an
+    /// output as large as the input: the "same" convolutions 3x3/1, 5x5/2, 1x1/0), so that
+    /// [`Self::for_each_plane`] applies.
+    pub(super) fn is_shift(&self) -> bool {
+        self.stride == 1 && self.ho == self.h && self.wo == self.w
+    }
+
+    /// For a shift geometry ([`Self::is_shift`]), for each unfolded row `(c, i, j)`: calls
+    /// `f(row, start, end, offset, dj)`, where positions `start..end` of the row hold input
+    /// elements `position + offset` of channel `c`'s plane (clipped to the plane), except the
+    /// positions whose column falls on the padding (`dj < 0`: the first `-dj` columns of each
+    /// output row; `dj > 0`: the last `dj`), which must be zero. Positions outside `start..end`
+    /// are padding too.
+    #[inline]
+    pub(super) fn for_each_plane(&self, mut f: impl FnMut(usize, usize, usize, isize, isize)) {
+        let (h, w, p) = (self.h as isize, self.w as isize, self.padding as isize);
+        for c in 0..self.c {
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    let row = (c * self.kh + i) * self.kw + j;
+                    let (di, dj) = (i as isize - p, j as isize - p);
+                    // Output rows whose input row lies inside the image.
+                    let (oy0, oy1) = ((-di).max(0), (h - di).min(h));
+                    let offset = di * w + dj + (c as isize) * h * w;
+                    // Positions whose source lies inside the plane.
+                    let start = (oy0 * w).max(-(di * w + dj));
+                    let end = (oy1 * w).min(h * w - (di * w + dj));
+                    if start < end {
+                        f(row, start as usize, end as usize, offset, dj);
+                    }
+                }
+            }
+        }
+    }
+
     /// Samples per gemm.
     pub(super) fn group(&self) -> usize {
         MIN_COLUMNS.div_ceil(self.l()).clamp(1, self.n)

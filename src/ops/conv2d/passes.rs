@@ -205,7 +205,7 @@ pub(super) fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, ne
                 if let Some(gx_part) = gx_part.as_deref_mut() {
                     // cols(ckk×ld) = kᵀ(ckk×o) · gz(o×ld)
                     matmul((ckk, ld, g.o), &mut gcols, (ld_i, 1), k, (1, ckk as isize), gz, (ld_i, 1), false, false);
-                    col2im(g, &gcols, bs, &mut gx_part[(b0 - s0) * g.in_len()..]);
+                    col2im(g, &mut gcols, bs, &mut gx_part[(b0 - s0) * g.in_len()..]);
                 }
             }
             (gk, gb)

@@ -36,6 +36,17 @@ impl<T: Float> Unfolded<T> {
             cols.fill(T::default());
             self.ld = ld;
         }
+        if g.is_shift() {
+            for (b, x_b) in x.chunks_exact(g.in_len()).take(bs).enumerate() {
+                g.for_each_plane(|row, start, end, offset, dj| {
+                    let dst = &mut cols[row * ld + b * l..][..l];
+                    let from = (start as isize + offset) as usize;
+                    dst[start..end].copy_from_slice(&x_b[from..from + end - start]);
+                    zero_padding_columns(&mut dst[start..end], start, g.w, dj);
+                });
+            }
+            return cols;
+        }
         for (b, x_b) in x.chunks_exact(g.in_len()).take(bs).enumerate() {
             g.for_each_run(|row, pos, at, len| {
                 let dst = &mut cols[row * ld + b * l + pos..][..len];
@@ -50,10 +61,42 @@ impl<T: Float> Unfolded<T> {
     }
 }
 
+/// Zeroes the positions of `run` (positions `start..` of an unfolded row of output width `w`)
+/// whose column falls on the padding of a shift by `dj` columns.
+#[inline]
+fn zero_padding_columns<T: Float>(run: &mut [T], start: usize, w: usize, dj: isize) {
+    if dj == 0 {
+        return;
+    }
+    let first_row = start / w;
+    let rows = (start + run.len()).div_ceil(w) - first_row;
+    for r in first_row..first_row + rows {
+        let cols = if dj < 0 { 0..(-dj) as usize } else { w - dj as usize..w };
+        for ox in cols {
+            let pos = r * w + ox;
+            if pos >= start && pos < start + run.len() {
+                run[pos - start] = T::default();
+            }
+        }
+    }
+}
+
 /// Folds `cols` `[C·KH·KW, bs·L]` back onto the `bs` samples of `gx`, adding to it (zero on
 /// entry: each input element gathers the contributions of every kernel position over it).
-pub(super) fn col2im<T: Float>(g: &Geometry, cols: &[T], bs: usize, gx: &mut [T]) {
+/// `cols` is the gemm's output, a scratch buffer: its padding positions are zeroed on the way.
+pub(super) fn col2im<T: Float>(g: &Geometry, cols: &mut [T], bs: usize, gx: &mut [T]) {
     let (l, ld, s) = (g.l(), bs * g.l(), g.stride);
+    if g.is_shift() {
+        for (b, gx_b) in gx.chunks_exact_mut(g.in_len()).take(bs).enumerate() {
+            g.for_each_plane(|row, start, end, offset, dj| {
+                let src = &mut cols[row * ld + b * l..][..l];
+                zero_padding_columns(&mut src[start..end], start, g.w, dj);
+                let to = (start as isize + offset) as usize;
+                gx_b[to..to + end - start].iter_mut().zip(&src[start..end]).for_each(|(d, &v)| *d += v);
+            });
+        }
+        return;
+    }
     for (b, gx_b) in gx.chunks_exact_mut(g.in_len()).take(bs).enumerate() {
         g.for_each_run(|row, pos, at, len| {
             let src = &cols[row * ld + b * l + pos..][..len];
