@@ -11,8 +11,8 @@
 
 use crate::ops::cpu::{f32_slice, fused_ok, slice_of};
 use crate::ops::half::{in_f32, is_half};
-use crate::ops::param_grads::deliver;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
+use crate::ops::param_op::{self, Grads3, Operand, ParamOp};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -79,7 +79,7 @@ impl BatchNorm2d {
         let (y, mean, var) = if fused {
             let stats = Arc::new(Mutex::new(Stats::default()));
             let op = FusedBatchNorm { eps: self.eps, relu, stats: stats.clone() };
-            let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+            let y = param_op::apply(&x.contiguous()?, &self.weight, Some(&self.bias), op)?;
             let s = stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
             let mean = Tensor::from_slice(&s.mean, c, x.device())?;
             let var = Tensor::from_slice(&s.var, c, x.device())?;
@@ -184,20 +184,11 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64
         .unzip()
 }
 
-impl CustomOp3 for FusedBatchNorm {
-    fn name(&self) -> &'static str {
-        "fused-batch-norm"
-    }
+impl ParamOp for FusedBatchNorm {
+    const NAME: &'static str = "fused-batch-norm";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, (s1, l1): Operand, (s2, l2): Operand, b: Option<Operand>) -> Result<(CpuStorage, Shape)> {
+        let Some((s3, l3)) = b else { candle_core::bail!("fused-batch-norm: the bias is missing") };
         let (n, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
         let x = f32_slice(s1, l1, "the input")?;
@@ -230,14 +221,7 @@ impl CustomOp3 for FusedBatchNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        y: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, grad: &Tensor) -> Result<Grads3> {
         let (n, c, h, w) = x.dims4()?;
         let hw = h * w;
         let m = (n * hw) as f64;
@@ -294,8 +278,8 @@ impl CustomOp3 for FusedBatchNorm {
         };
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        let dw = if weight.track_op() { deliver(weight, Tensor::from_vec(to32(dw), c, dev)?)? } else { None };
-        let db = if bias.track_op() { deliver(bias, Tensor::from_vec(to32(db), c, dev)?)? } else { None };
+        let dw = if weight.track_op() { Some(Tensor::from_vec(to32(dw), c, dev)?) } else { None };
+        let db = if bias.is_some_and(Tensor::track_op) { Some(Tensor::from_vec(to32(db), c, dev)?) } else { None };
         Ok((dx, dw, db))
     }
 }

@@ -11,12 +11,12 @@
 //! set: these backward passes are not themselves differentiable), use elementary ops.
 
 use candle_core::cpu::erf::erf_f64;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::ops::cpu::{f32_slice, fused_ok, slice_of};
 use crate::ops::half::{in_f32, is_half};
-use crate::ops::param_grads::deliver;
+use crate::ops::param_op::{self, Grads3, Operand, ParamOp};
 
 /// Elements per parallel task of the element-wise passes.
 const BLOCK: usize = 1 << 14;
@@ -145,7 +145,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         return in_f32(x, |x| layer_norm(x, weight, bias, eps));
     }
     if fused_ok(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
-        x.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps })
+        param_op::apply(&x.contiguous()?, weight, Some(bias), LayerNormOp { eps })
     } else {
         layer_norm_ops(x, weight, bias, eps)
     }
@@ -173,20 +173,11 @@ fn row_stats(row: &[f32], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm"
-    }
+impl ParamOp for LayerNormOp {
+    const NAME: &'static str = "fused-layer-norm";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, (s1, l1): Operand, (s2, l2): Operand, b: Option<Operand>) -> Result<(CpuStorage, Shape)> {
+        let Some((s3, l3)) = b else { candle_core::bail!("fused-layer-norm: the bias is missing") };
         let x = f32_slice(s1, l1, "the input")?;
         let (w, b) = (f32_slice(s2, l2, "the weight")?, f32_slice(s3, l3, "the bias")?);
         let n = w.len();
@@ -206,14 +197,7 @@ impl CustomOp3 for LayerNormOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, _res: &Tensor, grad: &Tensor) -> Result<Grads3> {
         let grad = grad_f32(grad)?;
         let ((xs, xl), (gs, gl), (wst, wl)) =
             (x.storage_and_layout(), grad.storage_and_layout(), weight.storage_and_layout());
@@ -261,8 +245,8 @@ impl CustomOp3 for LayerNormOp {
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
         let dx = if x.track_op() { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
-        let dw = if weight.track_op() { deliver(weight, Tensor::from_vec(to32(dw), n, dev)?)? } else { None };
-        let db = if bias.track_op() { deliver(bias, Tensor::from_vec(to32(db), n, dev)?)? } else { None };
+        let dw = if weight.track_op() { Some(Tensor::from_vec(to32(dw), n, dev)?) } else { None };
+        let db = if bias.is_some_and(Tensor::track_op) { Some(Tensor::from_vec(to32(db), n, dev)?) } else { None };
         Ok((dx, dw, db))
     }
 }

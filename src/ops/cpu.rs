@@ -26,25 +26,23 @@ pub fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Resul
     }
 }
 
-/// Runs `f` on the elements of `t`, a contiguous f32 CPU tensor (inside a backward pass, where the
-/// operands arrive as tensors rather than storages); `what` names the operand in the error.
-pub fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => Ok(f(f32_slice(s, layout, what)?)),
-        _ => candle_core::bail!("{what}: expected a CPU tensor"),
+/// The elements of a contiguous CPU storage as `T`; `what` names the operand in the error.
+pub fn typed_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
     }
 }
 
 /// The elements of `t`'s storage as `T`, a contiguous CPU tensor (`storage` and `layout` from
-/// `t.storage_and_layout()`); `what` names the operand in the error.
+/// `t.storage_and_layout()`, inside a backward pass); `what` names the operand in the error.
 pub fn slice_of<'a, T: candle_core::WithDType>(
     storage: &'a candle_core::Storage,
     layout: &Layout,
     what: &str,
 ) -> Result<&'a [T]> {
-    match (storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(s), Some((a, b))) => Ok(&s.as_slice::<T>()?[a..b]),
-        _ => candle_core::bail!("{what}: expected a contiguous CPU tensor"),
+    match storage {
+        candle_core::Storage::Cpu(s) => typed_slice(s, layout, what),
+        _ => candle_core::bail!("{what}: expected a CPU tensor"),
     }
 }

@@ -9,10 +9,10 @@
 //! (only when the input needs one: not for a data batch) `dy·w`. The parameters' gradients go to
 //! [`super::param_grads`]. Other devices and dtypes use candle.
 
-use super::cpu::{f32_slice, fused_ok, with_f32};
+use super::cpu::{f32_slice, fused_ok, slice_of};
 use super::gemm::{matmul, matmul_new};
-use super::param_grads::deliver;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use super::param_op::{self, Grads3, Operand, ParamOp};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `x·wᵀ` for `x` `[.., K]` and `w` `[N, K]` (PyTorch's linear layer without its bias).
@@ -40,11 +40,8 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<T
         *last = n;
     }
     let (x, w) = (x.contiguous()?.reshape((m, k))?, w.contiguous()?);
-    let y = match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, Dense { relu })?,
-        None => x.apply_op2(&w, Dense { relu })?,
-    };
-    y.reshape(out)
+    let b = b.map(Tensor::contiguous).transpose()?;
+    param_op::apply(&x, &w, b.as_ref(), Dense { relu })?.reshape(out)
 }
 
 /// `(x [M, K], w [N, K], b [N]?) -> relu?(x·wᵀ + b) [M, N]`.
@@ -104,108 +101,61 @@ impl Dense {
         });
         y
     }
+}
 
-    fn cpu(
-        &self,
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
+impl ParamOp for Dense {
+    const NAME: &'static str = "samhost-linear";
+
+    fn cpu_fwd(&self, x: Operand, w: Operand, b: Option<Operand>) -> Result<(CpuStorage, Shape)> {
         let ((m, k), (n, _)) = (x.1.shape().dims2()?, w.1.shape().dims2()?);
         let b = b.map(|(s, l)| f32_slice(s, l, "linear bias")).transpose()?;
         let y = self.forward(f32_slice(x.0, x.1, "linear input")?, f32_slice(w.0, w.1, "linear weight")?, b, (m, n, k));
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    /// The gradients of `x`, `w` and `b` from the output `y` and its gradient `dy`.
-    fn backward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
         let dy = dy.contiguous()?;
         let ((m, n), k) = (dy.dims2()?, x.dim(1)?);
+        let ((ds, dl), (ys, yl)) = (dy.storage_and_layout(), y.storage_and_layout());
+        let (dy_v, y_v) = (slice_of::<f32>(&ds, dl, "linear gradient")?, slice_of::<f32>(&ys, yl, "linear output")?);
         // The gradient before the ReLU: dy where the output is positive.
-        let dz = if self.relu {
-            let masked = with_f32(y, "linear output", |y| {
-                with_f32(&dy, "linear gradient", |dy| {
-                    let mut dz = dy.to_vec();
-                    dz.par_chunks_mut(n * ROWS_PER_TASK).zip(y.par_chunks(n * ROWS_PER_TASK)).for_each(|(d, y)| {
-                        d.iter_mut().zip(y).for_each(|(d, &y)| *d = if y > 0.0 { *d } else { 0.0 });
-                    });
-                    dz
-                })
-            })??;
-            Tensor::from_vec(masked, (m, n), dy.device())?
+        let masked;
+        let dz: &[f32] = if self.relu {
+            let mut v = dy_v.to_vec();
+            v.par_chunks_mut(n * ROWS_PER_TASK).zip(y_v.par_chunks(n * ROWS_PER_TASK)).for_each(|(d, y)| {
+                d.iter_mut().zip(y).for_each(|(d, &y)| *d = if y > 0.0 { *d } else { 0.0 });
+            });
+            masked = v;
+            &masked
         } else {
-            dy
+            dy_v
         };
-        let dev = dz.device().clone();
-        with_f32(&dz, "linear gradient", |dz| -> Result<Grads3> {
-            let dx = if x.track_op() {
-                let v = with_f32(w, "linear weight", |w| {
-                    matmul_new((m, k, n), dz, (n as isize, 1), w, (k as isize, 1), true)
-                })?;
-                Some(Tensor::from_vec(v, (m, k), &dev)?)
-            } else {
-                None
-            };
-            let dw = if w.track_op() {
-                // dzᵀ as an n×m matrix: element (nn, mm) is dz[mm·n + nn].
-                let v = with_f32(x, "linear input", |x| {
-                    matmul_new((n, k, m), dz, (1, n as isize), x, (k as isize, 1), true)
-                })?;
-                deliver(w, Tensor::from_vec(v, (n, k), &dev)?)?
-            } else {
-                None
-            };
-            let db = match b {
-                Some(b) if b.track_op() => {
-                    let mut sums = vec![0f32; n];
-                    for row in dz.chunks_exact(n) {
-                        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
-                    }
-                    deliver(b, Tensor::from_vec(sums, n, &dev)?)?
+        let dev = x.device();
+        let dx = if x.track_op() {
+            let (ws, wl) = w.storage_and_layout();
+            let w_v = slice_of::<f32>(&ws, wl, "linear weight")?;
+            Some(Tensor::from_vec(matmul_new((m, k, n), dz, (n as isize, 1), w_v, (k as isize, 1), true), (m, k), dev)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let (xs, xl) = x.storage_and_layout();
+            let x_v = slice_of::<f32>(&xs, xl, "linear input")?;
+            // dzᵀ as an n×m matrix: element (nn, mm) is dz[mm·n + nn].
+            Some(Tensor::from_vec(matmul_new((n, k, m), dz, (1, n as isize), x_v, (k as isize, 1), true), (n, k), dev)?)
+        } else {
+            None
+        };
+        let db = match b {
+            Some(b) if b.track_op() => {
+                let mut sums = vec![0f32; n];
+                for row in dz.chunks_exact(n) {
+                    sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
                 }
-                _ => None,
-            };
-            Ok((dx, dw, db))
-        })?
-    }
-}
-
-/// Gradients of up to three operands.
-type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
-impl CustomOp2 for Dense {
-    fn name(&self) -> &'static str {
-        "samhost-linear"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, None, y, dy)?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp3 for Dense {
-    fn name(&self) -> &'static str {
-        "samhost-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
-        self.backward(x, w, Some(b), y, dy)
+                Some(Tensor::from_vec(sums, n, dev)?)
+            }
+            _ => None,
+        };
+        Ok((dx, dw, db))
     }
 }

@@ -19,6 +19,7 @@ pub mod gemm;
 pub mod half;
 pub mod linear;
 pub mod param_grads;
+pub mod param_op;
 pub mod pointwise;
 
 pub use conv2d::{conv2d, conv2d_block, ConvBlockOptions};

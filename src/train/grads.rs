@@ -31,7 +31,8 @@ pub fn sum_squares(tensors: &[Tensor]) -> Result<f64> {
     let mut total: Option<Tensor> = None;
     for t in tensors {
         if t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() {
-            host += crate::ops::cpu::with_f32(t, "gradient", sum_squares_f32)?;
+            let (storage, layout) = t.storage_and_layout();
+            host += sum_squares_f32(crate::ops::cpu::slice_of(&storage, layout, "gradient")?);
             continue;
         }
         let s = t.to_dtype(DType::F32)?.sqr()?.sum_all()?;

@@ -28,11 +28,11 @@ mod unfold;
 
 pub use geometry::MIN_COLUMNS;
 
-use super::cpu::slice_of;
+use super::cpu::{slice_of, typed_slice};
 use super::gemm::Float;
 use super::half::{in_f32, is_half};
-use super::param_grads::deliver;
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use super::param_op::{self, Grads3, Operand, ParamOp};
+use candle_core::{backend::BackendStorage, CpuStorage, DType, Result, Shape, Tensor};
 use geometry::Geometry;
 use passes::{backward, forward, Epilogue, Grads, Needs, Saved};
 use std::sync::Mutex;
@@ -55,34 +55,6 @@ impl ConvBlock {
         }
     }
 
-    fn cpu(
-        &self,
-        x: (&CpuStorage, &Layout),
-        k: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(x.1.dims(), k.1.dims(), self.stride, self.padding)?;
-        fn typed<'a, T: Float>(s: (&'a CpuStorage, &Layout)) -> Result<&'a [T]> {
-            match s.1.contiguous_offsets() {
-                Some((a, b)) => Ok(&s.0.as_slice::<T>()?[a..b]),
-                None => candle_core::bail!("conv2d: expected a contiguous tensor"),
-            }
-        }
-        let (out, argmax) = match x.0.dtype() {
-            DType::F32 => {
-                let (o, a) = forward(&g, self.ep, typed(x)?, typed(k)?, b.map(typed).transpose()?);
-                (CpuStorage::F32(o), a)
-            }
-            DType::F64 => {
-                let (o, a) = forward(&g, self.ep, typed(x)?, typed(k)?, b.map(typed).transpose()?);
-                (CpuStorage::F64(o), a)
-            }
-            d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
-        };
-        *self.argmax.lock().map_err(|_| candle_core::Error::Msg("conv2d: poisoned lock".into()))? = argmax;
-        Ok((out, self.out_shape(&g)))
-    }
-
     fn grads<T: Float>(
         &self,
         g: &Geometry,
@@ -102,8 +74,32 @@ impl ConvBlock {
         let (yv, dv) = (slice_of::<T>(&ys, yl, "conv2d output")?, slice_of::<T>(&ds, dl, "conv2d gradient")?);
         Ok(backward(g, self.ep, Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax }, needs))
     }
+}
 
-    fn backward(&self, x: &Tensor, k: &Tensor, b: Option<&Tensor>, y: &Tensor, dy: &Tensor) -> Result<TensorGrads> {
+impl ParamOp for ConvBlock {
+    const NAME: &'static str = "samhost-conv2d";
+
+    fn cpu_fwd(&self, x: Operand, k: Operand, b: Option<Operand>) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(x.1.dims(), k.1.dims(), self.stride, self.padding)?;
+        fn typed<'a, T: Float>((s, l): Operand<'a>) -> Result<&'a [T]> {
+            typed_slice(s, l, "conv2d operand")
+        }
+        let (out, argmax) = match x.0.dtype() {
+            DType::F32 => {
+                let (o, a) = forward(&g, self.ep, typed(x)?, typed(k)?, b.map(typed).transpose()?);
+                (CpuStorage::F32(o), a)
+            }
+            DType::F64 => {
+                let (o, a) = forward(&g, self.ep, typed(x)?, typed(k)?, b.map(typed).transpose()?);
+                (CpuStorage::F64(o), a)
+            }
+            d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
+        };
+        *self.argmax.lock().map_err(|_| candle_core::Error::Msg("conv2d: poisoned lock".into()))? = argmax;
+        Ok((out, self.out_shape(&g)))
+    }
+
+    fn bwd(&self, x: &Tensor, k: &Tensor, b: Option<&Tensor>, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
         let g = Geometry::new(x.dims(), k.dims(), self.stride, self.padding)?;
         let dy = dy.contiguous()?;
         if dy.shape() != y.shape() {
@@ -125,52 +121,7 @@ impl ConvBlock {
             }
             d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
         };
-        let gk = gk.map(|t| deliver(k, t)).transpose()?.flatten();
-        let gb = match (b, gb) {
-            (Some(b), Some(t)) => deliver(b, t)?,
-            _ => None,
-        };
         Ok((gx, gk, gb))
-    }
-}
-
-/// Gradients of up to three operands.
-type TensorGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
-impl CustomOp2 for ConvBlock {
-    fn name(&self) -> &'static str {
-        "samhost-conv2d"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(&self, x: &Tensor, k: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gx, gk, _) = self.backward(x, k, None, y, dy)?;
-        Ok((gx, gk))
-    }
-}
-
-impl CustomOp3 for ConvBlock {
-    fn name(&self) -> &'static str {
-        "samhost-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(&self, x: &Tensor, k: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<TensorGrads> {
-        self.backward(x, k, Some(b), y, dy)
     }
 }
 
@@ -233,8 +184,8 @@ pub fn conv2d_block(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, opts: Co
             if b.dims() != [g.o] {
                 candle_core::bail!("conv2d: bias {:?} does not match the kernel's {} output channels", b.dims(), g.o);
             }
-            x.apply_op3(&kernel, &b.contiguous()?, op)
+            param_op::apply(&x, &kernel, Some(&b.contiguous()?), op)
         }
-        None => x.apply_op2(&kernel, op),
+        None => param_op::apply(&x, &kernel, None, op),
     }
 }
