@@ -348,3 +348,44 @@ fn batched_matmul_matches_candle() {
         }
     }
 }
+
+/// With `CANDLE_GRAD_DO_NOT_DETACH` set (second-order gradients) every fused op steps aside for
+/// candle's differentiable ones: SAM steps on a cnn (convolution block, linear + ReLU) and a
+/// ResNet (BatchNorm + ReLU, residual sum) run and give the fused path's losses to 1e-4.
+#[test]
+fn second_order_mode_uses_candles_ops_and_agrees() {
+    use crate::common::{samhost, stderr, stdout, write};
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "s.rhai",
+        r#"
+let shape = [3, 8, 8];
+let d = synthetic(#{ n: 16, classes: 3, shape: shape, seed: 1 });
+for m in [cnn(#{ channels: [4, 6], hidden: 8, classes: 3, input: shape }), resnet(8, 3)] {
+    let opt = sgd(m, #{ lr: 0.1, momentum: 0.9 });
+    for epoch in 0..3 {
+        for b in d.batches(16, #{ seed: 1, epoch: epoch }) {
+            let s = sam_step(m, opt, b, #{ rho: 0.05 });
+            print(`${s.loss} ${s.sharp_loss}`);
+        }
+    }
+}
+"#,
+    );
+    let losses = |second_order: bool| -> Vec<f64> {
+        let mut c = samhost();
+        c.current_dir(dir.path()).args(["run", "s.rhai", "--seed", "5"]);
+        if second_order {
+            c.env("CANDLE_GRAD_DO_NOT_DETACH", "1");
+        }
+        let o = c.output().expect("samhost runs");
+        assert!(o.status.success(), "second order {second_order}: {}", stderr(&o));
+        stdout(&o).split_whitespace().filter_map(|v| v.parse().ok()).collect()
+    };
+    let (fused, plain) = (losses(false), losses(true));
+    assert_eq!(fused.len(), 12, "{fused:?}");
+    for (a, b) in fused.iter().zip(&plain) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "fused {fused:?} against candle's ops {plain:?}");
+    }
+}

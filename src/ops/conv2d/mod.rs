@@ -126,9 +126,9 @@ impl ParamOp for ConvBlock {
 }
 
 /// Options of [`conv2d_block`]: the convolution's stride and padding and what follows it.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ConvBlockOptions {
-    /// Square stride (0 means 1).
+    /// Square stride (at least 1).
     pub stride: usize,
     /// Symmetric zero padding.
     pub padding: usize,
@@ -136,6 +136,13 @@ pub struct ConvBlockOptions {
     pub relu: bool,
     /// 2x2 max-pooling with stride 2 after the ReLU (an odd last row or column is dropped).
     pub pool: bool,
+}
+
+impl Default for ConvBlockOptions {
+    /// Stride 1, no padding, nothing after the convolution.
+    fn default() -> Self {
+        Self { stride: 1, padding: 0, relu: false, pool: false }
+    }
 }
 
 /// 2-D convolution of `x` `[N, C, H, W]` with `kernel` `[O, C, KH, KW]` (square stride and
@@ -150,17 +157,20 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, stride: usize, padding: usize) -> Res
 /// dtypes and devices compose [`conv2d`], the broadcast add, [`super::relu`] and
 /// [`super::max_pool2`], which compute the same.
 pub fn conv2d_block(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, opts: ConvBlockOptions) -> Result<Tensor> {
-    let stride = opts.stride.max(1);
+    let stride = opts.stride;
+    if stride == 0 {
+        candle_core::bail!("conv2d: stride must be > 0");
+    }
     let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
-    let fast = x.device().is_cpu()
+    // The fused op for the convolution itself, and for the whole block.
+    let conv_fast = x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && same(kernel)
-        && bias.is_none_or(same)
         && std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none();
-    if !fast {
+    if !(conv_fast && bias.is_none_or(same)) {
         let y = if x.device().is_cpu() && is_half(x) && kernel.dtype() == x.dtype() {
             in_f32(x, |x| conv2d(x, &kernel.to_dtype(DType::F32)?, stride, opts.padding))?
-        } else if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && same(kernel) {
+        } else if conv_fast {
             conv2d(x, kernel, stride, opts.padding)?
         } else {
             x.conv2d(kernel, opts.padding, stride, 1, 1)?
@@ -176,7 +186,7 @@ pub fn conv2d_block(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, opts: Co
     if opts.pool && (g.ho < 2 || g.wo < 2) {
         candle_core::bail!("2x2 max-pooling needs an input of at least 2x2, got {}x{}", g.ho, g.wo);
     }
-    let ep = Epilogue { bias: bias.is_some(), relu: opts.relu, pool: opts.pool };
+    let ep = Epilogue { relu: opts.relu, pool: opts.pool };
     let op = ConvBlock { stride, padding: opts.padding, ep, argmax: Mutex::new(Vec::new()) };
     let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
     match bias {

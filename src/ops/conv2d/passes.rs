@@ -8,7 +8,6 @@ use rayon::prelude::*;
 /// What runs on the convolution's output before it is stored.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct Epilogue {
-    pub(super) bias: bool,
     pub(super) relu: bool,
     pub(super) pool: bool,
 }
