@@ -23,18 +23,6 @@ pub fn cast_as(t: &Tensor, dtype: DType) -> Result<Tensor> {
     }
 }
 
-/// `x + p` for a parameter `p` broadcast over `x` (a bias, an embedding). With `x` in bf16/f16
-/// and `p` f32 the sum is taken in f32 and rounded back, so the gradient of `p`, a sum over the
-/// broadcast dimensions, accumulates in f32 (a bf16 sum over a batch of feature maps loses most
-/// of its digits).
-pub fn add_param(x: &Tensor, p: &Tensor) -> Result<Tensor> {
-    if x.dtype() == p.dtype() {
-        crate::ops::bias::add_broadcast(x, p)
-    } else {
-        crate::ops::bias::add_broadcast(&x.to_dtype(p.dtype())?, p)?.to_dtype(x.dtype())
-    }
-}
-
 /// A fully connected layer `x·Wᵀ + b` (`weight [out, in]`, optional `bias [out]`, the PyTorch
 /// layout) that computes in its input's dtype.
 #[derive(Clone, Debug)]
@@ -54,22 +42,10 @@ impl Linear {
         &self.weight
     }
 
-    /// `x·Wᵀ + b`, followed by a ReLU when `relu`: one fused op for f32 (see
-    /// [`crate::ops::linear::dense`]).
+    /// `x·Wᵀ + b`, followed by a ReLU when `relu`, with the weight cast to `x`'s dtype: one
+    /// fused op for f32 on the CPU (see [`crate::ops::linear::dense`]).
     pub fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        if x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
-            return crate::ops::linear::dense(x, &self.weight, self.bias.as_ref(), relu);
-        }
-        let y = crate::ops::linear::linear(x, &cast_as(&self.weight, x.dtype())?)?;
-        let y = match &self.bias {
-            Some(b) => add_param(&y, b)?,
-            None => y,
-        };
-        if relu {
-            crate::ops::relu(&y)
-        } else {
-            Ok(y)
-        }
+        crate::ops::linear::dense(x, &cast_as(&self.weight, x.dtype())?, self.bias.as_ref(), relu)
     }
 }
 
@@ -114,23 +90,11 @@ pub struct Conv {
 
 impl Conv {
     /// The convolution (plus bias), followed by a ReLU when `relu` and 2x2 max-pooling when
-    /// `pool`: one fused op when `x` and the weights are f32 (see [`crate::ops::conv2d_block`]).
+    /// `pool`, with the weight cast to `x`'s dtype: one fused op for f32 on the CPU (see
+    /// [`crate::ops::conv2d_block`]).
     pub fn forward_block(&self, x: &Tensor, relu: bool, pool: bool) -> Result<Tensor> {
-        if x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
-            let opts = ConvBlockOptions { stride: self.stride, padding: self.padding, relu, pool };
-            return crate::ops::conv2d_block(x, &self.weight, self.bias.as_ref(), opts);
-        }
-        let y = crate::ops::conv2d(x, &cast_as(&self.weight, x.dtype())?, self.stride, self.padding)?;
-        let y = match &self.bias {
-            Some(b) => add_param(&y, &b.reshape((1, b.dim(0)?, 1, 1))?)?,
-            None => y,
-        };
-        let y = if relu { crate::ops::relu(&y)? } else { y };
-        if pool {
-            crate::ops::max_pool2(&y)
-        } else {
-            Ok(y)
-        }
+        let opts = ConvBlockOptions { stride: self.stride, padding: self.padding, relu, pool };
+        crate::ops::conv2d_block(x, &cast_as(&self.weight, x.dtype())?, self.bias.as_ref(), opts)
     }
 }
 

@@ -4,9 +4,10 @@
 //! Built from differentiable ops only: softmax and layer norm from elementary ops, dropout from
 //! the seeded generator.
 
-use super::layers::{add_param, cast_as, Activation, Dropout, LayerNorm, Linear};
+use super::layers::{cast_as, Activation, Dropout, LayerNorm, Linear};
 use super::registry::ArchConfig;
 use super::Network;
+use crate::ops::bias::add_broadcast;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
@@ -368,7 +369,7 @@ impl Vit {
             .reshape((b * gh * gw, c * ph * pw))?;
         let hidden = self.cfg.hidden_size;
         let weight = cast_as(&self.patch_weight, x.dtype())?.reshape((hidden, c * ph * pw))?;
-        add_param(&crate::ops::linear::linear(&patches, &weight)?, &self.patch_bias)?.reshape((b, gh * gw, hidden))
+        add_broadcast(&crate::ops::linear::linear(&patches, &weight)?, &self.patch_bias)?.reshape((b, gh * gw, hidden))
     }
 }
 
@@ -376,8 +377,8 @@ impl Network for Vit {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let patches = self.embed_patches(x)?;
         let (b, _, h) = patches.dims3()?;
-        let cls = add_param(&patches.zeros_like()?.narrow(1, 0, 1)?, &self.cls_token)?;
-        let tokens = add_param(&Tensor::cat(&[&cls, &patches], 1)?, &self.position_embeddings)?;
+        let cls = add_broadcast(&patches.zeros_like()?.narrow(1, 0, 1)?, &self.cls_token)?;
+        let tokens = add_broadcast(&Tensor::cat(&[&cls, &patches], 1)?, &self.position_embeddings)?;
         let n = tokens.dim(1)?;
         let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, h))?;
         for layer in &self.layers {

@@ -12,8 +12,14 @@ use super::cpu::{f32_slice, fused_ok};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `y + p` with `p` broadcast to `y`'s shape.
+/// `y + p` with `p` (a parameter: a bias, an embedding) broadcast to `y`'s shape. With `y` in
+/// bf16/f16 and `p` f32 the sum is taken in f32 and rounded back, so the gradient of `p`, a sum
+/// over the broadcast dimensions, accumulates in f32 (a bf16 sum over a batch of feature maps
+/// loses most of its digits).
 pub fn add_broadcast(y: &Tensor, p: &Tensor) -> Result<Tensor> {
+    if y.dtype() != p.dtype() {
+        return add_broadcast(&y.to_dtype(p.dtype())?, p)?.to_dtype(y.dtype());
+    }
     match block(y.dims(), p.dims()) {
         Some((outer, inner)) if fused_ok(y) && p.dtype() == DType::F32 && p.device().is_cpu() && outer > 0 => {
             y.contiguous()?.apply_op2(&p.contiguous()?, AddBroadcast { inner })
