@@ -49,33 +49,21 @@ fn check_operands<T>((m, n, k): (usize, usize, usize), lhs: &[T], ls: (isize, is
 /// `parallel` splits the product over the rayon pool (else one thread).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Float>(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     dst: &mut [T],
-    (dst_rs, dst_cs): (isize, isize),
+    dst_strides: (isize, isize),
     lhs: &[T],
-    (lhs_rs, lhs_cs): (isize, isize),
+    lhs_strides: (isize, isize),
     rhs: &[T],
-    (rhs_rs, rhs_cs): (isize, isize),
+    rhs_strides: (isize, isize),
     accumulate: bool,
     parallel: bool,
 ) {
-    check_operands((m, n, k), lhs, (lhs_rs, lhs_cs), rhs, (rhs_rs, rhs_cs));
-    assert!(dst.len() > span(m, n, dst_rs, dst_cs), "gemm: output buffer too small");
+    check_operands(mnk, lhs, lhs_strides, rhs, rhs_strides);
+    assert!(dst.len() > span(mnk.0, mnk.1, dst_strides.0, dst_strides.1), "gemm: output buffer too small");
     // SAFETY: the asserts above check that each strided matrix lies inside its slice; gemm only
     // reads lhs and rhs and writes dst, which does not alias them (distinct borrows).
-    unsafe {
-        gemm_raw(
-            (m, n, k),
-            dst.as_mut_ptr(),
-            (dst_rs, dst_cs),
-            lhs,
-            (lhs_rs, lhs_cs),
-            rhs,
-            (rhs_rs, rhs_cs),
-            accumulate,
-            parallel,
-        )
-    }
+    unsafe { gemm_raw(mnk, dst.as_mut_ptr(), dst_strides, lhs, lhs_strides, rhs, rhs_strides, accumulate, parallel) }
 }
 
 /// The gemm call behind [`matmul`] and [`matmul_new`].
