@@ -9,7 +9,7 @@
 //! evaluation mode, and second-order gradients (`CANDLE_GRAD_DO_NOT_DETACH` set) use the same
 //! math from elementary ops.
 
-use crate::ops::cpu::{f32_slice, fused_ok, slice_of};
+use crate::ops::cpu::{f32_slice, fused_ok, grad_f32, slice_of};
 use crate::ops::half::{in_f32, is_half};
 use crate::ops::param_op::{self, Grads3, Operand, ParamOp};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor, Var};
@@ -225,7 +225,7 @@ impl ParamOp for FusedBatchNorm {
         let (n, c, h, w) = x.dims4()?;
         let hw = h * w;
         let m = (n * hw) as f64;
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let grad = grad_f32(grad)?;
         let stats =
             self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
         if stats.invstd.len() != c {

@@ -14,7 +14,7 @@ use candle_core::cpu::erf::erf_f64;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::ops::cpu::{f32_slice, fused_ok, slice_of};
+use crate::ops::cpu::{f32_slice, fused_ok, grad_f32, slice_of};
 use crate::ops::half::{in_f32, is_half};
 use crate::ops::param_op::{self, Grads3, Operand, ParamOp};
 
@@ -24,12 +24,6 @@ const BLOCK: usize = 1 << 14;
 /// Rows per parallel task for rows of `n` elements (about [`BLOCK`] elements).
 fn rows_per_task(n: usize) -> usize {
     (BLOCK / n.max(1)).max(1)
-}
-
-/// The contiguous f32 elements of `grad` (a backward pass's incoming gradient), made contiguous
-/// and f32 first when needed.
-fn grad_f32(grad: &Tensor) -> Result<Tensor> {
-    grad.to_dtype(DType::F32)?.contiguous()
 }
 
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;

@@ -46,3 +46,8 @@ pub fn slice_of<'a, T: candle_core::WithDType>(
         _ => candle_core::bail!("{what}: expected a CPU tensor"),
     }
 }
+
+/// `grad` (a backward pass's incoming gradient) as a contiguous f32 tensor.
+pub fn grad_f32(grad: &Tensor) -> Result<Tensor> {
+    grad.to_dtype(DType::F32)?.contiguous()
+}
