@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod fsutil;
+pub mod hub;
 pub mod models;
 pub mod ops;
 pub mod rng;

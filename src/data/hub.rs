@@ -3,15 +3,14 @@
 //! in the Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`): `datasets--ORG--NAME/refs/<revision>` holds the commit,
 //! `snapshots/<commit>/...` the files. A split that is not in the cache is downloaded into it
-//! (see [`super::hub_download`]) unless offline. Class names come from the `huggingface`
+//! (see [`crate::hub::datasets`]) unless offline. Class names come from the `huggingface`
 //! metadata the `datasets` library writes into each file (the label's ClassLabel names).
 //!
 //! Parquet is read with the `parquet` crate's record API (no arrow).
 
 use super::folder::decode_all;
-pub use super::hub_download::download_dataset_files;
 use super::Dataset;
-use crate::models::hub as access;
+use crate::hub::{self as access, hub_dataset_files};
 use anyhow::{bail, Context, Result};
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
@@ -61,160 +60,6 @@ impl Default for HubOptions {
             classes: None,
         }
     }
-}
-
-/// The Hugging Face hub cache folder, as Python's huggingface_hub finds it (the one the model
-/// side uses).
-pub fn hub_cache_dir() -> PathBuf {
-    crate::models::hub_cache::hub_cache_dir()
-}
-
-/// Whether `HF_HUB_OFFLINE` asks for the cache only.
-pub fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| crate::models::hub_cache::env_flag(&v))
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
-        let p = e.with_context(|| format!("{}: cannot list", dir.display()))?.path();
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else if p.extension().is_some_and(|x| x == "parquet") {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
-/// Whether a file (path relative to the snapshot) belongs to `split`.
-pub(crate) fn in_split(rel: &Path, split: &str) -> bool {
-    let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let dirs = rel.parent().map(|p| p.iter().any(|c| c == split)).unwrap_or(false);
-    dirs || name.starts_with(&format!("{split}-")) || name.starts_with(&format!("{split}."))
-}
-
-/// The split a parquet file (path relative to the snapshot) holds, by the naming rules of
-/// [`in_split`]: the name up to its first `-` or `.` (`train-00000-of-00001.parquet`), or the
-/// folder when the name is a number (`plain_text/train/0000.parquet`).
-pub(crate) fn split_of(rel: &Path) -> String {
-    let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let head = name.split(['-', '.']).next().unwrap_or_default();
-    if head.is_empty() || head.bytes().all(|b| b.is_ascii_digit()) {
-        if let Some(dir) = rel.parent().and_then(|p| p.file_name()) {
-            return dir.to_string_lossy().into_owned();
-        }
-    }
-    head.to_string()
-}
-
-/// The configuration of a file in a snapshot: the first folder under
-/// `.../snapshots/<commit>/`, or "" for a file at the top.
-fn config_of(p: &Path) -> String {
-    let parts: Vec<String> = p.iter().map(|c| c.to_string_lossy().into_owned()).collect();
-    let at = parts.iter().rposition(|c| c == "snapshots").map(|i| i + 2).unwrap_or(0);
-    if at + 1 < parts.len() {
-        parts[at].clone()
-    } else {
-        String::new()
-    }
-}
-
-/// Of the files of `split` (paths under `.../snapshots/<commit>/`), those of `config`; with no
-/// config, all of them when they are of one configuration, else an error naming the
-/// configurations. `what` names the dataset in errors.
-pub(crate) fn select_config(
-    what: &str,
-    split: &str,
-    mut files: Vec<PathBuf>,
-    config: Option<&str>,
-) -> Result<Vec<PathBuf>> {
-    let mut configs: Vec<String> = files.iter().map(|f| config_of(f)).collect();
-    configs.sort();
-    configs.dedup();
-    match config {
-        Some(c) => {
-            files.retain(|f| config_of(f) == c);
-            if files.is_empty() {
-                bail!(
-                    "{what}: no `{split}` files under config `{c}` (configs with that split: {})",
-                    configs.join(", ")
-                );
-            }
-        }
-        None if configs.len() > 1 => {
-            bail!("{what}: split `{split}` exists in several configs ({}); give config", configs.join(", "))
-        }
-        None => {}
-    }
-    Ok(files)
-}
-
-/// The parquet files of `split` of dataset `repo` at `revision` in the cache folder `cache`.
-pub fn resolve_dataset_files_in(cache: &Path, repo: &str, revision: &str, split: &str) -> Result<Vec<PathBuf>> {
-    let root = cache.join(format!("datasets--{}", repo.replace('/', "--")));
-    if !root.is_dir() {
-        bail!("dataset {repo} is not in the cache ({})", root.display());
-    }
-    let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
-    let commit = if is_commit && root.join("snapshots").join(revision).is_dir() {
-        revision.to_string()
-    } else {
-        let r = root.join("refs").join(revision);
-        std::fs::read_to_string(&r)
-            .with_context(|| format!("dataset {repo}: revision `{revision}` is not in the cache ({})", r.display()))?
-            .trim()
-            .to_string()
-    };
-    let snap = root.join("snapshots").join(&commit);
-    if !snap.is_dir() {
-        bail!("dataset {repo}: the cache names commit {commit} for `{revision}` but {} is missing", snap.display());
-    }
-    let mut all = Vec::new();
-    walk(&snap, &mut all)?;
-    let mut files: Vec<PathBuf> =
-        all.iter().filter(|p| p.strip_prefix(&snap).map(|r| in_split(r, split)).unwrap_or(false)).cloned().collect();
-    files.sort();
-    if files.is_empty() {
-        let names: Vec<String> =
-            all.iter().filter_map(|p| p.strip_prefix(&snap).ok()).map(|p| p.display().to_string()).collect();
-        bail!(
-            "dataset {repo}@{revision}: no parquet file for split `{split}` in the cache (parquet files: {})",
-            if names.is_empty() { "none".into() } else { names.join(", ") }
-        );
-    }
-    Ok(files)
-}
-
-/// The parquet files of `split` of dataset `repo` at `revision`, from the local Hugging Face
-/// cache only (no network).
-pub fn resolve_dataset_files(repo: &str, revision: &str, split: &str) -> Result<Vec<PathBuf>> {
-    resolve_dataset_files_in(&hub_cache_dir(), repo, revision, split)
-}
-
-/// The parquet files of a Hub dataset split (of `config`, when given): from the cache
-/// `hub.cache_dir`, else downloaded into it (unless `hub.offline`).
-pub fn hub_dataset_files(
-    hub: &access::HubOptions,
-    repo: &str,
-    revision: &str,
-    split: &str,
-    config: Option<&str>,
-) -> Result<Vec<PathBuf>> {
-    let offline_note = "offline (HF_HUB_OFFLINE or --offline): the Hugging Face cache only";
-    let cached = match resolve_dataset_files_in(&hub.cache_dir, repo, revision, split) {
-        // The split is cached: the config rules decide, except that a config missing from the
-        // cache may be on the Hub.
-        Ok(found) => match select_config(&format!("dataset {repo}@{revision}"), split, found, config) {
-            Ok(f) => return Ok(f),
-            Err(e) if config.is_none() => return Err(e),
-            Err(e) => e,
-        },
-        Err(e) => e,
-    };
-    if hub.offline {
-        return Err(cached.context(offline_note));
-    }
-    download_dataset_files(hub, repo, revision, split, config)
 }
 
 /// Loads a Hub dataset (see the module doc), reaching the Hub as the environment says

@@ -6,7 +6,6 @@ pub mod cifar;
 pub mod dataset;
 pub mod folder;
 pub mod hub;
-pub mod hub_download;
 pub mod idx;
 pub mod load;
 pub mod loader;

@@ -151,7 +151,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -224,7 +224,7 @@ impl Activation {
     /// Applies the activation.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Gelu => super::fused::gelu_erf(x),
+            Self::Gelu => crate::ops::gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
             Self::Relu => crate::ops::relu(x),

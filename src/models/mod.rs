@@ -2,12 +2,7 @@
 
 pub mod batch_norm;
 pub mod cnn;
-pub mod fused;
-pub mod hub;
-pub mod hub_cache;
-pub mod hub_http;
 pub mod init;
-pub mod interpolate;
 pub mod layers;
 pub mod mlp;
 pub mod model;

@@ -6,11 +6,11 @@
 //! class count differs from `num_classes` is replaced by a fresh one, and position embeddings
 //! are interpolated to a new `image_size`. Folders written by `save` (any architecture) load too.
 
-use super::hub::{HubOptions, HubRepo, Lookup};
-use super::interpolate::resize_position_embeddings;
 use super::registry::{build_model, model_type_of, ArchConfig};
 use super::vit::Size2;
 use super::Model;
+use crate::hub::{HubOptions, HubRepo, Lookup};
+use crate::ops::interpolate::resize_position_embeddings;
 use crate::rng::HostRng;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};

@@ -277,7 +277,7 @@ impl Layer {
         let v = self.split_heads(&self.value.forward(x)?, b, n)?;
         let scale = 1.0 / ((h / self.heads) as f64).sqrt();
         let scores = (crate::ops::bmm::bmm(&q, &k, true)? * scale)?;
-        let probs = self.attn_drop.forward_t(&super::fused::softmax_last(&scores)?, train)?;
+        let probs = self.attn_drop.forward_t(&crate::ops::softmax_last(&scores)?, train)?;
         let ctx = crate::ops::bmm::bmm(&probs, &v, false)?.transpose(1, 2)?.contiguous()?.reshape((b * n, h))?;
         self.drop.forward_t(&self.attn_out.forward(&ctx)?, train)
     }

@@ -1,13 +1,30 @@
-//! Shared plumbing of the CPU custom ops: when the fast path applies, and typed views of candle's
+//! Shared plumbing of the CPU custom ops: the one place that decides between the fused ops and
+//! candle's elementary ops, the block sizes of their parallel passes, and typed views of candle's
 //! CPU storage.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+use std::sync::OnceLock;
 
-/// Whether `x` takes the fused CPU path: f32 on the CPU, and first-order gradients only
-/// (with `CANDLE_GRAD_DO_NOT_DETACH` set the backward passes must themselves be differentiable,
-/// which the fused ones are not).
+/// Elements per parallel task of the element-wise passes.
+pub const BLOCK: usize = 1 << 14;
+
+/// Rows per parallel task for rows of `n` elements (about [`BLOCK`] elements).
+pub fn rows_per_task(n: usize) -> usize {
+    (BLOCK / n.max(1)).max(1)
+}
+
+/// Whether this process may use the fused ops at all: not when `CANDLE_GRAD_DO_NOT_DETACH` is set
+/// (second-order gradients), since their backward passes are not themselves differentiable.
+/// Read once per process, as candle reads that variable once per thread.
+pub fn fused_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none())
+}
+
+/// Whether `x` takes the fused CPU path: f32 on the CPU, and [`fused_enabled`]. Every layer asks
+/// this (or [`fused_enabled`] with its own dtype rule); none decides for itself.
 pub fn fused_ok(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none()
+    x.device().is_cpu() && x.dtype() == DType::F32 && fused_enabled()
 }
 
 /// The elements of a contiguous f32 storage; `what` names the operand in the error.

@@ -11,16 +11,26 @@
 //! - gemm operand layouts chosen so that the large operand is read where it lies and the small
 //!   one is packed (the convolution's weight gradient, a linear layer wider than its batch).
 
+pub mod batch_norm;
 pub mod bias;
 pub mod bmm;
 pub mod conv2d;
 pub mod cpu;
+pub mod gelu;
 pub mod gemm;
 pub mod half;
+pub mod inplace;
+pub mod interpolate;
+pub mod layer_norm;
 pub mod linear;
 pub mod param_grads;
 pub mod param_op;
 pub mod pointwise;
+pub mod softmax;
+pub mod sum_squares;
 
 pub use conv2d::{conv2d, conv2d_block, ConvBlockOptions};
+pub use gelu::gelu_erf;
+pub use layer_norm::{layer_norm, layer_norm_ops};
 pub use pointwise::{add_relu, max_pool2, relu};
+pub use softmax::softmax_last;

@@ -1,8 +1,10 @@
-//! Experiment records: the run folder, the metric log, the progress display, checkpoints,
-//! summaries and plots. Plain Rust: nothing here knows about Rhai.
+//! Runs: the lifecycle of one run ([`Run`]: start, resume, steps, end) and what it leaves
+//! behind: the run folder, the metric log, the progress display, checkpoints, summaries and
+//! plots. Plain Rust: nothing here knows about Rhai.
 
 pub mod checkpoint;
 pub mod compare;
+pub mod lifecycle;
 pub mod metrics;
 pub mod plot;
 pub mod progress;
@@ -10,6 +12,7 @@ pub mod record;
 pub mod rundir;
 pub mod summary;
 
+pub use lifecycle::{begin_step, end_step, Interrupted, Run};
 pub use metrics::MetricLog;
 pub use record::RunRecord;
 pub use rundir::RunDir;

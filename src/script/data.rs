@@ -7,7 +7,7 @@ use crate::data::noise::parse_class_map;
 use crate::data::synthetic::{synthetic, SyntheticConfig};
 use crate::data::transforms::parse_transforms;
 use crate::data::{load_dataset, Batch, BatchOptions, Batches, Dataset, LoadOptions, NoiseKind};
-use crate::models::hub::HubOptions as HubAccess;
+use crate::hub::HubOptions as HubAccess;
 use crate::session::Session;
 use candle_core::{Device, Tensor};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, FLOAT, INT};

@@ -1,7 +1,7 @@
 //! `from_pretrained`: models from the Hugging Face Hub or a local folder.
 
 use super::convert::{op, options, Res};
-use crate::models::hub::HubOptions;
+use crate::hub::HubOptions;
 use crate::models::pretrained::{from_pretrained, PretrainedOptions};
 use crate::models::Model;
 use crate::session::Session;

@@ -101,22 +101,14 @@ pub fn eval_map(s: &EvalStats) -> Map {
 
 /// After Ctrl-C, stops the script at the start of a step (nothing of the step is done).
 fn stop_if_interrupted(s: &Session) -> Res<()> {
-    if s.interrupt_pending() {
-        return Err(Box::new(rhai::EvalAltResult::ErrorTerminated(Dynamic::from("interrupted"), rhai::Position::NONE)));
-    }
-    Ok(())
+    crate::run::begin_step(s)
+        .map_err(|_| Box::new(rhai::EvalAltResult::ErrorTerminated(Dynamic::from("interrupted"), rhai::Position::NONE)))
 }
 
-/// Counts the step (progress, step number), then fails when its loss is not finite, naming the
-/// step; returns the statistics as a map.
+/// Counts the step and fails when its loss is not finite ([`crate::run::end_step`]); returns the
+/// statistics as a map.
 fn finish_step(s: &Session, what: &str, stats: &StepStats) -> Res<Map> {
-    let step = s.run.borrow_mut().after_step(stats.loss);
-    if !stats.loss.is_finite() || !stats.sharp_loss.is_finite() {
-        return Err(err(format!(
-            "{what}: the loss is not finite at step {step} (loss {}, sharp_loss {}): training diverged; lower the learning rate or rho",
-            stats.loss, stats.sharp_loss
-        )));
-    }
+    crate::run::end_step(s, what, stats).map_err(|e| err(format!("{e:#}")))?;
     Ok(stats_map(stats))
 }
 

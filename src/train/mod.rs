@@ -4,7 +4,6 @@
 pub mod adamw;
 pub mod evaluate;
 pub mod grads;
-pub mod inplace;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

@@ -12,11 +12,12 @@
 //! With m-sharpness the batch is split into chunks of `m` examples; each chunk gets its own
 //! perturbation and the chunk gradients `g_SAM` are averaged.
 
-use super::grads::{clip_global_norm, global_norm, gradients, sum_squares};
+use super::grads::{clip_global_norm, global_norm, gradients};
 use super::loss::LossFn;
 use super::metrics::correct;
 use super::optim::Optimizer;
 use crate::models::Model;
+use crate::ops::sum_squares::sum_squares;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use serde::Deserialize;
@@ -136,8 +137,8 @@ fn perturb(params: &[(String, Var)], g: &[Tensor], g_norm: f64, cfg: &SamConfig)
     let scale = cfg.rho / (norm + cfg.eps);
     let mut saved = Vec::with_capacity(params.len());
     for ((_, p), g) in params.iter().zip(g) {
-        if !cfg.adaptive && super::inplace::applies(&[p.as_tensor(), g]) {
-            saved.push(super::inplace::axpy_saving(p.as_tensor(), g, scale)?);
+        if !cfg.adaptive && crate::ops::inplace::applies(&[p.as_tensor(), g]) {
+            saved.push(crate::ops::inplace::axpy_saving(p.as_tensor(), g, scale)?);
             continue;
         }
         let w = p.as_tensor().copy()?;
@@ -198,8 +199,8 @@ pub fn sam_step(
         let second = forward_backward(model, &params, &x, &y, loss_fn);
         // Restore weights and running statistics whatever the second pass did.
         for ((_, p), w) in params.iter().zip(&saved_w) {
-            if super::inplace::applies(&[p.as_tensor(), w]) {
-                super::inplace::copy_into(p.as_tensor(), w)?;
+            if crate::ops::inplace::applies(&[p.as_tensor(), w]) {
+                crate::ops::inplace::copy_into(p.as_tensor(), w)?;
             } else {
                 p.set(w)?;
             }

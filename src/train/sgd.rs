@@ -75,10 +75,12 @@ impl Optimizer for Sgd {
         let c = &self.cfg;
         for ((name, p), g) in params.iter().zip(grads) {
             let buf = self.momentum.get(name);
-            if super::inplace::applies(&[p.as_tensor(), g]) && buf.is_none_or(|b| super::inplace::applies(&[b])) {
+            if crate::ops::inplace::applies(&[p.as_tensor(), g])
+                && buf.is_none_or(|b| crate::ops::inplace::applies(&[b]))
+            {
                 let buf = self.momentum.remove(name);
                 let (lr, m, damp, wd) = (c.lr, c.momentum, c.dampening, c.weight_decay);
-                if let Some(b) = super::inplace::sgd(p.as_tensor(), g, buf, lr, m, damp, c.nesterov, wd)? {
+                if let Some(b) = crate::ops::inplace::sgd(p.as_tensor(), g, buf, lr, m, damp, c.nesterov, wd)? {
                     self.momentum.insert(name.clone(), b);
                 }
                 continue;

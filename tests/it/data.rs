@@ -3,12 +3,12 @@
 
 use crate::common::*;
 use candle_core::{Device, Tensor};
-use samhost::data::hub::resolve_dataset_files_in;
 use samhost::data::loader::{epoch_order, Batches};
 use samhost::data::noise::{corrupt_labels, CIFAR10_MAP};
 use samhost::data::synthetic::{synthetic, SyntheticConfig};
 use samhost::data::transforms::parse_transforms;
 use samhost::data::{load_dataset, BatchOptions, Dataset, LoadOptions, NoiseKind};
+use samhost::hub::resolve_dataset_files_in;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;

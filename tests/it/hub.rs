@@ -3,8 +3,8 @@
 
 use crate::common::*;
 use candle_core::{Device, Tensor};
-use samhost::models::hub::HubOptions;
-use samhost::models::hub_http::Timeouts;
+use samhost::hub::HubOptions;
+use samhost::hub::Timeouts;
 use samhost::models::params::save_safetensors;
 use samhost::models::pretrained::{from_pretrained, PretrainedOptions};
 use samhost::models::registry::{build_model, ArchConfig};
@@ -644,8 +644,8 @@ fn finetune_example_runs_in_smoke_mode() {
 
 #[test]
 fn dataset_repositories_use_their_own_urls_and_cache_folders() {
-    use samhost::models::hub::{HubRepo, Lookup};
-    use samhost::models::hub_cache::RepoKind;
+    use samhost::hub::RepoKind;
+    use samhost::hub::{HubRepo, Lookup};
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("hub");
     let endpoint = mock_hub("datasets/test-org/data", vec![("train/part-0.txt", b"hello".to_vec())]);

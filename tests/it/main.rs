@@ -4,6 +4,7 @@ mod common;
 mod data;
 mod foundation;
 mod hub;
+mod lifecycle;
 mod models;
 mod ops;
 mod precision;

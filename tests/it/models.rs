@@ -384,7 +384,7 @@ fn fused_batch_norm_matches_elementary_ops_with_gradients() {
 
 #[test]
 fn fused_transformer_ops_match_elementary_ops_with_gradients() {
-    use samhost::models::fused;
+    use samhost::ops as fused;
     let rng = HostRng::new(21);
     let rel = |a: &Tensor, b: &Tensor| {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()

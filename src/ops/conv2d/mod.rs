@@ -166,7 +166,7 @@ pub fn conv2d_block(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, opts: Co
     let conv_fast = x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && same(kernel)
-        && std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none();
+        && super::cpu::fused_enabled();
     if !(conv_fast && bias.is_none_or(same)) {
         let y = if x.device().is_cpu() && is_half(x) && kernel.dtype() == x.dtype() {
             in_f32(x, |x| conv2d(x, &kernel.to_dtype(DType::F32)?, stride, opts.padding))?

@@ -1,7 +1,7 @@
 //! Element-wise optimizer updates written in place on the CPU (one pass over each array, no
 //! temporaries), for f32 contiguous tensors. Other devices and dtypes use the tensor-op path.
 
-use crate::ops::cpu::{f32_slice, f32_slice_mut};
+use super::cpu::{f32_slice, f32_slice_mut};
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 

@@ -12,7 +12,7 @@
 //! Folder names and `refs/` files come from `hf-hub` (`Repo::folder_name`, `CacheRepo::create_ref`),
 //! so samhost names things exactly as the Hugging Face client library does; the reads add what
 //! hf-hub 0.4's `CacheRepo::get` lacks (`HF_HUB_CACHE`, commit-hash revisions, trimmed refs,
-//! `.no_exist` markers). Downloads are in `hub_http.rs`: hf-hub sets no network timeouts.
+//! `.no_exist` markers). Downloads are in `http.rs`: hf-hub sets no network timeouts.
 
 use anyhow::{bail, Context, Result};
 use hf_hub::{Repo, RepoType};

@@ -1,12 +1,12 @@
-//! Files of a Hugging Face Hub model repository, through the cache first.
+//! Files of a Hugging Face Hub repository (a model or a dataset), through the cache first.
 //!
 //! A file is looked up in the local cache (shared with Python's `huggingface_hub`, see
-//! [`super::hub_cache`]); only when it is not there, and the session is not offline, is the Hub
-//! asked (see [`super::hub_http`]: every call has connect and read timeouts). Downloads land in
+//! [`super::cache`]); only when it is not there, and the session is not offline, is the Hub
+//! asked (see [`super::http`]: every call has connect and read timeouts). Downloads land in
 //! the cache in the standard layout.
 
-use super::hub_cache::{self, check_repo_id, check_revision, RepoCache, RepoKind};
-use super::hub_http::{HttpClient, HttpError, Timeouts};
+use super::cache::{self as hub_cache, check_repo_id, check_revision, RepoCache, RepoKind};
+use super::http::{HttpClient, HttpError, Timeouts};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,236 @@
+//! BatchNorm's kernels over images `[N, C, H, W]` (the layer, with its running statistics, is
+//! `models::batch_norm`).
+//!
+//! In training mode on the CPU (f32) the normalisation, and the ReLU that usually follows it, are
+//! one fused operation with its own backward pass: two passes over the input forward, two
+//! backward (the statistics of the forward pass are kept for it), instead of the dozen full-size
+//! tensors that elementary ops (or candle-nn's `BatchNorm`, which also transposes and copies the
+//! input) create; BatchNorm was more than half of a CIFAR ResNet's training step before. Sums
+//! run over each plane in f32 lanes and across planes in f64. Where [`super::cpu::fused_ok`]
+//! says no (other devices, other dtypes, second-order gradients) the same math runs from
+//! elementary ops ([`batch_norm_train_ops`]).
+
+use super::cpu::{f32_slice, fused_ok, grad_f32, slice_of};
+use super::param_op::{self, Grads3, Operand, ParamOp};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Training-mode BatchNorm with the batch's statistics, followed by a ReLU when `relu`: the
+/// output and the batch mean and biased variance per channel (for the running statistics; the
+/// output's gradient flows through the batch statistics).
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = x.dim(1)?;
+    if fused_ok(x) && weight.dtype() == DType::F32 {
+        let stats = Arc::new(Mutex::new(Stats::default()));
+        let op = FusedBatchNorm { eps, relu, stats: stats.clone() };
+        let y = param_op::apply(&x.contiguous()?, weight, Some(bias), op)?;
+        let s = stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
+        let mean = Tensor::from_slice(&s.mean, c, x.device())?;
+        let var = Tensor::from_slice(&s.var, c, x.device())?;
+        return Ok((y, mean, var));
+    }
+    let (y, mean, var) = batch_norm_train_ops(x, weight, bias, eps)?;
+    let y = if relu { super::relu(&y)? } else { y };
+    Ok((y, mean, var))
+}
+
+/// Training mode from elementary ops, without a ReLU: the output, and the batch mean and
+/// (biased) variance per channel. The reference for the fused operation, and the path where it
+/// does not apply.
+pub fn batch_norm_train_ops(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, w) = x.dims4()?;
+    let m = (n * h * w) as f64;
+    let xr = x.reshape((n, c, h * w))?;
+    let mean = (xr.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
+    let centred = xr.broadcast_sub(&mean)?;
+    let var = (centred.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
+    let scale = (&var + eps)?.sqrt()?.recip()?.broadcast_mul(&weight.reshape((1, c, 1))?)?;
+    let y = centred.broadcast_mul(&scale)?.broadcast_add(&bias.reshape((1, c, 1))?)?;
+    Ok((y.reshape((n, c, h, w))?, mean.flatten_all()?, var.flatten_all()?))
+}
+
+/// Evaluation-mode BatchNorm: normalises with the given running statistics (no gradient flows
+/// into them).
+pub fn batch_norm_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let xr = x.reshape((n, c, h * w))?;
+    let rm = running_mean.detach().reshape((1, c, 1))?;
+    let rv = running_var.detach().reshape((1, c, 1))?;
+    let scale = (rv + eps)?.sqrt()?.recip()?.broadcast_mul(&weight.reshape((1, c, 1))?)?;
+    let shift = bias.reshape((1, c, 1))?.broadcast_sub(&rm.broadcast_mul(&scale)?)?;
+    xr.broadcast_mul(&scale)?.broadcast_add(&shift)?.reshape((n, c, h, w))
+}
+
+/// Batch statistics per channel, filled by the forward pass (mean and biased variance for the
+/// running statistics, mean and 1/sqrt(var + eps) for the backward pass).
+#[derive(Debug, Default)]
+struct Stats {
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    mean64: Vec<f64>,
+    invstd: Vec<f64>,
+}
+
+/// `y = relu?((x - mean) / sqrt(var + eps) * weight + bias)` over `[N, C, H, W]` with the batch's
+/// statistics, and its exact backward pass.
+struct FusedBatchNorm {
+    eps: f64,
+    relu: bool,
+    stats: Arc<Mutex<Stats>>,
+}
+
+/// The `n` planes of channel `ch` in `[n, c, hw]` data.
+fn planes(x: &[f32], n: usize, c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &[f32]> {
+    (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
+}
+
+/// `Σ f(a, b, c)` over matching elements of three equally long slices, in eight f32 lanes,
+/// returned in f64 (the lanes let the compiler vectorise the sum).
+#[inline]
+fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let tail: f32 =
+        ca.remainder().iter().zip(cb.remainder()).zip(cc.remainder()).map(|((&x, &y), &z)| f(x, y, z)).sum();
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for l in 0..8 {
+            acc[l] += f(x[l], y[l], z[l]);
+        }
+    }
+    (acc.iter().sum::<f32>() + tail) as f64
+}
+
+/// `Σ f(v)` over a slice, as [`lane_sum3`].
+#[inline]
+fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    lane_sum3(a, a, a, |x, _, _| f(x))
+}
+
+/// Per channel: the mean and the biased variance (channels in parallel, each summed in a fixed
+/// order: plane sums in f32 lanes, added in f64).
+fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
+    let m = (n * hw) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = planes(x, n, c, hw, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
+            let mu = mean as f32;
+            let var = planes(x, n, c, hw, ch).map(|p| lane_sum(p, |v| (v - mu) * (v - mu))).sum::<f64>() / m;
+            (mean, var)
+        })
+        .unzip()
+}
+
+impl ParamOp for FusedBatchNorm {
+    const NAME: &'static str = "fused-batch-norm";
+
+    fn cpu_fwd(&self, (s1, l1): Operand, (s2, l2): Operand, b: Option<Operand>) -> Result<(CpuStorage, Shape)> {
+        let Some((s3, l3)) = b else { candle_core::bail!("fused-batch-norm: the bias is missing") };
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let hw = h * w;
+        let x = f32_slice(s1, l1, "the input")?;
+        let weight = f32_slice(s2, l2, "the weight")?;
+        let bias = f32_slice(s3, l3, "the bias")?;
+        let (mean, var) = channel_stats(x, n, c, hw);
+        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let affine: Vec<(f32, f32)> = (0..c)
+            .map(|ch| {
+                let scale = weight[ch] as f64 * invstd[ch];
+                (scale as f32, (bias[ch] as f64 - mean[ch] * scale) as f32)
+            })
+            .collect();
+        let mut y = vec![0f32; x.len()];
+        let relu = self.relu;
+        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (out, inp))| {
+            let (scale, shift) = affine[plane % c];
+            if relu {
+                out.iter_mut().zip(inp).for_each(|(o, &v)| *o = (v * scale + shift).max(0.0));
+            } else {
+                out.iter_mut().zip(inp).for_each(|(o, &v)| *o = v * scale + shift);
+            }
+        });
+        let mut s =
+            self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
+        s.mean = mean.iter().map(|&v| v as f32).collect();
+        s.var = var.iter().map(|&v| v as f32).collect();
+        s.mean64 = mean;
+        s.invstd = invstd;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        let (n, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let m = (n * hw) as f64;
+        let grad = grad_f32(grad)?;
+        let stats =
+            self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
+        if stats.invstd.len() != c {
+            candle_core::bail!("batch norm backward: the statistics of the forward pass are missing");
+        }
+        let (mean, invstd) = (&stats.mean64, &stats.invstd);
+        let ((xs, xl), (gs, gl), (ys, yl), (ws, wl)) =
+            (x.storage_and_layout(), grad.storage_and_layout(), y.storage_and_layout(), weight.storage_and_layout());
+        let xs = slice_of::<f32>(&xs, xl, "batch norm input")?;
+        let gs = slice_of::<f32>(&gs, gl, "batch norm gradient")?;
+        let ys = slice_of::<f32>(&ys, yl, "batch norm output")?;
+        let ws = slice_of::<f32>(&ws, wl, "batch norm weight")?;
+        let relu = self.relu;
+        // The gradient before the ReLU.
+        let gz = move |g: f32, y: f32| if !relu || y > 0.0 { g } else { 0.0 };
+        // Per channel: Σdz and Σ(dz·xhat).
+        let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
+                let (mut db, mut dw) = (0f64, 0f64);
+                for ((gp, xp), yp) in
+                    planes(gs, n, c, hw, ch).zip(planes(xs, n, c, hw, ch)).zip(planes(ys, n, c, hw, ch))
+                {
+                    db += lane_sum3(gp, yp, yp, |g, y, _| gz(g, y));
+                    dw += lane_sum3(gp, yp, xp, |g, y, x| gz(g, y) * (x - mu) * is);
+                }
+                (db, dw)
+            })
+            .unzip();
+        // dx = w·invstd/m · (m·dz − Σdz − xhat·Σ(dz·xhat))
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; xs.len()];
+            dx.par_chunks_mut(hw)
+                .zip(gs.par_chunks(hw).zip(xs.par_chunks(hw).zip(ys.par_chunks(hw))))
+                .enumerate()
+                .for_each(|(plane, (out, (gp, (xp, yp))))| {
+                    let ch = plane % c;
+                    let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
+                    let k = (ws[ch] as f64 * invstd[ch] / m) as f32;
+                    let (a, b) = ((m * k as f64) as f32, k * db[ch] as f32);
+                    let cx = k * dw[ch] as f32;
+                    for (o, ((&g, &x), &y)) in out.iter_mut().zip(gp.iter().zip(xp).zip(yp)) {
+                        *o = a * gz(g, y) - b - (x - mu) * is * cx;
+                    }
+                });
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dev = x.device();
+        let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        let dw = if weight.track_op() { Some(Tensor::from_vec(to32(dw), c, dev)?) } else { None };
+        let db = if bias.is_some_and(Tensor::track_op) { Some(Tensor::from_vec(to32(db), c, dev)?) } else { None };
+        Ok((dx, dw, db))
+    }
+}
