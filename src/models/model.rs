@@ -2,9 +2,10 @@
 
 use super::params::Params;
 use super::precision::Precision;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// An architecture: the forward computation over parameters held in a [`Params`].
 pub trait Network: Send + Sync {
@@ -25,6 +26,8 @@ pub struct Model {
     params: Params,
     training: Arc<AtomicBool>,
     precision: Arc<AtomicU8>,
+    /// The weights from before [`Model::perturb`], by name, until [`Model::restore`].
+    saved: Arc<Mutex<BTreeMap<String, (Var, Tensor)>>>,
 }
 
 const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::F16];
@@ -32,7 +35,13 @@ const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::
 impl Model {
     /// A model in training mode, computing in f32.
     pub fn new(net: Arc<dyn Network>, params: Params) -> Self {
-        Self { net, params, training: Arc::new(AtomicBool::new(true)), precision: Arc::new(AtomicU8::new(0)) }
+        Self {
+            net,
+            params,
+            training: Arc::new(AtomicBool::new(true)),
+            precision: Arc::new(AtomicU8::new(0)),
+            saved: Arc::new(Mutex::new(BTreeMap::new())),
+        }
     }
 
     /// The precision of the forward and backward passes (parameters stay f32).
@@ -81,5 +90,68 @@ impl Model {
         }
         let y = self.net.forward_t(&x.to_dtype(precision.dtype())?, train)?;
         y.to_dtype(DType::F32)
+    }
+
+    /// Moves parameters in place, `w ← w + scale·e` for every named tensor of `e` (any
+    /// parameter, frozen ones too; buffers and unknown names are errors), keeping the weights
+    /// from before the first perturbation (one copy, written in the same pass on the CPU) so that
+    /// [`Model::restore`] gets them back bit-exactly. Perturbing again before a restore adds to
+    /// the perturbation and still restores the original weights.
+    pub fn perturb(&self, e: &crate::train::TensorSet, scale: f64) -> anyhow::Result<()> {
+        use crate::ops::inplace::{applies, axpy, axpy_saving};
+        let mut vars = Vec::with_capacity(e.len());
+        for (name, t) in e.iter() {
+            let var = match self.params.get(name) {
+                Some(v) if !super::is_buffer(name) => v,
+                Some(_) => anyhow::bail!("perturb: `{name}` is a buffer (running statistics), not a parameter"),
+                None => anyhow::bail!("perturb: the model has no parameter `{name}`"),
+            };
+            if var.dims() != t.dims() {
+                anyhow::bail!("perturb: `{name}` has shape {:?}, the perturbation {:?}", var.dims(), t.dims());
+            }
+            vars.push((name, var, t));
+        }
+        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, var, t) in vars {
+            let p = var.as_tensor();
+            let t = if t.dtype() == p.dtype() { t.clone() } else { t.to_dtype(p.dtype())? };
+            let first = !saved.contains_key(name);
+            if applies(&[p, &t]) {
+                if first {
+                    saved.insert(name.clone(), (var.clone(), axpy_saving(p, &t, scale)?));
+                } else {
+                    axpy(p, &t, scale)?;
+                }
+                continue;
+            }
+            let w = p.copy()?;
+            var.set(&(&w + t.affine(scale, 0.0)?)?)?;
+            if first {
+                saved.insert(name.clone(), (var.clone(), w));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`Model::perturb`] moved the weights and they were not restored yet.
+    pub fn is_perturbed(&self) -> bool {
+        !self.saved.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Puts back the weights saved by [`Model::perturb`], bit-exactly. Fails when the model is
+    /// not perturbed.
+    pub fn restore(&self) -> anyhow::Result<()> {
+        let saved = std::mem::take(&mut *self.saved.lock().unwrap_or_else(|p| p.into_inner()));
+        if saved.is_empty() {
+            anyhow::bail!("restore: the model is not perturbed (call perturb first)");
+        }
+        for (_, (var, w)) in saved {
+            if crate::ops::inplace::applies(&[var.as_tensor(), &w]) {
+                crate::ops::inplace::copy_into(var.as_tensor(), &w)?;
+            } else {
+                var.set(&w)?;
+            }
+        }
+        Ok(())
     }
 }

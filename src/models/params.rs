@@ -64,6 +64,35 @@ impl Params {
         self.all().into_iter().filter(|(n, _)| is_buffer(n)).collect()
     }
 
+    /// Copies of the buffers (BatchNorm running statistics), to put back with
+    /// [`Params::restore_buffers`].
+    pub fn save_buffers(&self) -> Result<Vec<(Var, Tensor)>> {
+        self.buffers().into_iter().map(|(_, v)| Ok((v.clone(), v.as_tensor().copy()?))).collect()
+    }
+
+    /// Puts back buffers saved by [`Params::save_buffers`].
+    pub fn restore_buffers(&self, saved: &[(Var, Tensor)]) -> Result<()> {
+        for (v, t) in saved {
+            v.set(t)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `name` is a normalization-layer parameter: the weight or bias of a BatchNorm
+    /// (a module with `running_mean`) or of a layer norm (a module whose name contains `norm`,
+    /// or is `ln`/`ln_*`), as SAM-ON (`perturb: "norm"`) picks them.
+    pub fn is_norm_parameter(&self, name: &str) -> bool {
+        let Some((module, leaf)) = name.rsplit_once('.') else { return false };
+        if leaf != "weight" && leaf != "bias" {
+            return false;
+        }
+        let last = module.rsplit('.').next().unwrap_or(module).to_ascii_lowercase();
+        self.get(&format!("{module}.running_mean")).is_some()
+            || last.contains("norm")
+            || last == "ln"
+            || last.starts_with("ln_")
+    }
+
     /// Freezes every parameter whose name starts with `prefix`; returns how many were matched.
     pub fn freeze(&self, prefix: &str) -> usize {
         let names: Vec<String> =

@@ -184,10 +184,43 @@ impl InplaceOp2 for AxpySaving {
 /// `p ← p + a·g` in place, returning a copy of `p` from before, in one pass over both (CPU, f32,
 /// contiguous: check with [`applies`]).
 pub fn axpy_saving(p: &Tensor, g: &Tensor, a: f64) -> Result<Tensor> {
+    if p.shape() != g.shape() {
+        candle_core::bail!("axpy: shape {:?} into {:?}", g.dims(), p.dims());
+    }
     let op = AxpySaving { a: a as f32, saved: std::sync::Mutex::new(Vec::new()) };
     p.inplace_op2(g, &op)?;
     let saved = op.saved.into_inner().map_err(|_| candle_core::Error::Msg("axpy: poisoned lock".into()))?;
     Tensor::from_vec(saved, p.shape(), p.device())
+}
+
+/// `p ← p + a·g`.
+struct Axpy {
+    a: f32,
+}
+
+impl InplaceOp2 for Axpy {
+    fn name(&self) -> &'static str {
+        "axpy"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let p = f32_slice_mut(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        if p.len() != g.len() {
+            candle_core::bail!("axpy: {} elements into {}", g.len(), p.len());
+        }
+        let a = self.a;
+        par_zip2(p, g, move |p, g| p.iter_mut().zip(g).for_each(|(p, &g)| *p += a * g));
+        Ok(())
+    }
+}
+
+/// `p ← p + a·g` in place, in parallel blocks (CPU, f32, contiguous: check with [`applies`]).
+pub fn axpy(p: &Tensor, g: &Tensor, a: f64) -> Result<()> {
+    if p.shape() != g.shape() {
+        candle_core::bail!("axpy: shape {:?} into {:?}", g.dims(), p.dims());
+    }
+    p.inplace_op2(g, &Axpy { a: a as f32 })
 }
 
 /// `p ← src`.

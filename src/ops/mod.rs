@@ -16,6 +16,7 @@ pub mod bias;
 pub mod bmm;
 pub mod conv2d;
 pub mod cpu;
+pub mod elementwise;
 pub mod gelu;
 pub mod gemm;
 pub mod half;

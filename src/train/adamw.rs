@@ -1,7 +1,8 @@
 //! AdamW (Loshchilov & Hutter): Adam with decoupled weight decay, with the semantics of
 //! `torch.optim.AdamW`.
 
-use super::optim::{check_aligned, read_count, Optimizer};
+use super::optim::{check_aligned, read_count, read_scalar, Optimizer};
+use super::sam_state::SamState;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use serde::Deserialize;
@@ -33,6 +34,7 @@ pub struct AdamW {
     m: HashMap<String, Tensor>,
     v: HashMap<String, Tensor>,
     steps: u64,
+    sam: SamState,
 }
 
 impl AdamW {
@@ -48,7 +50,7 @@ impl AdamW {
         {
             bail!("adamw: lr, eps and weight_decay must be >= 0");
         }
-        Ok(Self { cfg, m: HashMap::new(), v: HashMap::new(), steps: 0 })
+        Ok(Self { cfg, m: HashMap::new(), v: HashMap::new(), steps: 0, sam: SamState::default() })
     }
 }
 
@@ -103,19 +105,25 @@ impl Optimizer for AdamW {
         }
         s.insert("steps".into(), Tensor::new(&[self.steps as f64], &candle_core::Device::Cpu)?);
         s.insert("lr".into(), Tensor::new(&[self.cfg.lr], &candle_core::Device::Cpu)?);
+        self.sam.save_into(&mut s)?;
         Ok(s)
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
         self.steps = read_count(state, "steps")?;
-        if let Some(lr) = state.get("lr") {
-            self.cfg.lr = lr.flatten_all()?.to_vec1::<f64>()?[0];
+        if let Some(lr) = read_scalar(state, "lr")? {
+            self.cfg.lr = lr;
         }
         let pick = |prefix: &str| -> HashMap<String, Tensor> {
             state.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone()))).collect()
         };
         self.m = pick("exp_avg.");
         self.v = pick("exp_avg_sq.");
+        self.sam = SamState::load_from(state)?;
         Ok(())
+    }
+
+    fn sam_state(&mut self) -> Option<&mut SamState> {
+        Some(&mut self.sam)
     }
 }

@@ -1,8 +1,12 @@
-//! Gradients as plain vectors aligned with a parameter list, and the norms SAM needs (the sum of
+//! Gradients: one forward-backward pass ([`grad`], a [`TensorSet`] of the trainable
+//! parameters), plain vectors aligned with a parameter list, and the norms SAM needs (the sum of
 //! squares itself is a kernel: [`crate::ops::sum_squares`]).
 
+use super::loss::{cross_entropy_per_example, LossFn};
+use super::tensor_set::TensorSet;
+use crate::models::Model;
 use crate::ops::sum_squares::sum_squares;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 
 /// The gradient of `loss` with respect to each of `params` (zeros where a parameter does not
@@ -39,4 +43,105 @@ pub fn clip_global_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<Vec<Tensor>
     }
     let scale = max_norm / (norm + 1e-6);
     grads.into_iter().map(|g| Ok(g.affine(scale, 0.0)?)).collect()
+}
+
+/// Options of one forward-backward pass ([`grad`]).
+#[derive(Clone, Copy, Debug)]
+pub struct GradOptions {
+    /// Let BatchNorm update its running statistics (training mode always normalises with the
+    /// batch's statistics); `false` leaves them as they were.
+    pub update_bn: bool,
+    /// Also compute the per-example losses (cross-entropy) into [`GradOutput::losses`].
+    pub per_example: bool,
+}
+
+impl Default for GradOptions {
+    fn default() -> Self {
+        Self { update_bn: true, per_example: true }
+    }
+}
+
+/// What one forward-backward pass gives.
+pub struct GradOutput {
+    /// The batch's loss (detached).
+    pub loss: f64,
+    /// Correctly classified examples (`None` when the logits are not `[N, K]`).
+    pub correct: Option<usize>,
+    /// Examples in the batch.
+    pub n: usize,
+    /// The gradient of the loss for every trainable parameter (zeros where a parameter does not
+    /// reach the loss).
+    pub grads: TensorSet,
+    /// Per-example cross-entropy `[N]` (detached; with the pass's label smoothing), when asked
+    /// for and the logits are `[N, K]`.
+    pub losses: Option<Tensor>,
+}
+
+impl GradOutput {
+    /// Share of correct predictions (NaN when not a classification batch).
+    pub fn accuracy(&self) -> f64 {
+        match self.correct {
+            Some(c) if self.n > 0 => c as f64 / self.n as f64,
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// One forward-backward pass of `model` in training mode over a batch: the loss, the
+/// gradients of the trainable parameters `params` as a [`TensorSet`], the batch accuracy and
+/// the per-example losses.
+pub fn grad_of(
+    model: &Model,
+    params: &[(String, Var)],
+    images: &Tensor,
+    labels: &Tensor,
+    loss_fn: &LossFn,
+    opts: GradOptions,
+) -> Result<GradOutput> {
+    let n = images.dim(0)?;
+    if labels.dim(0)? != n {
+        anyhow::bail!("batch: {} images but {} labels", n, labels.dim(0)?);
+    }
+    let saved_bn = if opts.update_bn { None } else { Some(model.params().save_buffers()?) };
+    let result = (|| -> Result<GradOutput> {
+        let logits = model.forward_t(images, true).context("forward pass")?;
+        let loss = loss_fn.compute(&logits, labels)?;
+        let classify = matches!((logits.dims(), labels.dims()), ([a, _], [b]) if a == b);
+        let losses = match (opts.per_example && classify, loss_fn) {
+            (false, _) => None,
+            (true, LossFn::CrossEntropy { label_smoothing }) => {
+                Some(cross_entropy_per_example(&logits.detach(), labels, *label_smoothing)?)
+            }
+            (true, LossFn::Custom(_)) => Some(cross_entropy_per_example(&logits.detach(), labels, 0.0)?),
+        };
+        let correct = if classify { Some(super::metrics::correct(&logits, labels)?) } else { None };
+        let grads = gradients(&loss, params)?;
+        let loss = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        Ok(GradOutput {
+            loss,
+            correct,
+            n,
+            grads: TensorSet::from_pairs(params.iter().map(|(k, _)| k.clone()).zip(grads)),
+            losses,
+        })
+    })();
+    if let Some(saved) = saved_bn {
+        model.params().restore_buffers(&saved)?;
+    }
+    result
+}
+
+/// [`grad_of`] over the model's trainable parameters; fails when none is trainable.
+pub fn grad(
+    model: &Model,
+    images: &Tensor,
+    labels: &Tensor,
+    loss_fn: &LossFn,
+    opts: GradOptions,
+) -> Result<GradOutput> {
+    let params = model.params().trainable();
+    if params.is_empty() {
+        anyhow::bail!("the model has no trainable parameters (all frozen?)");
+    }
+    grad_of(model, &params, images, labels, loss_fn, opts)
 }

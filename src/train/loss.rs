@@ -64,3 +64,17 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> 
         if label_smoothing > 0.0 { target.affine(1.0 - label_smoothing, label_smoothing / k as f64)? } else { target };
     (logp * target)?.sum_all()?.affine(-1.0 / n as f64, 0.0)
 }
+
+/// Per-example cross-entropy `[N]` of `logits` `[N, K]` against integer `labels` `[N]`, with
+/// label smoothing (its mean is [`cross_entropy`]).
+pub fn cross_entropy_per_example(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> Result<Tensor> {
+    let (n, k) = logits.dims2()?;
+    if labels.dims() != [n] {
+        candle_core::bail!("cross_entropy: logits {:?} and labels {:?} do not match", logits.dims(), labels.dims());
+    }
+    let logp = log_softmax(logits)?;
+    let target = one_hot(labels, k, logp.dtype())?;
+    let target =
+        if label_smoothing > 0.0 { target.affine(1.0 - label_smoothing, label_smoothing / k as f64)? } else { target };
+    (logp * target)?.sum(D::Minus1)?.neg()
+}

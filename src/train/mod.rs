@@ -8,15 +8,22 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod sam;
+pub mod sam_config;
+pub mod sam_state;
 pub mod schedule;
 pub mod sgd;
+pub mod tensor_set;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use grads::{grad, GradOptions, GradOutput};
 pub use loss::LossFn;
 pub use optim::Optimizer;
-pub use sam::{sam_step, train_step, SamConfig, StepStats};
+pub use sam::{sam_step, train_step, StepStats};
+pub use sam_config::{AsamScope, PerturbScope, SamConfig, Variant};
+pub use sam_state::SamState;
 pub use schedule::{Schedule, ScheduleKind};
 pub use sgd::{Sgd, SgdConfig};
+pub use tensor_set::{Elementwise, TensorSet};
 
 /// `x >= 0` and not NaN (for validating settings).
 pub fn is_nonneg(x: f64) -> bool {

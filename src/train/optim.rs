@@ -1,6 +1,9 @@
 //! The optimizer interface shared by SGD and AdamW.
 
-use anyhow::Result;
+use super::sam_state::SamState;
+use super::tensor_set::TensorSet;
+use crate::models::Model;
+use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
 
@@ -24,6 +27,34 @@ pub trait Optimizer {
 
     /// Restores a state written by [`Optimizer::state`].
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()>;
+
+    /// The SAM family's state kept with this optimizer (saved and restored with its state), if
+    /// it keeps one; stateful variants (LookSAM, F-SAM, `every`, GSAM's rho schedule) need it.
+    fn sam_state(&mut self) -> Option<&mut SamState> {
+        None
+    }
+
+    /// One step of `model`'s trainable parameters with the gradient `g`, matched by name: a
+    /// trainable parameter missing from `g` is left alone this step (as PyTorch skips a
+    /// parameter whose `.grad` is None); a name in `g` that is not a trainable parameter of the
+    /// model is an error, and so is a shape that differs.
+    fn step_set(&mut self, model: &Model, g: &TensorSet) -> Result<()> {
+        let trainable = model.params().trainable();
+        for name in g.names() {
+            if !trainable.iter().any(|(n, _)| *n == name) {
+                match model.params().get(&name) {
+                    Some(_) => bail!("step: `{name}` is not trainable (frozen, or a buffer)"),
+                    None => bail!("step: the model has no parameter `{name}`"),
+                }
+            }
+        }
+        let (params, grads): (Vec<(String, Var)>, Vec<Tensor>) =
+            trainable.into_iter().filter_map(|(n, v)| g.get(&n).cloned().map(|t| ((n, v), t))).unzip();
+        if params.is_empty() {
+            bail!("step: the gradient holds none of the model's trainable parameters");
+        }
+        self.step(&params, &grads)
+    }
 }
 
 /// Checks that `params` and `grads` line up.
@@ -42,7 +73,29 @@ pub(crate) fn check_aligned(params: &[(String, Var)], grads: &[Tensor]) -> Resul
 /// Reads a scalar step counter stored as a one-element tensor.
 pub(crate) fn read_count(state: &BTreeMap<String, Tensor>, key: &str) -> Result<u64> {
     match state.get(key) {
-        Some(t) => Ok(t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0] as u64),
+        Some(t) => {
+            let v = t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+            let x = *v.first().with_context(|| format!("optimizer state `{key}`: an empty tensor"))?;
+            if !(x >= 0.0 && x.is_finite()) {
+                bail!("optimizer state `{key}`: {x} is not a step count");
+            }
+            Ok(x as u64)
+        }
         None => Ok(0),
+    }
+}
+
+/// Reads a scalar (the saved learning rate) stored as a one-element tensor, if present.
+pub(crate) fn read_scalar(state: &BTreeMap<String, Tensor>, key: &str) -> Result<Option<f64>> {
+    match state.get(key) {
+        None => Ok(None),
+        Some(t) => {
+            let v = t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+            let x = *v.first().with_context(|| format!("optimizer state `{key}`: an empty tensor"))?;
+            if !(x >= 0.0 && x.is_finite()) {
+                bail!("optimizer state `{key}`: {x} is not a learning rate");
+            }
+            Ok(Some(x))
+        }
     }
 }

@@ -1,71 +1,30 @@
-//! Sharpness-Aware Minimization (Foret et al., ICLR 2021) and its variants, on candle autograd.
+//! Sharpness-Aware Minimization (Foret et al., ICLR 2021) and its family, on candle autograd.
 //!
 //! One SAM step at weights `w` on a batch:
 //! 1. `g = ∇L(w)` (training mode: BatchNorm uses and updates batch statistics);
-//! 2. the ascent step `e = ρ·g / (‖g‖₂ + ε)`, the norm taken over all trainable parameters
-//!    together; adaptive SAM (Kwon et al., 2021) uses `e = ρ·T²g / (‖Tg‖₂ + ε)` with
-//!    `T = |w| + η`, applied to weights and biases alike;
+//! 2. the ascent step `e = ρ·a / (‖a‖₂ + ε)` with the ascent direction `a = g` (the norm over
+//!    every perturbed parameter together); adaptive SAM (Kwon et al., 2021) uses
+//!    `e = ρ·T²a / (‖Ta‖₂ + ε)` with `T = |w| + η`; the variants choose `a` and `e` otherwise
+//!    (see [`Variant`]);
 //! 3. `g_SAM = ∇L(w + e)`, with BatchNorm running statistics restored afterwards, so they come
 //!    from the first pass only (as the paper's code does);
-//! 4. the weights are restored to `w` and the base optimizer steps with `g_SAM`.
+//! 4. the weights are restored to `w` (bit-exactly, [`Model::restore`]) and the base optimizer
+//!    steps with `g_SAM`, or with the variant's combination of `g` and `g_SAM` (GSAM).
 //!
 //! With m-sharpness the batch is split into chunks of `m` examples; each chunk gets its own
-//! perturbation and the chunk gradients `g_SAM` are averaged.
+//! perturbation and the chunk gradients are averaged. The variants' state between steps
+//! ([`SamState`]) lives with the base optimizer.
 
-use super::grads::{clip_global_norm, global_norm, gradients};
-use super::loss::LossFn;
-use super::metrics::correct;
+use super::grads::{grad_of, GradOptions, GradOutput};
+use super::loss::{cross_entropy_per_example, LossFn};
 use super::optim::Optimizer;
+use super::sam_config::{AsamScope, PerturbScope, SamConfig, Variant};
+use super::sam_state::SamState;
+use super::tensor_set::TensorSet;
 use crate::models::Model;
-use crate::ops::sum_squares::sum_squares;
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
-use serde::Deserialize;
-
-/// Settings of a SAM step.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SamConfig {
-    /// Radius of the neighbourhood (ρ). 0 gives exactly the base optimizer's step.
-    pub rho: f64,
-    /// Adaptive SAM: scale the perturbation by `T = |w| + eta` (weights and biases alike).
-    pub adaptive: bool,
-    /// The ASAM offset η.
-    pub eta: f64,
-    /// Split the batch into chunks of this many examples, one perturbation each (the paper's m).
-    pub m_sharpness: Option<usize>,
-    /// Clip the SAM gradient to this global norm before the base step.
-    pub grad_clip: Option<f64>,
-    /// Added to the norm so that a zero gradient gives a zero perturbation, not NaN.
-    pub eps: f64,
-}
-
-impl Default for SamConfig {
-    fn default() -> Self {
-        Self { rho: 0.05, adaptive: false, eta: 0.01, m_sharpness: None, grad_clip: None, eps: 1e-12 }
-    }
-}
-
-impl SamConfig {
-    /// Rejects settings that have no meaning.
-    pub fn validate(&self) -> Result<()> {
-        if !crate::train::is_nonneg(self.rho) || !self.rho.is_finite() {
-            bail!("rho must be a finite number >= 0, got {}", self.rho);
-        }
-        if !crate::train::is_nonneg(self.eta) {
-            bail!("eta must be >= 0, got {}", self.eta);
-        }
-        if self.m_sharpness == Some(0) {
-            bail!("m_sharpness must be >= 1");
-        }
-        if let Some(c) = self.grad_clip {
-            if !crate::train::is_positive(c) {
-                bail!("grad_clip must be > 0, got {c}");
-            }
-        }
-        Ok(())
-    }
-}
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
 
 /// What one training step measured.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -94,67 +53,215 @@ fn chunk_ranges(n: usize, m: Option<usize>) -> Result<Vec<(usize, usize)>> {
     }
 }
 
-struct Pass {
-    loss: Tensor,
-    grads: Vec<Tensor>,
-    correct: Option<usize>,
-}
-
-fn forward_backward(model: &Model, params: &[(String, Var)], x: &Tensor, y: &Tensor, loss_fn: &LossFn) -> Result<Pass> {
-    let logits = model.forward_t(x, true).context("forward pass")?;
-    let loss = loss_fn.compute(&logits, y)?;
-    let grads = gradients(&loss, params)?;
-    let correct = match (logits.dims(), y.dims()) {
-        ([n, _], [m]) if n == m => Some(correct(&logits, y)?),
-        _ => None,
-    };
-    Ok(Pass { loss: loss.detach(), grads, correct })
-}
-
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// `T = |w| + η` for adaptive SAM.
-fn asam_scale(p: &Var, eta: f64) -> Result<Tensor> {
-    Ok(p.as_tensor().abs()?.affine(1.0, eta)?)
-}
-
-/// Moves every parameter to `w + e` in place and returns copies of the original weights (`g_norm`
-/// is `‖g‖₂`, already computed for the statistics). The ascent step `e` is formed one parameter
-/// at a time, so besides the weight copies only one
-/// parameter-sized temporary is alive at once.
-fn perturb(params: &[(String, Var)], g: &[Tensor], g_norm: f64, cfg: &SamConfig) -> Result<Vec<Tensor>> {
-    let norm = if cfg.adaptive {
-        let mut sq = 0.0;
-        for ((_, p), g) in params.iter().zip(g) {
-            sq += sum_squares(&[(asam_scale(p, cfg.eta)? * g.to_dtype(p.dtype())?)?])?;
-        }
-        sq.sqrt()
-    } else {
-        g_norm
-    };
-    let scale = cfg.rho / (norm + cfg.eps);
-    let mut saved = Vec::with_capacity(params.len());
-    for ((_, p), g) in params.iter().zip(g) {
-        if !cfg.adaptive && crate::ops::inplace::applies(&[p.as_tensor(), g]) {
-            saved.push(crate::ops::inplace::axpy_saving(p.as_tensor(), g, scale)?);
-            continue;
-        }
-        let w = p.as_tensor().copy()?;
-        let g = g.to_dtype(p.dtype())?;
-        let e = if cfg.adaptive {
-            (asam_scale(p, cfg.eta)?.sqr()? * g)?.affine(scale, 0.0)?
-        } else {
-            g.affine(scale, 0.0)?
-        };
-        p.set(&(&w + e)?)?;
-        saved.push(w);
+/// The variant state of a step: the optimizer's, or a fresh one for an optimizer without.
+fn take_state(opt: &mut dyn Optimizer, cfg: &SamConfig) -> Result<SamState> {
+    let stateful = matches!(cfg.variant, Variant::Looksam | Variant::Friendly) || cfg.every.is_some();
+    match opt.sam_state() {
+        Some(s) => Ok(s.clone()),
+        None if stateful => bail!(
+            "variant \"{}\"{} keeps state between steps, which the optimizer `{}` cannot hold",
+            cfg.variant.name(),
+            if cfg.every.is_some() { " with every" } else { "" },
+            opt.name()
+        ),
+        None => Ok(SamState::default()),
     }
-    Ok(saved)
 }
 
-/// One SAM step: updates `model`'s trainable parameters with `opt` and returns the statistics.
+/// The parameters the ascent step perturbs.
+fn in_scope(model: &Model, scope: &Option<PerturbScope>, name: &str) -> bool {
+    match scope {
+        None => true,
+        Some(PerturbScope::Named(n)) if n == "all" => true,
+        Some(PerturbScope::Named(_)) => model.params().is_norm_parameter(name),
+        Some(PerturbScope::Prefixes(p)) => p.iter().any(|p| name.starts_with(p.as_str())),
+    }
+}
+
+/// ASAM's `T` per tensor: `|w| + η`, or `None` (T = 1) for a tensor outside `asam_scope`.
+fn asam_t(model: &Model, name: &str, cfg: &SamConfig) -> Result<Option<Tensor>> {
+    if cfg.asam_scope == AsamScope::Weights && !name.contains("weight") {
+        return Ok(None);
+    }
+    let w = model.params().get(name).with_context(|| format!("no parameter `{name}`"))?;
+    Ok(Some(w.as_tensor().abs()?.affine(1.0, cfg.asam_eta())?))
+}
+
+/// The perturbation of one chunk as a direction and a scale (`e = scale·dir`), and F-SAM's
+/// updated average.
+fn perturbation(
+    model: &Model,
+    g: &TensorSet,
+    g_norm: f64,
+    rho: f64,
+    cfg: &SamConfig,
+    state: &SamState,
+) -> Result<(TensorSet, f64, Option<TensorSet>)> {
+    let mut m_next = None;
+    let full = match cfg.variant {
+        Variant::Friendly => match state.buffers.get("friendly_m") {
+            Some(m) if m.names() == g.names() => {
+                m_next = Some(m.scale(cfg.lambda)?.axpy(1.0 - cfg.lambda, g)?);
+                g.axpy(-cfg.sigma, m)?
+            }
+            _ => {
+                m_next = Some(g.clone());
+                g.clone()
+            }
+        },
+        Variant::Fisher => {
+            let eta = cfg.fisher_eta() as f32;
+            g.map(|_, t| {
+                Ok(if crate::ops::elementwise::applies(&[t]) {
+                    crate::ops::elementwise::map1(t, |v| v / (1.0 + eta * v * v))?
+                } else {
+                    (t / (t.sqr()?.affine(eta as f64, 1.0))?)?
+                })
+            })?
+        }
+        _ => g.clone(),
+    };
+    let scoped = cfg.perturb.is_some();
+    let a = if scoped { full.filter(|n| in_scope(model, &cfg.perturb, n)) } else { full };
+    if a.is_empty() {
+        bail!("perturb: no trainable parameter is in the scope {:?}", cfg.perturb);
+    }
+    let beta = if cfg.variant == Variant::Esam { cfg.beta } else { 1.0 };
+    if cfg.variant == Variant::Fisher {
+        // e = ρ·f⁻¹g / √(g·f⁻¹g)
+        let gs = if scoped { g.filter(|n| a.get(n).is_some()) } else { g.clone() };
+        let denom = gs.dot(&a)?.max(0.0).sqrt();
+        return Ok((a, rho / (denom + cfg.eps), m_next));
+    }
+    if cfg.adaptive {
+        let mut ta = TensorSet::new();
+        let mut tta = TensorSet::new();
+        for (name, t) in a.iter() {
+            match asam_t(model, name, cfg)? {
+                Some(tw) => {
+                    let x = (t * &tw)?;
+                    tta.set(name, (&x * &tw)?)?;
+                    ta.set(name, x)?;
+                }
+                None => {
+                    ta.set(name, t.clone())?;
+                    tta.set(name, t.clone())?;
+                }
+            }
+        }
+        let norm = ta.norm()?;
+        return Ok((tta, rho / (beta * (norm + cfg.eps)), m_next));
+    }
+    // The direction is g itself unless scoped or F-SAM's: its norm is known then.
+    let norm = if scoped || cfg.variant == Variant::Friendly { a.norm()? } else { g_norm };
+    Ok((a, rho / (beta * (norm + cfg.eps)), m_next))
+}
+
+/// ESAM's sharpness-sensitive data selection: the indices of the `round(γ·n)` examples (at
+/// least one) whose loss rose most from `w` to `w + e`; all of them when γ = 1.
+fn sharpest(model: &Model, x: &Tensor, y: &Tensor, before: &Tensor, cfg: &SamConfig) -> Result<Option<Tensor>> {
+    let n = y.dim(0)?;
+    let keep = ((cfg.gamma * n as f64).round() as usize).clamp(1, n);
+    if keep == n {
+        return Ok(None);
+    }
+    let logits = model.forward_t(x, true)?.detach();
+    let after = cross_entropy_per_example(&logits, y, 0.0)?;
+    let rise: Vec<f32> = (after - before)?.to_dtype(DType::F32)?.to_vec1()?;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.sort_by(|&a, &b| rise[b as usize].total_cmp(&rise[a as usize]).then(a.cmp(&b)));
+    order.truncate(keep);
+    order.sort_unstable();
+    Ok(Some(Tensor::from_vec(order, keep, x.device())?))
+}
+
+/// ESAM's stochastic weight perturbation: each trainable tensor takes part in the second pass
+/// with probability β (drawn from a generator seeded by the step number, so a resumed run
+/// draws the same); at least one always does.
+fn esam_params(params: &[(String, Var)], beta: f64, step: u64) -> Vec<(String, Var)> {
+    if beta >= 1.0 {
+        return params.to_vec();
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5a11_e5a3 ^ step);
+    let picked: Vec<(String, Var)> = params.iter().filter(|_| rng.random::<f64>() < beta).cloned().collect();
+    if picked.is_empty() {
+        let i = rng.random_range(0..params.len());
+        return vec![params[i].clone()];
+    }
+    picked
+}
+
+/// `d = g_p − α·(g − (g·u)u)` with `u = g_p/‖g_p‖` (GSAM's surrogate-gap descent).
+fn gsam_direction(g: &TensorSet, gp: &TensorSet, alpha: f64, eps: f64) -> Result<TensorSet> {
+    let coef = g.dot(gp)? / (gp.sum_squares()? + eps);
+    gp.scale(1.0 + alpha * coef)?.axpy(-alpha, g)
+}
+
+/// LookSAM's `g_v = g_s − (g_s·ĝ)ĝ`, `ĝ = g/‖g‖`: the part of the SAM gradient orthogonal to `g`.
+fn looksam_gv(g: &TensorSet, gs: &TensorSet, eps: f64) -> Result<TensorSet> {
+    let coef = gs.dot(g)? / (g.sum_squares()? + eps);
+    gs.axpy(-coef, g)
+}
+
+/// A step that takes one pass: the plain step of `every`, or LookSAM's step with `g_v`.
+fn one_pass(
+    model: &Model,
+    opt: &mut dyn Optimizer,
+    params: &[(String, Var)],
+    images: &Tensor,
+    labels: &Tensor,
+    loss_fn: &LossFn,
+    cfg: &SamConfig,
+    gv: Option<&TensorSet>,
+) -> Result<StepStats> {
+    let first = grad_of(model, params, images, labels, loss_fn, GradOptions { update_bn: true, per_example: false })?;
+    let g_norm = first.grads.norm()?;
+    let d = match gv {
+        // d = g + α·‖g‖/‖g_v‖·g_v
+        Some(gv) => {
+            let scale = cfg.alpha_or_default() * g_norm / (gv.norm()? + cfg.eps);
+            first.grads.axpy(scale, gv)?
+        }
+        None => first.grads.clone(),
+    };
+    finish(model, opt, d, cfg, &[first], g_norm, None)
+}
+
+/// Clips, steps the base optimizer with `d`, and gathers the statistics of the first passes.
+fn finish(
+    model: &Model,
+    opt: &mut dyn Optimizer,
+    mut d: TensorSet,
+    cfg: &SamConfig,
+    firsts: &[GradOutput],
+    norm_sum: f64,
+    sharp_sum: Option<f64>,
+) -> Result<StepStats> {
+    if let Some(c) = cfg.grad_clip {
+        let norm = d.norm()?;
+        if norm > c {
+            d = d.scale(c / (norm + 1e-6))?;
+        }
+    }
+    opt.step_set(model, &d)?;
+    let k = firsts.len().max(1) as f64;
+    let loss = firsts.iter().map(|f| f.loss).sum::<f64>() / k;
+    let n: usize = firsts.iter().map(|f| f.n).sum();
+    let correct: Option<usize> = firsts.iter().map(|f| f.correct).sum();
+    Ok(StepStats {
+        loss,
+        sharp_loss: sharp_sum.map(|s| s / k).unwrap_or(loss),
+        grad_norm: norm_sum / k,
+        accuracy: match correct {
+            Some(c) if n > 0 => c as f64 / n as f64,
+            _ => f64::NAN,
+        },
+    })
+}
+
+/// One step of the SAM family (see the module documentation and [`Variant`]): updates
+/// `model`'s trainable parameters with `opt` and returns the statistics. Stateful variants
+/// (LookSAM, F-SAM, `every`) keep their state with `opt` ([`Optimizer::sam_state`]).
 pub fn sam_step(
     model: &Model,
     opt: &mut dyn Optimizer,
@@ -168,67 +275,117 @@ pub fn sam_step(
     if params.is_empty() {
         bail!("the model has no trainable parameters (all frozen?)");
     }
-    let buffers = model.params().buffers();
+    if model.is_perturbed() {
+        bail!("the model is perturbed (perturb without restore): restore it before a step");
+    }
     let n = images.dim(0)?;
     if labels.dim(0)? != n {
         bail!("batch: {} images but {} labels", n, labels.dim(0)?);
     }
+    let mut state = take_state(opt, cfg)?;
+    let t = state.steps;
+    let lr = opt.learning_rate();
+    let lr_max = state.lr_max.map_or(lr, |m| m.max(lr));
+    state.lr_max = cfg.rho_max.map(|_| lr_max);
+    let stats = if cfg.every.is_some_and(|k| t % k as u64 != 0) {
+        one_pass(model, opt, &params, images, labels, loss_fn, cfg, None)?
+    } else if cfg.variant == Variant::Looksam
+        && t % cfg.k as u64 != 0
+        && state.buffers.get("looksam_gv").is_some_and(|gv| gv.names() == params_names(&params))
+    {
+        let gv = state.buffers.get("looksam_gv").cloned();
+        one_pass(model, opt, &params, images, labels, loss_fn, cfg, gv.as_ref())?
+    } else {
+        sam_family_step(model, opt, &params, images, labels, loss_fn, cfg, &mut state, cfg.rho_at(lr, lr_max))?
+    };
+    state.steps = t + 1;
+    if let Some(s) = opt.sam_state() {
+        *s = state;
+    }
+    Ok(stats)
+}
+
+fn params_names(params: &[(String, Var)]) -> Vec<String> {
+    params.iter().map(|(n, _)| n.clone()).collect()
+}
+
+/// The two-pass step of every variant, over the chunks of m-sharpness.
+#[allow(clippy::too_many_arguments)]
+fn sam_family_step(
+    model: &Model,
+    opt: &mut dyn Optimizer,
+    params: &[(String, Var)],
+    images: &Tensor,
+    labels: &Tensor,
+    loss_fn: &LossFn,
+    cfg: &SamConfig,
+    state: &mut SamState,
+    rho: f64,
+) -> Result<StepStats> {
+    let n = images.dim(0)?;
     let chunks = chunk_ranges(n, cfg.m_sharpness)?;
     let k = chunks.len() as f64;
-    let (mut loss_sum, mut sharp_sum, mut norm_sum, mut hits, mut counted) = (0.0, 0.0, 0.0, 0usize, true);
-    let mut sam_grads: Option<Vec<Tensor>> = None;
+    let esam = cfg.variant == Variant::Esam;
+    let (mut norm_sum, mut sharp_sum) = (0.0, 0.0);
+    let mut firsts = Vec::with_capacity(chunks.len());
+    let mut total: Option<TensorSet> = None;
     for &(start, len) in &chunks {
         let (x, y) = if chunks.len() == 1 {
             (images.clone(), labels.clone())
         } else {
             (images.narrow(0, start, len)?, labels.narrow(0, start, len)?)
         };
-        let first = forward_backward(model, &params, &x, &y, loss_fn)?;
-        loss_sum += scalar(&first.loss)?;
-        let g_norm = sum_squares(&first.grads)?.sqrt();
+        let mut first = grad_of(model, params, &x, &y, loss_fn, GradOptions { update_bn: true, per_example: esam })?;
+        let g_norm = first.grads.norm()?;
         norm_sum += g_norm;
-        match first.correct {
-            Some(c) => hits += c,
-            None => counted = false,
-        }
-        // Perturb in place, keeping one copy of the weights; the first gradients go.
-        let saved_w = perturb(&params, &first.grads, g_norm, cfg)?;
-        drop(first);
-        let saved_buffers: Vec<Tensor> =
-            buffers.iter().map(|(_, b)| b.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
-        let second = forward_backward(model, &params, &x, &y, loss_fn);
-        // Restore weights and running statistics whatever the second pass did.
-        for ((_, p), w) in params.iter().zip(&saved_w) {
-            if crate::ops::inplace::applies(&[p.as_tensor(), w]) {
-                crate::ops::inplace::copy_into(p.as_tensor(), w)?;
-            } else {
-                p.set(w)?;
+        let (dir, scale, m_next) = perturbation(model, &first.grads, g_norm, rho, cfg, state)?;
+        let keep_g = matches!(cfg.variant, Variant::Gsam | Variant::Looksam);
+        let g = if keep_g { Some(std::mem::take(&mut first.grads)) } else { None };
+        first.grads = TensorSet::new();
+        model.perturb(&dir, scale)?;
+        drop(dir);
+        let saved_bn = model.params().save_buffers()?;
+        let second = (|| -> Result<(GradOutput, Vec<(String, Var)>)> {
+            let (mut x2, mut y2) = (x.clone(), y.clone());
+            if esam {
+                let before = first.losses.as_ref().context("ESAM needs the per-example losses of the first pass")?;
+                if let Some(idx) = sharpest(model, &x, &y, before, cfg)? {
+                    x2 = x.index_select(&idx, 0)?;
+                    y2 = y.index_select(&idx, 0)?;
+                }
             }
+            let p2 = if esam { esam_params(params, cfg.beta, state.steps) } else { params.to_vec() };
+            let opts = GradOptions { update_bn: true, per_example: false };
+            Ok((grad_of(model, &p2, &x2, &y2, loss_fn, opts)?, p2))
+        })();
+        // Restore weights and running statistics whatever the second pass did.
+        let restored = model.restore();
+        model.params().restore_buffers(&saved_bn)?;
+        restored?;
+        let (second, _) = second.context("second (perturbed) pass")?;
+        sharp_sum += second.loss;
+        let d = match (cfg.variant, &g) {
+            (Variant::Gsam, Some(g)) => gsam_direction(g, &second.grads, cfg.alpha_or_default(), cfg.eps)?,
+            (Variant::Looksam, Some(g)) => {
+                state.buffers.insert("looksam_gv".into(), looksam_gv(g, &second.grads, cfg.eps)?);
+                second.grads
+            }
+            _ => second.grads,
+        };
+        if let Some(m) = m_next {
+            state.buffers.insert("friendly_m".into(), m);
         }
-        for ((_, b), s) in buffers.iter().zip(&saved_buffers) {
-            b.set(s)?;
-        }
-        let second = second.context("second (perturbed) pass")?;
-        sharp_sum += scalar(&second.loss)?;
-        sam_grads = Some(match sam_grads {
-            None => second.grads,
-            Some(acc) => acc.iter().zip(&second.grads).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+        total = Some(match total {
+            None => d,
+            Some(acc) => acc.axpy(1.0, &d)?,
         });
+        firsts.push(first);
     }
-    let mut grads = sam_grads.context("empty batch")?;
+    let mut d = total.context("empty batch")?;
     if chunks.len() > 1 {
-        grads = grads.into_iter().map(|g| g.affine(1.0 / k, 0.0)).collect::<candle_core::Result<_>>()?;
+        d = d.scale(1.0 / k)?;
     }
-    if let Some(c) = cfg.grad_clip {
-        grads = clip_global_norm(grads, c)?;
-    }
-    opt.step(&params, &grads)?;
-    Ok(StepStats {
-        loss: loss_sum / k,
-        sharp_loss: sharp_sum / k,
-        grad_norm: norm_sum / k,
-        accuracy: if counted && n > 0 { hits as f64 / n as f64 } else { f64::NAN },
-    })
+    finish(model, opt, d, cfg, &firsts, norm_sum, Some(sharp_sum))
 }
 
 /// One plain step (the baseline): gradient at `w`, optional clipping, base optimizer step.
@@ -244,28 +401,14 @@ pub fn train_step(
     if params.is_empty() {
         bail!("the model has no trainable parameters (all frozen?)");
     }
-    let n = images.dim(0)?;
-    if labels.dim(0)? != n {
-        bail!("batch: {} images but {} labels", n, labels.dim(0)?);
-    }
-    let pass = forward_backward(model, &params, images, labels, loss_fn)?;
-    let loss = scalar(&pass.loss)?;
-    let grad_norm = global_norm(&pass.grads)?;
-    let mut grads = pass.grads;
     if let Some(c) = grad_clip {
         if !crate::train::is_positive(c) {
             bail!("grad_clip must be > 0, got {c}");
         }
-        grads = clip_global_norm(grads, c)?;
     }
-    opt.step(&params, &grads)?;
-    Ok(StepStats {
-        loss,
-        sharp_loss: loss,
-        grad_norm,
-        accuracy: match pass.correct {
-            Some(c) if n > 0 => c as f64 / n as f64,
-            _ => f64::NAN,
-        },
-    })
+    if model.is_perturbed() {
+        bail!("the model is perturbed (perturb without restore): restore it before a step");
+    }
+    let cfg = SamConfig { grad_clip, ..SamConfig::default() };
+    one_pass(model, opt, &params, images, labels, loss_fn, &cfg, None)
 }

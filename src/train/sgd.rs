@@ -1,7 +1,8 @@
 //! Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay, with the
 //! semantics of `torch.optim.SGD`.
 
-use super::optim::{check_aligned, read_count, Optimizer};
+use super::optim::{check_aligned, read_count, read_scalar, Optimizer};
+use super::sam_state::SamState;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use serde::Deserialize;
@@ -50,13 +51,14 @@ pub struct Sgd {
     cfg: SgdConfig,
     momentum: HashMap<String, Tensor>,
     steps: u64,
+    sam: SamState,
 }
 
 impl Sgd {
     /// A new optimizer with empty momentum buffers.
     pub fn new(cfg: SgdConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { cfg, momentum: HashMap::new(), steps: 0 })
+        Ok(Self { cfg, momentum: HashMap::new(), steps: 0, sam: SamState::default() })
     }
 
     /// The settings.
@@ -118,19 +120,25 @@ impl Optimizer for Sgd {
             self.momentum.iter().map(|(k, v)| Ok((format!("momentum.{k}"), v.copy()?))).collect::<Result<_>>()?;
         s.insert("steps".into(), Tensor::new(&[self.steps as f64], &candle_core::Device::Cpu)?);
         s.insert("lr".into(), Tensor::new(&[self.cfg.lr], &candle_core::Device::Cpu)?);
+        self.sam.save_into(&mut s)?;
         Ok(s)
     }
 
     fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
         self.steps = read_count(state, "steps")?;
-        if let Some(lr) = state.get("lr") {
-            self.cfg.lr = lr.flatten_all()?.to_vec1::<f64>()?[0];
+        if let Some(lr) = read_scalar(state, "lr")? {
+            self.cfg.lr = lr;
         }
         // Copies: the buffers are updated in place by later steps.
         self.momentum = state
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("momentum.").map(|n| Ok((n.to_string(), v.copy()?))))
             .collect::<Result<_>>()?;
+        self.sam = SamState::load_from(state)?;
         Ok(())
+    }
+
+    fn sam_state(&mut self) -> Option<&mut SamState> {
+        Some(&mut self.sam)
     }
 }

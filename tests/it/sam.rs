@@ -152,7 +152,7 @@ fn quadratic_sam_and_asam_match_the_closed_form(device: &Device) {
     for adaptive in [false, true] {
         let model = direct(&w0, device);
         let mut opt = sgd(lr, 0.0, false, 0.0);
-        let cfg = SamConfig { rho, adaptive, eta, ..SamConfig::default() };
+        let cfg = SamConfig { rho, adaptive, eta: Some(eta), ..SamConfig::default() };
         let x = Tensor::zeros((1, 1), DType::F64, device).unwrap();
         let y = Tensor::zeros(1, DType::U32, device).unwrap();
         sam_step(&model, &mut opt, &x, &y, &LossFn::Custom(&quad), &cfg).unwrap();
@@ -178,7 +178,7 @@ fn mlp_sam_step_matches_float64_reference(device: &Device) {
     for (adaptive, ls) in [(false, 0.0), (true, 0.0), (false, 0.1)] {
         let model = samhost_mlp_on(&r, device);
         let mut opt = sgd(0.05, 0.9, false, 5e-4);
-        let cfg = SamConfig { rho: 0.2, adaptive, eta: 0.01, ..SamConfig::default() };
+        let cfg = SamConfig { rho: 0.2, adaptive, eta: Some(0.01), ..SamConfig::default() };
         let mut reference = r.flat();
         let mut sgd_ref = SgdRef::default();
         for _ in 0..3 {
