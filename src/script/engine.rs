@@ -15,6 +15,8 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
     engine.set_max_call_levels(256);
 
     super::tensor::register(&mut engine, session);
+    super::tensor_set::register(&mut engine);
+    super::tensor_select::register(&mut engine);
     super::config::register(&mut engine, session);
     super::model::register(&mut engine, session);
     super::hub::register(&mut engine, session);

@@ -18,6 +18,8 @@ pub mod run;
 pub mod runlog;
 pub mod runner;
 pub mod tensor;
+pub mod tensor_select;
+pub mod tensor_set;
 pub mod train;
 
 pub use engine::build_engine;

@@ -271,4 +271,28 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             op("set_parameters", m.params().assign(&tensors, true, "set_parameters"))
         }
     );
+    api!(
+        engine,
+        "params",
+        "m: Model -> TensorSet",
+        "The trainable parameters (not frozen, not buffers) as a TensorSet: copies of their current values.",
+        |m: &mut Model| op("params", crate::train::TensorSet::snapshot(&m.params().trainable()))
+    );
+    api!(engine, "perturb", "m: Model, e: TensorSet",
+        "w <- w + e for every tensor of `e` (parameter names; buffers are refused), keeping the weights from before: `m.restore()` puts them back bit-exactly. Perturbing again before a restore adds to the perturbation. One host call over all tensors (one pass that writes w + e and saves w, on the CPU).",
+        |m: &mut Model, e: crate::train::TensorSet| op("perturb", m.perturb(&e, 1.0)));
+    api!(
+        engine,
+        "restore",
+        "m: Model",
+        "Puts back the weights saved by `perturb`, bit-exactly; an error when the model is not perturbed.",
+        |m: &mut Model| op("restore", m.restore())
+    );
+    getter!(
+        engine,
+        "perturbed",
+        "bool",
+        "Whether `perturb` moved the weights and `restore` has not put them back.",
+        |m: &mut Model| m.is_perturbed()
+    );
 }

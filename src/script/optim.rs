@@ -49,6 +49,15 @@ pub fn register(engine: &mut Engine) {
             o.0.borrow_mut().set_learning_rate(lr);
             Ok(())
         });
+    api!(engine, "step", "opt: Optimizer, m: Model, g: TensorSet",
+        "One base-optimizer step (momentum, Nesterov, weight decay, AdamW: as configured) of the model's trainable parameters with `g` as their gradient, matched by name; a trainable parameter missing from `g` is left alone this step; a name that is not a trainable parameter is an error. The model must not be perturbed.",
+        |o: &mut Optim, m: Model, g: crate::train::TensorSet| -> Res<()> {
+            if m.is_perturbed() {
+                return Err(err("step: the model is perturbed: call m.restore() first"));
+            }
+            let mut opt = o.0.try_borrow_mut().map_err(|_| err("step: the optimizer is in use"))?;
+            op("step", opt.step_set(&m, &g))
+        });
     api!(engine, "save", "opt: Optimizer, path: String",
         "Writes the optimizer state (momentum buffers or Adam moments, step count, lr) to a safetensors file, atomically.",
         |o: &mut Optim, path: &str| -> Res<()> {

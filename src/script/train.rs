@@ -20,6 +20,46 @@ struct PlainOptions {
     grad_clip: Option<f64>,
 }
 
+/// Options of `grad` besides the loss.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct GradOpts {
+    label_smoothing: f64,
+    update_bn: bool,
+}
+
+impl Default for GradOpts {
+    fn default() -> Self {
+        Self { label_smoothing: 0.0, update_bn: true }
+    }
+}
+
+/// The result of `grad` as a script map.
+fn grad_map(g: crate::train::GradOutput) -> Map {
+    let mut m = Map::new();
+    m.insert("loss".into(), Dynamic::from_float(g.loss));
+    m.insert("accuracy".into(), Dynamic::from_float(g.accuracy()));
+    m.insert("grads".into(), Dynamic::from(g.grads));
+    if let Some(l) = g.losses {
+        m.insert("losses".into(), Dynamic::from(l));
+    }
+    m
+}
+
+/// One forward-backward pass for `grad`.
+fn do_grad(ctx: &NativeCallContext, m: &Model, batch: &Batch, mut o: Map) -> Res<Map> {
+    let closure = take_loss(&mut o)?;
+    let g: GradOpts = options("grad", &o)?;
+    let opts = crate::train::GradOptions { update_bn: g.update_bn, per_example: true };
+    let out = op(
+        "grad",
+        with_loss(ctx, closure, g.label_smoothing, |loss| {
+            crate::train::grad(m, &batch.images, &batch.labels, loss, opts)
+        }),
+    )?;
+    Ok(grad_map(out))
+}
+
 /// Options of `evaluate`.
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -178,6 +218,12 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             finish_step(&s, "train_step", &stats)
         }
     );
+    api!(engine, "grad", "m: Model, batch: Batch -> Map",
+        "One forward-backward pass in training mode: #{loss, accuracy, grads, losses}: `grads` a TensorSet over the trainable parameters, `losses` the per-example cross-entropy [N] (detached). Nothing is updated but BatchNorm's running statistics.",
+        |ctx: NativeCallContext, m: Model, batch: Batch| do_grad(&ctx, &m, &batch, Map::new()));
+    api!(engine, "grad", "m: Model, batch: Batch, options: Map -> Map",
+        "`grad` with options: loss (\"cross_entropy\" or a closure |logits, labels|), label_smoothing (0), update_bn (true; false leaves BatchNorm's running statistics untouched, as SAM's second pass needs). With a closure loss, `losses` is still the per-example cross-entropy.",
+        |ctx: NativeCallContext, m: Model, batch: Batch, o: Map| do_grad(&ctx, &m, &batch, o));
     let s = session.clone();
     api!(engine, "evaluate", "m: Model, ds: Dataset, options: Map -> Map",
         "Evaluates in eval mode over the whole dataset: #{loss, accuracy}; on a dataset with label noise also accuracy_clean (against the true labels), clean_part_accuracy, noisy_part_fit (corrupted examples predicted as their wrong label) and noisy_part_recovered (predicted as their true label). Options: batch (256).",

@@ -113,7 +113,7 @@ fn perturbation(
             let eta = cfg.fisher_eta() as f32;
             g.map(|_, t| {
                 Ok(if crate::ops::elementwise::applies(&[t]) {
-                    crate::ops::elementwise::map1(t, |v| v / (1.0 + eta * v * v))?
+                    crate::ops::elementwise::map1(t, |v| v / (1.0 + eta * (v * v)))?
                 } else {
                     (t / (t.sqr()?.affine(eta as f64, 1.0))?)?
                 })

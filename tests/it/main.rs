@@ -11,3 +11,5 @@ mod precision;
 mod reference;
 mod runs;
 mod sam;
+mod sam_family;
+mod variants;

@@ -14,7 +14,7 @@ use samhost::train::{
 use std::collections::HashMap;
 use std::sync::Arc;
 
-fn lcg(seed: u64, n: usize, scale: f64) -> Vec<f64> {
+pub(crate) fn lcg(seed: u64, n: usize, scale: f64) -> Vec<f64> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
@@ -24,7 +24,7 @@ fn lcg(seed: u64, n: usize, scale: f64) -> Vec<f64> {
         .collect()
 }
 
-fn reference_mlp(seed: u64) -> Mlp2 {
+pub(crate) fn reference_mlp(seed: u64) -> Mlp2 {
     let (di, dh, dout) = (6, 5, 3);
     Mlp2 {
         d_in: di,
@@ -37,11 +37,11 @@ fn reference_mlp(seed: u64) -> Mlp2 {
     }
 }
 
-fn samhost_mlp(r: &Mlp2) -> Model {
+pub(crate) fn samhost_mlp(r: &Mlp2) -> Model {
     samhost_mlp_on(r, &Device::Cpu)
 }
 
-fn samhost_mlp_on(r: &Mlp2, device: &Device) -> Model {
+pub(crate) fn samhost_mlp_on(r: &Mlp2, device: &Device) -> Model {
     let m = mlp(&[r.d_in, r.d_h, r.d_out], &HostRng::new(0), device).unwrap();
     set_weights(&m, &r.flat());
     m
@@ -49,7 +49,7 @@ fn samhost_mlp_on(r: &Mlp2, device: &Device) -> Model {
 
 const NAMES: [&str; 4] = ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"];
 
-fn set_weights(m: &Model, flat: &[Vec<f64>]) {
+pub(crate) fn set_weights(m: &Model, flat: &[Vec<f64>]) {
     let mut map = HashMap::new();
     for (name, v) in NAMES.iter().zip(flat) {
         let shape = m.params().get(name).unwrap().dims().to_vec();
@@ -58,7 +58,7 @@ fn set_weights(m: &Model, flat: &[Vec<f64>]) {
     m.params().assign(&map, true, "test").unwrap();
 }
 
-fn weights(m: &Model) -> Vec<Vec<f64>> {
+pub(crate) fn weights(m: &Model) -> Vec<Vec<f64>> {
     NAMES
         .iter()
         .map(|n| {
@@ -68,11 +68,17 @@ fn weights(m: &Model) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn batch(seed: u64, n: usize, d: usize, classes: usize) -> (Vec<f64>, Vec<usize>, Tensor, Tensor) {
+pub(crate) fn batch(seed: u64, n: usize, d: usize, classes: usize) -> (Vec<f64>, Vec<usize>, Tensor, Tensor) {
     batch_on(seed, n, d, classes, &Device::Cpu)
 }
 
-fn batch_on(seed: u64, n: usize, d: usize, classes: usize, device: &Device) -> (Vec<f64>, Vec<usize>, Tensor, Tensor) {
+pub(crate) fn batch_on(
+    seed: u64,
+    n: usize,
+    d: usize,
+    classes: usize,
+    device: &Device,
+) -> (Vec<f64>, Vec<usize>, Tensor, Tensor) {
     let x = lcg(seed, n * d, 1.5);
     let y: Vec<usize> = (0..n).map(|i| (i * 7 + seed as usize) % classes).collect();
     let xt = Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, d), device).unwrap();
@@ -81,12 +87,12 @@ fn batch_on(seed: u64, n: usize, d: usize, classes: usize, device: &Device) -> (
 }
 
 /// Values rounded to float32, as samhost stores them.
-fn as_f32(v: &[f64]) -> Vec<f64> {
+pub(crate) fn as_f32(v: &[f64]) -> Vec<f64> {
     v.iter().map(|&x| x as f32 as f64).collect()
 }
 
 /// Max over tensors of ‖a − b‖ / ‖b‖.
-fn rel_err(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+pub(crate) fn rel_err(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
     a.iter()
         .zip(b)
         .map(|(a, b)| {
@@ -97,7 +103,7 @@ fn rel_err(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn sgd(lr: f64, momentum: f64, nesterov: bool, wd: f64) -> Sgd {
+pub(crate) fn sgd(lr: f64, momentum: f64, nesterov: bool, wd: f64) -> Sgd {
     Sgd::new(SgdConfig { lr, momentum, dampening: 0.0, nesterov, weight_decay: wd }).unwrap()
 }
 
