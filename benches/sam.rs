@@ -1,7 +1,8 @@
 //! SAM step benchmark: ms per step of `train_step` and `sam_step`, their ratio, the overhead of
 //! driving the loop from a Rhai script, the cost of one script call into a registered tensor
 //! function, and the peak memory of a step. Prints a table; run with `cargo bench --bench sam`.
-//! `SAMHOST_BENCH_STEPS` sets the number of timed steps (default 10, median reported).
+//! `SAMHOST_BENCH_STEPS` sets the number of timed steps (default 10, median reported). Then the
+//! composed-SAM comparison of `support/compose.rs` (`SAMHOST_BENCH_PART=compose`: that alone).
 
 use candle_core::{Device, Tensor};
 use samhost::data::Batch;
@@ -14,6 +15,10 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+#[path = "support/bench_models.rs"]
+mod bench_models;
+#[path = "support/compose.rs"]
+mod compose;
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
 use counting_alloc::{LIVE, PEAK};
@@ -136,6 +141,11 @@ fn call_overhead() -> (f64, f64) {
 
 fn main() {
     samhost::runtime::tune();
+    let part = std::env::var("SAMHOST_BENCH_PART").unwrap_or_default();
+    if part == "compose" {
+        compose::run();
+        return;
+    }
     let (rust_ns, over_ns) = call_overhead();
     println!("script call into a registered tensor function (t + 1.0, 1 element):");
     println!("  tensor op from Rust {rust_ns:.0} ns; extra cost from a script {over_ns:.0} ns per call\n");
@@ -172,4 +182,6 @@ fn main() {
             );
         }
     }
+    println!("\nSAM written in the script against the built-in:");
+    compose::run();
 }

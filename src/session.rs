@@ -186,15 +186,21 @@ impl Session {
         self.interrupted.load(Ordering::Relaxed)
     }
 
+    /// The run record, for writing; an error (never a panic) when a caller up the stack holds it.
+    pub fn record(&self) -> Result<std::cell::RefMut<'_, RunRecord>> {
+        self.run.try_borrow_mut().map_err(|_| anyhow::anyhow!("the run record is in use"))
+    }
+
     /// Records one `log(tag, map)` call.
     pub fn record_metrics(&self, tag: &str, metrics: serde_json::Map<String, serde_json::Value>) -> Result<()> {
-        self.run.borrow_mut().record_metrics(tag, metrics)
+        self.record()?.record_metrics(tag, metrics)
     }
 
     /// Records the config the script resolved (config.json, the epoch bar's length).
     pub fn set_resolved_config(&self, config: serde_json::Value) -> Result<()> {
-        *self.resolved_config.borrow_mut() = Some(config.clone());
-        self.run.borrow_mut().set_resolved_config(config)
+        *self.resolved_config.try_borrow_mut().map_err(|_| anyhow::anyhow!("the resolved config is in use"))? =
+            Some(config.clone());
+        self.record()?.set_resolved_config(config)
     }
 
     /// Prints a line unless `--quiet` (above the progress bars when they are shown).

@@ -175,11 +175,17 @@ pub fn save(dir: &Path, train: &TrainState, mut state: CheckpointState, keep: us
     Ok(final_dir)
 }
 
+/// The error of a checkpoint taken while a step holds the optimizer or the schedule (from inside
+/// a loss closure).
+fn busy(what: &str) -> anyhow::Error {
+    anyhow::anyhow!("the {what} is in use by the step running now: checkpoint between steps, not inside a loss closure")
+}
+
 fn write_contents(tmp: &Path, train: &TrainState, state: &CheckpointState) -> Result<()> {
     train.model.params().save(&tmp.join("model.safetensors"))?;
     let config = serde_json::to_string_pretty(&train.model.network().config())?;
     write_bytes_atomic(&tmp.join("config.json"), config.as_bytes())?;
-    let opt_state = train.optim.borrow().state()?;
+    let opt_state = train.optim.try_borrow().map_err(|_| busy("optimizer"))?.state()?;
     save_safetensors(&tmp.join("optimizer.safetensors"), &opt_state)?;
     let text = serde_json::to_string_pretty(state)?;
     write_bytes_atomic(&tmp.join("state.json"), text.as_bytes())
@@ -191,7 +197,7 @@ fn write_contents(tmp: &Path, train: &TrainState, state: &CheckpointState) -> Re
 pub fn restore(ck: &Checkpoint, train: &TrainState, rng: &HostRng) -> Result<()> {
     let at = |f: &str| ck.dir.join(f);
     let s = &ck.state;
-    let optim_name = train.optim.borrow().name();
+    let optim_name = train.optim.try_borrow().map_err(|_| busy("optimizer"))?.name();
     if optim_name != s.optimizer {
         bail!(
             "{}: the checkpoint holds a `{}` optimizer state but the script resumes a `{optim_name}` optimizer",
@@ -211,16 +217,17 @@ pub fn restore(ck: &Checkpoint, train: &TrainState, rng: &HostRng) -> Result<()>
     }
     train
         .optim
-        .borrow_mut()
+        .try_borrow_mut()
+        .map_err(|_| busy("optimizer"))?
         .load_state(&opt_state)
         .with_context(|| format!("{}: optimizer state", ck.dir.display()))?;
     if let (Some(sched), Some(saved)) = (&train.sched, &s.schedule) {
         let lr = {
-            let mut sc = sched.borrow_mut();
+            let mut sc = sched.try_borrow_mut().map_err(|_| busy("schedule"))?;
             sc.count = saved.count;
             sc.current()
         };
-        train.optim.borrow_mut().set_learning_rate(lr);
+        train.optim.try_borrow_mut().map_err(|_| busy("optimizer"))?.set_learning_rate(lr);
     }
     rng.restore(&s.rng).with_context(|| format!("{}: state.json", ck.dir.display()))?;
     Ok(())

@@ -175,7 +175,7 @@ impl Run {
             (None, None) => None,
         };
         if let Some(record) = record {
-            *s.run.try_borrow_mut().map_err(|_| anyhow::anyhow!("the run record is in use"))? = record;
+            *s.record()? = record;
         }
         install_ctrl_c(s.interrupted.clone());
         Ok(())
@@ -186,7 +186,7 @@ impl Run {
     /// the command that continues it, even with `--quiet`).
     pub fn end(&self, status: &RunStatus) -> Result<()> {
         let session = &self.session;
-        let mut run = session.run.try_borrow_mut().map_err(|_| anyhow::anyhow!("the run record is in use"))?;
+        let mut run = session.record()?;
         let interrupt_ck =
             if *status == RunStatus::Interrupted { run.write_interrupt_checkpoint(&session.rng)? } else { None };
         let plots = run.finish(status)?;
@@ -235,11 +235,7 @@ pub fn begin_step(session: &Session) -> Result<()> {
 /// After an optimizer step called `what`: counts it (progress, step number), then fails when
 /// its loss is not finite, naming the step. Returns the step's number (1-based).
 pub fn end_step(session: &Session, what: &str, stats: &StepStats) -> Result<u64> {
-    let step = session
-        .run
-        .try_borrow_mut()
-        .map_err(|_| anyhow::anyhow!("{what}: the run record is in use"))?
-        .after_step(stats.loss);
+    let step = session.record()?.after_step(stats.loss);
     if !stats.loss.is_finite() || !stats.sharp_loss.is_finite() {
         bail!(
             "{what}: the loss is not finite at step {step} (loss {}, sharp_loss {}): training diverged; lower the learning rate or rho",

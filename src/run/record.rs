@@ -235,23 +235,40 @@ impl RunRecord {
         }
     }
 
-    fn state(&self, name: &str, epoch: u64, skip: u64, rng: &HostRng, user: Map<String, Value>) -> CheckpointState {
+    fn state(
+        &self,
+        name: &str,
+        epoch: u64,
+        skip: u64,
+        rng: &HostRng,
+        user: Map<String, Value>,
+    ) -> Result<CheckpointState> {
         let train = self.train.as_ref();
-        CheckpointState {
+        let busy =
+            |what: &str| anyhow::anyhow!("the {what} is in use by the step running now: checkpoint between steps");
+        let optimizer = match train {
+            Some(t) => t.optim.try_borrow().map_err(|_| busy("optimizer"))?.name().to_string(),
+            None => String::new(),
+        };
+        let schedule = match train.and_then(|t| t.sched.as_ref()) {
+            Some(s) => Some(s.try_borrow().map_err(|_| busy("schedule"))?.clone()),
+            None => None,
+        };
+        Ok(CheckpointState {
             seq: 0,
             name: name.to_string(),
             epoch,
             step: self.steps,
             skip,
             interrupted: skip > 0,
-            optimizer: train.map(|t| t.optim.borrow().name().to_string()).unwrap_or_default(),
-            schedule: train.and_then(|t| t.sched.as_ref().map(|s| s.borrow().clone())),
+            optimizer,
+            schedule,
             rng: rng.state(),
             metrics_records: self.metrics.records().len(),
             time: (self.metrics.elapsed() * 1000.0).round() / 1000.0,
             saved_at: now_iso(),
             user,
-        }
+        })
     }
 
     /// `save_checkpoint`: writes a checkpoint of `train` after `epoch` epochs with the script's
@@ -268,7 +285,7 @@ impl RunRecord {
         checkpoint::check_name(name)?;
         let dir = self.checkpoints_dir()?;
         self.train = Some(train.clone());
-        let state = self.state(name, epoch, 0, rng, user.clone());
+        let state = self.state(name, epoch, 0, rng, user.clone())?;
         let path = checkpoint::save(&dir, &train, state, keep)?;
         self.save_point = Some(SavePoint { name: name.to_string(), epoch, step: self.steps, user });
         Ok(path)
@@ -307,7 +324,7 @@ impl RunRecord {
         let sp =
             self.save_point.clone().unwrap_or(SavePoint { name: String::new(), epoch: 0, step: 0, user: Map::new() });
         let skip = self.steps.saturating_sub(sp.step);
-        let mut state = self.state(&sp.name, sp.epoch, skip, rng, sp.user);
+        let mut state = self.state(&sp.name, sp.epoch, skip, rng, sp.user)?;
         state.interrupted = true;
         let path = checkpoint::save(&dir, &train, state, 0)?;
         Ok(Some(path))

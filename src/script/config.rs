@@ -50,7 +50,11 @@ pub fn resolve(session: &Session, mut defaults: Map) -> Res<Map> {
         };
         let value = parse_override(key, text, &default)?;
         defaults.insert(key.as_str().into(), value);
-        session.used_overrides.borrow_mut().insert(key.clone());
+        session
+            .used_overrides
+            .try_borrow_mut()
+            .map_err(|_| err("config: the settings are in use"))?
+            .insert(key.clone());
     }
     Ok(defaults)
 }

@@ -39,7 +39,9 @@ fn epoch_batches(s: &Session, ds: &Dataset, size: INT, bo: &BatchOptions) -> Res
     let size = to_usize("batch size", size)?;
     let batches = op("batches", Batches::epoch(ds, size, bo, seed, epoch, s.device()))?;
     // The progress display learns the epoch's length from the iterator the loop will run over.
-    s.run.borrow_mut().progress.begin_epoch(batches.num_batches());
+    if let Ok(mut r) = s.run.try_borrow_mut() {
+        r.progress.begin_epoch(batches.num_batches());
+    }
     Ok(EpochBatches(batches))
 }
 

@@ -21,6 +21,18 @@ pub struct Sched {
     pub optim: Optim,
 }
 
+/// The optimizer behind a handle, for reading; an error instead of a panic while a step holds it
+/// (a loss closure that reads `opt.lr`).
+fn read(o: &Optim) -> Res<std::cell::Ref<'_, Box<dyn Optimizer>>> {
+    o.0.try_borrow().map_err(|_| err("the optimizer is in use by the step running now (from inside a loss closure?)"))
+}
+
+/// The optimizer behind a handle, for writing (see [`read`]).
+fn write(o: &Optim) -> Res<std::cell::RefMut<'_, Box<dyn Optimizer>>> {
+    o.0.try_borrow_mut()
+        .map_err(|_| err("the optimizer is in use by the step running now (from inside a loss closure?)"))
+}
+
 fn new_optim(o: impl Optimizer + 'static) -> Optim {
     Optim(Rc::new(RefCell::new(Box::new(o))))
 }
@@ -36,8 +48,8 @@ pub fn register(engine: &mut Engine) {
     api!(engine, "adamw", "m: Model, options: Map -> Optimizer",
         "AdamW with torch.optim.AdamW semantics (decoupled decay). Options: lr (1e-3), betas ([0.9, 0.999]), eps (1e-8), weight_decay (0.01).",
         |_m: Model, o: Map| -> Res<Optim> { Ok(new_optim(op("adamw", AdamW::new(options::<AdamWConfig>("adamw", &o)?))?)) });
-    getter!(engine, "lr", "float", "The optimizer's current learning rate.", |o: &mut Optim| -> FLOAT {
-        o.0.borrow().learning_rate()
+    getter!(engine, "lr", "float", "The optimizer's current learning rate.", |o: &mut Optim| -> Res<FLOAT> {
+        Ok(read(o)?.learning_rate())
     });
     rhai::FuncRegistration::new_setter("lr")
         .with_params_info(["self", "lr: float"])
@@ -46,7 +58,7 @@ pub fn register(engine: &mut Engine) {
             if !crate::train::is_nonneg(lr) {
                 return Err(err(format!("lr must be >= 0, got {lr}")));
             }
-            o.0.borrow_mut().set_learning_rate(lr);
+            write(o)?.set_learning_rate(lr);
             Ok(())
         });
     api!(engine, "step", "opt: Optimizer, m: Model, g: TensorSet",
@@ -55,13 +67,12 @@ pub fn register(engine: &mut Engine) {
             if m.is_perturbed() {
                 return Err(err("step: the model is perturbed: call m.restore() first"));
             }
-            let mut opt = o.0.try_borrow_mut().map_err(|_| err("step: the optimizer is in use"))?;
-            op("step", opt.step_set(&m, &g))
+            op("step", write(o)?.step_set(&m, &g))
         });
     api!(engine, "save", "opt: Optimizer, path: String",
         "Writes the optimizer state (momentum buffers or Adam moments, step count, lr) to a safetensors file, atomically.",
         |o: &mut Optim, path: &str| -> Res<()> {
-            let state = op("save", o.0.borrow().state())?;
+            let state = op("save", read(o)?.state())?;
             op("save", crate::models::params::save_safetensors(Path::new(path), &state))
         });
     api!(
@@ -71,7 +82,7 @@ pub fn register(engine: &mut Engine) {
         "Restores an optimizer state written by `save`.",
         |o: &mut Optim, path: &str| -> Res<()> {
             let state = op("load", crate::models::params::load_safetensors(Path::new(path)))?;
-            op("load", o.0.borrow_mut().load_state(&state.into_iter().collect()))
+            op("load", write(o)?.load_state(&state.into_iter().collect()))
         }
     );
 
@@ -79,9 +90,9 @@ pub fn register(engine: &mut Engine) {
         "A learning-rate schedule over the optimizer's current lr. Options: kind = constant | step {step_size, gamma} | multi_step {milestones, gamma} | cosine {total, warmup, min_lr} | linear {total, warmup, end_lr}. Sets the lr for step 0 at once; `sched.step()` advances.",
         |o: Optim, opts: Map| -> Res<Sched> {
             let kind: ScheduleKind = options("schedule", &opts)?;
-            let base = o.0.borrow().learning_rate();
+            let base = read(&o)?.learning_rate();
             let s = op("schedule", Schedule::new(kind, base))?;
-            o.0.borrow_mut().set_learning_rate(s.current());
+            write(&o)?.set_learning_rate(s.current());
             Ok(Sched { schedule: Rc::new(RefCell::new(s)), optim: o })
         });
     api!(
@@ -89,13 +100,14 @@ pub fn register(engine: &mut Engine) {
         "step",
         "sched: Schedule -> float",
         "Advances the schedule one step, sets the optimizer's lr, returns it.",
-        |s: &mut Sched| -> FLOAT {
-            let lr = s.schedule.borrow_mut().step();
-            s.optim.0.borrow_mut().set_learning_rate(lr);
-            lr
+        |s: &mut Sched| -> Res<FLOAT> {
+            let mut opt = write(&s.optim)?;
+            let lr = s.schedule.try_borrow_mut().map_err(|_| err("the schedule is in use"))?.step();
+            opt.set_learning_rate(lr);
+            Ok(lr)
         }
     );
-    getter!(engine, "lr", "float", "The schedule's current learning rate.", |s: &mut Sched| -> FLOAT {
-        s.schedule.borrow().current()
+    getter!(engine, "lr", "float", "The schedule's current learning rate.", |s: &mut Sched| -> Res<FLOAT> {
+        Ok(s.schedule.try_borrow().map_err(|_| err("the schedule is in use"))?.current())
     });
 }

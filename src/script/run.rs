@@ -41,7 +41,7 @@ fn train_state(m: &Model, opt: &Optim, sched: Option<&Sched>) -> Res<TrainState>
 fn do_resume(s: &Session, m: &Model, opt: &Optim, sched: Option<&Sched>, o: &Map) -> Res<Map> {
     let ro: ResumeOptions = options("resume", o)?;
     let train = train_state(m, opt, sched)?;
-    let point = op("resume", s.run.borrow_mut().resume(train, &ro.name, &s.rng))?;
+    let point = op("resume", s.record().and_then(|mut r| r.resume(train, &ro.name, &s.rng)))?;
     if let Some(from) = &point.from {
         let skip = if point.skip > 0 {
             format!("; {} batches of the next epoch were already trained and are skipped", point.skip)
@@ -88,13 +88,14 @@ fn do_save(s: &Session, m: &Model, opt: &Optim, sched: Option<&Sched>, state: Ma
         }
     }
     let train = train_state(m, opt, sched)?;
-    let path = op("save_checkpoint", s.run.borrow_mut().save_checkpoint(train, &name, epoch, user, keep, &s.rng))?;
+    let path =
+        op("save_checkpoint", s.record().and_then(|mut r| r.save_checkpoint(train, &name, epoch, user, keep, &s.rng)))?;
     Ok(path.display().to_string())
 }
 
 fn do_plot(s: &Session, o: &Map) -> Res<Array> {
     let po: PlotOptions = options("plot", o)?;
-    let run = s.run.borrow();
+    let run = s.run.try_borrow().map_err(|_| err("plot: the run record is in use"))?;
     let records = run.metrics.records();
     let x = match &po.x {
         Some(x) => Some(op("plot", XAxis::parse(x))?),
@@ -175,5 +176,8 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     let s = session.clone();
     api!(engine, "run_dir", "-> String",
         "The run folder (e.g. runs/quickstart-20250101-120000), or \"\" when the session has none. Handy for saving extra results: `m.save(run_dir() + \"/final\")`.",
-        move || -> String { s.run.borrow().dir().map(|d| d.path().display().to_string()).unwrap_or_default() });
+        move || -> Res<String> {
+            let run = s.run.try_borrow().map_err(|_| err("run_dir: the run record is in use"))?;
+            Ok(run.dir().map(|d| d.path().display().to_string()).unwrap_or_default())
+        });
 }

@@ -6,9 +6,9 @@ use crate::data::{Batch, Dataset};
 use crate::models::Model;
 use crate::session::Session;
 use crate::train::evaluate::{evaluate, EvalStats};
-use crate::train::{sam_step, train_step, LossFn, SamConfig, StepStats};
+use crate::train::{sam_step_accumulated, train_step_accumulated, LossFn, SamConfig, StepStats};
 use candle_core::Tensor;
-use rhai::{Dynamic, Engine, FnPtr, Map, NativeCallContext};
+use rhai::{Array, Dynamic, Engine, FnPtr, Map, NativeCallContext};
 use serde::Deserialize;
 use std::rc::Rc;
 
@@ -152,70 +152,121 @@ fn finish_step(s: &Session, what: &str, stats: &StepStats) -> Res<Map> {
     Ok(stats_map(stats))
 }
 
+/// The micro-batches of an array (each element a Batch).
+fn batches_of(what: &str, a: Array) -> Res<Vec<Batch>> {
+    if a.is_empty() {
+        return Err(err(format!("{what}: the array of batches is empty")));
+    }
+    a.into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let t = v.type_name();
+            v.try_cast::<Batch>().ok_or_else(|| err(format!("{what}: element {i} of the array is a {t}, not a Batch")))
+        })
+        .collect()
+}
+
+/// The optimizer, borrowed for a step; an error instead of a panic when a loss closure reaches
+/// it during the step.
+fn borrow_opt<'a>(what: &str, opt: &'a Optim) -> Res<std::cell::RefMut<'a, Box<dyn crate::train::Optimizer>>> {
+    opt.0
+        .try_borrow_mut()
+        .map_err(|_| err(format!("{what}: the optimizer is in use (reached from inside a loss closure?)")))
+}
+
+/// A SAM-family step over one batch or micro-batches.
+fn do_sam(ctx: &NativeCallContext, s: &Session, m: &Model, opt: &Optim, b: Vec<Batch>, options_map: Map) -> Res<Map> {
+    stop_if_interrupted(s)?;
+    let mut o = options_map;
+    let closure = take_loss(&mut o)?;
+    let label_smoothing = match o.remove("label_smoothing") {
+        Some(v) => super::convert::number("label_smoothing", &v)?,
+        None => 0.0,
+    };
+    let cfg: SamConfig = options("sam_step", &o)?;
+    let micro: Vec<(Tensor, Tensor)> = b.into_iter().map(|b| (b.images, b.labels)).collect();
+    let mut optim = borrow_opt("sam_step", opt)?;
+    let stats = op(
+        "sam_step",
+        with_loss(ctx, closure, label_smoothing, |loss| sam_step_accumulated(m, optim.as_mut(), &micro, loss, &cfg)),
+    )?;
+    drop(optim);
+    finish_step(s, "sam_step", &stats)
+}
+
+/// A plain step over one batch or micro-batches.
+fn do_train(ctx: &NativeCallContext, s: &Session, m: &Model, opt: &Optim, b: Vec<Batch>, options_map: Map) -> Res<Map> {
+    stop_if_interrupted(s)?;
+    let mut o = options_map;
+    let closure = take_loss(&mut o)?;
+    let p: PlainOptions = options("train_step", &o)?;
+    let micro: Vec<(Tensor, Tensor)> = b.into_iter().map(|b| (b.images, b.labels)).collect();
+    let mut optim = borrow_opt("train_step", opt)?;
+    let stats = op(
+        "train_step",
+        with_loss(ctx, closure, p.label_smoothing, |loss| {
+            train_step_accumulated(m, optim.as_mut(), &micro, loss, p.grad_clip)
+        }),
+    )?;
+    drop(optim);
+    finish_step(s, "train_step", &stats)
+}
+
 /// Registers the training API.
 pub fn register(engine: &mut Engine, session: &Rc<Session>) {
+    let sam_doc = "One Sharpness-Aware Minimization step, or a step of one of its variants; returns #{loss, sharp_loss, grad_norm, accuracy} (loss at w, loss at w+e, norm of the first gradient, batch accuracy).\nOptions: rho (0.05; 0 gives exactly the base optimizer's step); adaptive (false: ASAM, e = rho T²g/‖Tg‖ with T = |w| + eta; ASAM wants rho about 10x SAM's, e.g. 0.5 to 2); eta (ASAM 0.01, Fisher 1.0); asam_scope (\"all\": T on weights and biases alike; \"weights\": T only on tensors named *weight*, T = 1 elsewhere, the ASAM authors' convention); perturb (\"all\"; \"norm\": SAM-ON, only normalization layers' weights and biases are perturbed, all parameters updated; or an array of name prefixes); m_sharpness (chunks of M examples, one perturbation each, gradients averaged; M must divide the batch); loss (\"cross_entropy\" or a closure |logits, labels| returning a scalar tensor, called for both passes); label_smoothing (0); grad_clip (global norm of the step's gradient).\nvariant: \"sam\" (default); \"gsam\" (Zhuang et al., ICLR 2022: d = g_p - alpha (g - (g.u)u), u = g_p/|g_p|; alpha 0.1; rho_max with rho_min make rho follow the learning rate, rho_min + (rho_max - rho_min)(lr - lr_min)/(lr_max - lr_min), lr_max default the largest lr seen, lr_min 0); \"looksam\" (Liu et al., CVPR 2022: steps 0, k, 2k, ... are SAM steps that keep g_v = g_s - (g_s.ĝ)ĝ, the others take one pass with d = g + alpha |g|/|g_v| g_v; k 5, alpha 0.7); \"fisher\" (Kim et al., ICML 2022: e = rho f⁻¹g/sqrt(g.f⁻¹g), f = 1 + eta g², eta 1.0); \"friendly\" (F-SAM, Li et al., CVPR 2024, as its authors' code: m starts at the first g, then the ascent direction is g - sigma m and m <- lambda m + (1 - lambda) g; sigma 1, lambda 0.9); \"esam\" (Du et al., ICLR 2022: every tensor perturbed by (rho/beta) g/|g|, each takes part in the second pass with probability beta and is not updated this step otherwise, as the authors' code; the second pass on the round(gamma N) examples whose loss rose most; beta 0.5, gamma 0.5). every: k (Composer's SAM interval: steps 0, k, 2k, ... are SAM steps, the others plain steps). Steps are counted per optimizer from 0; the count and the variants' buffers (LookSAM's g_v, F-SAM's m) live with the optimizer and are saved in its checkpoints.\nBatchNorm running statistics come from the first pass only; frozen parameters are neither perturbed nor updated. `batch` may be an array of batches: gradient accumulation (the first gradient accumulated over the micro-batches weighted by size, one perturbation, the second gradient accumulated, one optimizer step; equal to the step on the whole batch for models without BatchNorm, while with BatchNorm each micro-batch is normalised with its own statistics and updates the running statistics once).";
     let s = session.clone();
-    api!(engine, "sam_step", "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
-        "One Sharpness-Aware Minimization step; returns #{loss, sharp_loss, grad_norm, accuracy} (loss at w, loss at w+e, norm of the first gradient, batch accuracy).\nOptions: rho (0.05; 0 gives exactly the base optimizer's step); adaptive (false: ASAM scales e by T = |w| + eta, weights and biases alike); eta (0.01); m_sharpness (chunks of M examples, one perturbation each, gradients averaged; M must divide the batch); loss (\"cross_entropy\" or a closure |logits, labels| returning a scalar tensor, called for both passes); label_smoothing (0); grad_clip (global norm of the SAM gradient). BatchNorm running statistics come from the first pass only; frozen parameters are neither perturbed nor updated.",
-        move |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
-            stop_if_interrupted(&s)?;
-            let mut o = options_map;
-            let closure = take_loss(&mut o)?;
-            let label_smoothing = match o.remove("label_smoothing") {
-                Some(v) => super::convert::number("label_smoothing", &v)?,
-                None => 0.0,
-            };
-            let cfg: SamConfig = options("sam_step", &o)?;
-            let mut optim = opt.0.borrow_mut();
-            let stats = op("sam_step", with_loss(&ctx, closure, label_smoothing, |loss| {
-                sam_step(&m, optim.as_mut(), &batch.images, &batch.labels, loss, &cfg)
-            }))?;
-            finish_step(&s, "sam_step", &stats)
-        });
+    api!(
+        engine,
+        "sam_step",
+        "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
+        sam_doc,
+        move |ctx: NativeCallContext, m: Model, opt: Optim, b: Batch, o: Map| do_sam(&ctx, &s, &m, &opt, vec![b], o)
+    );
     let s = session.clone();
     api!(
         engine,
         "sam_step",
         "m: Model, opt: Optimizer, batch: Batch -> Map",
         "One SAM step with the default options (rho 0.05, cross-entropy).",
-        move |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
-            stop_if_interrupted(&s)?;
-            let mut optim = opt.0.borrow_mut();
-            let stats = op(
-                "sam_step",
-                sam_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), &SamConfig::default()),
-            )?;
-            finish_step(&s, "sam_step", &stats)
+        move |ctx: NativeCallContext, m: Model, opt: Optim, b: Batch| do_sam(&ctx, &s, &m, &opt, vec![b], Map::new())
+    );
+    let s = session.clone();
+    api!(engine, "sam_step", "m: Model, opt: Optimizer, batches: Array, options: Map -> Map",
+        "`sam_step` with gradient accumulation over an array of micro-batches (see sam_step with one batch for the options).",
+        move |ctx: NativeCallContext, m: Model, opt: Optim, b: Array, o: Map| {
+            do_sam(&ctx, &s, &m, &opt, batches_of("sam_step", b)?, o)
+        });
+    let s = session.clone();
+    api!(
+        engine,
+        "sam_step",
+        "m: Model, opt: Optimizer, batches: Array -> Map",
+        "`sam_step` with the default options and gradient accumulation over an array of micro-batches.",
+        move |ctx: NativeCallContext, m: Model, opt: Optim, b: Array| {
+            do_sam(&ctx, &s, &m, &opt, batches_of("sam_step", b)?, Map::new())
         }
     );
     let s = session.clone();
     api!(engine, "train_step", "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
         "One plain step (the baseline SAM is compared against): the same statistics as sam_step, with sharp_loss = loss. Options: loss, label_smoothing, grad_clip.",
-        move |ctx: NativeCallContext, m: Model, opt: Optim, batch: Batch, options_map: Map| -> Res<Map> {
-            stop_if_interrupted(&s)?;
-            let mut o = options_map;
-            let closure = take_loss(&mut o)?;
-            let p: PlainOptions = options("train_step", &o)?;
-            let mut optim = opt.0.borrow_mut();
-            let stats = op("train_step", with_loss(&ctx, closure, p.label_smoothing, |loss| {
-                train_step(&m, optim.as_mut(), &batch.images, &batch.labels, loss, p.grad_clip)
-            }))?;
-            finish_step(&s, "train_step", &stats)
-        });
+        move |ctx: NativeCallContext, m: Model, opt: Optim, b: Batch, o: Map| do_train(&ctx, &s, &m, &opt, vec![b], o));
     let s = session.clone();
     api!(
         engine,
         "train_step",
         "m: Model, opt: Optimizer, batch: Batch -> Map",
         "One plain step with cross-entropy.",
-        move |m: Model, opt: Optim, batch: Batch| -> Res<Map> {
-            stop_if_interrupted(&s)?;
-            let mut optim = opt.0.borrow_mut();
-            let stats = op(
-                "train_step",
-                train_step(&m, optim.as_mut(), &batch.images, &batch.labels, &LossFn::default(), None),
-            )?;
-            finish_step(&s, "train_step", &stats)
+        move |ctx: NativeCallContext, m: Model, opt: Optim, b: Batch| do_train(&ctx, &s, &m, &opt, vec![b], Map::new())
+    );
+    let s = session.clone();
+    api!(
+        engine,
+        "train_step",
+        "m: Model, opt: Optimizer, batches: Array, options: Map -> Map",
+        "`train_step` with the gradient accumulated over an array of micro-batches (weighted by size).",
+        move |ctx: NativeCallContext, m: Model, opt: Optim, b: Array, o: Map| {
+            do_train(&ctx, &s, &m, &opt, batches_of("train_step", b)?, o)
         }
     );
     api!(engine, "grad", "m: Model, batch: Batch -> Map",

@@ -145,3 +145,56 @@ pub fn grad(
     }
     grad_of(model, &params, images, labels, loss_fn, opts)
 }
+
+/// [`grad_of`] over micro-batches taken as one batch: the losses and gradients of the
+/// micro-batches weighted by their sizes (`n_i / N`), so for a mean loss and a model without
+/// BatchNorm the result is the gradient of the whole batch (each micro-batch's first pass updates
+/// BatchNorm's running statistics, and normalises with its own batch statistics).
+pub fn grad_micro(
+    model: &Model,
+    params: &[(String, Var)],
+    micro: &[(Tensor, Tensor)],
+    loss_fn: &LossFn,
+    opts: GradOptions,
+) -> Result<GradOutput> {
+    match micro {
+        [] => anyhow::bail!("no micro-batch"),
+        [(x, y)] => grad_of(model, params, x, y, loss_fn, opts),
+        _ => {
+            let total: usize = micro.iter().map(|(x, _)| x.dim(0)).sum::<candle_core::Result<usize>>()?;
+            if total == 0 {
+                anyhow::bail!("the micro-batches hold no example");
+            }
+            let mut acc: Option<GradOutput> = None;
+            let mut losses = Vec::new();
+            for (i, (x, y)) in micro.iter().enumerate() {
+                let out = grad_of(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))?;
+                let w = out.n as f64 / total as f64;
+                if let Some(l) = &out.losses {
+                    losses.push(l.clone());
+                }
+                acc = Some(match acc {
+                    None => GradOutput {
+                        loss: w * out.loss,
+                        correct: out.correct,
+                        n: out.n,
+                        grads: out.grads.scale(w)?,
+                        losses: None,
+                    },
+                    Some(a) => GradOutput {
+                        loss: a.loss + w * out.loss,
+                        correct: a.correct.zip(out.correct).map(|(a, b)| a + b),
+                        n: a.n + out.n,
+                        grads: a.grads.axpy(w, &out.grads)?,
+                        losses: None,
+                    },
+                });
+            }
+            let mut out = acc.context("no micro-batch")?;
+            if losses.len() == micro.len() {
+                out.losses = Some(Tensor::cat(&losses, 0)?);
+            }
+            Ok(out)
+        }
+    }
+}

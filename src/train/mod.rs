@@ -18,7 +18,7 @@ pub use adamw::{AdamW, AdamWConfig};
 pub use grads::{grad, GradOptions, GradOutput};
 pub use loss::LossFn;
 pub use optim::Optimizer;
-pub use sam::{sam_step, train_step, StepStats};
+pub use sam::{sam_step, sam_step_accumulated, train_step, train_step_accumulated, StepStats};
 pub use sam_config::{AsamScope, PerturbScope, SamConfig, Variant};
 pub use sam_state::SamState;
 pub use schedule::{Schedule, ScheduleKind};

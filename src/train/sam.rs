@@ -15,7 +15,7 @@
 //! perturbation and the chunk gradients are averaged. The variants' state between steps
 //! ([`SamState`]) lives with the base optimizer.
 
-use super::grads::{grad_of, GradOptions, GradOutput};
+use super::grads::{grad_micro, GradOptions, GradOutput};
 use super::loss::{cross_entropy_per_example, LossFn};
 use super::optim::Optimizer;
 use super::sam_config::{AsamScope, PerturbScope, SamConfig, Variant};
@@ -204,17 +204,17 @@ fn looksam_gv(g: &TensorSet, gs: &TensorSet, eps: f64) -> Result<TensorSet> {
 }
 
 /// A step that takes one pass: the plain step of `every`, or LookSAM's step with `g_v`.
+#[allow(clippy::too_many_arguments)]
 fn one_pass(
     model: &Model,
     opt: &mut dyn Optimizer,
     params: &[(String, Var)],
-    images: &Tensor,
-    labels: &Tensor,
+    micro: &[(Tensor, Tensor)],
     loss_fn: &LossFn,
     cfg: &SamConfig,
     gv: Option<&TensorSet>,
 ) -> Result<StepStats> {
-    let first = grad_of(model, params, images, labels, loss_fn, GradOptions { update_bn: true, per_example: false })?;
+    let first = grad_micro(model, params, micro, loss_fn, GradOptions { update_bn: true, per_example: false })?;
     let g_norm = first.grads.norm()?;
     let d = match gv {
         // d = g + α·‖g‖/‖g_v‖·g_v
@@ -270,6 +270,37 @@ pub fn sam_step(
     loss_fn: &LossFn,
     cfg: &SamConfig,
 ) -> Result<StepStats> {
+    sam_step_accumulated(model, opt, &[(images.clone(), labels.clone())], loss_fn, cfg)
+}
+
+/// Checks a step's micro-batches: images and labels agree, and there is at least one example.
+fn check_micro(micro: &[(Tensor, Tensor)]) -> Result<()> {
+    if micro.is_empty() {
+        bail!("no batch given");
+    }
+    for (i, (x, y)) in micro.iter().enumerate() {
+        let n = x.dim(0)?;
+        if y.dim(0)? != n {
+            let which = if micro.len() > 1 { format!("micro-batch {i}") } else { "batch".into() };
+            bail!("{which}: {} images but {} labels", n, y.dim(0)?);
+        }
+    }
+    Ok(())
+}
+
+/// [`sam_step`] with gradient accumulation over `micro` (micro-batches of one step): the first
+/// gradient is accumulated over them (weighted by size), the weights are perturbed once, the
+/// second gradient is accumulated at `w + e`, and the base optimizer steps once. For a model
+/// without BatchNorm this equals the step on the whole batch; with BatchNorm each micro-batch is
+/// normalised with its own statistics and updates the running statistics in the first pass.
+/// m-sharpness and ESAM take one batch.
+pub fn sam_step_accumulated(
+    model: &Model,
+    opt: &mut dyn Optimizer,
+    micro: &[(Tensor, Tensor)],
+    loss_fn: &LossFn,
+    cfg: &SamConfig,
+) -> Result<StepStats> {
     cfg.validate()?;
     let params = model.params().trainable();
     if params.is_empty() {
@@ -278,9 +309,9 @@ pub fn sam_step(
     if model.is_perturbed() {
         bail!("the model is perturbed (perturb without restore): restore it before a step");
     }
-    let n = images.dim(0)?;
-    if labels.dim(0)? != n {
-        bail!("batch: {} images but {} labels", n, labels.dim(0)?);
+    check_micro(micro)?;
+    if micro.len() > 1 && (cfg.m_sharpness.is_some() || cfg.variant == Variant::Esam) {
+        bail!("micro-batches (gradient accumulation) do not combine with m_sharpness or variant \"esam\"");
     }
     let mut state = take_state(opt, cfg)?;
     let t = state.steps;
@@ -288,15 +319,15 @@ pub fn sam_step(
     let lr_max = state.lr_max.map_or(lr, |m| m.max(lr));
     state.lr_max = cfg.rho_max.map(|_| lr_max);
     let stats = if cfg.every.is_some_and(|k| t % k as u64 != 0) {
-        one_pass(model, opt, &params, images, labels, loss_fn, cfg, None)?
+        one_pass(model, opt, &params, micro, loss_fn, cfg, None)?
     } else if cfg.variant == Variant::Looksam
         && t % cfg.k as u64 != 0
         && state.buffers.get("looksam_gv").is_some_and(|gv| gv.names() == params_names(&params))
     {
         let gv = state.buffers.get("looksam_gv").cloned();
-        one_pass(model, opt, &params, images, labels, loss_fn, cfg, gv.as_ref())?
+        one_pass(model, opt, &params, micro, loss_fn, cfg, gv.as_ref())?
     } else {
-        sam_family_step(model, opt, &params, images, labels, loss_fn, cfg, &mut state, cfg.rho_at(lr, lr_max))?
+        sam_family_step(model, opt, &params, micro, loss_fn, cfg, &mut state, cfg.rho_at(lr, lr_max))?
     };
     state.steps = t + 1;
     if let Some(s) = opt.sam_state() {
@@ -315,27 +346,34 @@ fn sam_family_step(
     model: &Model,
     opt: &mut dyn Optimizer,
     params: &[(String, Var)],
-    images: &Tensor,
-    labels: &Tensor,
+    micro: &[(Tensor, Tensor)],
     loss_fn: &LossFn,
     cfg: &SamConfig,
     state: &mut SamState,
     rho: f64,
 ) -> Result<StepStats> {
-    let n = images.dim(0)?;
-    let chunks = chunk_ranges(n, cfg.m_sharpness)?;
+    // The chunks of m-sharpness, each perturbed on its own; or all the micro-batches as one.
+    let chunks: Vec<Vec<(Tensor, Tensor)>> = match micro {
+        [(images, labels)] => {
+            let ranges = chunk_ranges(images.dim(0)?, cfg.m_sharpness)?;
+            if ranges.len() == 1 {
+                vec![micro.to_vec()]
+            } else {
+                ranges
+                    .iter()
+                    .map(|&(start, len)| Ok(vec![(images.narrow(0, start, len)?, labels.narrow(0, start, len)?)]))
+                    .collect::<Result<_>>()?
+            }
+        }
+        _ => vec![micro.to_vec()],
+    };
     let k = chunks.len() as f64;
     let esam = cfg.variant == Variant::Esam;
     let (mut norm_sum, mut sharp_sum) = (0.0, 0.0);
     let mut firsts = Vec::with_capacity(chunks.len());
     let mut total: Option<TensorSet> = None;
-    for &(start, len) in &chunks {
-        let (x, y) = if chunks.len() == 1 {
-            (images.clone(), labels.clone())
-        } else {
-            (images.narrow(0, start, len)?, labels.narrow(0, start, len)?)
-        };
-        let mut first = grad_of(model, params, &x, &y, loss_fn, GradOptions { update_bn: true, per_example: esam })?;
+    for chunk in &chunks {
+        let mut first = grad_micro(model, params, chunk, loss_fn, GradOptions { update_bn: true, per_example: esam })?;
         let g_norm = first.grads.norm()?;
         norm_sum += g_norm;
         let (dir, scale, m_next) = perturbation(model, &first.grads, g_norm, rho, cfg, state)?;
@@ -346,17 +384,17 @@ fn sam_family_step(
         drop(dir);
         let saved_bn = model.params().save_buffers()?;
         let second = (|| -> Result<(GradOutput, Vec<(String, Var)>)> {
-            let (mut x2, mut y2) = (x.clone(), y.clone());
+            let mut sub = chunk.clone();
             if esam {
                 let before = first.losses.as_ref().context("ESAM needs the per-example losses of the first pass")?;
-                if let Some(idx) = sharpest(model, &x, &y, before, cfg)? {
-                    x2 = x.index_select(&idx, 0)?;
-                    y2 = y.index_select(&idx, 0)?;
+                let (x, y) = &chunk[0];
+                if let Some(idx) = sharpest(model, x, y, before, cfg)? {
+                    sub = vec![(x.index_select(&idx, 0)?, y.index_select(&idx, 0)?)];
                 }
             }
             let p2 = if esam { esam_params(params, cfg.beta, state.steps) } else { params.to_vec() };
             let opts = GradOptions { update_bn: true, per_example: false };
-            Ok((grad_of(model, &p2, &x2, &y2, loss_fn, opts)?, p2))
+            Ok((grad_micro(model, &p2, &sub, loss_fn, opts)?, p2))
         })();
         // Restore weights and running statistics whatever the second pass did.
         let restored = model.restore();
@@ -397,6 +435,17 @@ pub fn train_step(
     loss_fn: &LossFn,
     grad_clip: Option<f64>,
 ) -> Result<StepStats> {
+    train_step_accumulated(model, opt, &[(images.clone(), labels.clone())], loss_fn, grad_clip)
+}
+
+/// [`train_step`] with the gradient accumulated over micro-batches (weighted by size).
+pub fn train_step_accumulated(
+    model: &Model,
+    opt: &mut dyn Optimizer,
+    micro: &[(Tensor, Tensor)],
+    loss_fn: &LossFn,
+    grad_clip: Option<f64>,
+) -> Result<StepStats> {
     let params = model.params().trainable();
     if params.is_empty() {
         bail!("the model has no trainable parameters (all frozen?)");
@@ -409,6 +458,7 @@ pub fn train_step(
     if model.is_perturbed() {
         bail!("the model is perturbed (perturb without restore): restore it before a step");
     }
+    check_micro(micro)?;
     let cfg = SamConfig { grad_clip, ..SamConfig::default() };
-    one_pass(model, opt, &params, images, labels, loss_fn, &cfg, None)
+    one_pass(model, opt, &params, micro, loss_fn, &cfg, None)
 }

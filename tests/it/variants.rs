@@ -112,3 +112,24 @@ r.grads.norm()
     );
     assert!(v.is_finite() && v > 0.0, "a non-zero gradient norm, got {v}");
 }
+
+#[test]
+fn a_loss_closure_that_reaches_the_optimizer_gets_an_error_not_a_panic() {
+    let v = eval(
+        r#"
+let m = mlp([4, 3]);
+let o = sgd(m, #{ lr: 0.1 });
+let b = batch(randn([4, 4]), tensor([0, 1, 2, 0]));
+let caught = 0;
+let reads_lr = |logits, labels| { let x = o.lr; cross_entropy(logits, labels) };
+try { sam_step(m, o, b, #{ loss: reads_lr }); } catch (e) { if `${e}`.contains("in use") { caught += 1; } }
+let steps = |logits, labels| { sam_step(m, o, b); cross_entropy(logits, labels) };
+try { train_step(m, o, b, #{ loss: steps }); } catch (e) { if `${e}`.contains("in use") { caught += 1; } }
+// sam_step over micro-batches.
+let r = sam_step(m, o, [b, b], #{ rho: 0.1 });
+try { sam_step(m, o, [b, 3], #{}); } catch (e) { if `${e}`.contains("element 1") { caught += 1; } }
+caught.to_float()
+"#,
+    );
+    assert_eq!(v, 3.0, "each misuse is a script error");
+}
