@@ -281,6 +281,9 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     api!(engine, "perturb", "m: Model, e: TensorSet",
         "w <- w + e for every tensor of `e` (parameter names; buffers are refused), keeping the weights from before: `m.restore()` puts them back bit-exactly. Perturbing again before a restore adds to the perturbation. One host call over all tensors (one pass that writes w + e and saves w, on the CPU).",
         |m: &mut Model, e: crate::train::TensorSet| op("perturb", m.perturb(&e, 1.0)));
+    api!(engine, "perturb", "m: Model, e: TensorSet, scale: float",
+        "w <- w + scale·e without forming scale·e first (one pass over each tensor on the CPU): `m.perturb(g, rho / (g.norm() + 1e-12))` is SAM's ascent step. Otherwise as `perturb(m, e)`.",
+        |m: &mut Model, e: crate::train::TensorSet, scale: rhai::FLOAT| op("perturb", m.perturb(&e, scale)));
     api!(
         engine,
         "restore",

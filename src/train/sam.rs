@@ -212,14 +212,14 @@ fn one_pass(
     micro: &[(Tensor, Tensor)],
     loss_fn: &LossFn,
     cfg: &SamConfig,
-    gv: Option<&TensorSet>,
+    gv: Option<(&TensorSet, f64)>,
 ) -> Result<StepStats> {
     let first = grad_micro(model, params, micro, loss_fn, GradOptions { update_bn: true, per_example: false })?;
     let g_norm = first.grads.norm()?;
     let d = match gv {
         // d = g + α·‖g‖/‖g_v‖·g_v
-        Some(gv) => {
-            let scale = cfg.alpha_or_default() * g_norm / (gv.norm()? + cfg.eps);
+        Some((gv, gv_norm)) => {
+            let scale = cfg.alpha_or_default() * g_norm / (gv_norm + cfg.eps);
             first.grads.axpy(scale, gv)?
         }
         None => first.grads.clone(),
@@ -324,8 +324,12 @@ pub fn sam_step_accumulated(
         && t % cfg.k as u64 != 0
         && state.buffers.get("looksam_gv").is_some_and(|gv| gv.names() == params_names(&params))
     {
-        let gv = state.buffers.get("looksam_gv").cloned();
-        one_pass(model, opt, &params, micro, loss_fn, cfg, gv.as_ref())?
+        let gv = state.buffers.get("looksam_gv").cloned().context("LookSAM's g_v")?;
+        let gv_norm = match state.scalars.get("looksam_gv_norm") {
+            Some(&n) => n,
+            None => gv.norm()?,
+        };
+        one_pass(model, opt, &params, micro, loss_fn, cfg, Some((&gv, gv_norm)))?
     } else {
         sam_family_step(model, opt, &params, micro, loss_fn, cfg, &mut state, cfg.rho_at(lr, lr_max))?
     };
@@ -405,7 +409,9 @@ fn sam_family_step(
         let d = match (cfg.variant, &g) {
             (Variant::Gsam, Some(g)) => gsam_direction(g, &second.grads, cfg.alpha_or_default(), cfg.eps)?,
             (Variant::Looksam, Some(g)) => {
-                state.buffers.insert("looksam_gv".into(), looksam_gv(g, &second.grads, cfg.eps)?);
+                let gv = looksam_gv(g, &second.grads, cfg.eps)?;
+                state.scalars.insert("looksam_gv_norm".into(), gv.norm()?);
+                state.buffers.insert("looksam_gv".into(), gv);
                 second.grads
             }
             _ => second.grads,

@@ -20,17 +20,22 @@ pub struct SamState {
     pub buffers: BTreeMap<String, TensorSet>,
     /// The largest learning rate seen (GSAM's default `lr_max`).
     pub lr_max: Option<f64>,
+    /// Named numbers of the variants: `looksam_gv_norm` (‖g_v‖, computed once per SAM step).
+    pub scalars: BTreeMap<String, f64>,
 }
 
 impl SamState {
     /// Adds the state to an optimizer state map, under `sam.` keys.
     pub fn save_into(&self, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
-        if self.steps == 0 && self.buffers.is_empty() && self.lr_max.is_none() {
+        if self.steps == 0 && self.buffers.is_empty() && self.lr_max.is_none() && self.scalars.is_empty() {
             return Ok(());
         }
         out.insert(format!("{PREFIX}steps"), Tensor::new(&[self.steps as f64], &Device::Cpu)?);
         if let Some(lr) = self.lr_max {
             out.insert(format!("{PREFIX}lr_max"), Tensor::new(&[lr], &Device::Cpu)?);
+        }
+        for (name, v) in &self.scalars {
+            out.insert(format!("{PREFIX}scalar/{name}"), Tensor::new(&[*v], &Device::Cpu)?);
         }
         for (buffer, set) in &self.buffers {
             for (name, t) in set.iter() {
@@ -50,6 +55,11 @@ impl SamState {
         for (key, t) in state {
             let Some(rest) = key.strip_prefix(PREFIX) else { continue };
             let Some((buffer, name)) = rest.split_once('/') else { continue };
+            if buffer == "scalar" {
+                let v = t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+                out.scalars.insert(name.to_string(), *v.first().with_context(|| format!("{key}: an empty tensor"))?);
+                continue;
+            }
             out.buffers.entry(buffer.to_string()).or_default().set(name, t.copy()?)?;
         }
         Ok(out)
