@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// Never touch the network: Hub models come from the local cache only (as HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
+    /// Stop the run as diverged when a step's loss exceeds this (default: 10,000 times the first
+    /// step's loss, at least 10,000); a NaN or infinite loss always stops it.
+    #[arg(long, value_name = "LOSS")]
+    pub max_loss: Option<f64>,
 }
 
 /// Arguments of `samhost plot`.

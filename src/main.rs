@@ -57,6 +57,7 @@ fn main() -> ExitCode {
             progress_every: a.progress_every,
             command_line: std::env::args().collect(),
             offline: a.offline,
+            max_loss: a.max_loss,
         }),
         Command::Plot(a) => plot(a),
         Command::Check { script } => {

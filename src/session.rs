@@ -52,6 +52,8 @@ pub struct SessionOptions {
     pub command_line: Vec<String>,
     /// Never touch the network: Hub files come from the cache only (as `HF_HUB_OFFLINE=1`).
     pub offline: bool,
+    /// `--max-loss`: a step whose loss exceeds it stops the run as diverged.
+    pub max_loss: Option<f64>,
 }
 
 impl Default for SessionOptions {
@@ -70,6 +72,7 @@ impl Default for SessionOptions {
             progress_every: 100,
             command_line: Vec::new(),
             offline: false,
+            max_loss: None,
         }
     }
 }
@@ -98,6 +101,8 @@ pub struct Session {
     interrupt_seen: Cell<Option<Instant>>,
     /// Never touch the network (`--offline`; `HF_HUB_OFFLINE=1` is read where the Hub is used).
     pub offline: bool,
+    /// `--max-loss` (see [`crate::run::end_step`]).
+    pub max_loss: Option<f64>,
     /// The configuration the script resolved with `config()`, as JSON.
     pub resolved_config: RefCell<Option<serde_json::Value>>,
     /// The run's record: folder, metric log, progress display, step counter, checkpoints.
@@ -134,6 +139,7 @@ impl Session {
             interrupted: Arc::new(AtomicBool::new(false)),
             interrupt_seen: Cell::new(None),
             offline: opts.offline,
+            max_loss: opts.max_loss,
             resolved_config: RefCell::new(None),
             run: RefCell::new(RunRecord::detached(mode)),
         })

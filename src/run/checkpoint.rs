@@ -145,20 +145,9 @@ pub fn save(dir: &Path, train: &TrainState, mut state: CheckpointState, keep: us
         std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
     }
     std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let written = write_contents(&tmp, train, &state).and_then(|()| {
-        // Replace a checkpoint of the same folder name: move it aside, move the new one in.
-        let aside = dir.join(format!(".old-{}-{}", folder_name(&state), std::process::id()));
-        let had_old = final_dir.exists();
-        if had_old {
-            std::fs::rename(&final_dir, &aside).with_context(|| format!("{}: cannot replace", final_dir.display()))?;
-        }
-        std::fs::rename(&tmp, &final_dir)
-            .with_context(|| format!("{}: cannot move into place", final_dir.display()))?;
-        if had_old {
-            let _ = std::fs::remove_dir_all(&aside);
-        }
-        Ok(())
-    });
+    // The complete checkpoint replaces one of the same folder name in one step (an atomic swap),
+    // so a complete checkpoint is visible at every moment.
+    let written = write_contents(&tmp, train, &state).and_then(|()| crate::fsutil::replace_dir(&tmp, &final_dir));
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -215,6 +204,8 @@ pub fn restore(ck: &Checkpoint, train: &TrainState, rng: &HostRng) -> Result<()>
         };
         opt_state.insert(k, t);
     }
+    crate::train::optim::check_state_matches(&opt_state, &train.model)
+        .with_context(|| format!("{}: optimizer.safetensors does not fit the model", ck.dir.display()))?;
     train
         .optim
         .try_borrow_mut()

@@ -3,7 +3,8 @@
 //! - [`Run::start`]: a resumed run takes its seed, dtype and `--set` overrides from the run
 //!   folder's config.json (what is given now wins), then the [`Session`] is made;
 //! - [`Run::open`]: the run folder is created (sources copied, config.json written) or reopened
-//!   (metrics.jsonl cut back to the newest checkpoint), and Ctrl-C is handled from then on;
+//!   (metrics.jsonl cut back to the newest checkpoint), and Ctrl-C, SIGTERM and SIGHUP are
+//!   handled from then on ([`super::signals`]);
 //! - [`begin_step`] / [`end_step`] around every optimizer step: a pending Ctrl-C stops the run
 //!   before the step, the step is counted and a non-finite loss ends the run naming the step;
 //! - [`Run::end`]: the Ctrl-C checkpoint, summary.json, the plots and the closing lines.
@@ -16,11 +17,9 @@ use super::record::RunInfo;
 use super::{RunDir, RunRecord, RunStatus};
 use crate::session::{Session, SessionOptions, DEFAULT_SEED};
 use crate::train::StepStats;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 /// One run from start to end (see the module documentation).
@@ -61,20 +60,6 @@ pub fn merged_overrides(recorded: &serde_json::Value, given: &[(String, String)]
         .unwrap_or_default();
     out.extend(given.iter().cloned());
     out
-}
-
-/// Ctrl-C: the first press asks the run to stop after the current step (the session says so
-/// when the script notices); the second exits at once.
-fn install_ctrl_c(flag: Arc<AtomicBool>) {
-    static PRESSES: AtomicUsize = AtomicUsize::new(0);
-    // Only one handler per process: a second run in the same process keeps the first one.
-    let _ = ctrlc::set_handler(move || {
-        if PRESSES.fetch_add(1, Ordering::SeqCst) == 0 {
-            flag.store(true, Ordering::SeqCst);
-        } else {
-            std::process::exit(130);
-        }
-    });
 }
 
 impl Run {
@@ -142,7 +127,7 @@ impl Run {
     /// Opens the run folder: reopens the `--resume` folder (noting when `text`, the script now,
     /// differs from the run's copy), or creates a new one under the runs folder and copies the
     /// script and `imported` (the modules it imports) into it; without either, the run keeps
-    /// its records in memory. Ctrl-C is handled from here on.
+    /// its records in memory. Ctrl-C, SIGTERM and SIGHUP are handled from here on.
     pub fn open(&mut self, text: &str, imported: &[PathBuf]) -> Result<()> {
         let s = &self.session;
         let info = self.info.clone();
@@ -177,7 +162,7 @@ impl Run {
         if let Some(record) = record {
             *s.record()? = record;
         }
-        install_ctrl_c(s.interrupted.clone());
+        super::signals::install(s.interrupted.clone());
         Ok(())
     }
 
@@ -187,6 +172,18 @@ impl Run {
     pub fn end(&self, status: &RunStatus) -> Result<()> {
         let session = &self.session;
         let mut run = session.record()?;
+        // A run that failed before doing anything leaves no folder behind (a bad --set, a
+        // typo in the script): nothing in it would be worth keeping.
+        let nothing_done = run.steps() == 0 && run.metrics.records().is_empty() && !run.is_resuming();
+        if matches!(status, RunStatus::Failed(_)) && nothing_done && run.newest_checkpoint()?.is_none() {
+            run.progress.finish();
+            if let Some(dir) = run.dir().map(|d| d.path().to_path_buf()) {
+                drop(run);
+                std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
+                session.say(&format!("failed before its first step: no run folder kept ({} removed)", dir.display()));
+            }
+            return Ok(());
+        }
         let interrupt_ck =
             if *status == RunStatus::Interrupted { run.write_interrupt_checkpoint(&session.rng)? } else { None };
         let plots = run.finish(status)?;
@@ -209,8 +206,8 @@ impl Run {
                     "interrupted at step {steps}; no checkpoint (the script had not called resume() or save_checkpoint())"
                 ),
             };
-            // Shown even with --quiet: it is the reason for exit code 130.
-            eprintln!("{msg}");
+            // Shown even with --quiet: it is the reason for the exit code.
+            eprintln!("{}: {msg}", super::signals::name());
         }
         session.say(&format!(
             "{}: {} (summary.json, metrics.jsonl, {} plot{} in plots/)",
@@ -232,15 +229,31 @@ pub fn begin_step(session: &Session) -> Result<()> {
     Ok(())
 }
 
+/// The divergence bound when `--max-loss` is not given: this many times the first loss.
+pub const MAX_LOSS_FACTOR: f64 = 1e4;
+
 /// After an optimizer step called `what`: counts it (progress, step number), then fails when
-/// its loss is not finite, naming the step. Returns the step's number (1-based).
+/// its loss is not finite or exceeds the divergence bound (`--max-loss`, else
+/// [`MAX_LOSS_FACTOR`] times the first step's loss, at least that factor), naming the step.
+/// Returns the step's number (1-based).
 pub fn end_step(session: &Session, what: &str, stats: &StepStats) -> Result<u64> {
-    let step = session.record()?.after_step(stats.loss);
+    let (step, first) = {
+        let mut record = session.record()?;
+        (record.after_step(stats.loss), record.first_loss())
+    };
     if !stats.loss.is_finite() || !stats.sharp_loss.is_finite() {
         bail!(
             "{what}: the loss is not finite at step {step} (loss {}, sharp_loss {}): training diverged; lower the learning rate or rho",
             stats.loss,
             stats.sharp_loss
+        );
+    }
+    let bound = session.max_loss.unwrap_or_else(|| MAX_LOSS_FACTOR * first.unwrap_or(1.0).abs().max(1.0));
+    let worst = stats.loss.max(stats.sharp_loss);
+    if worst > bound {
+        bail!(
+            "{what}: the loss {worst:e} at step {step} exceeds {bound:e} ({}): training diverged; lower the learning rate or rho",
+            if session.max_loss.is_some() { "--max-loss".to_string() } else { format!("{MAX_LOSS_FACTOR:e} x the first loss; --max-loss sets it") }
         );
     }
     Ok(step)

@@ -10,6 +10,7 @@ pub mod plot;
 pub mod progress;
 pub mod record;
 pub mod rundir;
+pub mod signals;
 pub mod summary;
 
 pub use lifecycle::{begin_step, end_step, Interrupted, Run};

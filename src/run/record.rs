@@ -68,6 +68,7 @@ pub struct RunRecord {
     /// The progress display.
     pub progress: Progress,
     steps: u64,
+    first_loss: Option<f64>,
     train: Option<TrainState>,
     save_point: Option<SavePoint>,
     /// `--resume`: the newest checkpoint found when the run started, and whether `resume()` used one.
@@ -87,6 +88,7 @@ impl RunRecord {
             metrics: MetricLog::default(),
             progress: Progress::new(mode),
             steps: 0,
+            first_loss: None,
             train: None,
             save_point: None,
             resuming: false,
@@ -206,8 +208,16 @@ impl RunRecord {
         Ok(())
     }
 
+    /// The loss of the first step of this process (the divergence bound's scale).
+    pub fn first_loss(&self) -> Option<f64> {
+        self.first_loss
+    }
+
     /// Counts one optimizer step with its loss; returns the step's number (1-based).
     pub fn after_step(&mut self, loss: f64) -> u64 {
+        if self.first_loss.is_none() && loss.is_finite() {
+            self.first_loss = Some(loss);
+        }
         self.steps += 1;
         self.progress.step(self.steps, loss);
         self.steps
@@ -338,7 +348,7 @@ impl RunRecord {
         let records = self.metrics.records();
         let mut summary = json!({
             "status": status.name(),
-            "error": match status { RunStatus::Failed(e) => Value::from(e.as_str()), _ => Value::Null },
+            "error": status.error().map_or(Value::Null, Value::from),
             "steps": self.steps,
             "wall_time_s": (self.metrics.elapsed() * 10.0).round() / 10.0,
             "ended": now_iso(),

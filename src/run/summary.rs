@@ -10,17 +10,28 @@ pub enum RunStatus {
     Finished,
     /// The script stopped with this error.
     Failed(String),
-    /// Ctrl-C stopped it.
+    /// Ctrl-C, SIGTERM or SIGHUP stopped it.
     Interrupted,
+    /// The host panicked (a bug in samhost): the message. The run's records are still written.
+    Crashed(String),
 }
 
 impl RunStatus {
-    /// `finished`, `failed` or `interrupted`.
+    /// `finished`, `failed`, `interrupted` or `crashed`.
     pub fn name(&self) -> &'static str {
         match self {
             RunStatus::Finished => "finished",
             RunStatus::Failed(_) => "failed",
             RunStatus::Interrupted => "interrupted",
+            RunStatus::Crashed(_) => "crashed",
+        }
+    }
+
+    /// The error message of a failed or crashed run.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            RunStatus::Failed(e) | RunStatus::Crashed(e) => Some(e),
+            _ => None,
         }
     }
 }

@@ -49,10 +49,43 @@ pub fn save_model(m: &Model, path: &str) -> anyhow::Result<()> {
     if p.extension().is_some_and(|e| e == "safetensors") {
         return m.params().save(p);
     }
-    std::fs::create_dir_all(p).map_err(|e| anyhow::anyhow!("{path}: cannot create the folder: {e}"))?;
-    m.params().save(&p.join("model.safetensors"))?;
-    let config = serde_json::to_string_pretty(&m.network().config())?;
-    crate::fsutil::write_bytes_atomic(&p.join("config.json"), config.as_bytes())
+    if p.is_file() {
+        anyhow::bail!("{path}: is a file; give a folder (or a .safetensors path for the weights only)");
+    }
+    // Weights and config.json are written into a new folder that then replaces `path` in one
+    // step, so a reader never sees the weights of one save with the config of another.
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create the folder: {e}", parent.display()))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", tmp.display()))?;
+    let written = (|| {
+        // Other files of an existing folder (a preprocessor config, notes) are kept.
+        if let Ok(entries) = std::fs::read_dir(p) {
+            for e in entries.flatten() {
+                let keep = e.file_name() != "model.safetensors" && e.file_name() != "config.json";
+                if keep && e.file_type().is_ok_and(|t| t.is_file()) {
+                    std::fs::copy(e.path(), tmp.join(e.file_name()))
+                        .map_err(|err| anyhow::anyhow!("{}: cannot keep it: {err}", e.path().display()))?;
+                } else if keep {
+                    anyhow::bail!("{path}: holds the folder {}; save into a folder of files only", e.path().display());
+                }
+            }
+        }
+        m.params().save(&tmp.join("model.safetensors"))?;
+        let config = serde_json::to_string_pretty(&m.network().config())?;
+        crate::fsutil::write_bytes_atomic(&tmp.join("config.json"), config.as_bytes())?;
+        crate::fsutil::replace_dir(&tmp, p)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
 }
 
 /// Loads weights saved by [`save_model`] (a file, or a folder holding `model.safetensors`).

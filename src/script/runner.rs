@@ -10,7 +10,8 @@ use std::rc::Rc;
 
 /// How a command ended: the exit code and the report to print (if any).
 pub struct Outcome {
-    /// 0 ok, 1 script failed, 2 usage error, 130 interrupted.
+    /// 0 ok, 1 script failed, 2 usage error, 101 crashed (a samhost bug), 130 / 143 / 129
+    /// stopped by SIGINT / SIGTERM / SIGHUP.
     pub code: i32,
     /// Error reports, already formatted (`error: …`).
     pub reports: Vec<String>,
@@ -83,13 +84,25 @@ pub fn run(opts: SessionOptions) -> Outcome {
         return Outcome::fail(2, format!("error: {e:#}"));
     }
 
-    let result = engine.run_ast(&ast);
+    // A panic is a bug in samhost; it still ends the run with its records written.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run_ast(&ast)));
     let (status, mut outcome) = match result {
-        Ok(()) => (RunStatus::Finished, Outcome::ok()),
-        Err(e) if is_interrupt(&e) => (RunStatus::Interrupted, Outcome { code: 130, reports: Vec::new() }),
-        Err(e) => {
+        Ok(Ok(())) => (RunStatus::Finished, Outcome::ok()),
+        Ok(Err(e)) if is_interrupt(&e) => {
+            (RunStatus::Interrupted, Outcome { code: crate::run::signals::exit_code(), reports: Vec::new() })
+        }
+        Ok(Err(e)) => {
             let report = sources.runtime_error(&e);
             (RunStatus::Failed(report.clone()), Outcome::fail(1, report))
+        }
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic without a message".into());
+            let report = format!("error: samhost crashed (a bug; please report it): {msg}");
+            (RunStatus::Crashed(msg), Outcome::fail(101, report))
         }
     };
     if let Err(e) = run.end(&status) {

@@ -47,6 +47,15 @@ fn as_indices(t: &Tensor, what: &str) -> Res<Tensor> {
     op(what, t.to_dtype(DType::U32))
 }
 
+/// A 1-D index tensor (u32) for selecting along one dimension.
+fn indices_1d(t: &Tensor, what: &str) -> Res<Tensor> {
+    let i = as_indices(t, what)?;
+    if i.rank() != 1 {
+        return Err(err(format!("{what}: indices must be 1-D, got {:?}", i.dims())));
+    }
+    Ok(i)
+}
+
 /// Registers the selection functions.
 pub fn register(engine: &mut Engine) {
     for name in ["gt", "lt", "ge", "le", "eq", "ne"] {
@@ -169,11 +178,7 @@ pub fn register(engine: &mut Engine) {
         "The slices of `t` at `indices` (a 1-D integer tensor) along `dim`.",
         |t: Tensor, i: Tensor, d: INT| -> Res<Tensor> {
             let d = dim(&t, d, "index_select")?;
-            let i = as_indices(&i, "index_select")?;
-            if i.rank() != 1 {
-                return Err(err(format!("index_select: indices must be 1-D, got {:?}", i.dims())));
-            }
-            op("index_select", t.index_select(&i, d))
+            op("index_select", t.index_select(&indices_1d(&i, "index_select")?, d))
         }
     );
     api!(
@@ -193,10 +198,7 @@ pub fn register(engine: &mut Engine) {
         "b: Batch, indices: Tensor -> Batch",
         "The sub-batch of the examples at `indices` (a 1-D integer tensor), in that order.",
         |b: &mut Batch, i: Tensor| -> Res<Batch> {
-            let i = as_indices(&i, "select")?;
-            if i.rank() != 1 {
-                return Err(err(format!("select: indices must be 1-D, got {:?}", i.dims())));
-            }
+            let i = indices_1d(&i, "select")?;
             let n = b.len() as f64;
             if i.elem_count() > 0
                 && op("select", i.max_all().and_then(|m| m.to_dtype(DType::F64)).and_then(|m| m.to_scalar::<f64>()))?

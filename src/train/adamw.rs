@@ -61,6 +61,14 @@ impl Optimizer for AdamW {
 
     fn step(&mut self, params: &[(String, Var)], grads: &[Tensor]) -> Result<()> {
         check_aligned(params, grads)?;
+        // Checked before anything changes, so a bad state leaves the weights as they were.
+        for (name, p) in params {
+            for (what, state) in [("exp_avg", &self.m), ("exp_avg_sq", &self.v)] {
+                if let Some(t) = state.get(name).filter(|t| t.dims() != p.dims()) {
+                    bail!("adamw: the {what} state of `{name}` has shape {:?}, the parameter {:?}", t.dims(), p.dims());
+                }
+            }
+        }
         self.steps += 1;
         let c = &self.cfg;
         let [b1, b2] = c.betas;

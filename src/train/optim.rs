@@ -99,3 +99,23 @@ pub(crate) fn read_scalar(state: &BTreeMap<String, Tensor>, key: &str) -> Result
         }
     }
 }
+
+/// Checks an optimizer state (as [`Optimizer::state`] writes it) against `model`: every
+/// per-parameter tensor (`momentum.*`, `exp_avg.*`, `exp_avg_sq.*`, the SAM family's `sam.*/*`)
+/// must name a parameter of the model and have its shape. The error names the tensor.
+pub fn check_state_matches(state: &BTreeMap<String, Tensor>, model: &Model) -> Result<()> {
+    for (key, t) in state {
+        let name = ["momentum.", "exp_avg_sq.", "exp_avg."].iter().find_map(|p| key.strip_prefix(p)).or_else(|| {
+            key.strip_prefix("sam.").and_then(|r| r.split_once('/')).filter(|(b, _)| *b != "scalar").map(|(_, n)| n)
+        });
+        let Some(name) = name else { continue };
+        match model.params().get(name) {
+            None => bail!("optimizer state `{key}`: the model has no parameter `{name}`"),
+            Some(v) if v.dims() != t.dims() => {
+                bail!("optimizer state `{key}` has shape {:?}, the parameter `{name}` {:?}", t.dims(), v.dims())
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}

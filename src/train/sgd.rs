@@ -75,6 +75,12 @@ impl Optimizer for Sgd {
     fn step(&mut self, params: &[(String, Var)], grads: &[Tensor]) -> Result<()> {
         check_aligned(params, grads)?;
         let c = &self.cfg;
+        // Checked before anything changes, so a bad state leaves the weights as they were.
+        for (name, p) in params {
+            if let Some(b) = self.momentum.get(name).filter(|b| b.dims() != p.dims()) {
+                bail!("sgd: the momentum buffer of `{name}` has shape {:?}, the parameter {:?}", b.dims(), p.dims());
+            }
+        }
         for ((name, p), g) in params.iter().zip(grads) {
             let buf = self.momentum.get(name);
             if crate::ops::inplace::applies(&[p.as_tensor(), g])

@@ -9,6 +9,7 @@ mod models;
 mod ops;
 mod precision;
 mod reference;
+mod reliability;
 mod runs;
 mod sam;
 mod sam_family;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// A small training script that checkpoints every epoch and resumes exactly (explicit shuffle
 /// seeds; the batches done before a Ctrl-C are skipped). `delay` slows each step down.
-const TRAIN: &str = r#"
+pub(crate) const TRAIN: &str = r#"
 let cfg = config(#{ epochs: 4, seed: 3, delay: 0, poison_after: -1 });
 let train = synthetic(#{ n: 96, classes: 3, shape: [1, 4, 4], seed: 1 });
 let model = mlp([16, 8, 3]);
@@ -39,18 +39,18 @@ for epoch in st.epoch..cfg.epochs {
 model.save(run_dir() + "/final.safetensors");
 "#;
 
-fn run_samhost(dir: &Path, runs: &Path, args: &[&str]) -> Output {
+pub(crate) fn run_samhost(dir: &Path, runs: &Path, args: &[&str]) -> Output {
     samhost().current_dir(dir).args(args).arg("--runs-dir").arg(runs).output().expect("the samhost binary runs")
 }
 
 /// The single run folder under `runs` (panics when there is not exactly one).
-fn only_run(runs: &Path) -> PathBuf {
+pub(crate) fn only_run(runs: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = std::fs::read_dir(runs).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     dirs[0].clone()
 }
 
-fn json(path: &Path) -> Value {
+pub(crate) fn json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
@@ -60,7 +60,7 @@ fn lines(path: &Path) -> Vec<Value> {
 }
 
 /// Every tensor of a safetensors file as raw f32 bits, by name.
-fn weights(path: &Path) -> Vec<(String, Vec<u32>)> {
+pub(crate) fn weights(path: &Path) -> Vec<(String, Vec<u32>)> {
     let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
     let mut out: Vec<(String, Vec<u32>)> = map
         .into_iter()
