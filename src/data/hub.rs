@@ -97,8 +97,19 @@ fn class_names_from_metadata(reader: &SerializedFileReader<std::fs::File>, label
     names.iter().map(|n| n.as_str().map(String::from)).collect()
 }
 
-/// Loads parquet files of images and labels (see the module doc).
+/// Loads parquet files of images and labels (see the module doc). The `parquet` crate can panic
+/// on a corrupt file (seen by the file fuzzer): that is turned into an error naming the files.
 pub fn load_parquet(files: &[PathBuf], opts: &HubOptions) -> Result<Dataset> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_parquet(files, opts))) {
+        Ok(r) => r,
+        Err(_) => {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            bail!("{}: a corrupt parquet file (the reader failed inside)", names.join(", "))
+        }
+    }
+}
+
+fn read_parquet(files: &[PathBuf], opts: &HubOptions) -> Result<Dataset> {
     let mut encoded: Vec<Vec<u8>> = Vec::new();
     let mut labels: Vec<u32> = Vec::new();
     let mut origin: Vec<(usize, usize)> = Vec::new();

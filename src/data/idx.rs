@@ -19,14 +19,24 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-/// Reads a file, gunzipping it when it starts with the gzip magic bytes.
+/// The most a gzip stream can expand (deflate's limit is about 1032:1), with room for headers:
+/// more decompressed bytes than this per compressed byte means a corrupt or hostile file.
+const MAX_GZIP_RATIO: u64 = 1100;
+
+/// Reads a file, gunzipping it when it starts with the gzip magic bytes (never more than
+/// [`MAX_GZIP_RATIO`] times the file's size).
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
+        let limit = raw.len() as u64 * MAX_GZIP_RATIO + (1 << 20);
         let mut out = Vec::new();
         MultiGzDecoder::new(&raw[..])
+            .take(limit + 1)
             .read_to_end(&mut out)
             .with_context(|| format!("{}: corrupt gzip data", path.display()))?;
+        if out.len() as u64 > limit {
+            bail!("{}: the gzip data expands beyond {limit} bytes: a corrupt file", path.display());
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -54,7 +64,10 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
     let dims: Vec<usize> = (0..rank)
         .map(|i| u32::from_be_bytes([bytes[4 + 4 * i], bytes[5 + 4 * i], bytes[6 + 4 * i], bytes[7 + 4 * i]]) as usize)
         .collect();
-    let expected = dims.iter().product::<usize>();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .with_context(|| format!("{p}: the header's dimensions {dims:?} overflow"))?;
     if bytes.len() - header != expected {
         bail!(
             "{p}: the header says {dims:?} ({expected} bytes of data) but the file has {} bytes of data",

@@ -11,6 +11,23 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
 
+/// The most elements a tensor made from numbers alone (`arange`) may have: 2^28 (1 GiB of f32).
+const MAX_MADE_ELEMENTS: f64 = (1u64 << 28) as f64;
+
+/// Checks that `arange(start, end, step)` has a finite, bounded number of elements.
+fn arange_count(a: f64, b: f64, st: f64) -> Res<()> {
+    if st == 0.0 || !st.is_finite() || !a.is_finite() || !b.is_finite() {
+        return Err(err(format!("arange: start, end and step must be finite and step not 0, got {a}, {b}, {st}")));
+    }
+    let n = ((b - a) / st).ceil();
+    if n > MAX_MADE_ELEMENTS {
+        return Err(err(format!(
+            "arange: {n} elements is more than {MAX_MADE_ELEMENTS} (start {a}, end {b}, step {st})"
+        )));
+    }
+    Ok(())
+}
+
 /// Parses a dtype name.
 pub fn parse_dtype(name: &str) -> Res<DType> {
     match name {
@@ -218,10 +235,10 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         move |shape: Array| random(&s, &shape, false)
     );
     let s = session.clone();
-    api!(engine, "arange", "end: int -> Tensor", "The float32 values 0, 1, …, end-1.", move |end: INT| op(
-        "arange",
-        Tensor::arange(0f32, end as f32, s.device())
-    ));
+    api!(engine, "arange", "end: int -> Tensor", "The float32 values 0, 1, …, end-1.", move |end: INT| {
+        arange_count(0.0, end as f64, 1.0)?;
+        op("arange", Tensor::arange(0f32, end as f32, s.device()))
+    });
     let s = session.clone();
     api!(
         engine,
@@ -234,9 +251,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
                 super::convert::number("arange", &b)?,
                 super::convert::number("arange", &st)?,
             );
-            if st == 0.0 {
-                return Err(err("arange: step must not be 0"));
-            }
+            arange_count(a, b, st)?;
             op("arange", Tensor::arange_step(a as f32, b as f32, st as f32, s.device()))
         }
     );

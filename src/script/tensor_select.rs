@@ -56,6 +56,17 @@ fn indices_1d(t: &Tensor, what: &str) -> Res<Tensor> {
     Ok(i)
 }
 
+/// `arg_sort_last_dim`, also for tensors with no element (candle's kernel panics on those).
+fn arg_sort(t: &Tensor, ascending: bool, what: &str) -> Res<Tensor> {
+    if t.rank() == 0 {
+        return Err(err(format!("{what}: a scalar has no dimension to sort")));
+    }
+    if t.elem_count() == 0 {
+        return op(what, Tensor::zeros(t.shape(), DType::U32, t.device()));
+    }
+    op(what, t.contiguous().and_then(|t| t.arg_sort_last_dim(ascending)))
+}
+
 /// Registers the selection functions.
 pub fn register(engine: &mut Engine) {
     for name in ["gt", "lt", "ge", "le", "eq", "ne"] {
@@ -140,7 +151,7 @@ pub fn register(engine: &mut Engine) {
         "argsort",
         "t: Tensor -> Tensor",
         "Indices (u32) that sort the last dimension ascending.",
-        |t: Tensor| op("argsort", t.contiguous().and_then(|t| t.arg_sort_last_dim(true)))
+        |t: Tensor| arg_sort(&t, true, "argsort")
     );
     api!(
         engine,
@@ -149,7 +160,7 @@ pub fn register(engine: &mut Engine) {
         "Indices (u32) that sort the last dimension. Options: descending (false).",
         |t: Tensor, o: Map| -> Res<Tensor> {
             let so: SortOptions = options("argsort", &o)?;
-            op("argsort", t.contiguous().and_then(|t| t.arg_sort_last_dim(!so.descending)))
+            arg_sort(&t, !so.descending, "argsort")
         }
     );
     api!(
@@ -162,7 +173,7 @@ pub fn register(engine: &mut Engine) {
             if k < 0 || k as usize > n {
                 return Err(err(format!("topk: k must be in 0..={n}, got {k}")));
             }
-            let idx = op("topk", t.contiguous().and_then(|t| t.arg_sort_last_dim(false)))?;
+            let idx = arg_sort(&t, false, "topk")?;
             let idx = op("topk", idx.narrow(D::Minus1, 0, k as usize).and_then(|i| i.contiguous()))?;
             let values = op("topk", t.contiguous().and_then(|t| t.gather(&idx, D::Minus1)))?;
             let mut m = Map::new();
