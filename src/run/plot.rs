@@ -266,6 +266,55 @@ pub fn render_png(fig: &Figure, path: &Path) -> Result<()> {
     write_bytes_atomic(path, &bytes)
 }
 
+/// Renders a heatmap of `values[j][i]` over (xs[i], ys[j]) as a PNG (a 2-D loss landscape):
+/// blue for the lowest value, yellow for the highest, with a title naming the range.
+pub fn render_heatmap_png(title: &str, xs: &[f64], ys: &[f64], values: &[Vec<f64>], path: &Path) -> Result<()> {
+    register_font();
+    let (w, h) = SIZE;
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let finite = values.iter().flatten().copied().filter(|v| v.is_finite());
+    let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = if lo.is_finite() { (lo, hi.max(lo + 1e-12)) } else { (0.0, 1.0) };
+    let e = |e: &dyn std::fmt::Display| anyhow!("drawing the heatmap `{title}`: {e}");
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let (x0, x1) = (xs.first().copied().unwrap_or(0.0), xs.last().copied().unwrap_or(1.0));
+        let (y0, y1) = (ys.first().copied().unwrap_or(0.0), ys.last().copied().unwrap_or(1.0));
+        let caption = format!("{title} (loss {} to {})", format_tick(lo), format_tick(hi));
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 26))
+            .margin(24)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0..x1.max(x0 + 1e-12), y0..y1.max(y0 + 1e-12))
+            .map_err(|x| e(&x))?;
+        chart.configure_mesh().label_style(("sans-serif", 18)).draw().map_err(|x| e(&x))?;
+        let dx = if xs.len() > 1 { (x1 - x0) / (xs.len() - 1) as f64 } else { 1.0 };
+        let dy = if ys.len() > 1 { (y1 - y0) / (ys.len() - 1) as f64 } else { 1.0 };
+        let cells = ys.iter().enumerate().flat_map(|(j, &y)| {
+            xs.iter().enumerate().map(move |(i, &x)| {
+                let v = values.get(j).and_then(|r| r.get(i)).copied().unwrap_or(f64::NAN);
+                let t = if v.is_finite() { ((v - lo) / (hi - lo)).clamp(0.0, 1.0) } else { 1.0 };
+                // From dark blue (low) through green to yellow (high).
+                let color = RGBColor((t * 250.0) as u8, (40.0 + t * 190.0) as u8, ((1.0 - t) * 160.0 + 40.0) as u8);
+                Rectangle::new([(x - dx / 2.0, y - dy / 2.0), (x + dx / 2.0, y + dy / 2.0)], color.filled())
+            })
+        });
+        chart.draw_series(cells).map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
+    }
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().context("encoding the PNG")?;
+        writer.write_image_data(&buf).context("encoding the PNG")?;
+    }
+    write_bytes_atomic(path, &bytes)
+}
+
 /// A file-name-safe version of a metric name.
 pub fn file_stem(metric: &str) -> String {
     metric.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()

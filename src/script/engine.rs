@@ -25,6 +25,7 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
     super::data::register(&mut engine, session);
     crate::script::runlog::register(&mut engine, session);
     super::run::register(&mut engine, session);
+    super::diagnostics::register(&mut engine, session);
 
     let s = session.clone();
     engine.on_print(move |text| {

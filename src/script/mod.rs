@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod convert;
 pub mod data;
+pub mod diagnostics;
 pub mod engine;
 pub mod hub;
 pub mod model;

@@ -50,7 +50,7 @@ fn grad_map(g: crate::train::GradOutput) -> Map {
 fn do_grad(ctx: &NativeCallContext, m: &Model, batch: &Batch, mut o: Map) -> Res<Map> {
     let closure = take_loss(&mut o)?;
     let g: GradOpts = options("grad", &o)?;
-    let opts = crate::train::GradOptions { update_bn: g.update_bn, per_example: true };
+    let opts = crate::train::GradOptions { update_bn: g.update_bn, per_example: true, train: true };
     let out = op(
         "grad",
         with_loss(ctx, closure, g.label_smoothing, |loss| {
@@ -74,7 +74,7 @@ impl Default for EvalOptions {
 }
 
 /// Takes `loss` out of an option map: a string ("cross_entropy") or a closure.
-fn take_loss(map: &mut Map) -> Res<Option<FnPtr>> {
+pub(super) fn take_loss(map: &mut Map) -> Res<Option<FnPtr>> {
     match map.remove("loss") {
         None => Ok(None),
         Some(v) if v.is_fnptr() => Ok(v.try_cast::<FnPtr>()),
@@ -89,7 +89,7 @@ fn take_loss(map: &mut Map) -> Res<Option<FnPtr>> {
 }
 
 /// Calls `f` with the loss described by the options (`loss` removed from them already).
-fn with_loss<T>(
+pub(super) fn with_loss<T>(
     ctx: &NativeCallContext,
     closure: Option<FnPtr>,
     label_smoothing: f64,

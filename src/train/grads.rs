@@ -53,11 +53,14 @@ pub struct GradOptions {
     pub update_bn: bool,
     /// Also compute the per-example losses (cross-entropy) into [`GradOutput::losses`].
     pub per_example: bool,
+    /// Training mode (batch statistics, dropout); `false` evaluates the loss in evaluation mode
+    /// (BatchNorm's running statistics, no dropout), as sharpness measures do.
+    pub train: bool,
 }
 
 impl Default for GradOptions {
     fn default() -> Self {
-        Self { update_bn: true, per_example: true }
+        Self { update_bn: true, per_example: true, train: true }
     }
 }
 
@@ -104,7 +107,7 @@ pub fn grad_of(
     }
     let saved_bn = if opts.update_bn { None } else { Some(model.params().save_buffers()?) };
     let result = (|| -> Result<GradOutput> {
-        let logits = model.forward_t(images, true).context("forward pass")?;
+        let logits = model.forward_t(images, opts.train).context("forward pass")?;
         let loss = loss_fn.compute(&logits, labels)?;
         let classify = matches!((logits.dims(), labels.dims()), ([a, _], [b]) if a == b);
         let losses = match (opts.per_example && classify, loss_fn) {

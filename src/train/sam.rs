@@ -214,7 +214,8 @@ fn one_pass(
     cfg: &SamConfig,
     gv: Option<(&TensorSet, f64)>,
 ) -> Result<StepStats> {
-    let first = grad_micro(model, params, micro, loss_fn, GradOptions { update_bn: true, per_example: false })?;
+    let first =
+        grad_micro(model, params, micro, loss_fn, GradOptions { update_bn: true, per_example: false, train: true })?;
     let g_norm = first.grads.norm()?;
     let d = match gv {
         // d = g + α·‖g‖/‖g_v‖·g_v
@@ -377,7 +378,8 @@ fn sam_family_step(
     let mut firsts = Vec::with_capacity(chunks.len());
     let mut total: Option<TensorSet> = None;
     for chunk in &chunks {
-        let mut first = grad_micro(model, params, chunk, loss_fn, GradOptions { update_bn: true, per_example: esam })?;
+        let mut first =
+            grad_micro(model, params, chunk, loss_fn, GradOptions { update_bn: true, per_example: esam, train: true })?;
         let g_norm = first.grads.norm()?;
         norm_sum += g_norm;
         let (dir, scale, m_next) = perturbation(model, &first.grads, g_norm, rho, cfg, state)?;
@@ -397,7 +399,7 @@ fn sam_family_step(
                 }
             }
             let p2 = if esam { esam_params(params, cfg.beta, state.steps) } else { params.to_vec() };
-            let opts = GradOptions { update_bn: true, per_example: false };
+            let opts = GradOptions { update_bn: true, per_example: false, train: true };
             Ok((grad_micro(model, &p2, &sub, loss_fn, opts)?, p2))
         })();
         // Restore weights and running statistics whatever the second pass did.

@@ -2,6 +2,7 @@
 
 mod common;
 mod data;
+mod diagnostics;
 mod foundation;
 mod fuzz;
 mod hub;
