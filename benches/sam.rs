@@ -2,7 +2,8 @@
 //! driving the loop from a Rhai script, the cost of one script call into a registered tensor
 //! function, and the peak memory of a step. Prints a table; run with `cargo bench --bench sam`.
 //! `SAMHOST_BENCH_STEPS` sets the number of timed steps (default 10, median reported). Then the
-//! composed-SAM comparison of `support/compose.rs` (`SAMHOST_BENCH_PART=compose`: that alone).
+//! composed-SAM comparison of `support/compose.rs` (`SAMHOST_BENCH_PART=compose`: that alone)
+//! and the Hessian-vector product's cost of `support/hvp.rs` (`SAMHOST_BENCH_PART=hvp`).
 
 use candle_core::{Device, Tensor};
 use samhost::data::Batch;
@@ -21,6 +22,8 @@ mod bench_models;
 mod compose;
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
+#[path = "support/hvp.rs"]
+mod hvp;
 use counting_alloc::{LIVE, PEAK};
 
 fn steps() -> usize {
@@ -146,6 +149,10 @@ fn main() {
         compose::run();
         return;
     }
+    if part == "hvp" {
+        hvp::run();
+        return;
+    }
     let (rust_ns, over_ns) = call_overhead();
     println!("script call into a registered tensor function (t + 1.0, 1 element):");
     println!("  tensor op from Rust {rust_ns:.0} ns; extra cost from a script {over_ns:.0} ns per call\n");
@@ -184,4 +191,6 @@ fn main() {
     }
     println!("\nSAM written in the script against the built-in:");
     compose::run();
+    println!("\nHessian-vector products against gradients:");
+    hvp::run();
 }

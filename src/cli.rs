@@ -26,6 +26,9 @@ pub enum Command {
     /// Overlay one metric of several runs in one PNG with a legend (e.g. SAM against SGD). Each
     /// run is labelled by the config values that differ between the runs.
     Plot(PlotArgs),
+    /// Measure the flatness of a saved model: the Hessian's top eigenvalue and trace, adaptive
+    /// sharpness and a 1-D loss landscape, written to RUN_DIR/diagnostics/.
+    Sharpness(SharpnessArgs),
     /// Print the script API reference, generated from the registered functions.
     Api {
         /// Print the reference as JSON (Rhai's function metadata).
@@ -77,6 +80,22 @@ pub struct RunArgs {
     /// step's loss, at least 10,000); a NaN or infinite loss always stops it.
     #[arg(long, value_name = "LOSS")]
     pub max_loss: Option<f64>,
+}
+
+/// Arguments of `samhost sharpness`.
+#[derive(Debug, clap::Args)]
+pub struct SharpnessArgs {
+    /// The run folder (its checkpoints/ hold the model).
+    pub run: PathBuf,
+    /// Which checkpoint: its folder name (e.g. epoch-0010) or its name; the newest by default.
+    #[arg(long, value_name = "NAME")]
+    pub checkpoint: Option<String>,
+    /// The examples to measure on (anything `load_dataset` reads); default: the run's `data` setting.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// How many examples of it (the first ones).
+    #[arg(long, default_value_t = 512)]
+    pub examples: usize,
 }
 
 /// Arguments of `samhost plot`.

@@ -60,6 +60,24 @@ fn main() -> ExitCode {
             max_loss: a.max_loss,
         }),
         Command::Plot(a) => plot(a),
+        Command::Sharpness(a) => {
+            match samhost::diagnostics::report::sharpness_report(
+                &a.run,
+                a.checkpoint.as_deref(),
+                a.data.as_deref(),
+                a.examples,
+            ) {
+                Ok(r) => {
+                    eprintln!("{}:", r.checkpoint.display());
+                    for l in &r.lines {
+                        eprintln!("  {l}");
+                    }
+                    eprintln!("wrote {}", r.json.display());
+                    runner::Outcome { code: 0, reports: Vec::new() }
+                }
+                Err(e) => runner::Outcome { code: 1, reports: vec![format!("error: {e:#}")] },
+            }
+        }
         Command::Check { script } => {
             let o = runner::check(&script);
             if o.code == 0 {

@@ -40,6 +40,11 @@ pub fn hvp(model: &Model, data: &Data, loss_fn: &LossFn, v: &TensorSet, h: f64) 
     let minus = loss_grad(model, data, loss_fn);
     model.restore()?;
     let (_, _, g_minus) = minus?;
-    let g_minus = g_minus.filter(|n| v.get(n).is_some());
-    g_plus.filter(|n| v.get(n).is_some()).axpy(-1.0, &g_minus)?.scale(norm / (2.0 * h))
+    let c = norm / (2.0 * h);
+    let (g_plus, g_minus) = if g_plus.len() == v.len() {
+        (g_plus, g_minus)
+    } else {
+        (g_plus.filter(|n| v.get(n).is_some()), g_minus.filter(|n| v.get(n).is_some()))
+    };
+    g_plus.axpby(c, -c, &g_minus)
 }

@@ -123,7 +123,7 @@ pub fn interpolate(
     loss_fn: &LossFn,
     points: usize,
 ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-    if points < 2 || points > 1001 {
+    if !(2..=1001).contains(&points) {
         bail!("interpolate: points must be in 2..=1001, got {points}");
     }
     let wa = a.params().snapshot()?;

@@ -12,6 +12,7 @@ pub mod eigen;
 pub mod hessian;
 pub mod hvp;
 pub mod landscape;
+pub mod report;
 pub mod sharpness;
 
 use crate::models::Model;

@@ -108,7 +108,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         let data = batches_of("hessian_top", &s, data, c.batch)?;
         let top = op(
             "hessian_top",
-            with_loss(&ctx, c.closure, 0.0, |loss| hessian::top_eigen(&m, &data, loss, &c.opts, &s.rng)),
+            with_loss(ctx, c.closure, 0.0, |loss| hessian::top_eigen(&m, &data, loss, &c.opts, &s.rng)),
         )?;
         let json = serde_json::json!({ "eigenvalues": top.eigenvalues, "iterations": top.iterations });
         record(&s, &c.name.unwrap_or_else(|| "hessian_top".into()), &json, None)?;
@@ -137,7 +137,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         let data = batches_of("hessian_trace", &s, data, c.batch)?;
         let t = op(
             "hessian_trace",
-            with_loss(&ctx, c.closure, 0.0, |loss| hessian::trace(&m, &data, loss, &c.opts, &s.rng)),
+            with_loss(ctx, c.closure, 0.0, |loss| hessian::trace(&m, &data, loss, &c.opts, &s.rng)),
         )?;
         let json = serde_json::json!({ "trace": t.trace, "std_error": t.std_error, "samples": t.samples });
         record(&s, &c.name.unwrap_or_else(|| "hessian_trace".into()), &json, None)?;
@@ -164,7 +164,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         let data = batches_of("hessian_density", &s, data, c.batch)?;
         let d = op(
             "hessian_density",
-            with_loss(&ctx, c.closure, 0.0, |loss| hessian::density(&m, &data, loss, &c.opts, &s.rng)),
+            with_loss(ctx, c.closure, 0.0, |loss| hessian::density(&m, &data, loss, &c.opts, &s.rng)),
         )?;
         let json = serde_json::json!({ "grid": d.grid, "density": d.density, "nodes": d.nodes, "weights": d.weights });
         let points = d.grid.iter().copied().zip(d.density.iter().copied()).collect();
@@ -206,7 +206,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         let data = batches_of("adaptive_sharpness", &s, data, c.batch)?;
         let r = op(
             "adaptive_sharpness",
-            with_loss(&ctx, c.closure, 0.0, |loss| sharpness::adaptive_sharpness(&m, &data, loss, &c.opts, &s.rng)),
+            with_loss(ctx, c.closure, 0.0, |loss| sharpness::adaptive_sharpness(&m, &data, loss, &c.opts, &s.rng)),
         )?;
         let json = serde_json::json!({ "sharpness": r.sharpness, "per_batch": r.per_batch, "loss": r.loss });
         record(&s, &c.name.unwrap_or_else(|| "adaptive_sharpness".into()), &json, None)?;
@@ -231,8 +231,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     let f = Rc::new(move |ctx: &NativeCallContext, m: Model, data: Dynamic, o: Map| -> Res<Map> {
         let c: Common<landscape::Options> = common("landscape", o)?;
         let data = batches_of("landscape", &s, data, c.batch)?;
-        let l =
-            op("landscape", with_loss(&ctx, c.closure, 0.0, |loss| landscape::landscape(&m, &data, loss, &c.opts)))?;
+        let l = op("landscape", with_loss(ctx, c.closure, 0.0, |loss| landscape::landscape(&m, &data, loss, &c.opts)))?;
         let name = c.name.unwrap_or_else(|| "landscape".into());
         let json = serde_json::json!({ "x": l.xs, "y": l.ys, "loss": l.loss, "accuracy": l.accuracy });
         let plot = if l.ys.is_empty() {

@@ -211,6 +211,20 @@ impl TensorSet {
         })
     }
 
+    /// `a·self + b·other` (same names), in one pass per tensor.
+    pub fn axpby(&self, a: f64, b: f64, other: &TensorSet) -> Result<Self> {
+        self.check_same_names(other, "axpby")?;
+        let (af, bf) = (a as f32, b as f32);
+        self.map(|n, x| {
+            let y = &other.tensors[n];
+            if applies(&[x, y]) && x.shape() == y.shape() {
+                Ok(elementwise::map2(x, y, |x, y| af * x + bf * y)?)
+            } else {
+                Ok((x.affine(a, 0.0)? + y.to_dtype(x.dtype())?.affine(b, 0.0)?)?)
+            }
+        })
+    }
+
     /// `|x|` element-wise.
     pub fn abs(&self) -> Result<Self> {
         self.map(|_, t| unary(t, f32::abs, Tensor::abs))

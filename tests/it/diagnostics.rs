@@ -269,3 +269,44 @@ fn directions_are_filter_normalized_and_the_landscape_starts_at_the_loss() {
     assert_eq!(loss_at(&model, &data, &LossFn::default()).unwrap().0, at_w, "the first model is put back");
 }
 
+/// `samhost sharpness RUN_DIR` measures the newest checkpoint of a run on the run's data.
+#[test]
+fn the_sharpness_command_measures_a_saved_checkpoint() {
+    use crate::common::{samhost, stderr, write};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.safetensors");
+    let rng = HostRng::new(9);
+    let images = Tensor::from_vec(
+        rng.uniform(40 * 16, 0.0, 255.0).iter().map(|v| *v as u8).collect::<Vec<_>>(),
+        (40, 1, 4, 4),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let labels = Tensor::from_vec((0..40u8).map(|i| i % 3).collect::<Vec<_>>(), 40, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("images", images), ("labels", labels)]), &data)
+        .unwrap();
+    write(
+        dir.path(),
+        "train.rhai",
+        &format!(
+            "let cfg = config(#{{ data: \"{}\" }});\nlet ds = load_dataset(cfg.data);\nlet m = mlp([16, 8, 3]);\nlet o = sgd(m, #{{ lr: 0.1 }});\nlet st = resume(m, o);\nfor b in ds.batches(20) {{ sam_step(m, o, b); }}\nsave_checkpoint(m, o, #{{ epoch: 1 }});\n",
+            data.display()
+        ),
+    );
+    let runs = dir.path().join("runs");
+    let o =
+        samhost().current_dir(dir.path()).args(["run", "train.rhai", "-q", "--runs-dir"]).arg(&runs).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = std::fs::read_dir(&runs).unwrap().next().unwrap().unwrap().path();
+    let o = samhost().args(["sharpness"]).arg(&run).args(["--examples", "32"]).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("top Hessian eigenvalue") && err.contains("adaptive sharpness"), "{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("diagnostics/epoch-0001-sharpness.json")).unwrap())
+            .unwrap();
+    assert!(json["top_eigenvalue"].as_f64().unwrap().is_finite() && json["examples"] == 32, "{json}");
+    assert!(run.join("diagnostics/epoch-0001-landscape.png").is_file());
+    let o = samhost().args(["sharpness"]).arg(&run).args(["--checkpoint", "nope"]).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("no checkpoint `nope`"), "{}", stderr(&o));
+}
