@@ -238,7 +238,8 @@ fn legend_corner(lines: &[Line], (x0, x1): (f64, f64), (y0, y1): (f64, f64), goa
 /// A tick label: plain for ordinary numbers, scientific for very large or small ones.
 fn format_tick(v: f64) -> String {
     let a = v.abs();
-    if a == 0.0 {
+    // Ticks computed across zero come out as ±1e-16 or so: that is zero.
+    if a < 1e-12 {
         "0".into()
     } else if !(1e-3..1e6).contains(&a) {
         format!("{v:.1e}")
