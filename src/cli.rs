@@ -70,7 +70,8 @@ pub struct RunArgs {
     /// When stderr is not a terminal: print a progress line every N optimizer steps (0: never).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub progress_every: u64,
-    /// Print errors only.
+    /// Print errors only from the host (no banner, config, progress or closing lines); the
+    /// script's own `print` still prints.
     #[arg(long, short)]
     pub quiet: bool,
     /// Never touch the network: Hub models come from the local cache only (as HF_HUB_OFFLINE=1).

@@ -28,13 +28,10 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
     super::diagnostics::register(&mut engine, session);
 
     let s = session.clone();
-    engine.on_print(move |text| {
-        if !s.quiet {
-            match s.run.try_borrow() {
-                Ok(r) => r.progress.suspend(|| println!("{text}")),
-                Err(_) => println!("{text}"),
-            }
-        }
+    // The script's own output: --quiet silences the host's messages, not this.
+    engine.on_print(move |text| match s.run.try_borrow() {
+        Ok(r) => r.progress.suspend(|| println!("{text}")),
+        Err(_) => println!("{text}"),
     });
     let quiet = session.quiet;
     engine.on_debug(move |text, source, pos| {

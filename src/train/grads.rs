@@ -149,10 +149,42 @@ pub fn grad(
     grad_of(model, &params, images, labels, loss_fn, opts)
 }
 
+/// Runs `passes` first passes that each update BatchNorm's running statistics, so that together
+/// they make one update: every pass starts from the statistics as they were, and the statistics
+/// end as the mean of the passes' results, `(1 − k)·r + k·mean(batch statistics)` for momentum
+/// `k` (PyTorch's one update per optimizer step). Without buffers, or with one pass, the passes
+/// just run.
+pub fn one_bn_update<T>(model: &Model, passes: usize, mut pass: impl FnMut(usize) -> Result<T>) -> Result<Vec<T>> {
+    let start = model.params().save_buffers()?;
+    if passes <= 1 || start.is_empty() {
+        return (0..passes).map(pass).collect();
+    }
+    let mut sums: Vec<Option<Tensor>> = vec![None; start.len()];
+    let mut out = Vec::with_capacity(passes);
+    for i in 0..passes {
+        model.params().restore_buffers(&start)?;
+        out.push(pass(i)?);
+        for ((v, _), sum) in start.iter().zip(sums.iter_mut()) {
+            let now = v.as_tensor().to_dtype(candle_core::DType::F64)?;
+            *sum = Some(match sum.take() {
+                None => now,
+                Some(s) => (s + now)?,
+            });
+        }
+    }
+    for ((v, _), sum) in start.iter().zip(sums) {
+        if let Some(s) = sum {
+            v.set(&(s / passes as f64)?.to_dtype(v.dtype())?)?;
+        }
+    }
+    Ok(out)
+}
+
 /// [`grad_of`] over micro-batches taken as one batch: the losses and gradients of the
 /// micro-batches weighted by their sizes (`n_i / N`), so for a mean loss and a model without
-/// BatchNorm the result is the gradient of the whole batch (each micro-batch's first pass updates
-/// BatchNorm's running statistics, and normalises with its own batch statistics).
+/// BatchNorm the result is the gradient of the whole batch (each micro-batch normalises with its
+/// own batch statistics; together they update BatchNorm's running statistics once, see
+/// [`one_bn_update`]).
 pub fn grad_micro(
     model: &Model,
     params: &[(String, Var)],
@@ -168,10 +200,23 @@ pub fn grad_micro(
             if total == 0 {
                 anyhow::bail!("the micro-batches hold no example");
             }
+            let outs = if opts.update_bn {
+                one_bn_update(model, micro.len(), |i| {
+                    let (x, y) = &micro[i];
+                    grad_of(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))
+                })?
+            } else {
+                micro
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (x, y))| {
+                        grad_of(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
             let mut acc: Option<GradOutput> = None;
             let mut losses = Vec::new();
-            for (i, (x, y)) in micro.iter().enumerate() {
-                let out = grad_of(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))?;
+            for out in outs {
                 let w = out.n as f64 / total as f64;
                 if let Some(l) = &out.losses {
                     losses.push(l.clone());

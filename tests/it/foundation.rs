@@ -203,3 +203,14 @@ fn every_example_script_runs_in_smoke_mode() {
     }
     assert!(ran >= 1);
 }
+
+/// `--quiet` silences the host's messages, not the script's own `print`.
+#[test]
+fn quiet_keeps_the_scripts_own_print() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "p.rhai", "print(\"from the script\");\n");
+    let o = run_in(dir.path(), &["run", "p.rhai", "--quiet", "--runs-dir", "runs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "from the script");
+    assert!(stderr(&o).trim().is_empty(), "the host says nothing: {}", stderr(&o));
+}

@@ -496,3 +496,44 @@ sam_step(a, oa, b, #{ loss: bad });
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("the loss closure must return a Tensor") && e.contains("l.rhai:22:"), "{e}");
 }
+
+/// With m-sharpness (and with micro-batches) BatchNorm's running statistics take one update
+/// per optimizer step: the mean of each chunk's update from the same start, i.e. momentum 0.1
+/// applied once to the mean of the chunks' batch statistics.
+#[test]
+fn m_sharpness_updates_batch_norm_statistics_once_per_step() {
+    let (_, _, xt, yt) = batch(14, 16, 6, 3);
+    let expected = {
+        let b = bn_model(2, &Device::Cpu);
+        let start = b.params().save_buffers().unwrap();
+        let mut sums: HashMap<String, Vec<f64>> = HashMap::new();
+        for c in 0..4 {
+            b.params().restore_buffers(&start).unwrap();
+            b.forward_t(&xt.narrow(0, c * 4, 4).unwrap(), true).unwrap();
+            for name in ["bn.running_mean", "bn.running_var"] {
+                let v =
+                    b.params().get(name).unwrap().as_tensor().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+                let s = sums.entry(name.to_string()).or_insert_with(|| vec![0.0; v.len()]);
+                s.iter_mut().zip(&v).for_each(|(s, v)| *s += v / 4.0);
+            }
+        }
+        sums
+    };
+    let micro: Vec<_> = (0..4).map(|c| (xt.narrow(0, c * 4, 4).unwrap(), yt.narrow(0, c * 4, 4).unwrap())).collect();
+    for how in ["m_sharpness", "micro-batches"] {
+        let a = bn_model(2, &Device::Cpu);
+        let mut opt = sgd(0.1, 0.0, false, 0.0);
+        if how == "m_sharpness" {
+            let cfg = SamConfig { m_sharpness: Some(4), ..sam(0.2) };
+            sam_step(&a, &mut opt, &xt, &yt, &LossFn::default(), &cfg).unwrap();
+        } else {
+            samhost::train::sam_step_accumulated(&a, &mut opt, &micro, &LossFn::default(), &sam(0.2)).unwrap();
+        }
+        for (name, want) in &expected {
+            let got = a.params().get(name).unwrap().as_tensor().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-6 * w.abs().max(1.0), "{how}: {name} {got:?} vs {want:?}");
+            }
+        }
+    }
+}
