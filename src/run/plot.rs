@@ -256,13 +256,19 @@ pub fn render_png(fig: &Figure, path: &Path) -> Result<()> {
     let (w, h) = SIZE;
     let mut buf = vec![255u8; (w * h * 3) as usize];
     draw(fig, &mut buf)?;
+    write_png(&buf, path)
+}
+
+/// Encodes an RGB buffer of [`SIZE`] as a PNG file at `path`, atomically.
+fn write_png(buf: &[u8], path: &Path) -> Result<()> {
+    let (w, h) = SIZE;
     let mut bytes = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut bytes, w, h);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut writer = enc.write_header().context("encoding the PNG")?;
-        writer.write_image_data(&buf).context("encoding the PNG")?;
+        writer.write_image_data(buf).context("encoding the PNG")?;
     }
     write_bytes_atomic(path, &bytes)
 }
@@ -305,15 +311,7 @@ pub fn render_heatmap_png(title: &str, xs: &[f64], ys: &[f64], values: &[Vec<f64
         chart.draw_series(cells).map_err(|x| e(&x))?;
         root.present().map_err(|x| e(&x))?;
     }
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, w, h);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().context("encoding the PNG")?;
-        writer.write_image_data(&buf).context("encoding the PNG")?;
-    }
-    write_bytes_atomic(path, &bytes)
+    write_png(&buf, path)
 }
 
 /// A file-name-safe version of a metric name.

@@ -149,42 +149,59 @@ pub fn grad(
     grad_of(model, &params, images, labels, loss_fn, opts)
 }
 
-/// Runs `passes` first passes that each update BatchNorm's running statistics, so that together
-/// they make one update: every pass starts from the statistics as they were, and the statistics
-/// end as the mean of the passes' results, `(1 − k)·r + k·mean(batch statistics)` for momentum
-/// `k` (PyTorch's one update per optimizer step). Without buffers, or with one pass, the passes
-/// just run.
-pub fn one_bn_update<T>(model: &Model, passes: usize, mut pass: impl FnMut(usize) -> Result<T>) -> Result<Vec<T>> {
-    let start = model.params().save_buffers()?;
-    if passes <= 1 || start.is_empty() {
-        return (0..passes).map(pass).collect();
+/// Makes several first passes update BatchNorm's running statistics once together: every pass
+/// starts from the statistics as they were ([`OneBnUpdate::begin_pass`]), and they end as the
+/// mean of the passes' results ([`OneBnUpdate::finish`]), `(1 − k)·r + k·mean(batch
+/// statistics)` for momentum `k`: PyTorch's one update per optimizer step (K chained updates
+/// would turn momentum 0.1 into 1 − 0.9^K).
+pub struct OneBnUpdate {
+    start: Vec<(Var, Tensor)>,
+    sums: Vec<Option<Tensor>>,
+    passes: usize,
+}
+
+impl OneBnUpdate {
+    /// Remembers the statistics now (nothing to do for one pass or a model without buffers).
+    pub fn new(model: &Model, passes: usize) -> Result<Self> {
+        let start = if passes > 1 { model.params().save_buffers()? } else { Vec::new() };
+        let sums = vec![None; start.len()];
+        Ok(Self { start, sums, passes: 0 })
     }
-    let mut sums: Vec<Option<Tensor>> = vec![None; start.len()];
-    let mut out = Vec::with_capacity(passes);
-    for i in 0..passes {
-        model.params().restore_buffers(&start)?;
-        out.push(pass(i)?);
-        for ((v, _), sum) in start.iter().zip(sums.iter_mut()) {
+
+    /// Before a pass: back to the remembered statistics.
+    pub fn begin_pass(&self, model: &Model) -> Result<()> {
+        model.params().restore_buffers(&self.start)
+    }
+
+    /// After a pass: adds the statistics it left.
+    pub fn end_pass(&mut self) -> Result<()> {
+        for ((v, _), sum) in self.start.iter().zip(self.sums.iter_mut()) {
             let now = v.as_tensor().to_dtype(candle_core::DType::F64)?;
             *sum = Some(match sum.take() {
                 None => now,
                 Some(s) => (s + now)?,
             });
         }
+        self.passes += 1;
+        Ok(())
     }
-    for ((v, _), sum) in start.iter().zip(sums) {
-        if let Some(s) = sum {
-            v.set(&(s / passes as f64)?.to_dtype(v.dtype())?)?;
+
+    /// Sets the statistics to the mean of the passes'.
+    pub fn finish(self) -> Result<()> {
+        for ((v, _), sum) in self.start.iter().zip(self.sums) {
+            if let Some(s) = sum {
+                v.set(&(s / self.passes.max(1) as f64)?.to_dtype(v.dtype())?)?;
+            }
         }
+        Ok(())
     }
-    Ok(out)
 }
 
 /// [`grad_of`] over micro-batches taken as one batch: the losses and gradients of the
 /// micro-batches weighted by their sizes (`n_i / N`), so for a mean loss and a model without
 /// BatchNorm the result is the gradient of the whole batch (each micro-batch normalises with its
 /// own batch statistics; together they update BatchNorm's running statistics once, see
-/// [`one_bn_update`]).
+/// [`OneBnUpdate`]).
 pub fn grad_micro(
     model: &Model,
     params: &[(String, Var)],
@@ -200,20 +217,14 @@ pub fn grad_micro(
             if total == 0 {
                 anyhow::bail!("the micro-batches hold no example");
             }
-            let outs = if opts.update_bn {
-                one_bn_update(model, micro.len(), |i| {
-                    let (x, y) = &micro[i];
-                    grad_of(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))
-                })?
-            } else {
-                micro
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (x, y))| {
-                        grad_of(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            };
+            let mut bn = OneBnUpdate::new(model, if opts.update_bn { micro.len() } else { 1 })?;
+            let mut outs = Vec::with_capacity(micro.len());
+            for (i, (x, y)) in micro.iter().enumerate() {
+                bn.begin_pass(model)?;
+                outs.push(grad_of(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))?);
+                bn.end_pass()?;
+            }
+            bn.finish()?;
             let mut acc: Option<GradOutput> = None;
             let mut losses = Vec::new();
             for out in outs {

@@ -380,19 +380,12 @@ fn sam_family_step(
     // m-sharpness: the chunks' first passes together make one update of BatchNorm's running
     // statistics, the mean of each chunk's update from the same start (as one optimizer step
     // should: PyTorch's momentum 0.1 would otherwise become 1 − 0.9^K); second passes never do.
-    let bn_start = if chunks.len() > 1 { model.params().save_buffers()? } else { Vec::new() };
-    let mut bn_sum: Vec<Option<Tensor>> = vec![None; bn_start.len()];
+    let mut bn = super::grads::OneBnUpdate::new(model, chunks.len())?;
     for chunk in &chunks {
-        model.params().restore_buffers(&bn_start)?;
+        bn.begin_pass(model)?;
         let mut first =
             grad_micro(model, params, chunk, loss_fn, GradOptions { update_bn: true, per_example: esam, train: true })?;
-        for ((v, _), sum) in bn_start.iter().zip(bn_sum.iter_mut()) {
-            let now = v.as_tensor().to_dtype(DType::F64)?;
-            *sum = Some(match sum.take() {
-                None => now,
-                Some(acc) => (acc + now)?,
-            });
-        }
+        bn.end_pass()?;
         let g_norm = first.grads.norm()?;
         norm_sum += g_norm;
         let (dir, scale, m_next) = perturbation(model, &first.grads, g_norm, rho, cfg, state)?;
@@ -440,11 +433,7 @@ fn sam_family_step(
         });
         firsts.push(first);
     }
-    for ((v, _), sum) in bn_start.iter().zip(bn_sum) {
-        if let Some(sum) = sum {
-            v.set(&(sum / k)?.to_dtype(v.dtype())?)?;
-        }
-    }
+    bn.finish()?;
     let mut d = total.context("empty batch")?;
     if chunks.len() > 1 {
         d = d.scale(1.0 / k)?;

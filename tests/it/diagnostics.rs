@@ -5,34 +5,15 @@
 
 use crate::reference::Mlp2;
 use crate::sam::{batch, reference_mlp, samhost_mlp};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+use candle_core::{DType, Device, Tensor};
 use samhost::diagnostics::eigen::symmetric_eigen;
 use samhost::diagnostics::{hessian, landscape, loss_at, sharpness};
-use samhost::models::{Model, Network, Params};
+use samhost::models::Model;
 use samhost::rng::HostRng;
 use samhost::train::{LossFn, TensorSet};
-use std::sync::Arc;
-
-/// A model whose output is its parameter vector `w` (the input is ignored).
-struct Direct {
-    w: Tensor,
-}
-
-impl Network for Direct {
-    fn forward_t(&self, _x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
-        Ok(self.w.clone())
-    }
-    fn config(&self) -> serde_json::Value {
-        serde_json::json!({})
-    }
-}
 
 fn direct(w0: &[f64]) -> Model {
-    let varmap = VarMap::new();
-    let var = Var::from_vec(w0.to_vec(), w0.len(), &Device::Cpu).unwrap();
-    varmap.data().lock().unwrap().insert("w".into(), var.clone());
-    Model::new(Arc::new(Direct { w: var.as_tensor().clone() }), Params::new(varmap))
+    crate::sam::direct(w0, &Device::Cpu)
 }
 
 /// A = Q diag(λ) Qᵀ for a rotation Q mixing every coordinate (Householder reflection).

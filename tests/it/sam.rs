@@ -125,7 +125,7 @@ impl Network for Direct {
     }
 }
 
-fn direct(w0: &[f64], device: &Device) -> Model {
+pub(crate) fn direct(w0: &[f64], device: &Device) -> Model {
     let varmap = VarMap::new();
     let var = Var::from_vec(w0.to_vec(), w0.len(), device).unwrap();
     varmap.data().lock().unwrap().insert("w".into(), var.clone());
