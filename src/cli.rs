@@ -48,7 +48,7 @@ pub struct RunArgs {
     /// Where tensors live: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Precision of the forward and backward passes: f32, or bf16 / f16 mixed precision (master
+    /// Precision of the forward and backward passes: f32, or bf16 mixed precision (master
     /// weights, gradients, optimizer state and the SAM ascent norm stay f32)
     /// [default: f32; with --resume, the run's recorded dtype].
     #[arg(long, value_parser = parse_precision)]

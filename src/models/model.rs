@@ -30,7 +30,7 @@ pub struct Model {
     saved: Arc<Mutex<BTreeMap<String, (Var, Tensor)>>>,
 }
 
-const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::F16];
+const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
 
 impl Model {
     /// A model in training mode, computing in f32.
@@ -49,7 +49,7 @@ impl Model {
         PRECISIONS.get(self.precision.load(Ordering::Relaxed) as usize).copied().unwrap_or_default()
     }
 
-    /// Sets the precision of the forward and backward passes: with bf16 or f16 the input is cast
+    /// Sets the precision of the forward and backward passes: with bf16 the input is cast
     /// to it, every layer casts its f32 weights at use, and the logits come back as f32 (so losses
     /// and metrics are computed in f32).
     pub fn set_precision(&self, precision: Precision) {

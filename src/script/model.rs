@@ -228,10 +228,10 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     );
     getter!(engine, "training", "bool", "Whether the model is in training mode.", |m: &mut Model| m.is_training());
     getter!(engine, "precision", "String",
-        "The precision of the forward and backward passes: \"f32\", or \"bf16\"/\"f16\" mixed precision (parameters, gradients and optimizer state stay f32). New models take `--dtype`.",
+        "The precision of the forward and backward passes: \"f32\", or \"bf16\" mixed precision (parameters, gradients and optimizer state stay f32). New models take `--dtype`.",
         |m: &mut Model| -> ImmutableString { m.precision().name().into() });
     api!(engine, "set_precision", "m: Model, dtype: String",
-        "Sets the precision of the forward and backward passes: \"f32\", \"bf16\" or \"f16\". In bf16/f16 the input and each layer's f32 weights are cast at use, normalisations and softmax run in f32, the logits come back as f32; `sam_step` computes its ascent norm over the f32 gradients.",
+        "Sets the precision of the forward and backward passes: \"f32\" or \"bf16\" (\"f16\" is refused: without dynamic loss scaling small gradients underflow). In bf16 the input and each layer's f32 weights are cast at use, normalisations and softmax run in f32, the logits come back as f32; `sam_step` computes its ascent norm over the f32 gradients.",
         |m: &mut Model, dtype: &str| -> Res<()> {
             m.set_precision(op("set_precision", dtype.parse::<models::Precision>())?);
             Ok(())

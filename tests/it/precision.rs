@@ -231,3 +231,17 @@ fn dtype_and_auto_device_on_the_command_line() {
         assert!(stderr(&o).contains("cpu (auto: built without CUDA)"), "{}", stderr(&o));
     }
 }
+
+/// float16 is refused with the reason (no dynamic loss scaling), on the command line and in scripts.
+#[test]
+fn float16_is_refused_with_the_reason() {
+    use crate::common::{run_in, stderr, write};
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "p.rhai", "let m = mlp([4, 3]);\nm.set_precision(\"f16\");\n");
+    let o = run_in(dir.path(), &["run", "p.rhai", "--dtype", "f16", "-q"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("loss scaling") && stderr(&o).contains("bf16"), "{}", stderr(&o));
+    let o = run_in(dir.path(), &["run", "p.rhai", "-q", "--runs-dir", "runs"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("p.rhai:2:") && stderr(&o).contains("loss scaling"), "{}", stderr(&o));
+}
