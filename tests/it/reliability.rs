@@ -19,7 +19,7 @@ fn script_error(body: &str) -> String {
 }
 
 /// Waits until `cut` holds a run folder with the checkpoint `epoch-0001`; returns the run folder.
-fn wait_for_checkpoint(cut: &Path) -> PathBuf {
+pub(crate) fn wait_for_checkpoint(cut: &Path) -> PathBuf {
     let start = Instant::now();
     loop {
         let found = std::fs::read_dir(cut).ok().and_then(|mut d| d.next()).map(|e| e.unwrap().path());

@@ -4,7 +4,6 @@ use crate::common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
 
 /// A small training script that checkpoints every epoch and resumes exactly (explicit shuffle
 /// seeds; the batches done before a Ctrl-C are skipped). `delay` slows each step down.
@@ -213,25 +212,13 @@ fn ctrl_c_writes_a_checkpoint_and_the_resumed_run_matches() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let first_checkpoint = loop {
-        let found = std::fs::read_dir(&cut)
-            .ok()
-            .and_then(|mut d| d.next())
-            .map(|e| e.unwrap().path().join("checkpoints/epoch-0001"));
-        if let Some(p) = found.filter(|p| p.is_dir()) {
-            break p;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let run = crate::reliability::wait_for_checkpoint(&cut);
     let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted at step") && err.contains("--resume"), "{err}");
-    let run = first_checkpoint.parent().unwrap().parent().unwrap().to_path_buf();
     assert_eq!(json(&run.join("summary.json"))["status"], "interrupted");
     let newest = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
