@@ -240,6 +240,30 @@ impl Dataset {
         Ok(Self { pipeline: Arc::new(pipeline), epochs: Arc::new(AtomicU64::new(0)), ..self.clone() })
     }
 
+    /// The same examples with the random transforms (crops, flips, cutout) left out, as
+    /// evaluation takes them. A random crop that changes the image's size stays (leaving it out
+    /// would change the shape the model sees).
+    pub fn without_augmentation(&self) -> Result<Self> {
+        let steps = self.transforms();
+        if !steps.iter().any(Transform::is_random) {
+            return Ok(self.clone());
+        }
+        let mut kept: Vec<Transform> = Vec::new();
+        for t in steps {
+            let keep = match t {
+                Transform::RandomCrop { size, .. } => {
+                    let [_, h, w] = Pipeline::new(kept.clone(), self.stored_shape)?.out_shape();
+                    *size != [h, w]
+                }
+                t => !t.is_random(),
+            };
+            if keep {
+                kept.push(t.clone());
+            }
+        }
+        self.with_transforms(kept)
+    }
+
     /// The next epoch number of this dataset (0, 1, 2, ...), for loaders that are not told one.
     pub fn next_epoch(&self) -> u64 {
         self.epochs.fetch_add(1, Ordering::Relaxed)

@@ -65,11 +65,12 @@ fn do_grad(ctx: &NativeCallContext, m: &Model, batch: &Batch, mut o: Map) -> Res
 #[serde(default, deny_unknown_fields)]
 struct EvalOptions {
     batch: usize,
+    augment: bool,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { batch: 256 }
+        Self { batch: 256, augment: false }
     }
 }
 
@@ -277,17 +278,21 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         |ctx: NativeCallContext, m: Model, batch: Batch, o: Map| do_grad(&ctx, &m, &batch, o));
     let s = session.clone();
     api!(engine, "evaluate", "m: Model, ds: Dataset, options: Map -> Map",
-        "Evaluates in eval mode over the whole dataset: #{loss, accuracy}; on a dataset with label noise also accuracy_clean (against the true labels), clean_part_accuracy, noisy_part_fit (corrupted examples predicted as their wrong label) and noisy_part_recovered (predicted as their true label). Options: batch (256).",
+        "Evaluates in eval mode over the whole dataset: #{loss, accuracy}; on a dataset with label noise also accuracy_clean (against the true labels), clean_part_accuracy, noisy_part_fit (corrupted examples predicted as their wrong label) and noisy_part_recovered (predicted as their true label). The dataset's deterministic transforms apply (normalize, resize); its random ones (crops, flips, cutout) do not, unless augment: true. Options: batch (256), augment (false).",
         move |m: Model, ds: Dataset, o: Map| -> Res<Map> {
             let eo: EvalOptions = options("evaluate", &o)?;
-            Ok(eval_map(&op("evaluate", evaluate(&m, &ds, eo.batch, s.device()))?))
+            Ok(eval_map(&op("evaluate", evaluate(&m, &ds, eo.batch, s.device(), eo.augment))?))
         });
     let s = session.clone();
-    api!(engine, "evaluate", "m: Model, ds: Dataset -> Map", "Evaluates with batches of 256.", move |m: Model,
-                                                                                                     ds: Dataset|
-          -> Res<Map> {
-        Ok(eval_map(&op("evaluate", evaluate(&m, &ds, 256, s.device()))?))
-    });
+    api!(
+        engine,
+        "evaluate",
+        "m: Model, ds: Dataset -> Map",
+        "Evaluates with batches of 256, without the dataset's random transforms.",
+        move |m: Model, ds: Dataset| -> Res<Map> {
+            Ok(eval_map(&op("evaluate", evaluate(&m, &ds, 256, s.device(), false))?))
+        }
+    );
     api!(
         engine,
         "accuracy",

@@ -26,12 +26,20 @@ pub struct EvalStats {
 }
 
 /// Evaluates `model` in evaluation mode on every example of `ds`, in order. The dataset's
-/// transforms apply (random ones seeded by seed 0, epoch 0): evaluation sets should carry
-/// deterministic transforms only.
-pub fn evaluate(model: &Model, ds: &Dataset, batch_size: usize, device: &Device) -> Result<EvalStats> {
+/// deterministic transforms apply (normalization, resizing); its random ones (crops, flips,
+/// cutout: [`Dataset::without_augmentation`]) only when `augment` (then drawn with seed 0,
+/// epoch 0), so memorisation measured on a training set sees the images as stored.
+pub fn evaluate(model: &Model, ds: &Dataset, batch_size: usize, device: &Device, augment: bool) -> Result<EvalStats> {
     if ds.is_empty() {
         bail!("evaluate: the dataset is empty");
     }
+    let plain;
+    let ds = if augment {
+        ds
+    } else {
+        plain = ds.without_augmentation()?;
+        &plain
+    };
     let order = epoch_order(ds.len(), false, 0, 0);
     let batches = Batches::new(ds.clone(), order, batch_size, false, device.clone())?;
     let (mut loss_sum, mut pos) = (0.0, 0usize);

@@ -488,3 +488,26 @@ print(`${te.accuracy} ${tr.noisy_part_fit}`);
     assert!(v[0] < 0.9, "clean test accuracy {} should be clearly below 100%", v[0]);
     assert!(v[1] > 0.3, "share of corrupted labels memorised {} should be visible", v[1]);
 }
+
+/// `evaluate` leaves out a dataset's random transforms (a training set's augmentation) unless
+/// asked: memorisation is measured on the images as stored.
+#[test]
+fn evaluate_takes_no_augmentation_unless_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "e.rhai",
+        r#"
+let ds = synthetic(#{ n: 64, classes: 3, shape: [3, 8, 8], seed: 1 });
+let m = mlp([192, 16, 3]);
+let aug = ds.transform([#{ random_crop: 8, padding: 3 }, "hflip", #{ cutout: 4 }]);
+let plain = evaluate(m, ds);
+let no_aug = evaluate(m, aug);
+let with_aug = evaluate(m, aug, #{ augment: true });
+print(`${plain.loss == no_aug.loss} ${plain.loss == with_aug.loss}`);
+"#,
+    );
+    let o = run_in(dir.path(), &["run", "e.rhai", "-q", "--runs-dir", "runs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "true false");
+}
