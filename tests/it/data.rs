@@ -511,3 +511,33 @@ print(`${plain.loss == no_aug.loss} ${plain.loss == with_aug.loss}`);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "true false");
 }
+
+/// `lib/common.rhai`'s documented single-file CIFAR path (`--set data=train.bin --set
+/// test_data=test.bin`) loads, as does a folder with both splits.
+#[test]
+fn common_loads_single_cifar_files_and_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("train.bin"), cifar_records(&[&[1], &[2], &[3]], 1)).unwrap();
+    std::fs::write(dir.path().join("test.bin"), cifar_records(&[&[4], &[5]], 2)).unwrap();
+    let root = dir.path().join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&root).unwrap();
+    for b in 1..=5u8 {
+        std::fs::write(root.join(format!("data_batch_{b}.bin")), cifar_records(&[&[b]], b)).unwrap();
+    }
+    std::fs::write(root.join("test_batch.bin"), cifar_records(&[&[0], &[6]], 9)).unwrap();
+    std::fs::create_dir_all(dir.path().join("lib")).unwrap();
+    std::fs::copy(repo().join("scripts/lib/common.rhai"), dir.path().join("lib/common.rhai")).unwrap();
+    write(
+        dir.path(),
+        "c.rhai",
+        r#"
+import "lib/common" as common;
+let files = common::cifar_or_synthetic(#{ data: "train.bin", test_data: "test.bin", seed: 1 }, 0);
+let folder = common::cifar_or_synthetic(#{ data: "cifar-10-batches-bin", test_data: "", seed: 1 }, 0);
+print(`${files[0].len()} ${files[1].len()} ${folder[0].len()} ${folder[1].len()}`);
+"#,
+    );
+    let o = run_in(dir.path(), &["run", "c.rhai", "-q", "--runs-dir", "runs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "3 2 5 2");
+}
