@@ -188,6 +188,9 @@ pub fn density(model: &Model, data: &Data, loss_fn: &LossFn, o: &DensityOptions,
     }
     let h = super::hvp::step_for(model, o.fd_step)?;
     let like = shape_of(model, data, loss_fn)?;
+    if like.elem_count() == 0 {
+        bail!("hessian_density: the trainable parameters hold no value");
+    }
     let m = o.iters.min(like.elem_count());
     let (mut all_nodes, mut all_weights) = (Vec::new(), Vec::new());
     for _ in 0..o.runs {

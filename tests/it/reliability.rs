@@ -3,7 +3,7 @@
 //! fit the model, a loss closure that reaches into the step.
 
 use crate::common::*;
-use crate::runs::{json, only_run, run_samhost, weights, TRAIN};
+use crate::runs::{json, only_run, run_samhost, spawn_run, weights, TRAIN};
 use samhost::session::Session;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -41,14 +41,7 @@ fn sigterm_and_sighup_stop_the_run_like_ctrl_c() {
     assert!(o.status.success(), "{}", stderr(&o));
     for (sig, code) in [("TERM", 143), ("HUP", 129)] {
         let cut = dir.path().join(format!("cut-{sig}"));
-        let child = samhost()
-            .current_dir(dir.path())
-            .args([&["run", "train.rhai"][..], &slow].concat())
-            .arg("--runs-dir")
-            .arg(&cut)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_run(dir.path(), &cut, &[&["run", "train.rhai"][..], &slow].concat());
         let run = wait_for_checkpoint(&cut);
         let kill = std::process::Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status();
         assert!(kill.unwrap().success());

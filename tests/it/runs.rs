@@ -42,6 +42,18 @@ pub(crate) fn run_samhost(dir: &Path, runs: &Path, args: &[&str]) -> Output {
     samhost().current_dir(dir).args(args).arg("--runs-dir").arg(runs).output().expect("the samhost binary runs")
 }
 
+/// Starts samhost with `args` in `dir`, runs under `runs`, stderr captured (to be signalled).
+pub(crate) fn spawn_run(dir: &Path, runs: &Path, args: &[&str]) -> std::process::Child {
+    samhost()
+        .current_dir(dir)
+        .args(args)
+        .arg("--runs-dir")
+        .arg(runs)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the samhost binary starts")
+}
+
 /// The single run folder under `runs` (panics when there is not exactly one).
 pub(crate) fn only_run(runs: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = std::fs::read_dir(runs).unwrap().map(|e| e.unwrap().path()).collect();
@@ -204,14 +216,7 @@ fn ctrl_c_writes_a_checkpoint_and_the_resumed_run_matches() {
     let o = run_samhost(dir.path(), &full, &[&["run", "train.rhai"][..], &slow].concat());
     assert!(o.status.success(), "{}", stderr(&o));
 
-    let child = samhost()
-        .current_dir(dir.path())
-        .args([&["run", "train.rhai"][..], &slow].concat())
-        .arg("--runs-dir")
-        .arg(&cut)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(dir.path(), &cut, &[&["run", "train.rhai"][..], &slow].concat());
     let run = crate::reliability::wait_for_checkpoint(&cut);
     let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
