@@ -1,7 +1,8 @@
 //! A small convolutional network: per stage a 3x3 convolution (padding 1), ReLU and 2x2
 //! max-pooling; then flatten, a hidden linear layer with ReLU, and the classifier.
 
-use super::layers::{conv_torch, linear, Conv, Linear};
+use super::init::InitScheme;
+use super::layers::{conv_biased, linear_scheme, Conv, Linear};
 use super::registry::ArchConfig;
 use super::Network;
 use anyhow::{bail, Result};
@@ -22,11 +23,20 @@ pub struct CnnConfig {
     pub num_labels: usize,
     /// Input shape `[C, H, W]`.
     pub input: Vec<usize>,
+    /// How fresh weights are drawn: PyTorch's `nn.Conv2d` / `nn.Linear` defaults unless `"he"`.
+    #[serde(skip_serializing_if = "InitScheme::is_default")]
+    pub init: InitScheme,
 }
 
 impl Default for CnnConfig {
     fn default() -> Self {
-        Self { channels: vec![32, 64, 128], hidden: 256, num_labels: 10, input: vec![3, 32, 32] }
+        Self {
+            channels: vec![32, 64, 128],
+            hidden: 256,
+            num_labels: 10,
+            input: vec![3, 32, 32],
+            init: InitScheme::Torch,
+        }
     }
 }
 
@@ -76,18 +86,20 @@ pub struct Cnn {
 }
 
 impl Cnn {
-    /// Creates the layers from `vb` (PyTorch's default initialisation).
+    /// Creates the layers from `vb`, initialised as PyTorch's `nn.Conv2d` and `nn.Linear`
+    /// defaults (weights and biases U(±1/√fan_in), `kaiming_uniform_(a = √5)`), or with He-normal
+    /// weights (std √(2/fan_in)) for `init: "he"`.
     pub fn build(cfg: &CnnConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let mut convs = Vec::with_capacity(cfg.channels.len());
         let mut c_in = cfg.input[0];
         for (i, &c_out) in cfg.channels.iter().enumerate() {
-            convs.push(conv_torch(c_in, c_out, 3, 1, vb.pp(format!("conv{}", i + 1)))?);
+            convs.push(conv_biased(c_in, c_out, 3, 1, cfg.init, vb.pp(format!("conv{}", i + 1)))?);
             c_in = c_out;
         }
         let [c, h, w] = cfg.feature_shape()?;
-        let fc = linear(c * h * w, cfg.hidden, vb.pp("fc"))?;
-        let classifier = linear(cfg.hidden, cfg.num_labels, vb.pp("classifier"))?;
+        let fc = linear_scheme(c * h * w, cfg.hidden, cfg.init, vb.pp("fc"))?;
+        let classifier = linear_scheme(cfg.hidden, cfg.num_labels, cfg.init, vb.pp("classifier"))?;
         Ok(Self { cfg: cfg.clone(), convs, fc, classifier })
     }
 }

@@ -74,3 +74,38 @@ impl SimpleBackend for SeededBackend {
         self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
     }
 }
+
+/// How an architecture's convolution and linear weights are initialised when it is built fresh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitScheme {
+    /// PyTorch's `nn.Linear` / `nn.Conv2d` defaults: `kaiming_uniform_(a = √5)` weights, i.e.
+    /// U(±1/√fan_in), and biases U(±1/√fan_in).
+    #[default]
+    Torch,
+    /// He-normal weights, N(0, 2/fan_in) (He et al. 2015; candle-nn's default), biases
+    /// U(±1/√fan_in) as PyTorch's.
+    He,
+}
+
+impl InitScheme {
+    /// Whether this is the default ([`InitScheme::Torch`]), which configs leave out.
+    pub fn is_default(&self) -> bool {
+        *self == Self::Torch
+    }
+
+    /// The weight initialisation of a layer with `fan_in` inputs per output.
+    pub fn weight(self, fan_in: usize) -> Init {
+        let fan = fan_in.max(1) as f64;
+        match self {
+            Self::Torch => Init::Uniform { lo: -1.0 / fan.sqrt(), up: 1.0 / fan.sqrt() },
+            Self::He => Init::Randn { mean: 0.0, stdev: (2.0 / fan).sqrt() },
+        }
+    }
+
+    /// The bias initialisation of a layer with `fan_in` inputs per output (PyTorch's, for both).
+    pub fn bias(self, fan_in: usize) -> Init {
+        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+        Init::Uniform { lo: -bound, up: bound }
+    }
+}

@@ -13,6 +13,8 @@ use candle_core::{DType, Module, Result, Tensor, D};
 pub use super::batch_norm::{batch_norm, bn, bn_relu, BatchNorm2d};
 use candle_nn::{Init, VarBuilder};
 
+pub use super::init::InitScheme;
+
 /// `t` in `dtype`: `t` itself when it already is, else a cast that gradients flow through (they
 /// come back in `t`'s own type). Mixed precision casts the f32 master weights this way at each use.
 pub fn cast_as(t: &Tensor, dtype: DType) -> Result<Tensor> {
@@ -64,11 +66,12 @@ impl Module for Linear {
 /// A linear layer `weight [out, in]`, `bias [out]` initialised as PyTorch's `nn.Linear`: both
 /// uniform in ±1/sqrt(in).
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let bound = 1.0 / (in_dim.max(1) as f64).sqrt();
-    let init = Init::Uniform { lo: -bound, up: bound };
-    let w = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
-    let b = vb.get_with_hints(out_dim, "bias", init)?;
-    Ok(Linear::new(w, Some(b)))
+    linear_scheme(in_dim, out_dim, InitScheme::Torch, vb)
+}
+
+/// A linear layer with weight and bias initialised by `scheme`.
+pub fn linear_scheme(in_dim: usize, out_dim: usize, scheme: InitScheme, vb: VarBuilder) -> Result<Linear> {
+    linear_init(in_dim, out_dim, scheme.weight(in_dim), scheme.bias(in_dim), vb)
 }
 
 /// A linear layer with explicit initialisations for its weight and bias.
@@ -121,13 +124,19 @@ pub fn conv_no_bias(
     Ok(Conv { weight, bias: None, stride, padding })
 }
 
-/// A convolution with bias and stride 1, initialised as PyTorch's `nn.Conv2d` (uniform in
-/// ±1/sqrt(fan_in)).
-pub fn conv_torch(c_in: usize, c_out: usize, kernel: usize, padding: usize, vb: VarBuilder) -> Result<Conv> {
-    let bound = 1.0 / ((c_in * kernel * kernel).max(1) as f64).sqrt();
-    let init = Init::Uniform { lo: -bound, up: bound };
-    let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", init)?;
-    let bias = Some(vb.get_with_hints(c_out, "bias", init)?);
+/// A convolution with bias and stride 1, initialised by `scheme` (PyTorch's `nn.Conv2d`
+/// default, uniform in ±1/sqrt(fan_in), for [`InitScheme::Torch`]).
+pub fn conv_biased(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    padding: usize,
+    scheme: InitScheme,
+    vb: VarBuilder,
+) -> Result<Conv> {
+    let fan_in = c_in * kernel * kernel;
+    let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", scheme.weight(fan_in))?;
+    let bias = Some(vb.get_with_hints(c_out, "bias", scheme.bias(fan_in))?);
     Ok(Conv { weight, bias, stride: 1, padding })
 }
 

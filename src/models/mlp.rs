@@ -1,6 +1,7 @@
 //! The multi-layer perceptron: flatten, then `fc1..fcN` linear layers with ReLU between.
 
-use super::layers::Linear;
+use super::init::InitScheme;
+use super::layers::{linear_scheme, Linear};
 use super::registry::{build_model, ArchConfig};
 use super::{Model, Network};
 use crate::rng::HostRng;
@@ -15,6 +16,9 @@ use serde::{Deserialize, Serialize};
 pub struct MlpConfig {
     /// Layer sizes, input first and classes last.
     pub sizes: Vec<usize>,
+    /// How fresh weights are drawn: PyTorch's `nn.Linear` default unless `"he"`.
+    #[serde(default, skip_serializing_if = "InitScheme::is_default")]
+    pub init: InitScheme,
 }
 
 impl MlpConfig {
@@ -36,8 +40,9 @@ impl MlpConfig {
 }
 
 /// An MLP over flattened inputs. Layer `fcK` has weight `[out, in]` and bias `[out]` (the PyTorch
-/// layout), initialised as candle-nn's `linear`: weights He-normal (std sqrt(2/fan_in)), biases
-/// uniform in ±1/sqrt(fan_in).
+/// layout), initialised as PyTorch's `nn.Linear`: weights `kaiming_uniform_(a = √5)`, which is
+/// U(±1/√fan_in), and biases U(±1/√fan_in); with `init: "he"` the weights are He-normal
+/// (std √(2/fan_in), candle-nn's `linear`) instead.
 pub struct Mlp {
     cfg: MlpConfig,
     layers: Vec<Linear>,
@@ -56,7 +61,7 @@ impl Mlp {
             .sizes
             .windows(2)
             .enumerate()
-            .map(|(i, w)| candle_nn::linear(w[0], w[1], vb.pp(format!("fc{}", i + 1))).map(Linear::from))
+            .map(|(i, w)| linear_scheme(w[0], w[1], cfg.init, vb.pp(format!("fc{}", i + 1))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { cfg: cfg.clone(), layers })
     }
@@ -64,7 +69,7 @@ impl Mlp {
 
 /// Builds `mlp([in, hidden.., out])`.
 pub fn mlp(sizes: &[usize], rng: &HostRng, device: &Device) -> Result<Model> {
-    build_model(&ArchConfig::Mlp(MlpConfig { sizes: sizes.to_vec() }), rng, device)
+    build_model(&ArchConfig::Mlp(MlpConfig { sizes: sizes.to_vec(), init: InitScheme::Torch }), rng, device)
 }
 
 impl Network for Mlp {

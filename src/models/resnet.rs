@@ -4,7 +4,7 @@
 //! (`conv1`, `bn1`, `layer1.0.conv1`, ..., `linear`).
 
 use super::layers::{
-    batch_norm, bn, bn_relu, conv_no_bias, global_avg_pool, linear, subsample2, BatchNorm2d, Conv, Linear,
+    batch_norm, bn, bn_relu, conv_no_bias, global_avg_pool, linear_scheme, subsample2, BatchNorm2d, Conv, Linear,
 };
 use super::registry::ArchConfig;
 use super::Network;
@@ -121,8 +121,10 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    /// Creates the layers from `vb`: convolutions He-normal (fan-in), BatchNorm2d 1/0, the
-    /// classifier as PyTorch's `nn.Linear`.
+    /// Creates the layers from `vb` as the reference PyTorch code (akamaster/pytorch_resnet_cifar10,
+    /// whose `_weights_init` applies `kaiming_normal_` to every `nn.Conv2d` and `nn.Linear`):
+    /// convolution and classifier weights He-normal with the fan-in, N(0, 2/fan_in); the
+    /// classifier's bias keeps `nn.Linear`'s U(±1/√fan_in); BatchNorm2d weight 1, bias 0.
     pub fn build(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let n = cfg.blocks_per_stage()?;
         cfg.validate()?;
@@ -138,7 +140,7 @@ impl ResNet {
                 c_in = width;
             }
         }
-        let linear = linear(64, cfg.num_labels, vb.pp("linear"))?;
+        let linear = linear_scheme(64, cfg.num_labels, super::init::InitScheme::He, vb.pp("linear"))?;
         Ok(Self { cfg: cfg.clone(), conv1, bn1, blocks, linear })
     }
 }

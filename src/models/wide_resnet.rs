@@ -108,8 +108,10 @@ pub struct WideResNet {
 }
 
 impl WideResNet {
-    /// Creates the layers from `vb`: convolutions He-normal (fan-out), BatchNorm2d 1/0, the
-    /// classifier's bias 0. Dropout masks come from a generator seeded from `rng`.
+    /// Creates the layers from `vb` as the reference PyTorch code (xternalz/WideResNet-pytorch,
+    /// the source of these tensor names): convolutions N(0, 2/fan_out) with fan_out = k·k·out
+    /// channels, BatchNorm2d weight 1 and bias 0, the classifier's weight `nn.Linear`'s default
+    /// U(±1/√fan_in) and its bias 0. Dropout masks come from a generator seeded from `rng`.
     pub fn build(cfg: &WideResNetConfig, vb: VarBuilder, rng: &HostRng) -> Result<Self> {
         cfg.validate()?;
         let n = cfg.blocks_per_group()?;

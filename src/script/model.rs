@@ -12,6 +12,13 @@ use serde::Deserialize;
 use std::path::Path;
 use std::rc::Rc;
 
+/// Options of `mlp(sizes, #{...})`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct MlpOptions {
+    init: Option<models::init::InitScheme>,
+}
+
 /// Options of `resnet(depth, classes, #{...})`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -101,15 +108,23 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
 
     let s = session.clone();
     api!(engine, "mlp", "sizes: Array -> Model",
-        "A multi-layer perceptron `[in, hidden.., classes]`: flattens its input; layers `fc1..fcN` with weight [out, in] and bias [out] (the PyTorch layout), ReLU between. Initialised from the seeded host generator.",
+        "A multi-layer perceptron `[in, hidden.., classes]`: flattens its input; layers `fc1..fcN` with weight [out, in] and bias [out] (the PyTorch layout), ReLU between. Initialised from the seeded host generator as PyTorch's nn.Linear: weights kaiming_uniform(a = sqrt(5)), i.e. U(±1/sqrt(fan_in)), biases U(±1/sqrt(fan_in)).",
         move |sizes: Array| {
-            let cfg = ArchConfig::Mlp(models::mlp::MlpConfig { sizes: shape_of("mlp sizes", &sizes)? });
-            op("mlp", s.build_model(&cfg))
+            let cfg = models::mlp::MlpConfig { sizes: shape_of("mlp sizes", &sizes)?, init: Default::default() };
+            op("mlp", s.build_model(&ArchConfig::Mlp(cfg)))
+        });
+    let s = session.clone();
+    api!(engine, "mlp", "sizes: Array, options: Map -> Model",
+        "`mlp(sizes)` with options: init (\"torch\": PyTorch's nn.Linear default; \"he\": He-normal weights, std sqrt(2/fan_in), biases as PyTorch's).",
+        move |sizes: Array, o: Map| {
+            let opts: MlpOptions = options("mlp", &o)?;
+            let cfg = models::mlp::MlpConfig { sizes: shape_of("mlp sizes", &sizes)?, init: opts.init.unwrap_or_default() };
+            op("mlp", s.build_model(&ArchConfig::Mlp(cfg)))
         });
 
     let s = session.clone();
     api!(engine, "cnn", "config: Map -> Model",
-        "A small CNN: per stage a 3x3 convolution (padding 1) + ReLU + 2x2 max-pooling, then flatten, a hidden linear layer + ReLU and the classifier. Keys (defaults): channels [32, 64, 128], hidden 256, classes 10, input [3, 32, 32]. Tensors conv1..convK, fc, classifier.",
+        "A small CNN: per stage a 3x3 convolution (padding 1) + ReLU + 2x2 max-pooling, then flatten, a hidden linear layer + ReLU and the classifier. Keys (defaults): channels [32, 64, 128], hidden 256, classes 10, input [3, 32, 32], init (\"torch\": PyTorch's nn.Conv2d/nn.Linear defaults, U(±1/sqrt(fan_in)) weights and biases; \"he\": He-normal weights). Tensors conv1..convK, fc, classifier.",
         move |o: Map| -> Res<Model> {
             let cfg = op("cnn", ArchConfig::from_json(&config_map("cnn", "cnn", o)?, true))?;
             op("cnn", s.build_model(&cfg))
@@ -141,7 +156,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     };
     let f = build_resnet.clone();
     api!(engine, "resnet", "depth: int, classes: int -> Model",
-        "The CIFAR ResNet of He et al. 2016 (depth 6n+2: 20, 32, 44, 56, 110) for 3-channel images: 16/32/64-channel stages, option-A (parameter-free) shortcuts, global average pooling. Tensors conv1, bn1, layerS.I.{conv1,bn1,conv2,bn2}, linear.",
+        "The CIFAR ResNet of He et al. 2016 (depth 6n+2: 20, 32, 44, 56, 110) for 3-channel images: 16/32/64-channel stages, option-A (parameter-free) shortcuts, global average pooling. Tensors conv1, bn1, layerS.I.{conv1,bn1,conv2,bn2}, linear. Initialised as the reference PyTorch code (akamaster/pytorch_resnet_cifar10): convolution and linear weights kaiming_normal (N(0, 2/fan_in)), the linear bias U(±1/sqrt(64)), BatchNorm weight 1 and bias 0.",
         move |depth: INT, classes: INT| f(depth, classes, Map::new()));
     api!(engine, "resnet", "depth: int, classes: int, options: Map -> Model",
         "The CIFAR ResNet with options: shortcut \"A\" (default) or \"B\" (1x1 convolution + BatchNorm, tensors shortcut.0/1), num_channels (3).",
@@ -163,7 +178,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     };
     let f = build_wrn.clone();
     api!(engine, "wide_resnet", "depth: int, width: int, classes: int -> Model",
-        "WRN-depth-width of Zagoruyko & Komodakis (depth 6n+4, e.g. 16-8, 28-10): pre-activation blocks of 16k/32k/64k channels, no dropout. Tensors conv1, blockG.layer.I.{bn1,conv1,bn2,conv2,convShortcut}, bn1, fc.",
+        "WRN-depth-width of Zagoruyko & Komodakis (depth 6n+4, e.g. 16-8, 28-10): pre-activation blocks of 16k/32k/64k channels, no dropout. Tensors conv1, blockG.layer.I.{bn1,conv1,bn2,conv2,convShortcut}, bn1, fc. Initialised as the reference PyTorch code (xternalz/WideResNet-pytorch): convolutions N(0, 2/(k·k·out_channels)), BatchNorm weight 1 and bias 0, fc weight U(±1/sqrt(fan_in)) and bias 0.",
         move |depth: INT, width: INT, classes: INT| f(depth, width, classes, Map::new()));
     api!(
         engine,
@@ -175,7 +190,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
 
     let s = session.clone();
     api!(engine, "vit", "config: Map -> Model",
-        "A Vision Transformer with Hugging Face's ViTConfig fields (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, initializer_range, layer_norm_eps, image_size, patch_size, num_channels, qkv_bias) and num_labels; missing fields take ViT-B/16's values. Tensors as ViTForImageClassification: vit.embeddings..., vit.encoder.layer.N..., vit.layernorm, classifier.",
+        "A Vision Transformer with Hugging Face's ViTConfig fields (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, initializer_range, layer_norm_eps, image_size, patch_size, num_channels, qkv_bias) and num_labels; missing fields take ViT-B/16's values. Tensors as ViTForImageClassification: vit.embeddings..., vit.encoder.layer.N..., vit.layernorm, classifier. Initialised as transformers' ViT: linear and patch-projection weights, the [CLS] token and the position embeddings N(0, initializer_range²) (transformers' trunc_normal_ cuts at ±2, 100 std at the usual 0.02), biases 0, layer norms weight 1 and bias 0.",
         move |o: Map| -> Res<Model> {
             let cfg = op("vit", ArchConfig::from_json(&config_map("vit", "vit", o)?, true))?;
             op("vit", s.build_model(&cfg))

@@ -6,6 +6,7 @@ mod diagnostics;
 mod foundation;
 mod fuzz;
 mod hub;
+mod init;
 mod lifecycle;
 mod models;
 mod ops;

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 /// the relative difference between a bf16 and an f32 update (see [`bf16_sam_step_tracks_f32`]).
 fn small_models() -> Vec<(&'static str, Value, [usize; 3], f64)> {
     vec![
-        ("mlp", json!({"model_type": "mlp", "sizes": [192, 64, 10]}), [3, 8, 8], 3e-2),
+        ("mlp", json!({"model_type": "mlp", "sizes": [192, 64, 10]}), [3, 8, 8], 4e-2),
         (
             "cnn",
             json!({"model_type": "cnn", "channels": [8, 16], "hidden": 32, "num_labels": 10, "input": [3, 16, 16]}),
@@ -100,7 +100,8 @@ fn rel(a: &[f64], b: &[f64]) -> f64 {
 /// - the update itself (after − before) within the architecture's bound. bf16 keeps 8 significant
 ///   bits, so the update's direction differs by a few percent; PyTorch 2.15's CPU autocast
 ///   (bf16), measured on the same shapes at initialisation (batch 64, 3 seeds), differs from its
-///   f32 step by 2.5-4.0e-2 (this mlp), 3.3-5.3e-2 (this cnn) and 1.2e-1 (a ResNet-8); samhost's
+///   f32 step by 2.5-4.0e-2 (this mlp), 3.3-5.3e-2 (this cnn) and 1.2e-1 (a ResNet-8); the
+///   mlp bound is the top of PyTorch's range (both start from nn.Linear's default init); samhost's
 ///   figures are printed and stay at or below those. A gradient off by a factor (a tie in a
 ///   max-pool window counted four times, a bf16 sum over a batch) breaks these bounds;
 /// - the bf16 update is not the f32 one (the forward really ran in bf16).
