@@ -2,6 +2,7 @@
 
 use super::params::Params;
 use super::precision::Precision;
+use crate::rng::{HostRng, RngState};
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -16,6 +17,12 @@ pub trait Network: Send + Sync {
     /// The architecture's configuration as JSON (Hugging Face field names where they exist), so a
     /// saved model can be rebuilt.
     fn config(&self) -> serde_json::Value;
+
+    /// The generator every dropout layer of the network draws its masks from (`None` without
+    /// dropout).
+    fn dropout_rng(&self) -> Option<HostRng> {
+        None
+    }
 }
 
 /// A model: a network, its parameters, whether it is in training mode and the precision it
@@ -28,6 +35,9 @@ pub struct Model {
     precision: Arc<AtomicU8>,
     /// The weights from before [`Model::perturb`], by name, until [`Model::restore`].
     saved: Arc<Mutex<BTreeMap<String, (Var, Tensor)>>>,
+    /// The dropout-mask generator and where the last gradient at unperturbed weights started
+    /// drawing from it (see [`Model::begin_gradient`]).
+    dropout: Option<(HostRng, Arc<Mutex<Option<RngState>>>)>,
 }
 
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
@@ -35,7 +45,9 @@ const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
 impl Model {
     /// A model in training mode, computing in f32.
     pub fn new(net: Arc<dyn Network>, params: Params) -> Self {
+        let dropout = net.dropout_rng().map(|r| (r, Arc::new(Mutex::new(None))));
         Self {
+            dropout,
             net,
             params,
             training: Arc::new(AtomicBool::new(true)),
@@ -75,6 +87,42 @@ impl Model {
     /// Switches between training and evaluation mode.
     pub fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed)
+    }
+
+    /// Where the dropout-mask generator stands (`None` for a model without dropout), for
+    /// checkpoints.
+    pub fn dropout_state(&self) -> Option<RngState> {
+        self.dropout.as_ref().map(|(rng, _)| rng.state())
+    }
+
+    /// Moves the dropout-mask generator to a position saved by [`Model::dropout_state`] (nothing
+    /// to do for a model without dropout).
+    pub fn set_dropout_state(&self, state: &RngState) -> anyhow::Result<()> {
+        match &self.dropout {
+            Some((rng, mark)) => {
+                *mark.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                rng.restore(state)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Called at the start of every gradient evaluation (one batch, or all micro-batches of one
+    /// batch): at unperturbed weights it marks where the dropout masks start; at perturbed
+    /// weights ([`Model::perturb`]) it rewinds to that mark, so the perturbed pass of a SAM step
+    /// sees the first pass's masks: the sharpness of one sub-network, and `rho: 0` is the plain
+    /// step exactly. A step then draws as many masks as a plain step.
+    pub fn begin_gradient(&self) -> anyhow::Result<()> {
+        let Some((rng, mark)) = &self.dropout else { return Ok(()) };
+        let mut mark = mark.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_perturbed() {
+            if let Some(m) = mark.as_ref() {
+                rng.restore(m)?;
+            }
+        } else {
+            *mark = Some(rng.state());
+        }
+        Ok(())
     }
 
     /// Forward pass in the model's current mode.

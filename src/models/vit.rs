@@ -301,6 +301,7 @@ pub struct Vit {
     layernorm: LayerNorm,
     classifier: Linear,
     drop: Dropout,
+    drop_rng: Option<HostRng>,
 }
 
 impl Vit {
@@ -329,7 +330,9 @@ impl Vit {
         let classes = cfg.classes().unwrap_or(0);
         let classifier = dense(h, classes, true, std, vb.pp("classifier"))?;
         let drop = Dropout::new(cfg.hidden_dropout_prob, &drop_rng)?;
+        let drop_rng = dropout.then_some(drop_rng);
         Ok(Self {
+            drop_rng,
             cfg: cfg.clone(),
             patch_weight,
             patch_bias,
@@ -390,5 +393,9 @@ impl Network for Vit {
 
     fn config(&self) -> serde_json::Value {
         ArchConfig::Vit(self.cfg.clone()).to_json()
+    }
+
+    fn dropout_rng(&self) -> Option<HostRng> {
+        self.drop_rng.clone()
     }
 }

@@ -105,6 +105,7 @@ pub struct WideResNet {
     blocks: Vec<Block>,
     bn1: BatchNorm2d,
     fc: Linear,
+    drop_rng: Option<HostRng>,
 }
 
 impl WideResNet {
@@ -132,7 +133,8 @@ impl WideResNet {
         let bound = 1.0 / (c_in as f64).sqrt();
         let fc =
             linear_init(c_in, cfg.num_labels, Init::Uniform { lo: -bound, up: bound }, Init::Const(0.0), vb.pp("fc"))?;
-        Ok(Self { cfg: cfg.clone(), conv1, blocks, bn1, fc })
+        let drop_rng = (cfg.dropout > 0.0).then_some(drop_rng);
+        Ok(Self { cfg: cfg.clone(), conv1, blocks, bn1, fc, drop_rng })
     }
 }
 
@@ -151,5 +153,9 @@ impl Network for WideResNet {
 
     fn config(&self) -> serde_json::Value {
         ArchConfig::WideResNet(self.cfg.clone()).to_json()
+    }
+
+    fn dropout_rng(&self) -> Option<HostRng> {
+        self.drop_rng.clone()
     }
 }

@@ -65,6 +65,10 @@ pub struct CheckpointState {
     pub schedule: Option<Schedule>,
     /// The host random generator.
     pub rng: RngState,
+    /// The model's dropout-mask generator (models with dropout), so a resumed run draws the masks
+    /// an uninterrupted one would have drawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropout_rng: Option<RngState>,
     /// Records of metrics.jsonl at the time of saving (later ones are dropped on resume).
     pub metrics_records: usize,
     /// Wall time of the run when saved, in seconds.
@@ -139,6 +143,7 @@ pub fn save(dir: &Path, train: &TrainState, mut state: CheckpointState, keep: us
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let existing = list(dir)?;
     state.seq = existing.last().map_or(1, |c| c.state.seq + 1);
+    state.dropout_rng = train.model.dropout_state();
     let final_dir = dir.join(folder_name(&state));
     let tmp = dir.join(format!(".tmp-{}-{}", folder_name(&state), std::process::id()));
     if tmp.exists() {
@@ -221,6 +226,9 @@ pub fn restore(ck: &Checkpoint, train: &TrainState, rng: &HostRng) -> Result<()>
         train.optim.try_borrow_mut().map_err(|_| busy("optimizer"))?.set_learning_rate(lr);
     }
     rng.restore(&s.rng).with_context(|| format!("{}: state.json", ck.dir.display()))?;
+    if let Some(d) = &s.dropout_rng {
+        train.model.set_dropout_state(d).with_context(|| format!("{}: state.json", ck.dir.display()))?;
+    }
     Ok(())
 }
 
@@ -242,6 +250,7 @@ mod tests {
             schedule: None,
             rng: HostRng::new(1).state(),
             metrics_records: 0,
+            dropout_rng: None,
             time: 0.0,
             saved_at: String::new(),
             user: Map::new(),

@@ -84,6 +84,22 @@ impl Run {
             }
             opts.overrides = merged_overrides(&prev, &opts.overrides);
         }
+        // `--set seed=N` is the run's seed: one seed drives initialisation and whatever the
+        // script seeds with its `seed` setting (noise, order, augmentation).
+        if let Some((_, text)) = opts.overrides.iter().rev().find(|(k, _)| k == "seed") {
+            let n: u64 = text
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--set seed={text}: a seed is a non-negative integer"))?;
+            if opts.seed_given && opts.seed != n {
+                bail!("--seed {} and --set seed={n} disagree: give the seed once", opts.seed);
+            }
+            if opts.seed != n {
+                seed_note = " (from --set seed)";
+            }
+            opts.seed = n;
+            opts.seed_given = true;
+        }
         let runs_dir = opts.runs_dir.clone();
         let mode = ProgressMode::detect(opts.quiet, opts.progress_every);
         let mut info = RunInfo {

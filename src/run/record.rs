@@ -275,6 +275,7 @@ impl RunRecord {
             schedule,
             rng: rng.state(),
             metrics_records: self.metrics.records().len(),
+            dropout_rng: None,
             time: (self.metrics.elapsed() * 1000.0).round() / 1000.0,
             saved_at: now_iso(),
             user,

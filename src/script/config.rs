@@ -37,9 +37,18 @@ pub fn parse_override(key: &str, text: &str, default: &Dynamic) -> Res<Dynamic> 
     }
 }
 
-/// Applies the session's overrides to `defaults`.
+/// The settings key that holds the run's seed.
+pub const SEED_KEY: &str = "seed";
+
+/// Applies the session's overrides to `defaults`. An integer `seed` setting takes the run's seed
+/// (`--seed N`, `--set seed=N`, or the default), whatever the script wrote as its default.
 pub fn resolve(session: &Session, mut defaults: Map) -> Res<Map> {
     for (key, text) in &session.overrides {
+        if key == SEED_KEY {
+            // Already the session's seed (crate::run::Run::start); applied below.
+            mark_used(session, key)?;
+            continue;
+        }
         let default = match defaults.get(key.as_str()) {
             Some(d) => d.clone(),
             None => {
@@ -50,13 +59,25 @@ pub fn resolve(session: &Session, mut defaults: Map) -> Res<Map> {
         };
         let value = parse_override(key, text, &default)?;
         defaults.insert(key.as_str().into(), value);
-        session
-            .used_overrides
-            .try_borrow_mut()
-            .map_err(|_| err("config: the settings are in use"))?
-            .insert(key.clone());
+        mark_used(session, key)?;
+    }
+    if let Some(seed) = defaults.get_mut(SEED_KEY) {
+        if seed.is_int() {
+            let n = rhai::INT::try_from(session.seed)
+                .map_err(|_| err(format!("config: the seed {} is too large for a script integer", session.seed)))?;
+            *seed = Dynamic::from_int(n);
+        }
     }
     Ok(defaults)
+}
+
+fn mark_used(session: &Session, key: &str) -> Res<()> {
+    session
+        .used_overrides
+        .try_borrow_mut()
+        .map_err(|_| err("config: the settings are in use"))?
+        .insert(key.to_string());
+    Ok(())
 }
 
 fn show(map: &Map) -> String {
@@ -79,7 +100,7 @@ fn show(map: &Map) -> String {
 pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     let s = session.clone();
     api!(engine, "config", "defaults: Map -> Map",
-        "The script's settings: `defaults` with the command line's `--set key=value` overrides applied, each parsed to the type of its default. An unknown key or a value of the wrong type is an error. The resolved settings are printed and recorded in the run's config.json.",
+        "The script's settings: `defaults` with the command line's `--set key=value` overrides applied, each parsed to the type of its default. An unknown key or a value of the wrong type is an error. An integer `seed` setting always holds the run's seed (`--seed N` or `--set seed=N`; 42 by default; a resumed run's recorded one), so one seed drives the initialisation and everything the script seeds with `cfg.seed` (label noise, batch order, augmentation); name a setting otherwise (e.g. `data_seed`) to keep it fixed across seeds. The resolved settings are printed and recorded in the run's config.json.",
         move |defaults: Map| -> Res<Map> {
             let resolved = resolve(&s, defaults)?;
             s.say(&format!("config:\n{}", show(&resolved)));

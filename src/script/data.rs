@@ -188,6 +188,12 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     api!(engine, "with_label_noise", "ds: Dataset, kind: String, rate: float, seed: int -> Dataset",
         "The dataset with corrupted training labels; the clean labels and the noise mask are kept (evaluate then reports accuracy on the clean and the corrupted part). Kinds: \"symmetric\" (exactly round(rate·N) labels, chosen uniformly, each changed to a different class chosen uniformly), \"asymmetric\" (in each mapped class, exactly round(rate·N_c) labels move by the class map; CIFAR-10's by default: truck->automobile, bird->airplane, deer->horse, cat<->dog), \"pairflip\" (class c -> c+1 mod K, the same per-class count). rate in [0, 1]. The same seed gives the same labels on every machine.",
         |d: &mut Dataset, kind: &str, rate: Dynamic, seed: INT| -> Res<Dataset> { noisy(d, kind, &rate, seed, None) });
+    let sess = session.clone();
+    api!(engine, "with_label_noise", "ds: Dataset, kind: String, rate: float -> Dataset",
+        "`with_label_noise(kind, rate, seed)` with the run's seed (`--seed`), so a seed sweep draws new noisy labels per seed.",
+        move |d: &mut Dataset, kind: &str, rate: Dynamic| -> Res<Dataset> {
+            noisy(d, kind, &rate, sess.seed as INT, None)
+        });
     api!(engine, "with_label_noise", "ds: Dataset, kind: String, rate: float, seed: int, map: Map -> Dataset",
         "Asymmetric label noise by a class map whose keys and values are class names or indices, e.g. #{truck: \"automobile\", \"2\": 0}.",
         |d: &mut Dataset, kind: &str, rate: Dynamic, seed: INT, map: Map| -> Res<Dataset> {

@@ -92,8 +92,22 @@ impl GradOutput {
 
 /// One forward-backward pass of `model` in training mode over a batch: the loss, the
 /// gradients of the trainable parameters `params` as a [`TensorSet`], the batch accuracy and
-/// the per-example losses.
+/// the per-example losses. At perturbed weights the dropout masks are those of the last pass at
+/// unperturbed weights ([`Model::begin_gradient`]).
 pub fn grad_of(
+    model: &Model,
+    params: &[(String, Var)],
+    images: &Tensor,
+    labels: &Tensor,
+    loss_fn: &LossFn,
+    opts: GradOptions,
+) -> Result<GradOutput> {
+    model.begin_gradient()?;
+    grad_pass(model, params, images, labels, loss_fn, opts)
+}
+
+/// [`grad_of`] without the dropout mark (one micro-batch of a gradient evaluation).
+fn grad_pass(
     model: &Model,
     params: &[(String, Var)],
     images: &Tensor,
@@ -219,9 +233,10 @@ pub fn grad_micro(
             }
             let mut bn = OneBnUpdate::new(model, if opts.update_bn { micro.len() } else { 1 })?;
             let mut outs = Vec::with_capacity(micro.len());
+            model.begin_gradient()?;
             for (i, (x, y)) in micro.iter().enumerate() {
                 bn.begin_pass(model)?;
-                outs.push(grad_of(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))?);
+                outs.push(grad_pass(model, params, x, y, loss_fn, opts).with_context(|| format!("micro-batch {i}"))?);
                 bn.end_pass()?;
             }
             bn.finish()?;

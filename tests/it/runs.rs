@@ -326,3 +326,94 @@ fn resume_needs_a_run_folder() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--resume nothere: no such run folder"), "{}", stderr(&o));
 }
+
+/// Prints what each random source gave: the noisy labels (with the explicit `cfg.seed` and with
+/// the run's seed by default), the first batch's labels, and the initial weights.
+const SEEDED: &str = r#"
+let cfg = config(#{ seed: 1, data_seed: 2 });
+let clean = synthetic(#{ n: 64, classes: 4, shape: [1, 2, 2], seed: cfg.data_seed });
+let a = clean.with_label_noise("symmetric", 0.5, cfg.seed);
+let b = clean.with_label_noise("symmetric", 0.5);
+let first = ();
+for x in a.batches(8, #{ seed: cfg.seed, epoch: 0 }) { if first == () { first = x.labels; } }
+let m = mlp([4, 3]);
+print(`seed=${cfg.seed}`);
+print(`clean=${clean.labels.to_array()}`);
+print(`noise=${a.labels.to_array()}`);
+print(`default=${b.labels.to_array()}`);
+print(`order=${first.to_array()}`);
+print(`init=${m.parameters()["fc1.weight"].to_array()}`);
+"#;
+
+fn seeded_output(args: &[&str]) -> (std::collections::BTreeMap<String, String>, Output) {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "seeded.rhai", SEEDED);
+    let mut all = vec!["run", "seeded.rhai", "--quiet"];
+    all.extend_from_slice(args);
+    let o = run_samhost(dir.path(), &dir.path().join("runs"), &all);
+    let lines =
+        stdout(&o).lines().filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+    if o.status.success() {
+        let config = json(&only_run(&dir.path().join("runs")).join("config.json"));
+        let seed = config["seed"].as_u64().unwrap();
+        assert_eq!(config["config"]["seed"], seed, "config.json records the seed the script used");
+    }
+    (lines, o)
+}
+
+#[test]
+fn one_seed_drives_noise_order_and_init() {
+    let (s3, o) = seeded_output(&["--seed", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(s3["seed"], "3", "cfg.seed is the run's seed, not the script's default");
+    let (again, _) = seeded_output(&["--seed", "3"]);
+    assert_eq!(s3, again, "the same seed gives the same run");
+    let (set3, _) = seeded_output(&["--set", "seed=3"]);
+    assert_eq!(s3, set3, "--set seed=3 is --seed 3");
+    let (s4, _) = seeded_output(&["--seed", "4"]);
+    assert_eq!(s3["clean"], s4["clean"], "data_seed keeps the data fixed");
+    for key in ["noise", "default", "order", "init"] {
+        assert_ne!(s3[key], s4[key], "{key}: another seed changes it");
+    }
+    let (default, _) = seeded_output(&[]);
+    assert_eq!(default["seed"], "42", "without --seed the default seed, as the header says");
+    let (_, o) = seeded_output(&["--seed", "3", "--set", "seed=4"]);
+    assert!(!o.status.success() && stderr(&o).contains("--seed 3 and --set seed=4 disagree"), "{}", stderr(&o));
+    let (_, o) = seeded_output(&["--set", "seed=-1"]);
+    assert!(!o.status.success() && stderr(&o).contains("--set seed=-1"), "{}", stderr(&o));
+}
+
+/// Dropout masks come from a generator that checkpoints save: a resumed WideResNet or ViT run
+/// with dropout ends bit-identical to the uninterrupted one (SAM steps, 4 epochs, resumed after 2).
+#[test]
+fn a_resumed_run_with_dropout_draws_the_same_masks() {
+    for model in [
+        "wide_resnet(10, 1, 3, #{ dropout: 0.3, num_channels: 1 })",
+        "vit(#{ hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, image_size: 4, \
+         patch_size: 2, num_channels: 1, num_labels: 3, hidden_dropout_prob: 0.2, attention_probs_dropout_prob: 0.1 })",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let script = TRAIN
+            .replace("let model = mlp([16, 8, 3]);", &format!("let model = {model};"))
+            .replace("let w = model.parameters()[\"fc2.weight\"];", "let w = ();")
+            .replace("model.set_parameters(#{ \"fc2.weight\": w / zeros(w.shape) });", "");
+        write(dir.path(), "train.rhai", &script);
+        let (full, split) = (dir.path().join("full"), dir.path().join("split"));
+        let o = run_samhost(dir.path(), &full, &["run", "train.rhai", "-q"]);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let o = run_samhost(dir.path(), &split, &["run", "train.rhai", "-q", "--set", "epochs=2"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let run = only_run(&split);
+        let state = json(&run.join("checkpoints/epoch-0002/state.json"));
+        assert!(state["dropout_rng"]["word_pos"].is_string(), "the checkpoint holds the mask generator: {state}");
+        let o = run_samhost(
+            dir.path(),
+            &split,
+            &["run", "train.rhai", "-q", "--resume", run.to_str().unwrap(), "--set", "epochs=4"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let a = weights(&only_run(&full).join("final.safetensors"));
+        let b = weights(&run.join("final.safetensors"));
+        assert_eq!(a, b, "{model}: bit-for-bit the same weights");
+    }
+}

@@ -537,3 +537,47 @@ fn m_sharpness_updates_batch_norm_statistics_once_per_step() {
         }
     }
 }
+
+/// With dropout, rho = 0 is still the plain step, bit for bit: the perturbed pass sees the masks
+/// of the first pass, and a SAM step draws as many masks as a plain step (so the steps after it
+/// match too). Checked for a WideResNet (dropout between the convolutions) and a ViT (hidden and
+/// attention dropout), over several steps.
+#[test]
+fn rho_zero_equals_train_step_with_dropout() {
+    use samhost::models::registry::{build_model, ArchConfig};
+    let configs = [
+        serde_json::json!({"model_type": "wide_resnet", "depth": 10, "widen_factor": 1, "num_labels": 3,
+                           "num_channels": 1, "dropout": 0.3}),
+        serde_json::json!({"model_type": "vit", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "intermediate_size": 16, "image_size": 4, "patch_size": 2, "num_channels": 1,
+                           "num_labels": 3, "hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.1}),
+    ];
+    for c in configs {
+        let cfg = ArchConfig::from_json(&c, true).unwrap();
+        let (a, b) = (
+            build_model(&cfg, &HostRng::new(5), &Device::Cpu).unwrap(),
+            build_model(&cfg, &HostRng::new(5), &Device::Cpu).unwrap(),
+        );
+        let xs = Tensor::from_vec(HostRng::new(9).normal(6 * 16, 0.0, 1.0), (6, 1, 4, 4), &Device::Cpu).unwrap();
+        let ys = Tensor::from_vec(vec![0u32, 1, 2, 0, 1, 2], 6, &Device::Cpu).unwrap();
+        // Dropout is on: two training-mode passes draw different masks.
+        let c3 = build_model(&cfg, &HostRng::new(5), &Device::Cpu).unwrap();
+        let (l1, l2) = (c3.forward_t(&xs, true).unwrap(), c3.forward_t(&xs, true).unwrap());
+        let d = (l1 - l2).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0, "{c}: dropout is active in training mode");
+        assert_eq!(a.dropout_state(), b.dropout_state(), "{c}: both start with the same mask generator");
+        let (mut oa, mut ob) = (sgd(0.1, 0.9, false, 5e-4), sgd(0.1, 0.9, false, 5e-4));
+        for step in 0..4 {
+            let sa = sam_step(&a, &mut oa, &xs, &ys, &LossFn::default(), &sam(0.0)).unwrap();
+            let sb = train_step(&b, &mut ob, &xs, &ys, &LossFn::default(), None).unwrap();
+            assert_eq!(sa.loss, sb.loss, "{c}: step {step}");
+            assert_eq!(sa.sharp_loss, sa.loss, "{c}: step {step}: the perturbed pass saw other masks");
+        }
+        for ((name, va), (_, vb)) in a.params().all().iter().zip(b.params().all().iter()) {
+            let (x, y) = (va.as_tensor().flatten_all().unwrap(), vb.as_tensor().flatten_all().unwrap());
+            let d = (&x - &y).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d == 0.0, "{c}: `{name}` differs by up to {d:e} after 4 steps");
+        }
+        assert_eq!(a.dropout_state(), b.dropout_state(), "{c}: as many masks drawn");
+    }
+}
