@@ -38,6 +38,8 @@ pub struct Model {
     /// The dropout-mask generator and where the last gradient at unperturbed weights started
     /// drawing from it (see [`Model::begin_gradient`]).
     dropout: Option<(HostRng, Arc<Mutex<Option<RngState>>>)>,
+    /// The classification head: its tensor-name prefix and its number of classes.
+    head: Option<(String, usize)>,
 }
 
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
@@ -46,8 +48,12 @@ impl Model {
     /// A model in training mode, computing in f32.
     pub fn new(net: Arc<dyn Network>, params: Params) -> Self {
         let dropout = net.dropout_rng().map(|r| (r, Arc::new(Mutex::new(None))));
+        let head = super::registry::ArchConfig::parse(&net.config(), false)
+            .ok()
+            .and_then(|c| Some((c.head_prefix(), c.num_classes()?)));
         Self {
             dropout,
+            head,
             net,
             params,
             training: Arc::new(AtomicBool::new(true)),
@@ -87,6 +93,31 @@ impl Model {
     /// Switches between training and evaluation mode.
     pub fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed)
+    }
+
+    /// The classification head: its tensor-name prefix (e.g. `classifier.`) and its number of
+    /// classes, for architectures that have one.
+    pub fn head(&self) -> Option<(&str, usize)> {
+        self.head.as_ref().map(|(p, k)| (p.as_str(), *k))
+    }
+
+    /// Fails when a label in `labels` is not a class of the head, naming the label and the head
+    /// (such a label would otherwise train with loss 0: its one-hot target is all zeros).
+    pub fn check_labels(&self, labels: &Tensor) -> anyhow::Result<()> {
+        let Some((prefix, k)) = self.head() else { return Ok(()) };
+        if let Some(max) = crate::train::loss::max_label(labels)? {
+            if max as usize >= k {
+                anyhow::bail!(
+                    "label {max} is outside the model's head `{}` of {k} classes: the labels need at least {} classes; \
+                     build the model with {} classes (from_pretrained(repo, #{{ num_classes: {} }}) replaces the head)",
+                    prefix.trim_end_matches('.'),
+                    max + 1,
+                    max + 1,
+                    max + 1
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Where the dropout-mask generator stands (`None` for a model without dropout), for

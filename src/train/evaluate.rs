@@ -33,6 +33,18 @@ pub fn evaluate(model: &Model, ds: &Dataset, batch_size: usize, device: &Device,
     if ds.is_empty() {
         bail!("evaluate: the dataset is empty");
     }
+    if let Some((prefix, k)) = model.head() {
+        let max = (0..ds.len()).map(|i| ds.label(i)).max().unwrap_or(0);
+        if max as usize >= k {
+            bail!(
+                "the dataset's labels go up to {max} ({} examples, {} class names) but the model's head `{}` has {k} classes: build the model with {} classes",
+                ds.len(),
+                ds.classes().len(),
+                prefix.trim_end_matches('.'),
+                max + 1
+            );
+        }
+    }
     let plain;
     let ds = if augment {
         ds

@@ -119,6 +119,10 @@ fn grad_pass(
     if labels.dim(0)? != n {
         anyhow::bail!("batch: {} images but {} labels", n, labels.dim(0)?);
     }
+    if matches!(loss_fn, LossFn::CrossEntropy { .. }) {
+        // A closure loss decides what labels mean (its own cross_entropy checks them).
+        model.check_labels(labels)?;
+    }
     let saved_bn = if opts.update_bn { None } else { Some(model.params().save_buffers()?) };
     let result = (|| -> Result<GradOutput> {
         let logits = model.forward_t(images, opts.train).context("forward pass")?;
@@ -129,7 +133,17 @@ fn grad_pass(
             (true, LossFn::CrossEntropy { label_smoothing }) => {
                 Some(cross_entropy_per_example(&logits.detach(), labels, *label_smoothing)?)
             }
-            (true, LossFn::Custom(_)) => Some(cross_entropy_per_example(&logits.detach(), labels, 0.0)?),
+            // A closure loss may give labels another meaning: no cross-entropy where they are
+            // not classes of the logits.
+            (true, LossFn::Custom(_)) => {
+                let k = logits.dim(1)?;
+                let fits = crate::train::loss::max_label(labels)?.is_none_or(|m| (m as usize) < k);
+                if fits {
+                    Some(cross_entropy_per_example(&logits.detach(), labels, 0.0)?)
+                } else {
+                    None
+                }
+            }
         };
         let correct = if classify { Some(super::metrics::correct(&logits, labels)?) } else { None };
         let grads = gradients(&loss, params)?;

@@ -49,6 +49,28 @@ pub fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> 
     labels.to_dtype(DType::U32)?.unsqueeze(1)?.broadcast_eq(&ids)?.to_dtype(dtype)
 }
 
+/// The largest of integer `labels` (`None` when there are none).
+pub fn max_label(labels: &Tensor) -> Result<Option<u32>> {
+    if labels.elem_count() == 0 {
+        return Ok(None);
+    }
+    Ok(Some(labels.flatten_all()?.to_dtype(DType::U32)?.max(0)?.to_scalar::<u32>()?))
+}
+
+/// Fails when a label is not one of `classes` classes: one-hot targets of such a label are all
+/// zero, so it would train with loss 0 instead of failing.
+pub fn check_label_range(labels: &Tensor, classes: usize) -> Result<()> {
+    if let Some(max) = max_label(labels)? {
+        if max as usize >= classes {
+            candle_core::bail!(
+                "label {max} is outside the {classes} classes of the logits (labels must be 0..{})",
+                classes.saturating_sub(1)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Mean cross-entropy of `logits` `[N, K]` against integer `labels` `[N]`, with label smoothing.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> Result<Tensor> {
     let (n, k) = logits.dims2()?;
@@ -58,6 +80,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> 
     if !(0.0..1.0).contains(&label_smoothing) {
         candle_core::bail!("label_smoothing must be in [0, 1), got {label_smoothing}");
     }
+    check_label_range(labels, k)?;
     let logp = log_softmax(logits)?;
     let target = one_hot(labels, k, logp.dtype())?;
     let target =
@@ -72,6 +95,7 @@ pub fn cross_entropy_per_example(logits: &Tensor, labels: &Tensor, label_smoothi
     if labels.dims() != [n] {
         candle_core::bail!("cross_entropy: logits {:?} and labels {:?} do not match", logits.dims(), labels.dims());
     }
+    check_label_range(labels, k)?;
     let logp = log_softmax(logits)?;
     let target = one_hot(labels, k, logp.dtype())?;
     let target =

@@ -44,12 +44,9 @@ fn chunk_ranges(n: usize, m: Option<usize>) -> Result<Vec<(usize, usize)>> {
     match m {
         None => Ok(vec![(0, n)]),
         Some(m) if m >= n => Ok(vec![(0, n)]),
-        Some(m) => {
-            if !n.is_multiple_of(m) {
-                bail!("m_sharpness {m} does not divide the batch size {n}");
-            }
-            Ok((0..n / m).map(|i| (i * m, m)).collect())
-        }
+        // Chunks of m; a batch that m does not divide ends with a smaller chunk, and the chunks'
+        // gradients are weighted by their sizes.
+        Some(m) => Ok((0..n.div_ceil(m)).map(|i| (i * m, m.min(n - i * m))).collect()),
     }
 }
 
@@ -235,8 +232,8 @@ fn finish(
     mut d: TensorSet,
     cfg: &SamConfig,
     firsts: &[GradOutput],
-    norm_sum: f64,
-    sharp_sum: Option<f64>,
+    norm_mean: f64,
+    sharp_mean: Option<f64>,
 ) -> Result<StepStats> {
     if let Some(c) = cfg.grad_clip {
         let norm = d.norm()?;
@@ -245,14 +242,15 @@ fn finish(
         }
     }
     opt.step_set(model, &d)?;
-    let k = firsts.len().max(1) as f64;
-    let loss = firsts.iter().map(|f| f.loss).sum::<f64>() / k;
+    // Chunks weighted by their sizes (equal chunks: the plain mean).
     let n: usize = firsts.iter().map(|f| f.n).sum();
+    let weight = |f: &GradOutput| if n > 0 { f.n as f64 / n as f64 } else { 1.0 / firsts.len().max(1) as f64 };
+    let loss = firsts.iter().map(|f| weight(f) * f.loss).sum::<f64>();
     let correct: Option<usize> = firsts.iter().map(|f| f.correct).sum();
     Ok(StepStats {
         loss,
-        sharp_loss: sharp_sum.map(|s| s / k).unwrap_or(loss),
-        grad_norm: norm_sum / k,
+        sharp_loss: sharp_mean.unwrap_or(loss),
+        grad_norm: norm_mean,
         accuracy: match correct {
             Some(c) if n > 0 => c as f64 / n as f64,
             _ => f64::NAN,
@@ -372,7 +370,9 @@ fn sam_family_step(
         }
         _ => vec![micro.to_vec()],
     };
-    let k = chunks.len() as f64;
+    let sizes: Vec<usize> =
+        chunks.iter().map(|c| c.iter().map(|(x, _)| x.dim(0)).sum()).collect::<candle_core::Result<_>>()?;
+    let total_n = sizes.iter().sum::<usize>().max(1) as f64;
     let esam = cfg.variant == Variant::Esam;
     let (mut norm_sum, mut sharp_sum) = (0.0, 0.0);
     let mut firsts = Vec::with_capacity(chunks.len());
@@ -381,13 +381,15 @@ fn sam_family_step(
     // statistics, the mean of each chunk's update from the same start (as one optimizer step
     // should: PyTorch's momentum 0.1 would otherwise become 1 − 0.9^K); second passes never do.
     let mut bn = super::grads::OneBnUpdate::new(model, chunks.len())?;
-    for chunk in &chunks {
+    for (chunk, &size) in chunks.iter().zip(&sizes) {
+        // The chunk's weight in the step: its share of the batch's examples.
+        let w = if chunks.len() > 1 { size as f64 / total_n } else { 1.0 };
         bn.begin_pass(model)?;
         let mut first =
             grad_micro(model, params, chunk, loss_fn, GradOptions { update_bn: true, per_example: esam, train: true })?;
         bn.end_pass()?;
         let g_norm = first.grads.norm()?;
-        norm_sum += g_norm;
+        norm_sum += w * g_norm;
         let (dir, scale, m_next) = perturbation(model, &first.grads, g_norm, rho, cfg, state)?;
         let keep_g = matches!(cfg.variant, Variant::Gsam | Variant::Looksam);
         let g = if keep_g { Some(std::mem::take(&mut first.grads)) } else { None };
@@ -413,7 +415,7 @@ fn sam_family_step(
         model.params().restore_buffers(&saved_bn)?;
         restored?;
         let (second, _) = second.context("second (perturbed) pass")?;
-        sharp_sum += second.loss;
+        sharp_sum += w * second.loss;
         let d = match (cfg.variant, &g) {
             (Variant::Gsam, Some(g)) => gsam_direction(g, &second.grads, cfg.alpha_or_default(), cfg.eps)?,
             (Variant::Looksam, Some(g)) => {
@@ -428,16 +430,14 @@ fn sam_family_step(
             state.buffers.insert("friendly_m".into(), m);
         }
         total = Some(match total {
+            None if chunks.len() > 1 => d.scale(w)?,
             None => d,
-            Some(acc) => acc.axpy(1.0, &d)?,
+            Some(acc) => acc.axpy(w, &d)?,
         });
         firsts.push(first);
     }
     bn.finish()?;
-    let mut d = total.context("empty batch")?;
-    if chunks.len() > 1 {
-        d = d.scale(1.0 / k)?;
-    }
+    let d = total.context("empty batch")?;
     finish(model, opt, d, cfg, &firsts, norm_sum, Some(sharp_sum))
 }
 

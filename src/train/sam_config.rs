@@ -72,7 +72,8 @@ pub struct SamConfig {
     pub adaptive: bool,
     /// ASAM's offset η (0.01), or Fisher SAM's η in `f = 1 + η·g²` (1.0).
     pub eta: Option<f64>,
-    /// Split the batch into chunks of this many examples, one perturbation each (the paper's m).
+    /// Split the batch into chunks of this many examples, one perturbation each (the paper's m);
+    /// a batch that it does not divide ends with a smaller chunk, chunks weighted by size.
     pub m_sharpness: Option<usize>,
     /// Clip the SAM gradient to this global norm before the base step.
     pub grad_clip: Option<f64>,

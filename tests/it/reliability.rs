@@ -192,3 +192,49 @@ fn a_checkpoint_for_another_model_is_refused_on_resume() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("fc1.bias") && err.contains("shape"), "{err}");
 }
+
+/// Labels outside the head are an error in every step function, in evaluate and in
+/// cross_entropy (a one-hot target of such a label is all zeros: it trained with loss 0 before),
+/// naming the label and the head; a closure loss decides what labels mean.
+#[test]
+fn labels_outside_the_head_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+let ds = synthetic(#{ n: 64, classes: 10, shape: [1, 4, 4], seed: 1 });
+let m = mlp([16, 8, 5]);
+let opt = sgd(m, #{ lr: 0.1 });
+let b = ();
+for x in ds.batches(16, #{ seed: 1 }) { if b == () { b = x; } }
+let w = m.parameters();
+try { train_step(m, opt, b); print("train_step ran"); } catch (e) { print(`E1 ${e}`); }
+try { sam_step(m, opt, b); print("sam_step ran"); } catch (e) { print(`E2 ${e}`); }
+try { grad(m, b); print("grad ran"); } catch (e) { print(`E3 ${e}`); }
+try { evaluate(m, ds); print("evaluate ran"); } catch (e) { print(`E4 ${e}`); }
+try { cross_entropy(m.forward(b.images), b.labels); print("cross_entropy ran"); } catch (e) { print(`E5 ${e}`); }
+let same = true;
+for k in w.keys() { if (w[k] - m.parameters()[k]).abs().sum().item() != 0.0 { same = false; } }
+print(`unchanged=${same}`);
+let g = grad(m, b, #{ loss: |logits, labels| (logits * 0.0).sum() });
+print(`closure=${g.loss}`);
+let ok = mlp([16, 8, 10]);
+print(`fits=${evaluate(ok, ds).accuracy >= 0.0}`);
+"#;
+    write(dir.path(), "labels.rhai", script);
+    let o = run_in(dir.path(), &["run", "labels.rhai", "--quiet"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    for tag in ["E1", "E2", "E3"] {
+        let line = out.lines().find(|l| l.starts_with(tag)).unwrap_or_else(|| panic!("{tag} missing:\n{out}"));
+        assert!(line.contains(" is outside the model's head `fc2` of 5 classes"), "{line}");
+    }
+    assert!(
+        out.contains("E4 evaluate: the dataset's labels go up to 9") && out.contains("head `fc2` has 5 classes"),
+        "{out}"
+    );
+    assert!(
+        out.contains("E5 cross_entropy: label ") && out.contains(" is outside the 5 classes of the logits"),
+        "{out}"
+    );
+    assert!(out.contains("unchanged=true"), "a refused step leaves the weights alone:\n{out}");
+    assert!(out.contains("closure=0") && out.contains("fits=true"), "{out}");
+}
