@@ -3,7 +3,8 @@
 //! function, and the peak memory of a step. Prints a table; run with `cargo bench --bench sam`.
 //! `SAMHOST_BENCH_STEPS` sets the number of timed steps (default 10, median reported). Then the
 //! composed-SAM comparison of `support/compose.rs` (`SAMHOST_BENCH_PART=compose`: that alone)
-//! and the Hessian-vector product's cost of `support/hvp.rs` (`SAMHOST_BENCH_PART=hvp`).
+//! the Hessian-vector product's cost of `support/hvp.rs` (`SAMHOST_BENCH_PART=hvp`), and the
+//! linear-probe step of `support/probe.rs` (`SAMHOST_BENCH_PART=probe`).
 
 use candle_core::{Device, Tensor};
 use samhost::data::Batch;
@@ -24,6 +25,8 @@ mod compose;
 mod counting_alloc;
 #[path = "support/hvp.rs"]
 mod hvp;
+#[path = "support/probe.rs"]
+mod probe;
 use counting_alloc::{LIVE, PEAK};
 
 fn steps() -> usize {
@@ -151,6 +154,10 @@ fn main() {
     }
     if part == "hvp" {
         hvp::run();
+        return;
+    }
+    if part == "probe" {
+        probe::run();
         return;
     }
     let (rust_ns, over_ns) = call_overhead();

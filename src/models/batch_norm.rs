@@ -2,6 +2,7 @@
 //! layer with its parameters and running statistics. The kernels (fused on the CPU, elementary
 //! ops elsewhere) are in `ops::batch_norm`.
 
+use super::no_grad::param;
 use crate::ops::batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_ops};
 use crate::ops::half::{in_f32, is_half};
 use candle_core::{DType, Result, Tensor, Var};
@@ -65,7 +66,8 @@ impl BatchNorm2d {
         if m < 2 {
             candle_core::bail!("batch norm in training mode needs more than one value per channel, got {:?}", x.dims());
         }
-        let (y, mean, var) = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
+        let (weight, bias) = (param(&self.weight), param(&self.bias));
+        let (y, mean, var) = batch_norm_train(x, &weight, &bias, self.eps, relu)?;
         let k = self.momentum;
         let unbiased = m as f64 / (m as f64 - 1.0);
         let rm = ((self.running_mean.as_tensor() * (1.0 - k))? + (mean.detach().to_dtype(DType::F32)? * k)?)?;
@@ -79,14 +81,14 @@ impl BatchNorm2d {
     /// Training mode from elementary ops, without updating the running statistics: the
     /// output, and the batch mean and (biased) variance per channel (the fused op's reference).
     pub fn forward_train_unfused(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        batch_norm_train_ops(x, &self.weight, &self.bias, self.eps)
+        batch_norm_train_ops(x, &param(&self.weight), &param(&self.bias), self.eps)
     }
 
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
         batch_norm_eval(
             x,
-            &self.weight,
-            &self.bias,
+            &param(&self.weight),
+            &param(&self.bias),
             self.running_mean.as_tensor(),
             self.running_var.as_tensor(),
             self.eps,

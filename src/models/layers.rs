@@ -14,12 +14,15 @@ pub use super::batch_norm::{batch_norm, bn, bn_relu, BatchNorm2d};
 use candle_nn::{Init, VarBuilder};
 
 pub use super::init::InitScheme;
+pub use super::no_grad::param;
 
-/// `t` in `dtype`: `t` itself when it already is, else a cast that gradients flow through (they
-/// come back in `t`'s own type). Mixed precision casts the f32 master weights this way at each use.
+/// The parameter `t` in `dtype`: `t` itself when it already is, else a cast that gradients flow
+/// through (they come back in `t`'s own type); detached when it takes no gradient in this pass
+/// ([`param`]). Mixed precision casts the f32 master weights this way at each use.
 pub fn cast_as(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let t = param(t);
     if t.dtype() == dtype {
-        Ok(t.clone())
+        Ok(t)
     } else {
         t.to_dtype(dtype)
     }
@@ -47,7 +50,8 @@ impl Linear {
     /// `x·Wᵀ + b`, followed by a ReLU when `relu`, with the weight cast to `x`'s dtype: one
     /// fused op for f32 on the CPU (see [`crate::ops::linear::dense`]).
     pub fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        crate::ops::linear::dense(x, &cast_as(&self.weight, x.dtype())?, self.bias.as_ref(), relu)
+        let bias = self.bias.as_ref().map(param);
+        crate::ops::linear::dense(x, &cast_as(&self.weight, x.dtype())?, bias.as_ref(), relu)
     }
 }
 
@@ -97,7 +101,8 @@ impl Conv {
     /// [`crate::ops::conv2d_block`]).
     pub fn forward_block(&self, x: &Tensor, relu: bool, pool: bool) -> Result<Tensor> {
         let opts = ConvBlockOptions { stride: self.stride, padding: self.padding, relu, pool };
-        crate::ops::conv2d_block(x, &cast_as(&self.weight, x.dtype())?, self.bias.as_ref(), opts)
+        let bias = self.bias.as_ref().map(param);
+        crate::ops::conv2d_block(x, &cast_as(&self.weight, x.dtype())?, bias.as_ref(), opts)
     }
 }
 
@@ -160,7 +165,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        crate::ops::layer_norm(x, &param(&self.weight), &param(&self.bias), self.eps)
     }
 }
 

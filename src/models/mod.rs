@@ -6,6 +6,7 @@ pub mod init;
 pub mod layers;
 pub mod mlp;
 pub mod model;
+pub mod no_grad;
 pub mod params;
 pub mod precision;
 pub mod pretrained;

@@ -4,7 +4,7 @@
 //! Built from differentiable ops only: softmax and layer norm from elementary ops, dropout from
 //! the seeded generator.
 
-use super::layers::{cast_as, Activation, Dropout, LayerNorm, Linear};
+use super::layers::{cast_as, param, Activation, Dropout, LayerNorm, Linear};
 use super::registry::ArchConfig;
 use super::Network;
 use crate::ops::bias::add_broadcast;
@@ -372,7 +372,11 @@ impl Vit {
             .reshape((b * gh * gw, c * ph * pw))?;
         let hidden = self.cfg.hidden_size;
         let weight = cast_as(&self.patch_weight, x.dtype())?.reshape((hidden, c * ph * pw))?;
-        add_broadcast(&crate::ops::linear::linear(&patches, &weight)?, &self.patch_bias)?.reshape((b, gh * gw, hidden))
+        add_broadcast(&crate::ops::linear::linear(&patches, &weight)?, &param(&self.patch_bias))?.reshape((
+            b,
+            gh * gw,
+            hidden,
+        ))
     }
 }
 
@@ -380,8 +384,8 @@ impl Network for Vit {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let patches = self.embed_patches(x)?;
         let (b, _, h) = patches.dims3()?;
-        let cls = add_broadcast(&patches.zeros_like()?.narrow(1, 0, 1)?, &self.cls_token)?;
-        let tokens = add_broadcast(&Tensor::cat(&[&cls, &patches], 1)?, &self.position_embeddings)?;
+        let cls = add_broadcast(&patches.zeros_like()?.narrow(1, 0, 1)?, &param(&self.cls_token))?;
+        let tokens = add_broadcast(&Tensor::cat(&[&cls, &patches], 1)?, &param(&self.position_embeddings))?;
         let n = tokens.dim(1)?;
         let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, h))?;
         for layer in &self.layers {

@@ -106,6 +106,21 @@ pub fn grad_of(
     grad_pass(model, params, images, labels, loss_fn, opts)
 }
 
+/// A scope in which `model`'s parameters outside `params` (frozen ones, or those a step leaves
+/// out) enter the graph detached: no weight gradient is computed for them, and there is no
+/// backward pass below the lowest parameter of `params` (see [`crate::models::no_grad`]).
+pub fn no_grad_outside(model: &Model, params: &[(String, Var)]) -> crate::models::no_grad::NoGradScope {
+    let wanted: std::collections::HashSet<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+    let skip = model
+        .params()
+        .all()
+        .into_iter()
+        .filter(|(n, _)| !crate::models::is_buffer(n) && !wanted.contains(n.as_str()))
+        .map(|(_, v)| v.as_tensor().id())
+        .collect();
+    crate::models::no_grad::NoGradScope::new(skip)
+}
+
 /// [`grad_of`] without the dropout mark (one micro-batch of a gradient evaluation).
 fn grad_pass(
     model: &Model,
@@ -123,6 +138,7 @@ fn grad_pass(
         // A closure loss decides what labels mean (its own cross_entropy checks them).
         model.check_labels(labels)?;
     }
+    let _scope = no_grad_outside(model, params);
     let saved_bn = if opts.update_bn { None } else { Some(model.params().save_buffers()?) };
     let result = (|| -> Result<GradOutput> {
         let logits = model.forward_t(images, opts.train).context("forward pass")?;

@@ -599,3 +599,58 @@ fn rho_zero_equals_train_step_with_dropout() {
         assert_eq!(a.dropout_state(), b.dropout_state(), "{c}: as many masks drawn");
     }
 }
+
+/// A frozen parameter costs nothing: under the scope a gradient pass uses, a forward pass with
+/// nothing to differentiate records no autograd graph at all (nothing for a backward pass to
+/// walk), one with only the head records ops from the head on; and the head's gradient and SAM
+/// step are bit-identical to those computed with the backbone trainable and its gradient dropped.
+#[test]
+fn a_frozen_backbone_takes_no_backward_pass() {
+    use samhost::models::registry::{build_model, ArchConfig};
+    use samhost::train::grads::{grad_of, no_grad_outside, GradOptions};
+    let c = serde_json::json!({"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                               "intermediate_size": 32, "image_size": 8, "patch_size": 4, "num_labels": 3});
+    let cfg = ArchConfig::from_json(&c, true).unwrap();
+    let build = || build_model(&cfg, &HostRng::new(2), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(HostRng::new(4).normal(4 * 3 * 64, 0.0, 1.0), (4, 3, 8, 8), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(vec![0u32, 1, 2, 1], 4, &Device::Cpu).unwrap();
+
+    let m = build();
+    assert!(m.forward_t(&x, true).unwrap().track_op(), "outside a scope every parameter is tracked");
+    {
+        let _all = no_grad_outside(&m, &[]);
+        assert!(!m.forward_t(&x, true).unwrap().track_op(), "nothing to differentiate: no graph");
+    }
+    m.params().freeze("vit.");
+    let head = m.params().trainable();
+    assert!(head.iter().all(|(n, _)| n.starts_with("classifier.")));
+    {
+        let _head = no_grad_outside(&m, &head);
+        assert!(m.forward_t(&x, true).unwrap().track_op(), "the head is tracked");
+    }
+
+    // The head's gradient: frozen backbone against the whole model's gradient, restricted.
+    let full = build();
+    let all = full.params().trainable();
+    let g_full = grad_of(&full, &all, &x, &y, &LossFn::default(), GradOptions::default()).unwrap();
+    let g_probe = grad_of(&m, &head, &x, &y, &LossFn::default(), GradOptions::default()).unwrap();
+    assert_eq!(g_full.loss, g_probe.loss);
+    for (name, _) in &head {
+        let (a, b) = (g_full.grads.get(name).unwrap(), g_probe.grads.get(name).unwrap());
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");
+        assert!(a.iter().any(|v| *v != 0.0), "{name} got a gradient");
+    }
+    // A probe SAM step leaves the backbone bit-identical and moves the head.
+    let before: Vec<(String, Vec<f32>)> = m
+        .params()
+        .all()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    sam_step(&m, &mut sgd(0.1, 0.9, false, 0.0), &x, &y, &LossFn::default(), &sam(0.05)).unwrap();
+    for ((name, b), (_, v)) in before.iter().zip(m.params().all()) {
+        let now: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(name.starts_with("classifier."), &now != b, "{name}");
+    }
+}
