@@ -50,10 +50,12 @@ pub fn run() {
         fwd.push(time(&mut || drop(model.forward_t(&x, true).expect("forward"))));
         model.params().freeze("vit.");
         probe.push(time(&mut || {
-            drop(sam_step(&model, &mut opt, &x, &y, &LossFn::default(), &sam).expect("probe step"))
+            sam_step(&model, &mut opt, &x, &y, &LossFn::default(), &sam).expect("probe step");
         }));
         model.params().unfreeze("vit.");
-        full.push(time(&mut || drop(sam_step(&model, &mut opt, &x, &y, &LossFn::default(), &sam).expect("full step"))));
+        full.push(time(&mut || {
+            sam_step(&model, &mut opt, &x, &y, &LossFn::default(), &sam).expect("full step");
+        }));
     }
     let range = |v: &[f64]| {
         let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));

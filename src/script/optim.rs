@@ -2,6 +2,7 @@
 
 use super::convert::{err, op, options, Res};
 use crate::models::Model;
+use crate::train::param_groups::{GroupOptions, ParamGroups, GROUP_KEYS};
 use crate::train::{AdamW, AdamWConfig, Optimizer, Schedule, ScheduleKind, Sgd, SgdConfig};
 use rhai::{Engine, Map, FLOAT};
 use std::cell::RefCell;
@@ -33,6 +34,17 @@ fn write(o: &Optim) -> Res<std::cell::RefMut<'_, Box<dyn Optimizer>>> {
         .map_err(|_| err("the optimizer is in use by the step running now (from inside a loss closure?)"))
 }
 
+/// Splits an optimizer's option map into its own options and the per-tensor ones.
+fn split_group_options(what: &str, mut o: Map) -> Res<(Map, GroupOptions)> {
+    let mut g = Map::new();
+    for k in GROUP_KEYS {
+        if let Some(v) = o.remove(k) {
+            g.insert(k.into(), v);
+        }
+    }
+    Ok((o, options::<GroupOptions>(what, &g)?))
+}
+
 fn new_optim(o: impl Optimizer + 'static) -> Optim {
     Optim(Rc::new(RefCell::new(Box::new(o))))
 }
@@ -43,11 +55,43 @@ pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<Sched>("Schedule");
 
     api!(engine, "sgd", "m: Model, options: Map -> Optimizer",
-        "SGD with torch.optim.SGD semantics. Options: lr (0.1), momentum (0), dampening (0), nesterov (false), weight_decay (0, added to the gradient).",
-        |_m: Model, o: Map| -> Res<Optim> { Ok(new_optim(op("sgd", Sgd::new(options::<SgdConfig>("sgd", &o)?))?)) });
+        "SGD with torch.optim.SGD semantics. Options: lr (0.1), momentum (0), dampening (0), nesterov (false), weight_decay (0, added to the gradient), and the per-tensor settings of fine-tuning recipes (see `adamw`): groups, no_decay_bias_norm, layer_decay, head_lr_scale.",
+        |m: Model, o: Map| -> Res<Optim> {
+            let (own, groups) = split_group_options("sgd", o)?;
+            let cfg = options::<SgdConfig>("sgd", &own)?;
+            let groups = op("sgd", ParamGroups::resolve(&m, cfg.lr, cfg.weight_decay, &groups))?;
+            Ok(new_optim(op("sgd", Sgd::new(cfg))?.with_groups(groups)))
+        });
     api!(engine, "adamw", "m: Model, options: Map -> Optimizer",
-        "AdamW with torch.optim.AdamW semantics (decoupled decay). Options: lr (1e-3), betas ([0.9, 0.999]), eps (1e-8), weight_decay (0.01).",
-        |_m: Model, o: Map| -> Res<Optim> { Ok(new_optim(op("adamw", AdamW::new(options::<AdamWConfig>("adamw", &o)?))?)) });
+        "AdamW with torch.optim.AdamW semantics (decoupled decay; bias correction counted per tensor, so a tensor unfrozen later starts its own count). Options: lr (1e-3), betas ([0.9, 0.999]), eps (1e-8), weight_decay (0.01). Per-tensor settings, resolved against the model's parameter names: groups (a list of #{params: prefix or [prefixes], lr or lr_scale, weight_decay}; the first group whose prefix matches holds a tensor; a group's lr is kept as a multiplier of the optimizer's, so schedules scale every group), no_decay_bias_norm (false; true: no weight decay on biases, normalization weights and 1-D tensors), layer_decay (ViT layer-wise lr decay: encoder layer i of L gets layer_decay^(L-i), the embeddings layer_decay^(L+1), the final norm and the head 1), head_lr_scale (multiplies the head's lr). Multipliers combine. `opt.groups` shows the result.",
+        |m: Model, o: Map| -> Res<Optim> {
+            let (own, groups) = split_group_options("adamw", o)?;
+            let cfg = options::<AdamWConfig>("adamw", &own)?;
+            let groups = op("adamw", ParamGroups::resolve(&m, cfg.lr, cfg.weight_decay, &groups))?;
+            Ok(new_optim(op("adamw", AdamW::new(cfg))?.with_groups(groups)))
+        });
+    getter!(
+        engine,
+        "groups",
+        "Map",
+        "Every parameter's resolved settings: name -> #{lr_scale, weight_decay, lr} (lr: the rate it steps with now).",
+        |o: &mut Optim| -> Res<Map> {
+            let opt = read(o)?;
+            let mut out = Map::new();
+            if let Some(g) = opt.groups() {
+                let mut rows: Vec<_> = g.iter().collect();
+                rows.sort_by(|a, b| a.0.cmp(b.0));
+                for (name, h) in rows {
+                    let mut m = Map::new();
+                    m.insert("lr_scale".into(), h.lr_scale.into());
+                    m.insert("weight_decay".into(), h.weight_decay.into());
+                    m.insert("lr".into(), (opt.learning_rate() * h.lr_scale).into());
+                    out.insert(name.as_str().into(), m.into());
+                }
+            }
+            Ok(out)
+        }
+    );
     getter!(engine, "lr", "float", "The optimizer's current learning rate.", |o: &mut Optim| -> Res<FLOAT> {
         Ok(read(o)?.learning_rate())
     });

@@ -6,7 +6,7 @@ use crate::data::{Batch, Dataset};
 use crate::models::Model;
 use crate::session::Session;
 use crate::train::evaluate::{evaluate, EvalStats};
-use crate::train::{sam_step_accumulated, train_step_accumulated, LossFn, SamConfig, StepStats};
+use crate::train::{sam_step_accumulated, LossFn, SamConfig, StepStats};
 use candle_core::Tensor;
 use rhai::{Array, Dynamic, Engine, FnPtr, Map, NativeCallContext};
 use serde::Deserialize;
@@ -18,6 +18,7 @@ use std::rc::Rc;
 struct PlainOptions {
     label_smoothing: f64,
     grad_clip: Option<f64>,
+    mode: crate::train::StepMode,
 }
 
 /// Options of `grad` besides the loss.
@@ -206,7 +207,7 @@ fn do_train(ctx: &NativeCallContext, s: &Session, m: &Model, opt: &Optim, b: Vec
     let stats = op(
         "train_step",
         with_loss(ctx, closure, p.label_smoothing, |loss| {
-            train_step_accumulated(m, optim.as_mut(), &micro, loss, p.grad_clip)
+            crate::train::train_step_in(m, optim.as_mut(), &micro, loss, p.grad_clip, p.mode)
         }),
     )?;
     drop(optim);
@@ -215,7 +216,7 @@ fn do_train(ctx: &NativeCallContext, s: &Session, m: &Model, opt: &Optim, b: Vec
 
 /// Registers the training API.
 pub fn register(engine: &mut Engine, session: &Rc<Session>) {
-    let sam_doc = "One Sharpness-Aware Minimization step, or a step of one of its variants; returns #{loss, sharp_loss, grad_norm, accuracy} (loss at w, loss at w+e, norm of the first gradient, batch accuracy).\nOptions: rho (0.05; 0 gives exactly the base optimizer's step); adaptive (false: ASAM, e = rho T²g/‖Tg‖ with T = |w| + eta; ASAM wants rho about 10x SAM's, e.g. 0.5 to 2); eta (ASAM 0.01, Fisher 1.0); asam_scope (\"all\": T on weights and biases alike; \"weights\": T only on tensors named *weight*, T = 1 elsewhere, the ASAM authors' convention); perturb (\"all\"; \"norm\": SAM-ON, only normalization layers' weights and biases are perturbed, all parameters updated; or an array of name prefixes); m_sharpness (chunks of M examples, one perturbation each, gradients averaged; a batch that M does not divide ends with a smaller chunk, and the chunks are weighted by their sizes); loss (\"cross_entropy\" or a closure |logits, labels| returning a scalar tensor, called for both passes); label_smoothing (0); grad_clip (global norm of the step's gradient).\nvariant: \"sam\" (default); \"gsam\" (Zhuang et al., ICLR 2022: d = g_p - alpha (g - (g.u)u), u = g_p/|g_p|; alpha 0.1; rho_max with rho_min make rho follow the learning rate, rho_min + (rho_max - rho_min)(lr - lr_min)/(lr_max - lr_min), lr_max default the largest lr seen, lr_min 0); \"looksam\" (Liu et al., CVPR 2022: steps 0, k, 2k, ... are SAM steps that keep g_v = g_s - (g_s.ĝ)ĝ, the others take one pass with d = g + alpha |g|/|g_v| g_v; k 5, alpha 0.7); \"fisher\" (Kim et al., ICML 2022: e = rho f⁻¹g/sqrt(g.f⁻¹g), f = 1 + eta g², eta 1.0); \"friendly\" (F-SAM, Li et al., CVPR 2024, as its authors' code: m starts at the first g, then the ascent direction is g - sigma m and m <- lambda m + (1 - lambda) g; sigma 1, lambda 0.9); \"esam\" (Du et al., ICLR 2022: every tensor perturbed by (rho/beta) g/|g|, each takes part in the second pass with probability beta and is not updated this step otherwise, as the authors' code; the second pass on the round(gamma N) examples whose loss rose most; beta 0.5, gamma 0.5). every: k (Composer's SAM interval: steps 0, k, 2k, ... are SAM steps, the others plain steps). Steps are counted per optimizer from 0; the count and the variants' buffers (LookSAM's g_v, F-SAM's m) live with the optimizer and are saved in its checkpoints.\nBatchNorm running statistics come from the first pass only; frozen parameters are neither perturbed nor updated. `batch` may be an array of batches: gradient accumulation (the first gradient accumulated over the micro-batches weighted by size, one perturbation, the second gradient accumulated, one optimizer step; equal to the step on the whole batch for models without BatchNorm, while with BatchNorm each micro-batch is normalised with its own statistics and updates the running statistics once).";
+    let sam_doc = "One Sharpness-Aware Minimization step, or a step of one of its variants; returns #{loss, sharp_loss, grad_norm, accuracy} (loss at w, loss at w+e, norm of the first gradient, batch accuracy).\nOptions: rho (0.05; 0 gives exactly the base optimizer's step); adaptive (false: ASAM, e = rho T²g/‖Tg‖ with T = |w| + eta; ASAM wants rho about 10x SAM's, e.g. 0.5 to 2); eta (ASAM 0.01, Fisher 1.0); asam_scope (\"all\": T on weights and biases alike; \"weights\": T only on tensors named *weight*, T = 1 elsewhere, the ASAM authors' convention); perturb (\"all\"; \"norm\": SAM-ON, only normalization layers' weights and biases are perturbed, all parameters updated; or an array of name prefixes); m_sharpness (chunks of M examples, one perturbation each, gradients averaged; a batch that M does not divide ends with a smaller chunk, and the chunks are weighted by their sizes); loss (\"cross_entropy\" or a closure |logits, labels| returning a scalar tensor, called for both passes); label_smoothing (0); grad_clip (global norm of the step's gradient); mode (\"train\" (default): both passes in training mode; \"model\": the model's own mode, so after m.eval() BatchNorm uses and keeps its running statistics and dropout is off: fine-tuning with frozen statistics).\nvariant: \"sam\" (default); \"gsam\" (Zhuang et al., ICLR 2022: d = g_p - alpha (g - (g.u)u), u = g_p/|g_p|; alpha 0.1; rho_max with rho_min make rho follow the learning rate, rho_min + (rho_max - rho_min)(lr - lr_min)/(lr_max - lr_min), lr_max default the largest lr seen, lr_min 0); \"looksam\" (Liu et al., CVPR 2022: steps 0, k, 2k, ... are SAM steps that keep g_v = g_s - (g_s.ĝ)ĝ, the others take one pass with d = g + alpha |g|/|g_v| g_v; k 5, alpha 0.7); \"fisher\" (Kim et al., ICML 2022: e = rho f⁻¹g/sqrt(g.f⁻¹g), f = 1 + eta g², eta 1.0); \"friendly\" (F-SAM, Li et al., CVPR 2024, as its authors' code: m starts at the first g, then the ascent direction is g - sigma m and m <- lambda m + (1 - lambda) g; sigma 1, lambda 0.9); \"esam\" (Du et al., ICLR 2022: every tensor perturbed by (rho/beta) g/|g|, each takes part in the second pass with probability beta and is not updated this step otherwise, as the authors' code; the second pass on the round(gamma N) examples whose loss rose most; beta 0.5, gamma 0.5). every: k (Composer's SAM interval: steps 0, k, 2k, ... are SAM steps, the others plain steps). Steps are counted per optimizer from 0; the count and the variants' buffers (LookSAM's g_v, F-SAM's m) live with the optimizer and are saved in its checkpoints.\nBatchNorm running statistics come from the first pass only; frozen parameters are neither perturbed nor updated. `batch` may be an array of batches: gradient accumulation (the first gradient accumulated over the micro-batches weighted by size, one perturbation, the second gradient accumulated, one optimizer step; equal to the step on the whole batch for models without BatchNorm, while with BatchNorm each micro-batch is normalised with its own statistics and updates the running statistics once).";
     let s = session.clone();
     api!(
         engine,
@@ -250,7 +251,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     );
     let s = session.clone();
     api!(engine, "train_step", "m: Model, opt: Optimizer, batch: Batch, options: Map -> Map",
-        "One plain step (the baseline SAM is compared against): the same statistics as sam_step, with sharp_loss = loss. Options: loss, label_smoothing, grad_clip.",
+        "One plain step (the baseline SAM is compared against): the same statistics as sam_step, with sharp_loss = loss. Options: loss, label_smoothing, grad_clip, mode (\"train\": training mode whatever the model's; \"model\": the model's own, so after m.eval() BatchNorm keeps its running statistics and dropout is off).",
         move |ctx: NativeCallContext, m: Model, opt: Optim, b: Batch, o: Map| do_train(&ctx, &s, &m, &opt, vec![b], o));
     let s = session.clone();
     api!(

@@ -2,6 +2,7 @@
 //! `torch.optim.AdamW`.
 
 use super::optim::{check_aligned, read_count, read_scalar, Optimizer};
+use super::param_groups::ParamGroups;
 use super::sam_state::SamState;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
@@ -28,13 +29,17 @@ impl Default for AdamWConfig {
     }
 }
 
-/// The AdamW optimizer.
+/// The AdamW optimizer. Bias correction counts each tensor's own steps (PyTorch keeps a `step`
+/// per parameter), so a tensor unfrozen after N steps starts its correction from 1, not N.
 pub struct AdamW {
     cfg: AdamWConfig,
     m: HashMap<String, Tensor>,
     v: HashMap<String, Tensor>,
+    /// Steps taken by each tensor (its bias correction's t).
+    counts: HashMap<String, u64>,
     steps: u64,
     sam: SamState,
+    groups: ParamGroups,
 }
 
 impl AdamW {
@@ -50,7 +55,26 @@ impl AdamW {
         {
             bail!("adamw: lr, eps and weight_decay must be >= 0");
         }
-        Ok(Self { cfg, m: HashMap::new(), v: HashMap::new(), steps: 0, sam: SamState::default() })
+        Ok(Self {
+            cfg,
+            m: HashMap::new(),
+            v: HashMap::new(),
+            counts: HashMap::new(),
+            steps: 0,
+            sam: SamState::default(),
+            groups: ParamGroups::default(),
+        })
+    }
+
+    /// The optimizer with per-tensor learning-rate multipliers and weight decay.
+    pub fn with_groups(mut self, groups: ParamGroups) -> Self {
+        self.groups = groups;
+        self
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
     }
 }
 
@@ -72,10 +96,12 @@ impl Optimizer for AdamW {
         self.steps += 1;
         let c = &self.cfg;
         let [b1, b2] = c.betas;
-        let t = self.steps as i32;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
         for ((name, p), g) in params.iter().zip(grads) {
+            let count = self.counts.get(name).copied().unwrap_or(0) + 1;
+            let t = i32::try_from(count).unwrap_or(i32::MAX);
+            let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+            let h = self.groups.get(name, c.weight_decay);
+            let lr = c.lr * h.lr_scale;
             let g = g.to_dtype(p.dtype())?;
             let m = match self.m.get(name) {
                 Some(m) => (m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?,
@@ -85,12 +111,13 @@ impl Optimizer for AdamW {
                 Some(v) => (v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?,
                 None => g.sqr()?.affine(1.0 - b2, 0.0)?,
             };
-            let decayed = p.as_tensor().affine(1.0 - c.lr * c.weight_decay, 0.0)?;
+            let decayed = p.as_tensor().affine(1.0 - lr * h.weight_decay, 0.0)?;
             let denom = v.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, c.eps)?;
-            let update = (m.affine(c.lr / bc1, 0.0)? / denom)?;
+            let update = (m.affine(lr / bc1, 0.0)? / denom)?;
             p.set(&(decayed - update)?)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
+            self.counts.insert(name.clone(), count);
         }
         Ok(())
     }
@@ -111,6 +138,9 @@ impl Optimizer for AdamW {
         for (k, v) in &self.v {
             s.insert(format!("exp_avg_sq.{k}"), v.clone());
         }
+        for (k, n) in &self.counts {
+            s.insert(format!("step.{k}"), Tensor::new(&[*n as f64], &candle_core::Device::Cpu)?);
+        }
         s.insert("steps".into(), Tensor::new(&[self.steps as f64], &candle_core::Device::Cpu)?);
         s.insert("lr".into(), Tensor::new(&[self.cfg.lr], &candle_core::Device::Cpu)?);
         self.sam.save_into(&mut s)?;
@@ -127,11 +157,22 @@ impl Optimizer for AdamW {
         };
         self.m = pick("exp_avg.");
         self.v = pick("exp_avg_sq.");
+        self.counts = HashMap::new();
+        for name in self.m.keys() {
+            // A checkpoint from before per-tensor counts: every tensor took every step.
+            let key = format!("step.{name}");
+            let n = if state.contains_key(&key) { read_count(state, &key)? } else { self.steps };
+            self.counts.insert(name.clone(), n);
+        }
         self.sam = SamState::load_from(state)?;
         Ok(())
     }
 
     fn sam_state(&mut self) -> Option<&mut SamState> {
         Some(&mut self.sam)
+    }
+
+    fn groups(&self) -> Option<&ParamGroups> {
+        Some(&self.groups)
     }
 }

@@ -34,6 +34,11 @@ pub trait Optimizer {
         None
     }
 
+    /// The per-tensor learning-rate multipliers and weight decay, if the optimizer keeps them.
+    fn groups(&self) -> Option<&super::param_groups::ParamGroups> {
+        None
+    }
+
     /// One step of `model`'s trainable parameters with the gradient `g`, matched by name: a
     /// trainable parameter missing from `g` is left alone this step (as PyTorch skips a
     /// parameter whose `.grad` is None); a name in `g` that is not a trainable parameter of the

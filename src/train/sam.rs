@@ -18,7 +18,7 @@
 use super::grads::{grad_micro, GradOptions, GradOutput};
 use super::loss::{cross_entropy_per_example, LossFn};
 use super::optim::Optimizer;
-use super::sam_config::{AsamScope, PerturbScope, SamConfig, Variant};
+use super::sam_config::{AsamScope, PerturbScope, SamConfig, StepMode, Variant};
 use super::sam_state::SamState;
 use super::tensor_set::TensorSet;
 use crate::models::Model;
@@ -211,8 +211,8 @@ fn one_pass(
     cfg: &SamConfig,
     gv: Option<(&TensorSet, f64)>,
 ) -> Result<StepStats> {
-    let first =
-        grad_micro(model, params, micro, loss_fn, GradOptions { update_bn: true, per_example: false, train: true })?;
+    let train = cfg.mode.train(model);
+    let first = grad_micro(model, params, micro, loss_fn, GradOptions { update_bn: true, per_example: false, train })?;
     let g_norm = first.grads.norm()?;
     let d = match gv {
         // d = g + α·‖g‖/‖g_v‖·g_v
@@ -381,12 +381,13 @@ fn sam_family_step(
     // statistics, the mean of each chunk's update from the same start (as one optimizer step
     // should: PyTorch's momentum 0.1 would otherwise become 1 − 0.9^K); second passes never do.
     let mut bn = super::grads::OneBnUpdate::new(model, chunks.len())?;
+    let train = cfg.mode.train(model);
     for (chunk, &size) in chunks.iter().zip(&sizes) {
         // The chunk's weight in the step: its share of the batch's examples.
         let w = if chunks.len() > 1 { size as f64 / total_n } else { 1.0 };
         bn.begin_pass(model)?;
         let mut first =
-            grad_micro(model, params, chunk, loss_fn, GradOptions { update_bn: true, per_example: esam, train: true })?;
+            grad_micro(model, params, chunk, loss_fn, GradOptions { update_bn: true, per_example: esam, train })?;
         bn.end_pass()?;
         let g_norm = first.grads.norm()?;
         norm_sum += w * g_norm;
@@ -407,7 +408,7 @@ fn sam_family_step(
                 }
             }
             let p2 = if esam { esam_params(params, cfg.beta, state.steps) } else { params.to_vec() };
-            let opts = GradOptions { update_bn: true, per_example: false, train: true };
+            let opts = GradOptions { update_bn: true, per_example: false, train };
             Ok((grad_micro(model, &p2, &sub, loss_fn, opts)?, p2))
         })();
         // Restore weights and running statistics whatever the second pass did.
@@ -461,6 +462,18 @@ pub fn train_step_accumulated(
     loss_fn: &LossFn,
     grad_clip: Option<f64>,
 ) -> Result<StepStats> {
+    train_step_in(model, opt, micro, loss_fn, grad_clip, StepMode::Train)
+}
+
+/// [`train_step_accumulated`] with the passes in `mode` ([`StepMode::Model`]: the model's own).
+pub fn train_step_in(
+    model: &Model,
+    opt: &mut dyn Optimizer,
+    micro: &[(Tensor, Tensor)],
+    loss_fn: &LossFn,
+    grad_clip: Option<f64>,
+    mode: StepMode,
+) -> Result<StepStats> {
     let params = model.params().trainable();
     if params.is_empty() {
         bail!("the model has no trainable parameters (all frozen?)");
@@ -474,6 +487,6 @@ pub fn train_step_accumulated(
         bail!("the model is perturbed (perturb without restore): restore it before a step");
     }
     check_micro(micro)?;
-    let cfg = SamConfig { grad_clip, ..SamConfig::default() };
+    let cfg = SamConfig { grad_clip, mode, ..SamConfig::default() };
     one_pass(model, opt, &params, micro, loss_fn, &cfg, None)
 }

@@ -107,6 +107,31 @@ pub struct SamConfig {
     pub perturb: Option<PerturbScope>,
     /// Which tensors ASAM scales: "all" (weights and biases) or "weights" (the ASAM authors').
     pub asam_scope: AsamScope,
+    /// The mode of the step's passes: "train" (batch statistics and dropout, whatever the model's
+    /// mode) or "model" (the model's own: after `m.eval()` BatchNorm uses and keeps its running
+    /// statistics and dropout is off, as fine-tuning with frozen statistics wants).
+    pub mode: StepMode,
+}
+
+/// The mode of a step's forward passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepMode {
+    /// Training mode always (PyTorch's `model.train()` before the loop).
+    #[default]
+    Train,
+    /// The model's current mode (`m.train()` / `m.eval()`).
+    Model,
+}
+
+impl StepMode {
+    /// Whether the passes run in training mode for `model`.
+    pub fn train(self, model: &crate::models::Model) -> bool {
+        match self {
+            Self::Train => true,
+            Self::Model => model.is_training(),
+        }
+    }
 }
 
 impl Default for SamConfig {
@@ -132,6 +157,7 @@ impl Default for SamConfig {
             gamma: 0.5,
             perturb: None,
             asam_scope: AsamScope::All,
+            mode: StepMode::Train,
         }
     }
 }

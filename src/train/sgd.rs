@@ -2,6 +2,7 @@
 //! semantics of `torch.optim.SGD`.
 
 use super::optim::{check_aligned, read_count, read_scalar, Optimizer};
+use super::param_groups::ParamGroups;
 use super::sam_state::SamState;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
@@ -52,13 +53,20 @@ pub struct Sgd {
     momentum: HashMap<String, Tensor>,
     steps: u64,
     sam: SamState,
+    groups: ParamGroups,
 }
 
 impl Sgd {
     /// A new optimizer with empty momentum buffers.
     pub fn new(cfg: SgdConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { cfg, momentum: HashMap::new(), steps: 0, sam: SamState::default() })
+        Ok(Self { cfg, momentum: HashMap::new(), steps: 0, sam: SamState::default(), groups: ParamGroups::default() })
+    }
+
+    /// The optimizer with per-tensor learning-rate multipliers and weight decay.
+    pub fn with_groups(mut self, groups: ParamGroups) -> Self {
+        self.groups = groups;
+        self
     }
 
     /// The settings.
@@ -82,20 +90,22 @@ impl Optimizer for Sgd {
             }
         }
         for ((name, p), g) in params.iter().zip(grads) {
+            let h = self.groups.get(name, c.weight_decay);
+            let (lr, wd) = (c.lr * h.lr_scale, h.weight_decay);
             let buf = self.momentum.get(name);
             if crate::ops::inplace::applies(&[p.as_tensor(), g])
                 && buf.is_none_or(|b| crate::ops::inplace::applies(&[b]))
             {
                 let buf = self.momentum.remove(name);
-                let (lr, m, damp, wd) = (c.lr, c.momentum, c.dampening, c.weight_decay);
+                let (m, damp) = (c.momentum, c.dampening);
                 if let Some(b) = crate::ops::inplace::sgd(p.as_tensor(), g, buf, lr, m, damp, c.nesterov, wd)? {
                     self.momentum.insert(name.clone(), b);
                 }
                 continue;
             }
             let mut d = g.to_dtype(p.dtype())?;
-            if c.weight_decay != 0.0 {
-                d = (d + p.as_tensor().affine(c.weight_decay, 0.0)?)?;
+            if wd != 0.0 {
+                d = (d + p.as_tensor().affine(wd, 0.0)?)?;
             }
             if c.momentum != 0.0 {
                 let buf = match self.momentum.get(name) {
@@ -105,7 +115,7 @@ impl Optimizer for Sgd {
                 d = if c.nesterov { (d + buf.affine(c.momentum, 0.0)?)? } else { buf.clone() };
                 self.momentum.insert(name.clone(), buf);
             }
-            let updated = (p.as_tensor() - d.affine(c.lr, 0.0)?)?;
+            let updated = (p.as_tensor() - d.affine(lr, 0.0)?)?;
             p.set(&updated)?;
         }
         self.steps += 1;
@@ -146,5 +156,9 @@ impl Optimizer for Sgd {
 
     fn sam_state(&mut self) -> Option<&mut SamState> {
         Some(&mut self.sam)
+    }
+
+    fn groups(&self) -> Option<&ParamGroups> {
+        Some(&self.groups)
     }
 }

@@ -10,6 +10,7 @@ mod init;
 mod lifecycle;
 mod models;
 mod ops;
+mod optim;
 mod precision;
 mod reference;
 mod reliability;

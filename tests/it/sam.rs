@@ -654,3 +654,45 @@ fn a_frozen_backbone_takes_no_backward_pass() {
         assert_eq!(name.starts_with("classifier."), &now != b, "{name}");
     }
 }
+
+/// `mode: "model"` runs a step's passes in the model's own mode: after `eval()` BatchNorm's
+/// running statistics stay as they are (and normalise the batch); the default trains them.
+#[test]
+fn a_step_in_the_models_mode_keeps_frozen_statistics() {
+    use samhost::models::registry::{build_model, ArchConfig};
+    use samhost::train::{train_step_in, StepMode};
+    let cfg =
+        ArchConfig::from_json(&serde_json::json!({"model_type": "cifar_resnet", "depth": 8, "num_labels": 3}), true)
+            .unwrap();
+    let x = Tensor::from_vec(HostRng::new(1).normal(4 * 3 * 64, 0.0, 1.0), (4, 3, 8, 8), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(vec![0u32, 1, 2, 1], 4, &Device::Cpu).unwrap();
+    let stats = |m: &Model| -> Vec<Vec<f32>> {
+        m.params().buffers().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+    };
+    let weights_of = |m: &Model| -> Vec<Vec<f32>> {
+        m.params().trainable().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+    };
+    for sam_pass in [false, true] {
+        let m = build_model(&cfg, &HostRng::new(2), &Device::Cpu).unwrap();
+        m.set_training(false);
+        let (s0, w0) = (stats(&m), weights_of(&m));
+        let model_mode = SamConfig { mode: StepMode::Model, ..SamConfig::default() };
+        if sam_pass {
+            sam_step(&m, &mut sgd(0.1, 0.9, false, 0.0), &x, &y, &LossFn::default(), &model_mode).unwrap();
+        } else {
+            train_step_in(
+                &m,
+                &mut sgd(0.1, 0.9, false, 0.0),
+                &[(x.clone(), y.clone())],
+                &LossFn::default(),
+                None,
+                StepMode::Model,
+            )
+            .unwrap();
+        }
+        assert_eq!(stats(&m), s0, "eval mode: the running statistics stay");
+        assert_ne!(weights_of(&m), w0, "the weights still move");
+        sam_step(&m, &mut sgd(0.1, 0.9, false, 0.0), &x, &y, &LossFn::default(), &SamConfig::default()).unwrap();
+        assert_ne!(stats(&m), s0, "the default mode trains the statistics");
+    }
+}
