@@ -39,10 +39,13 @@ pub enum Transform {
         /// Probability of flipping.
         p: f64,
     },
-    /// Bilinear resize to `[H, W]` (half-pixel centres, no antialiasing).
+    /// Bilinear (or bicubic, Keys' a = -0.5 as PIL and PyTorch's antialias-free bicubic) resize to
+    /// `[H, W]` (half-pixel centres, no antialiasing).
     Resize {
         /// Output `[H, W]`.
         size: [usize; 2],
+        /// Bicubic instead of bilinear.
+        bicubic: bool,
     },
     /// Zeroes a `size x size` square centred at a random pixel (clipped at the borders).
     Cutout {
@@ -62,7 +65,9 @@ impl fmt::Display for Transform {
                 write!(f, "random_crop({}x{}, padding {padding})", size[0], size[1])
             }
             Transform::HFlip { p } => write!(f, "hflip({p})"),
-            Transform::Resize { size } => write!(f, "resize({}x{})", size[0], size[1]),
+            Transform::Resize { size, bicubic } => {
+                write!(f, "resize({}x{}{})", size[0], size[1], if *bicubic { ", bicubic" } else { "" })
+            }
             Transform::Cutout { size } => write!(f, "cutout({size})"),
             Transform::GrayscaleToRgb => write!(f, "grayscale_to_rgb"),
         }
@@ -93,7 +98,7 @@ impl Transform {
                 }
                 Ok([c, size[0], size[1]])
             }
-            Transform::Resize { size } => Ok([c, size[0], size[1]]),
+            Transform::Resize { size, .. } => Ok([c, size[0], size[1]]),
             Transform::GrayscaleToRgb => match c {
                 1 | 3 => Ok([3, h, w]),
                 _ => bail!("{self}: the images have {c} channels (1 or 3 expected)"),
@@ -158,7 +163,8 @@ fn floats(what: &str, v: &Value) -> Result<Vec<f32>> {
 
 /// Parses one transform: a string (`"hflip"`, `"to_float"`, `"grayscale_to_rgb"`) or a map
 /// with one transform key holding the main argument and extra keys for the other arguments:
-/// `#{random_crop: 32, padding: 4}`, `#{hflip: 0.5}`, `#{resize: 224}` or `#{resize: [h, w]}`,
+/// `#{random_crop: 32, padding: 4}`, `#{hflip: 0.5}`, `#{resize: 224}` or `#{resize: [h, w]}`
+/// (`mode: "bicubic"` for bicubic),
 /// `#{cutout: 16}`, `#{normalize: "cifar10"}` (presets: cifar10, cifar100, mnist, imagenet,
 /// half) or `#{normalize: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26]}`.
 pub fn parse_transform(v: &Value) -> Result<Transform> {
@@ -188,6 +194,7 @@ pub fn parse_transform(v: &Value) -> Result<Transform> {
     let extra: &[&str] = match op {
         "random_crop" => &["padding"],
         "normalize" => &["std"],
+        "resize" => &["mode"],
         _ => &[],
     };
     if let Some(k) = map.keys().find(|k| k.as_str() != op && !extra.contains(&k.as_str())) {
@@ -214,7 +221,14 @@ pub fn parse_transform(v: &Value) -> Result<Transform> {
             size: size2("random_crop size", main)?,
             padding: map.get("padding").map(|p| count("random_crop padding", p)).transpose()?.unwrap_or(0),
         },
-        "resize" => Transform::Resize { size: size2("resize size", main)? },
+        "resize" => {
+            let bicubic = match map.get("mode").map(|m| m.as_str()) {
+                None | Some(Some("bilinear")) => false,
+                Some(Some("bicubic")) => true,
+                Some(_) => bail!("resize: mode is \"bilinear\" or \"bicubic\", got {}", map["mode"]),
+            };
+            Transform::Resize { size: size2("resize size", main)?, bicubic }
+        }
         "cutout" => {
             let size = count("cutout size", main)?;
             if size == 0 {
@@ -346,8 +360,19 @@ impl Pipeline {
                         }
                     }
                 }
-                Transform::Resize { size: [oh, ow] } => {
-                    resize_bilinear(&scratch.a, &mut scratch.b, [c, h, w], [*oh, *ow]);
+                Transform::Resize { size: [oh, ow], bicubic } => {
+                    if *bicubic {
+                        scratch.b.clear();
+                        for plane in scratch.a.chunks(h * w) {
+                            // The pipeline checked the shapes, so a plane always holds h·w values.
+                            match crate::ops::interpolate::bicubic_resize(plane, 1, (h, w), (*oh, *ow)) {
+                                Ok(out) => scratch.b.extend_from_slice(&out),
+                                Err(_) => scratch.b.resize(scratch.b.len() + oh * ow, 0.0),
+                            }
+                        }
+                    } else {
+                        resize_bilinear(&scratch.a, &mut scratch.b, [c, h, w], [*oh, *ow]);
+                    }
                     std::mem::swap(&mut scratch.a, &mut scratch.b);
                     (h, w) = (*oh, *ow);
                 }
@@ -447,7 +472,10 @@ mod tests {
             parse_transform(&json!({"random_crop": 32, "padding": 4})).unwrap(),
             Transform::RandomCrop { size: [32, 32], padding: 4 }
         );
-        assert_eq!(parse_transform(&json!({"resize": [8, 6]})).unwrap(), Transform::Resize { size: [8, 6] });
+        assert_eq!(
+            parse_transform(&json!({"resize": [8, 6]})).unwrap(),
+            Transform::Resize { size: [8, 6], bicubic: false }
+        );
         assert!(matches!(parse_transform(&json!({"normalize": "cifar10"})).unwrap(), Transform::Normalize { .. }));
         let e = parse_transform(&json!({"random_crop": 32, "pad": 4})).unwrap_err().to_string();
         assert!(e.contains("unknown argument `pad`"), "{e}");
@@ -470,9 +498,9 @@ mod tests {
         crop(&px, &mut dst, [1, 2, 3], [2, 3], -1, 1);
         assert_eq!(dst, vec![0.0, 0.0, 0.0, 2.0, 3.0, 0.0]);
         // Upsampling a constant stays constant; 2x downsampling of a 2x2 block gives its mean.
-        let up = run(vec![Transform::Resize { size: [5, 7] }], [1, 2, 3], &[2.0; 6], 0);
+        let up = run(vec![Transform::Resize { size: [5, 7], bicubic: false }], [1, 2, 3], &[2.0; 6], 0);
         assert!(up.iter().all(|&v| (v - 2.0).abs() < 1e-6));
-        let down = run(vec![Transform::Resize { size: [1, 1] }], [1, 2, 2], &[1.0, 2.0, 3.0, 4.0], 0);
+        let down = run(vec![Transform::Resize { size: [1, 1], bicubic: false }], [1, 2, 2], &[1.0, 2.0, 3.0, 4.0], 0);
         assert_eq!(down, vec![2.5]);
         let rgb = run(vec![Transform::GrayscaleToRgb], [1, 1, 2], &[1.0, 2.0], 0);
         assert_eq!(rgb, vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);

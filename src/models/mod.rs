@@ -9,6 +9,7 @@ pub mod model;
 pub mod no_grad;
 pub mod params;
 pub mod precision;
+pub mod preprocess;
 pub mod pretrained;
 pub mod registry;
 pub mod resnet;

@@ -40,6 +40,8 @@ pub struct Model {
     dropout: Option<(HostRng, Arc<Mutex<Option<RngState>>>)>,
     /// The classification head: its tensor-name prefix and its number of classes.
     head: Option<(String, usize)>,
+    /// The checkpoint's image preprocessing (`preprocessor_config.json`), if it had one.
+    preprocess: Option<Arc<super::preprocess::Preprocessing>>,
 }
 
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
@@ -54,6 +56,7 @@ impl Model {
         Self {
             dropout,
             head,
+            preprocess: None,
             net,
             params,
             training: Arc::new(AtomicBool::new(true)),
@@ -93,6 +96,33 @@ impl Model {
     /// Switches between training and evaluation mode.
     pub fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed)
+    }
+
+    /// The model with the image preprocessing of its checkpoint.
+    pub fn with_preprocessing(mut self, p: super::preprocess::Preprocessing) -> Self {
+        self.preprocess = Some(Arc::new(p));
+        self
+    }
+
+    /// The checkpoint's image preprocessing, if it had one.
+    pub fn preprocessing(&self) -> Option<&super::preprocess::Preprocessing> {
+        self.preprocess.as_deref()
+    }
+
+    /// The input image size `[H, W]` and channels from the configuration (`image_size`,
+    /// `num_channels`; a cnn's `input`), if the architecture fixes them.
+    pub fn input_size(&self) -> Option<([usize; 2], usize)> {
+        let cfg = self.net.config();
+        let channels = cfg.get("num_channels").and_then(serde_json::Value::as_u64).unwrap_or(3) as usize;
+        let size = match cfg.get("image_size")? {
+            serde_json::Value::Number(n) => {
+                let s = n.as_u64()? as usize;
+                [s, s]
+            }
+            serde_json::Value::Array(a) if a.len() == 2 => [a[0].as_u64()? as usize, a[1].as_u64()? as usize],
+            _ => return None,
+        };
+        Some((size, channels))
     }
 
     /// The classification head: its tensor-name prefix (e.g. `classifier.`) and its number of

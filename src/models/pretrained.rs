@@ -289,5 +289,23 @@ pub fn from_pretrained(
         ));
     }
     model.params().assign(&tensors, true, &label)?;
+    let model = match src.file("preprocessor_config.json")? {
+        Lookup::Found(p) => {
+            let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", p.display()))?;
+            let pre = super::preprocess::Preprocessing::from_json(&v)
+                .with_context(|| format!("{label}: preprocessor_config.json"))?;
+            notes.push(format!(
+                "preprocessing from preprocessor_config.json ({} resize{}): m.preprocess",
+                if pre.bicubic { "bicubic" } else { "bilinear" },
+                if pre.mean.is_some() { ", normalisation" } else { "" }
+            ));
+            model.with_preprocessing(pre)
+        }
+        // Offline, a file that is not cached may not exist at all: the model has no
+        // preprocessing then, as for a repository without one.
+        Lookup::Missing | Lookup::NotCached => model,
+    };
     Ok(Pretrained { model, config: cfg, notes, source: label })
 }

@@ -87,6 +87,10 @@ pub fn save_model(m: &Model, path: &str) -> anyhow::Result<()> {
         m.params().save(&tmp.join("model.safetensors"))?;
         let config = serde_json::to_string_pretty(&m.network().config())?;
         crate::fsutil::write_bytes_atomic(&tmp.join("config.json"), config.as_bytes())?;
+        if let (Some(pre), Some((size, _))) = (m.preprocessing(), m.input_size()) {
+            let text = serde_json::to_string_pretty(&pre.to_json(size))?;
+            crate::fsutil::write_bytes_atomic(&tmp.join("preprocessor_config.json"), text.as_bytes())?;
+        }
         crate::fsutil::replace_dir(&tmp, p)
     })();
     if written.is_err() {
@@ -188,11 +192,33 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         build_wrn
     );
 
+    getter!(engine, "preprocess", "Array",
+        "The checkpoint's preprocessing as a transform list for `ds.transform(...)`: gray to RGB, a resize to the model's image size with the processor's resampling (bicubic or bilinear), and its normalisation (image_mean, image_std, the rescale factor folded in), from the preprocessor_config.json that from_pretrained read; [] when the checkpoint had none. Add augmentation around it: ds.transform([#{random_crop: 56, padding: 4}] + m.preprocess).",
+        |m: &mut Model| -> Res<Dynamic> {
+            match (m.preprocessing(), m.input_size()) {
+                (Some(p), Some((size, channels))) => from_json(&p.transforms(size, channels)),
+                _ => Ok(Dynamic::from_array(Array::new())),
+            }
+        });
+
     let s = session.clone();
     api!(engine, "vit", "config: Map -> Model",
         "A Vision Transformer with Hugging Face's ViTConfig fields (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, initializer_range, layer_norm_eps, image_size, patch_size, num_channels, qkv_bias) and num_labels; missing fields take ViT-B/16's values. Tensors as ViTForImageClassification: vit.embeddings..., vit.encoder.layer.N..., vit.layernorm, classifier. Initialised as transformers' ViT: linear and patch-projection weights, the [CLS] token and the position embeddings N(0, initializer_range²) (transformers' trunc_normal_ cuts at ±2, 100 std at the usual 0.02), biases 0, layer norms weight 1 and bias 0.",
         move |o: Map| -> Res<Model> {
-            let cfg = op("vit", ArchConfig::from_json(&config_map("vit", "vit", o)?, true))?;
+            // Fields samhost does not use (from a Hugging Face config, or `model_config(m)`) are
+            // kept, and named.
+            let cfg = op("vit", ArchConfig::from_json(&config_map("vit", "vit", o)?, false))?;
+            if let ArchConfig::Vit(c) = &cfg {
+                let unused: Vec<&str> = c
+                    .extra
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|k| !crate::models::vit::KNOWN_HF_KEYS.contains(k))
+                    .collect();
+                if !unused.is_empty() {
+                    s.say(&format!("vit: fields samhost does not use, kept in config.json: {}", unused.join(", ")));
+                }
+            }
             op("vit", s.build_model(&cfg))
         });
 

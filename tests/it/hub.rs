@@ -780,3 +780,80 @@ fn hub_dataset_errors_list_the_splits_found() {
         "{e}"
     );
 }
+
+/// A checkpoint's preprocessor_config.json (a DINOv2-style processor: bicubic, ImageNet
+/// constants, resize then center crop) becomes `m.preprocess` for the model's input size: gray to
+/// RGB, a bicubic resize to the model's size, the normalisation; applying it gives the pixels
+/// the processor's formula gives; `save` writes it back with the new size, and
+/// `vit(model_config(m))` rebuilds the architecture with its unused Hugging Face fields kept.
+#[test]
+fn the_checkpoints_preprocessing_reaches_the_script() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let mut config = tiny_vit_config();
+    config["layerscale_value"] = json!(1.0); // a field samhost does not use
+    let processor = json!({
+        "image_processor_type": "BitImageProcessor", "do_resize": true, "size": {"shortest_edge": 256},
+        "resample": 3, "do_center_crop": true, "crop_size": {"height": 224, "width": 224},
+        "do_rescale": true, "rescale_factor": 0.00392156862745098, "do_normalize": true,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]
+    });
+    write_cache(
+        &cache,
+        REPO,
+        &[
+            ("config.json", config_bytes(&config)),
+            ("model.safetensors", safetensors_bytes(tmp.path(), &tiny_vit_tensors())),
+            ("preprocessor_config.json", config_bytes(&processor)),
+        ],
+    );
+    write(
+        tmp.path(),
+        "pre.rhai",
+        r#"
+let m = from_pretrained("test-org/tiny-vit", #{ num_classes: 4, image_size: 12 });
+print(`pre=${m.preprocess}`);
+// Gray 4x4 images, every pixel 128 (read as 128/255): after the transforms every pixel of
+// channel c is (128/255 - mean_c) / std_c (bicubic resizing keeps a constant image constant).
+let ds = load_dataset("gray.safetensors").transform(m.preprocess);
+let b = ();
+for x in ds.batches(2, #{ shuffle: false }) { b = x; }
+print(`shape=${b.images.shape}`);
+print(`c0=${b.images.narrow(1, 0, 1).mean().item()} c2=${b.images.narrow(1, 2, 1).mean().item()}`);
+let twin = vit(model_config(m));
+if twin.num_parameters() != m.num_parameters() { throw "rebuilt"; }
+m.save("out");
+print("ok");
+"#,
+    );
+    let mut gray = BTreeMap::new();
+    gray.insert("images".to_string(), Tensor::from_vec(vec![128u8; 2 * 16], (2, 1, 4, 4), &Device::Cpu).unwrap());
+    gray.insert("labels".to_string(), Tensor::from_vec(vec![0u8, 1], 2, &Device::Cpu).unwrap());
+    save_safetensors(&tmp.path().join("gray.safetensors"), &gray).unwrap();
+    let o = samhost().current_dir(tmp.path()).env("HF_HUB_CACHE", &cache).args(["run", "pre.rhai"]).output().unwrap();
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("\"grayscale_to_rgb\"")
+            && out.contains("\"mode\": \"bicubic\"")
+            && out.contains("\"resize\": [12, 12]"),
+        "{out}"
+    );
+    assert!(out.contains("shape=[2, 3, 12, 12]"), "{out}");
+    let grab = |key: &str| -> f64 {
+        out.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap().parse().unwrap()
+    };
+    let px = 128.0 / 255.0;
+    assert!((grab("c0") - (px - 0.485) / 0.229).abs() < 1e-5, "{out}");
+    assert!((grab("c2") - (px - 0.406) / 0.225).abs() < 1e-5, "{out}");
+    assert!(err.contains("preprocessing from preprocessor_config.json (bicubic resize, normalisation)"), "{err}");
+    assert!(err.contains("fields samhost does not use, kept in config.json: layerscale_value"), "{err}");
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("out/preprocessor_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["size"], json!({"height": 12, "width": 12}));
+    assert_eq!(saved["crop_size"], json!({"height": 12, "width": 12}));
+    assert_eq!(saved["do_center_crop"], false);
+    assert_eq!(saved["image_mean"], processor["image_mean"]);
+    let cfg: Value = serde_json::from_slice(&std::fs::read(tmp.path().join("out/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["layerscale_value"], 1.0, "unused fields are kept");
+}
