@@ -134,18 +134,24 @@ impl Model {
     /// Fails when a label in `labels` is not a class of the head, naming the label and the head
     /// (such a label would otherwise train with loss 0: its one-hot target is all zeros).
     pub fn check_labels(&self, labels: &Tensor) -> anyhow::Result<()> {
+        match crate::train::loss::max_label(labels)? {
+            Some(max) => self.check_max_label(max),
+            None => Ok(()),
+        }
+    }
+
+    /// Fails when `max`, the largest label of some data, is not a class of the head (see
+    /// [`Model::check_labels`]).
+    pub fn check_max_label(&self, max: u32) -> anyhow::Result<()> {
         let Some((prefix, k)) = self.head() else { return Ok(()) };
-        if let Some(max) = crate::train::loss::max_label(labels)? {
-            if max as usize >= k {
-                anyhow::bail!(
-                    "label {max} is outside the model's head `{}` of {k} classes: the labels need at least {} classes; \
-                     build the model with {} classes (from_pretrained(repo, #{{ num_classes: {} }}) replaces the head)",
-                    prefix.trim_end_matches('.'),
-                    max + 1,
-                    max + 1,
-                    max + 1
-                );
-            }
+        if max as usize >= k {
+            let need = max + 1;
+            anyhow::bail!(
+                "label {max} is outside the model's head `{}` of {k} classes: the labels need at least {need} \
+                 classes; build the model with {need} classes (from_pretrained(repo, #{{ num_classes: {need} }}) \
+                 replaces the head)",
+                prefix.trim_end_matches('.'),
+            );
         }
         Ok(())
     }

@@ -39,12 +39,9 @@ impl Preprocessing {
     pub fn from_json(v: &Value) -> Result<Self> {
         let obj = v.as_object().context("preprocessor_config.json must hold a JSON object")?;
         let flag = |k: &str, default: bool| obj.get(k).and_then(Value::as_bool).unwrap_or(default);
-        let bicubic = match obj.get("resample").and_then(Value::as_u64) {
-            None | Some(2) => false,
-            Some(3) => true,
-            // Nearest (0), Lanczos (1), box (4), hamming (5): the closest samhost has.
-            Some(_) => true,
-        };
+        // PIL's codes: 3 bicubic and 1 Lanczos (the nearest samhost has: bicubic); 2 bilinear,
+        // and nearest (0), box (4), hamming (5) become bilinear.
+        let bicubic = matches!(obj.get("resample").and_then(Value::as_u64), Some(1 | 3));
         let rescale = if flag("do_rescale", true) {
             obj.get("rescale_factor").and_then(Value::as_f64).unwrap_or(1.0 / 255.0)
         } else {

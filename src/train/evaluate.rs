@@ -4,7 +4,7 @@ use super::loss::cross_entropy;
 use crate::data::loader::epoch_order;
 use crate::data::{Batches, Dataset};
 use crate::models::Model;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, D};
 
 /// What `evaluate` measured. The noisy-label fields are present only for a dataset with label
@@ -33,18 +33,10 @@ pub fn evaluate(model: &Model, ds: &Dataset, batch_size: usize, device: &Device,
     if ds.is_empty() {
         bail!("evaluate: the dataset is empty");
     }
-    if let Some((prefix, k)) = model.head() {
-        let max = (0..ds.len()).map(|i| ds.label(i)).max().unwrap_or(0);
-        if max as usize >= k {
-            bail!(
-                "the dataset's labels go up to {max} ({} examples, {} class names) but the model's head `{}` has {k} classes: build the model with {} classes",
-                ds.len(),
-                ds.classes().len(),
-                prefix.trim_end_matches('.'),
-                max + 1
-            );
-        }
-    }
+    let max = (0..ds.len()).map(|i| ds.label(i)).max().unwrap_or(0);
+    model.check_max_label(max).with_context(|| {
+        format!("the dataset's labels go up to {max} ({} examples, {} class names)", ds.len(), ds.classes().len())
+    })?;
     let plain;
     let ds = if augment {
         ds

@@ -33,6 +33,10 @@ fn values(m: &Model) -> BTreeMap<String, Vec<f64>> {
         .collect()
 }
 
+fn grad_values(g: &samhost::train::GradOutput, name: &str) -> Vec<f64> {
+    g.grads.get(name).unwrap().flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1().unwrap()
+}
+
 #[test]
 fn adamw_bias_correction_is_per_tensor() {
     let (x, y) = data();
@@ -53,16 +57,7 @@ fn adamw_bias_correction_is_per_tensor() {
     let after = values(&m);
     let eps = 1e-8;
     for name in ["fc1.weight", "fc1.bias"] {
-        let gv: Vec<f64> = g
-            .grads
-            .get(name)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_dtype(candle_core::DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let gv = grad_values(&g, name);
         for ((w0, w1), gi) in before[name].iter().zip(&after[name]).zip(&gv) {
             // m̂ = g, v̂ = g² at t = 1.
             let want = w0 * (1.0 - lr * wd) - lr * gi / (gi.abs() + eps);
@@ -111,16 +106,7 @@ fn parameter_groups_set_each_tensors_rate_and_decay() {
     for (name, scale, decay) in
         [("fc1.weight", 0.2, 0.5), ("fc1.bias", 0.2, 0.0), ("fc2.weight", 3.0, wd), ("fc2.bias", 3.0, 0.0)]
     {
-        let gv: Vec<f64> = g
-            .grads
-            .get(name)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_dtype(candle_core::DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let gv = grad_values(&g, name);
         for ((w0, w1), gi) in before[name].iter().zip(&after[name]).zip(&gv) {
             let want = w0 - lr * scale * (gi + decay * w0);
             assert!((w1 - want).abs() <= 1e-6, "{name}: {w1} vs {want}");

@@ -228,7 +228,8 @@ print(`fits=${evaluate(ok, ds).accuracy >= 0.0}`);
         assert!(line.contains(" is outside the model's head `fc2` of 5 classes"), "{line}");
     }
     assert!(
-        out.contains("E4 evaluate: the dataset's labels go up to 9") && out.contains("head `fc2` has 5 classes"),
+        out.contains("E4 evaluate: the dataset's labels go up to 9")
+            && out.contains("label 9 is outside the model's head `fc2` of 5 classes"),
         "{out}"
     );
     assert!(
