@@ -43,6 +43,14 @@ pub fn bn_relu(layer: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
 }
 
 impl BatchNorm2d {
+    /// The layer with another `eps` and running-statistics `momentum` (PyTorch's convention:
+    /// the weight of the new batch).
+    pub fn with_eps_momentum(mut self, eps: f64, momentum: f64) -> Self {
+        self.eps = eps;
+        self.momentum = momentum;
+        self
+    }
+
     /// Normalises `x` in training (`train`) or evaluation mode. bf16/f16 inputs are normalised
     /// in f32 (statistics, weights and running buffers stay f32) and the result cast back.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {

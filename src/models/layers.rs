@@ -93,16 +93,36 @@ pub struct Conv {
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    groups: usize,
 }
 
 impl Conv {
     /// The convolution (plus bias), followed by a ReLU when `relu` and 2x2 max-pooling when
     /// `pool`, with the weight cast to `x`'s dtype: one fused op for f32 on the CPU (see
-    /// [`crate::ops::conv2d_block`]).
+    /// [`crate::ops::conv2d_block`]). A grouped convolution composes candle's ops.
     pub fn forward_block(&self, x: &Tensor, relu: bool, pool: bool) -> Result<Tensor> {
-        let opts = ConvBlockOptions { stride: self.stride, padding: self.padding, relu, pool };
         let bias = self.bias.as_ref().map(param);
-        crate::ops::conv2d_block(x, &cast_as(&self.weight, x.dtype())?, bias.as_ref(), opts)
+        let weight = cast_as(&self.weight, x.dtype())?;
+        if self.groups == 1 {
+            let opts = ConvBlockOptions { stride: self.stride, padding: self.padding, relu, pool };
+            return crate::ops::conv2d_block(x, &weight, bias.as_ref(), opts);
+        }
+        let mut y = x.conv2d(&weight, self.padding, self.stride, 1, self.groups)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&cast_as(&b, y.dtype())?.reshape((1, (), 1, 1))?)?;
+        }
+        if relu {
+            y = crate::ops::relu(&y)?;
+        }
+        if pool {
+            y = crate::ops::max_pool2(&y)?;
+        }
+        Ok(y)
+    }
+
+    /// The weight `[O, C/groups, K, K]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 }
 
@@ -126,7 +146,7 @@ pub fn conv_no_bias(
     let fan = if fan_out { c_out * kernel * kernel } else { c_in * kernel * kernel };
     let std = (2.0 / fan.max(1) as f64).sqrt();
     let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", Init::Randn { mean: 0.0, stdev: std })?;
-    Ok(Conv { weight, bias: None, stride, padding })
+    Ok(Conv { weight, bias: None, stride, padding, groups: 1 })
 }
 
 /// A convolution with bias and stride 1, initialised by `scheme` (PyTorch's `nn.Conv2d`
@@ -142,7 +162,35 @@ pub fn conv_biased(
     let fan_in = c_in * kernel * kernel;
     let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", scheme.weight(fan_in))?;
     let bias = Some(vb.get_with_hints(c_out, "bias", scheme.bias(fan_in))?);
-    Ok(Conv { weight, bias, stride: 1, padding })
+    Ok(Conv { weight, bias, stride: 1, padding, groups: 1 })
+}
+
+/// The shape of a [`conv2d`] layer.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvShape {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Square kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// Channel groups.
+    pub groups: usize,
+}
+
+/// A convolution of any stride, padding and grouping, with an optional bias, initialised by
+/// `scheme` with the fan-in `c_in/groups·k·k` (PyTorch's `nn.Conv2d` default for
+/// [`InitScheme::Torch`]).
+pub fn conv2d(shape: ConvShape, bias: bool, scheme: InitScheme, vb: VarBuilder) -> Result<Conv> {
+    let ConvShape { c_in, c_out, kernel, stride, padding, groups } = shape;
+    let fan_in = c_in / groups.max(1) * kernel * kernel;
+    let weight = vb.get_with_hints((c_out, c_in / groups.max(1), kernel, kernel), "weight", scheme.weight(fan_in))?;
+    let bias = if bias { Some(vb.get_with_hints(c_out, "bias", scheme.bias(fan_in))?) } else { None };
+    Ok(Conv { weight, bias, stride, padding, groups: groups.max(1) })
 }
 
 /// Layer normalisation over the last dimension (`weight`, `bias`); fused on the CPU, with

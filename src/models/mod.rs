@@ -2,6 +2,7 @@
 
 pub mod batch_norm;
 pub mod cnn;
+pub mod compose;
 pub mod init;
 pub mod layers;
 pub mod mlp;

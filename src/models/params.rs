@@ -133,11 +133,15 @@ impl Params {
     }
 
     /// Sets tensors from `tensors` by name. Every tensor of the model must be present with the
-    /// same shape unless `partial` is true; dtypes are converted. Unknown names are errors.
+    /// same shape unless `partial` is true; dtypes are converted. Unknown names are errors, except
+    /// PyTorch's `num_batches_tracked`, which is skipped.
     pub fn assign(&self, tensors: &HashMap<String, Tensor>, partial: bool, source: &str) -> Result<()> {
         let all = self.all();
         let known: BTreeSet<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some(extra) = tensors.keys().find(|k| !known.contains(k.as_str())) {
+        // PyTorch's BatchNorm counter (`num_batches_tracked`) is read only with momentum=None;
+        // a state dict that has one loads into a model that keeps none.
+        let extra = tensors.keys().find(|k| !known.contains(k.as_str()) && !k.ends_with(".num_batches_tracked"));
+        if let Some(extra) = extra {
             bail!("{source}: tensor `{extra}` is not a parameter of this model");
         }
         for (name, var) in &all {

@@ -6,6 +6,7 @@
 //! `num_channels`, and all of `ViTConfig`).
 
 use super::cnn::{Cnn, CnnConfig};
+use super::compose::{SequentialConfig, SequentialNet};
 use super::init::seeded_var_builder;
 use super::mlp::{Mlp, MlpConfig};
 use super::resnet::{ResNet, ResNetConfig};
@@ -36,7 +37,11 @@ pub const BUILTIN: [(&str, &str); 9] = [
 ];
 
 /// The `model_type`s this registry builds.
-pub const MODEL_TYPES: [&str; 5] = ["mlp", "cnn", "cifar_resnet", "wide_resnet", "vit"];
+pub const MODEL_TYPES: [&str; 6] = ["mlp", "cnn", "cifar_resnet", "wide_resnet", "vit", "sequential"];
+
+/// The `model_type` written for a model defined by a script's forward closure: it cannot be
+/// rebuilt from its configuration alone.
+pub const SCRIPTED: &str = "scripted";
 
 /// The `model_type` of a configuration, checked to be one this registry builds.
 pub fn model_type_of(v: &Value) -> Result<&str> {
@@ -45,6 +50,12 @@ pub fn model_type_of(v: &Value) -> Result<&str> {
         Some(other) => bail!("model_type must be a string, got {other}"),
         None => bail!("the config has no model_type (one of {})", MODEL_TYPES.join(", ")),
     };
+    if model_type == SCRIPTED {
+        bail!(
+            "this model was defined by a forward closure in a script (model_type `{SCRIPTED}`): build it with the \
+             same script and load the weights with m.load(path)"
+        );
+    }
     if !MODEL_TYPES.contains(&model_type) {
         bail!("model_type `{model_type}` is not supported (supported: {})", MODEL_TYPES.join(", "));
     }
@@ -64,6 +75,8 @@ pub enum ArchConfig {
     WideResNet(WideResNetConfig),
     /// `vit` (Hugging Face's ViT)
     Vit(VitConfig),
+    /// `sequential` (layers in order, `sequential([...])` in a script)
+    Sequential(SequentialConfig),
 }
 
 fn parse_fields<T: DeserializeOwned>(model_type: &str, obj: &serde_json::Map<String, Value>) -> Result<T> {
@@ -92,6 +105,7 @@ impl ArchConfig {
             "cnn" => Self::Cnn(parse_fields(model_type, obj)?),
             "cifar_resnet" => Self::ResNet(parse_fields(model_type, obj)?),
             "wide_resnet" => Self::WideResNet(parse_fields(model_type, obj)?),
+            "sequential" => Self::Sequential(parse_fields(model_type, obj)?),
             "vit" => {
                 let c: VitConfig = parse_fields(model_type, obj)?;
                 if strict {
@@ -112,6 +126,7 @@ impl ArchConfig {
             Self::ResNet(_) => "cifar_resnet",
             Self::WideResNet(_) => "wide_resnet",
             Self::Vit(_) => "vit",
+            Self::Sequential(_) => "sequential",
         }
     }
 
@@ -123,6 +138,7 @@ impl ArchConfig {
             Self::Cnn(c) => serde_json::to_value(c),
             Self::ResNet(c) => serde_json::to_value(c),
             Self::WideResNet(c) => serde_json::to_value(c),
+            Self::Sequential(c) => serde_json::to_value(c),
             Self::Vit(c) => return c.to_hf_json(),
         };
         let mut obj = match v {
@@ -141,6 +157,7 @@ impl ArchConfig {
             Self::ResNet(c) => c.validate(),
             Self::WideResNet(c) => c.validate(),
             Self::Vit(c) => c.validate(),
+            Self::Sequential(c) => c.validate(),
         }
     }
 
@@ -152,6 +169,7 @@ impl ArchConfig {
             Self::ResNet(c) => Some(c.num_labels),
             Self::WideResNet(c) => Some(c.num_labels),
             Self::Vit(c) => c.classes(),
+            Self::Sequential(c) => c.head().map(|(_, k)| k),
         }
     }
 
@@ -167,6 +185,7 @@ impl ArchConfig {
             Self::ResNet(c) => c.num_labels = n,
             Self::WideResNet(c) => c.num_labels = n,
             Self::Vit(c) => c.set_classes(n),
+            Self::Sequential(c) => c.set_num_classes(n),
         }
     }
 
@@ -177,6 +196,7 @@ impl ArchConfig {
             Self::Cnn(_) | Self::Vit(_) => "classifier.".into(),
             Self::ResNet(_) => "linear.".into(),
             Self::WideResNet(_) => "fc.".into(),
+            Self::Sequential(c) => c.head().map(|(p, _)| p).unwrap_or_default(),
         }
     }
 
@@ -188,6 +208,7 @@ impl ArchConfig {
             Self::ResNet(c) => Arc::new(ResNet::build(c, vb)?),
             Self::WideResNet(c) => Arc::new(WideResNet::build(c, vb, rng)?),
             Self::Vit(c) => Arc::new(Vit::build(c, vb, rng)?),
+            Self::Sequential(c) => Arc::new(SequentialNet::build(c, vb, rng)?),
         })
     }
 }

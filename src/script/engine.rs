@@ -19,6 +19,8 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
     super::tensor_select::register(&mut engine);
     super::config::register(&mut engine, session);
     super::model::register(&mut engine, session);
+    super::layers::register(&mut engine, session);
+    super::forward_model::register(&mut engine, session);
     super::hub::register(&mut engine, session);
     super::optim::register(&mut engine);
     super::train::register(&mut engine, session);

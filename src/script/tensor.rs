@@ -337,6 +337,36 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     ));
     api!(
         engine,
+        "flatten",
+        "t: Tensor, start_dim: int -> Tensor",
+        "Dimensions start_dim.. flattened into one (torch.flatten(t, start_dim)): flatten(h, 1) keeps the batch.",
+        |t: Tensor, d: INT| op("flatten", t.flatten_from(dim_index(t.rank(), d)?))
+    );
+    api!(
+        engine,
+        "max_pool2d",
+        "t: Tensor, kernel_size: int -> Tensor",
+        "Max-pooling of images [N, C, H, W] over k x k windows with stride k (F.max_pool2d(t, k)); 2 runs the fused CPU op.",
+        |t: Tensor, k: INT| {
+            let k = super::convert::to_usize("max_pool2d kernel_size", k)?.max(1);
+            op("max_pool2d", crate::models::compose::pool::pool2d(&t, crate::models::compose::pool::PoolKind::Max, k, k, 0))
+        }
+    );
+    api!(
+        engine,
+        "avg_pool2d",
+        "t: Tensor, kernel_size: int -> Tensor",
+        "Average pooling of images [N, C, H, W] over k x k windows with stride k (F.avg_pool2d(t, k)).",
+        |t: Tensor, k: INT| {
+            let k = super::convert::to_usize("avg_pool2d kernel_size", k)?.max(1);
+            op(
+                "avg_pool2d",
+                crate::models::compose::pool::pool2d(&t, crate::models::compose::pool::PoolKind::Avg, k, k, 0),
+            )
+        }
+    );
+    api!(
+        engine,
         "transpose",
         "t: Tensor, d0: int, d1: int -> Tensor",
         "Swaps two dimensions.",
@@ -396,7 +426,8 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     unary!("sqrt", "Element-wise square root.", |t: &Tensor| t.sqrt());
     unary!("sqr", "Element-wise square.", |t: &Tensor| t.sqr());
     unary!("abs", "Element-wise absolute value.", |t: &Tensor| t.abs());
-    unary!("relu", "Element-wise max(x, 0).", |t: &Tensor| t.relu());
+    unary!("relu", "Element-wise max(x, 0) (one fused op on the CPU, with its backward pass).", crate::ops::relu);
+    unary!("gelu", "Element-wise exact GELU, x·Φ(x) (F.gelu).", crate::ops::gelu_erf);
     unary!("sigmoid", "Element-wise logistic function.", |t: &Tensor| (t.neg()?.exp()? + 1.0)?.recip());
     unary!("tanh", "Element-wise hyperbolic tangent.", |t: &Tensor| t.tanh());
     api!(engine, "pow", "t: Tensor, p: float -> Tensor", "Element-wise power.", |t: Tensor, p: FLOAT| op(

@@ -1,6 +1,7 @@
 //! The integration tests: one binary, one module per area. Fixtures are written by the tests.
 
 mod common;
+mod compose;
 mod data;
 mod diagnostics;
 mod foundation;
