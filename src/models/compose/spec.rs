@@ -240,13 +240,13 @@ impl LayerSpec {
             }
             Self::BatchNorm2d { num_features, eps, momentum } => {
                 positive("num_features", *num_features)?;
-                if !(*eps > 0.0) || !(0.0..=1.0).contains(momentum) {
+                if !eps.is_finite() || *eps <= 0.0 || !(0.0..=1.0).contains(momentum) {
                     bail!("{what}: eps must be > 0 and momentum in [0, 1], got {eps} and {momentum}");
                 }
             }
             Self::LayerNorm { normalized_shape, eps } => {
                 positive("normalized_shape", *normalized_shape)?;
-                if !(*eps > 0.0) {
+                if !eps.is_finite() || *eps <= 0.0 {
                     bail!("{what}: eps must be > 0, got {eps}");
                 }
             }
