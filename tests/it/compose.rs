@@ -128,11 +128,7 @@ fn resnet_name(name: &str, blocks_per_stage: usize) -> String {
                 other => panic!("unexpected {other}"),
             };
             let leaf = parts.last().unwrap();
-            if parts[2] == "shortcut" {
-                format!("{index}.{inner}.{leaf}")
-            } else {
-                format!("{index}.{inner}.{leaf}")
-            }
+            format!("{index}.{inner}.{leaf}")
         }
     }
 }
@@ -249,7 +245,7 @@ fn a_pytorch_sequential_state_dict_loads_and_gives_its_logits() {
     let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     let mut expected = Vec::new();
     for n in 0..2 {
-        let mut feat = vec![0f64; 16];
+        let mut feat = [0f64; 16];
         for o in 0..4 {
             let mut map = [[0f64; 4]; 4];
             for (i, row) in map.iter_mut().enumerate() {
