@@ -4,7 +4,8 @@
 //! `SAMHOST_BENCH_STEPS` sets the number of timed steps (default 10, median reported). Then the
 //! composed-SAM comparison of `support/compose.rs` (`SAMHOST_BENCH_PART=compose`: that alone)
 //! the Hessian-vector product's cost of `support/hvp.rs` (`SAMHOST_BENCH_PART=hvp`), and the
-//! linear-probe step of `support/probe.rs` (`SAMHOST_BENCH_PART=probe`).
+//! linear-probe step of `support/probe.rs` (`SAMHOST_BENCH_PART=probe`), and models written in
+//! the script against the built-ins, `support/script_models.rs` (`SAMHOST_BENCH_PART=layers`).
 
 use candle_core::{Device, Tensor};
 use samhost::data::Batch;
@@ -27,6 +28,8 @@ mod counting_alloc;
 mod hvp;
 #[path = "support/probe.rs"]
 mod probe;
+#[path = "support/script_models.rs"]
+mod script_models;
 use counting_alloc::{LIVE, PEAK};
 
 fn steps() -> usize {
@@ -158,6 +161,10 @@ fn main() {
     }
     if part == "probe" {
         probe::run();
+        return;
+    }
+    if part == "layers" {
+        script_models::run();
         return;
     }
     let (rust_ns, over_ns) = call_overhead();

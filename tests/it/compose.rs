@@ -404,3 +404,133 @@ fn script_models_report_their_errors_by_layer() {
     fails("model(#{ layers: #{ fc: linear(2, 3) }, forward: |x| 42 }).forward(randn([1, 2]))", "must return a Tensor");
     fails("model(#{ layers: #{ fc: linear(2, 3) }, forward: |x| x, extra: 1 })", "unknown field `extra`");
 }
+
+/// Runs `script` with the models `a` and `b` in scope and returns its array.
+fn run_with(a: &Model, b: &Model, script: &str) -> rhai::Array {
+    let path = repo().join("scripts").join("compose_test.rhai");
+    let engine = samhost::script::build_engine(&Rc::new(Session::cpu_for(&path)));
+    let mut scope = rhai::Scope::new();
+    scope.push("a", a.clone());
+    scope.push("b", b.clone());
+    engine.eval_with_scope(&mut scope, script).unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+}
+
+/// Three SAM steps (BatchNorm statistics from the first pass), a plain step, a gradient and an
+/// evaluation on a built-in (`a`) and on the script model (`b`) from the same weights.
+const STEPS: &str = r#"
+let ds = synthetic(#{ n: 24, classes: 3, shape: SHAPE, seed: 4 });
+let oa = sgd(a, #{ lr: 0.1, momentum: 0.9, weight_decay: 5e-4 });
+let ob = sgd(b, #{ lr: 0.1, momentum: 0.9, weight_decay: 5e-4 });
+let out = [];
+for bt in ds.batches(8, #{ seed: 1, epoch: 0 }) {
+    let sa = sam_step(a, oa, bt, #{ rho: 0.05 });
+    let sb = sam_step(b, ob, bt, #{ rho: 0.05 });
+    out += [sa.loss, sb.loss];
+}
+let bt = ();
+for x in ds.batches(8, #{ seed: 2, epoch: 0 }) { bt = x; break; }
+out += [train_step(a, oa, bt).loss, train_step(b, ob, bt).loss];
+let ga = grad(a, bt);
+let gb = grad(b, bt);
+out += [ga.grads.norm(), gb.grads.norm()];
+let ea = evaluate(a, ds);
+let eb = evaluate(b, ds);
+out += [ea.loss, eb.loss, ea.accuracy, eb.accuracy];
+out
+"#;
+
+fn assert_pairs(what: &str, out: &rhai::Array) {
+    let v: Vec<f64> = out.iter().map(|d| d.as_float().unwrap()).collect();
+    for pair in v.chunks(2) {
+        let r = (pair[0] - pair[1]).abs() / pair[0].abs().max(1e-12);
+        assert!(r <= 1e-5, "{what}: {} vs {} in {v:?}", pair[0], pair[1]);
+    }
+}
+
+#[test]
+fn every_step_function_trains_a_script_model_as_the_builtin() {
+    // A sequential ResNet-8 (BatchNorm, option-A shortcuts) against the built-in.
+    let ms = models(r#"import "lib/models" as arch; [resnet(8, 3), arch::cifar_resnet(8, 3, "pad")]"#);
+    copy_weights(&ms[0], &ms[1], |n| resnet_name(n, 1));
+    let out = run_with(&ms[0], &ms[1], &STEPS.replace("SHAPE", "[3, 8, 8]"));
+    assert_pairs("resnet8", &out);
+    let (a, b) = (ms[0].params().snapshot().unwrap(), ms[1].params().snapshot().unwrap());
+    for (name, t) in &a {
+        let r = rel(&values(&b[&resnet_name(name, 1)]), &values(t));
+        assert!(r <= 1e-5, "resnet8: {name} after training differs by {r:e}");
+    }
+
+    // A forward closure with BatchNorm and dropout against the same network as a sequence
+    // (keys "0", "1", ... give the sequence's names); dropout masks come from each model's
+    // generator, so with p > 0 the two draw alike only from the same seed: both are built
+    // right after one reseed.
+    let ms = models(
+        r#"let s = sequential([conv2d(3, 4, 3, #{ padding: 1 }), batch_norm2d(4), relu(), dropout(0.25), flatten(), linear(4 * 8 * 8, 3)]);
+        let c = model(#{
+            layers: #{ "0": conv2d(3, 4, 3, #{ padding: 1 }), "1": batch_norm2d(4), "3": dropout(0.25), "5": linear(4 * 8 * 8, 3) },
+            forward: |x| this["5"].forward(flatten(this["3"].forward(relu(this["1"].forward(this["0"].forward(x)))), 1))
+        });
+        [s, c]"#,
+    );
+    copy_weights(&ms[0], &ms[1], |n| n.to_string());
+    ms[1].set_dropout_state(&ms[0].dropout_state().unwrap()).unwrap();
+    let out = run_with(&ms[0], &ms[1], &STEPS.replace("SHAPE", "[3, 8, 8]"));
+    assert_pairs("closure with dropout", &out);
+}
+
+#[test]
+fn script_models_freeze_save_load_and_compute_in_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("seq");
+    let closure = dir.path().join("closure");
+    let ms = models(&format!(
+        r#"let s = sequential([conv2d(1, 4, 3, #{{ padding: 1 }}), batch_norm2d(4), relu(), max_pool2d(2), flatten(), linear(16, 3)]);
+        let c = model(#{{ layers: #{{ conv: conv2d(1, 4, 3), fc: linear(4, 3) }},
+                          forward: |x| this.fc.forward(relu(this.conv.forward(x)).mean(-1).mean(-1)) }});
+        let ds = synthetic(#{{ n: 16, classes: 3, shape: [1, 4, 4], seed: 2 }});
+        let bt = ();
+        for x in ds.batches(16, #{{ seed: 1, epoch: 0 }}) {{ bt = x; break; }}
+        // Frozen tensors stay, the others move.
+        let w0 = s.parameters()["0.weight"];
+        let l0 = s.parameters()["5.weight"];
+        if s.freeze("0.") != 2 {{ throw "freeze(\"0.\") matches the first layer's two tensors"; }}
+        let o = sgd(s, #{{ lr: 0.1 }});
+        sam_step(s, o, bt, #{{ rho: 0.05 }});
+        if (s.parameters()["0.weight"] - w0).abs().max().item() != 0.0 {{ throw "a frozen tensor moved"; }}
+        if (s.parameters()["5.weight"] - l0).abs().max().item() == 0.0 {{ throw "a trainable tensor stayed"; }}
+        s.unfreeze("0.");
+        // A saved sequential model is rebuilt by from_pretrained.
+        s.eval_mode();
+        s.save("{folder}");
+        let r = from_pretrained("{folder}");
+        r.eval_mode();
+        if (r.forward(bt.images) - s.forward(bt.images)).abs().max().item() > 1e-6 {{ throw "from_pretrained differs"; }}
+        // A closure model loads its weights into a model the script builds.
+        c.save("{closure}");
+        let c2 = model(#{{ layers: #{{ conv: conv2d(1, 4, 3), fc: linear(4, 3) }},
+                           forward: |x| this.fc.forward(relu(this.conv.forward(x)).mean(-1).mean(-1)) }});
+        c2.load("{closure}");
+        if (c2.forward(bt.images) - c.forward(bt.images)).abs().max().item() != 0.0 {{ throw "load differs"; }}
+        // bf16: both train, with losses near the f32 ones.
+        s.train();
+        let f32_loss = grad(s, bt).loss;
+        let fc = grad(c, bt).loss;
+        s.set_precision("bf16");
+        c.set_precision("bf16");
+        let bs = sam_step(s, sgd(s, #{{ lr: 0.0 }}), bt, #{{ rho: 0.05 }}).loss;
+        let bc = sam_step(c, sgd(c, #{{ lr: 0.0 }}), bt, #{{ rho: 0.05 }}).loss;
+        if (bs - f32_loss).abs() > 0.05 * f32_loss || (bc - fc).abs() > 0.05 * fc {{ throw `bf16 ${{bs}}/${{bc}} vs ${{f32_loss}}/${{fc}}`; }}
+        [s, c]"#,
+        folder = folder.display(),
+        closure = closure.display()
+    ));
+    assert_eq!(ms.len(), 2);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(closure.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "scripted");
+    assert_eq!(cfg["layers"]["conv"]["type"], "conv2d");
+    let path = repo().join("scripts").join("compose_test.rhai");
+    let engine = samhost::script::build_engine(&Rc::new(Session::cpu_for(&path)));
+    let e = engine.eval::<rhai::Dynamic>(&format!("from_pretrained(\"{}\")", closure.display())).unwrap_err().to_string();
+    assert!(e.contains("forward closure") && e.contains("m.load"), "{e}");
+}

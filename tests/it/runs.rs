@@ -391,6 +391,9 @@ fn a_resumed_run_with_dropout_draws_the_same_masks() {
         "wide_resnet(10, 1, 3, #{ dropout: 0.3, num_channels: 1 })",
         "vit(#{ hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, image_size: 4, \
          patch_size: 2, num_channels: 1, num_labels: 3, hidden_dropout_prob: 0.2, attention_probs_dropout_prob: 0.1 })",
+        "sequential([conv2d(1, 4, 3, #{ padding: 1 }), batch_norm2d(4), relu(), dropout(0.3), flatten(), linear(64, 3)])",
+        "model(#{ layers: #{ conv: conv2d(1, 4, 3, #{ padding: 1 }), bn: batch_norm2d(4), drop: dropout(0.3), fc: linear(64, 3) }, \
+         forward: |x| this.fc.forward(flatten(this.drop.forward(relu(this.bn.forward(this.conv.forward(x)))), 1)) })",
     ] {
         let dir = tempfile::tempdir().unwrap();
         let script = TRAIN
