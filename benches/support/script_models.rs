@@ -99,7 +99,9 @@ pub fn run() {
     let steps = env("SAMHOST_BENCH_STEPS", 3);
     let n_rounds = env("SAMHOST_BENCH_ROUNDS", 3);
     let threads = rayon::current_num_threads();
-    println!("{threads} thread(s), batch 128, sam_step rho 0.05, {n_rounds} rounds of {steps} steps (median ms per step)");
+    println!(
+        "{threads} thread(s), batch 128, sam_step rho 0.05, {n_rounds} rounds of {steps} steps (median ms per step)"
+    );
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("bench.rhai");
     let session = Rc::new(Session::cpu_for(&path));
     let engine = samhost::script::build_engine(&session);

@@ -3,6 +3,8 @@
 pub mod batch_norm;
 pub mod cnn;
 pub mod compose;
+pub mod dinov2;
+pub mod encoder;
 pub mod init;
 pub mod layers;
 pub mod mlp;

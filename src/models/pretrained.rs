@@ -2,7 +2,9 @@
 //! `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`).
 //!
 //! Hugging Face ViT checkpoints load whether they are a `ViTModel` (no head; names without the
-//! `vit.` prefix; a pooler, which is not used) or a `ViTForImageClassification`. A head whose
+//! `vit.` prefix; a pooler, which is not used) or a `ViTForImageClassification`; DINOv2 ones
+//! whether they are a `Dinov2Model` (the Hub's `facebook/dinov2-*`) or a
+//! `Dinov2ForImageClassification`. A head whose
 //! class count differs from `num_classes` is replaced by a fresh one, and position embeddings
 //! are interpolated to a new `image_size`. Folders written by `save` (any architecture) load too.
 
@@ -181,6 +183,33 @@ fn vit_names(tensors: HashMap<String, Tensor>) -> (HashMap<String, Tensor>, Vec<
     (out, unused)
 }
 
+/// Renames transformers' DINOv2 tensors to this DINOv2's names: a `Dinov2Model` checkpoint (the
+/// Hub's `facebook/dinov2-*`) has no `dinov2.` prefix, and transformers 5 saves the attention as
+/// `attention.q_proj` / `attention.o_proj` where checkpoints have `attention.attention.query` /
+/// `attention.output.dense`.
+fn dinov2_names(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    let renames = [
+        (".attention.q_proj.", ".attention.attention.query."),
+        (".attention.k_proj.", ".attention.attention.key."),
+        (".attention.v_proj.", ".attention.attention.value."),
+        (".attention.o_proj.", ".attention.output.dense."),
+    ];
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let mut full = if name.starts_with("dinov2.") || name.starts_with("classifier.") {
+                name
+            } else {
+                format!("dinov2.{name}")
+            };
+            for (from, to) in renames {
+                full = full.replace(from, to);
+            }
+            (full, t)
+        })
+        .collect()
+}
+
 /// Loads a model from `repo_or_dir` (a Hub repository id or a folder). New tensors (a fresh
 /// head) are drawn from `rng`.
 pub fn from_pretrained(
@@ -224,6 +253,9 @@ pub fn from_pretrained(
         tensors = renamed;
         unused = dropped;
     }
+    if let ArchConfig::Dinov2(_) = cfg {
+        tensors = dinov2_names(tensors);
+    }
 
     // The head.
     let head = cfg.head_prefix();
@@ -248,14 +280,14 @@ pub fn from_pretrained(
     }
     cfg.set_num_classes(classes);
 
-    // The image size of a ViT.
-    if let (ArchConfig::Vit(c), ArchConfig::Vit(old)) = (&mut cfg, &ckpt_cfg) {
+    // The image size of a vision transformer.
+    if let (Some(old), Some(name)) = (ckpt_cfg.patch_grid(), cfg.position_embeddings_name()) {
         if let Some(size) = opts.image_size {
-            c.image_size = size;
+            cfg.set_image_size(size);
         }
-        let (from, to) = (old.grid()?, c.grid()?);
+        let from = old?;
+        let to = cfg.patch_grid().unwrap_or(Ok(from))?;
         if from != to {
-            let name = "vit.embeddings.position_embeddings";
             if let Some(pos) = tensors.get(name) {
                 let resized =
                     resize_position_embeddings(pos, from, to).with_context(|| format!("{label}: tensor `{name}`"))?;
@@ -267,7 +299,7 @@ pub fn from_pretrained(
             }
         }
     } else if opts.image_size.is_some() {
-        bail!("image_size applies to ViT models only ({label} is a {})", cfg.model_type());
+        bail!("image_size applies to ViT and DINOv2 models only ({label} is a {})", cfg.model_type());
     }
     cfg.validate().with_context(|| format!("{label}: config.json"))?;
 

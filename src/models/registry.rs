@@ -2,11 +2,12 @@
 //! of the repository's `models/` folder, and parameter counts without building.
 //!
 //! Every configuration is JSON with a `model_type` (`mlp`, `cnn`, `cifar_resnet`, `wide_resnet`,
-//! `vit`) and the architecture's fields (Hugging Face names where one exists: `num_labels`,
+//! `vit`, `dinov2`, `sequential`) and the architecture's fields (Hugging Face names where one exists: `num_labels`,
 //! `num_channels`, and all of `ViTConfig`).
 
 use super::cnn::{Cnn, CnnConfig};
 use super::compose::{SequentialConfig, SequentialNet};
+use super::dinov2::{Dinov2, Dinov2Config};
 use super::init::seeded_var_builder;
 use super::mlp::{Mlp, MlpConfig};
 use super::resnet::{ResNet, ResNetConfig};
@@ -37,7 +38,7 @@ pub const BUILTIN: [(&str, &str); 9] = [
 ];
 
 /// The `model_type`s this registry builds.
-pub const MODEL_TYPES: [&str; 6] = ["mlp", "cnn", "cifar_resnet", "wide_resnet", "vit", "sequential"];
+pub const MODEL_TYPES: [&str; 7] = ["mlp", "cnn", "cifar_resnet", "wide_resnet", "vit", "dinov2", "sequential"];
 
 /// The `model_type` written for a model defined by a script's forward closure: it cannot be
 /// rebuilt from its configuration alone.
@@ -75,6 +76,8 @@ pub enum ArchConfig {
     WideResNet(WideResNetConfig),
     /// `vit` (Hugging Face's ViT)
     Vit(VitConfig),
+    /// `dinov2` (Hugging Face's DINOv2)
+    Dinov2(Dinov2Config),
     /// `sequential` (layers in order, `sequential([...])` in a script)
     Sequential(SequentialConfig),
 }
@@ -106,6 +109,13 @@ impl ArchConfig {
             "cifar_resnet" => Self::ResNet(parse_fields(model_type, obj)?),
             "wide_resnet" => Self::WideResNet(parse_fields(model_type, obj)?),
             "sequential" => Self::Sequential(parse_fields(model_type, obj)?),
+            "dinov2" => {
+                let c: Dinov2Config = parse_fields(model_type, obj)?;
+                if strict {
+                    c.check_known_fields()?;
+                }
+                Self::Dinov2(c)
+            }
             "vit" => {
                 let c: VitConfig = parse_fields(model_type, obj)?;
                 if strict {
@@ -126,6 +136,7 @@ impl ArchConfig {
             Self::ResNet(_) => "cifar_resnet",
             Self::WideResNet(_) => "wide_resnet",
             Self::Vit(_) => "vit",
+            Self::Dinov2(_) => "dinov2",
             Self::Sequential(_) => "sequential",
         }
     }
@@ -140,6 +151,7 @@ impl ArchConfig {
             Self::WideResNet(c) => serde_json::to_value(c),
             Self::Sequential(c) => serde_json::to_value(c),
             Self::Vit(c) => return c.to_hf_json(),
+            Self::Dinov2(c) => return c.to_hf_json(),
         };
         let mut obj = match v {
             Ok(Value::Object(m)) => m,
@@ -157,6 +169,7 @@ impl ArchConfig {
             Self::ResNet(c) => c.validate(),
             Self::WideResNet(c) => c.validate(),
             Self::Vit(c) => c.validate(),
+            Self::Dinov2(c) => c.validate(),
             Self::Sequential(c) => c.validate(),
         }
     }
@@ -169,6 +182,7 @@ impl ArchConfig {
             Self::ResNet(c) => Some(c.num_labels),
             Self::WideResNet(c) => Some(c.num_labels),
             Self::Vit(c) => c.classes(),
+            Self::Dinov2(c) => c.classes(),
             Self::Sequential(c) => c.head().map(|(_, k)| k),
         }
     }
@@ -185,6 +199,7 @@ impl ArchConfig {
             Self::ResNet(c) => c.num_labels = n,
             Self::WideResNet(c) => c.num_labels = n,
             Self::Vit(c) => c.set_classes(n),
+            Self::Dinov2(c) => c.set_classes(n),
             Self::Sequential(c) => c.set_num_classes(n),
         }
     }
@@ -193,10 +208,38 @@ impl ArchConfig {
     pub fn head_prefix(&self) -> String {
         match self {
             Self::Mlp(c) => c.head_prefix(),
-            Self::Cnn(_) | Self::Vit(_) => "classifier.".into(),
+            Self::Cnn(_) | Self::Vit(_) | Self::Dinov2(_) => "classifier.".into(),
             Self::ResNet(_) => "linear.".into(),
             Self::WideResNet(_) => "fc.".into(),
             Self::Sequential(c) => c.head().map(|(p, _)| p).unwrap_or_default(),
+        }
+    }
+
+    /// The patch grid of a vision transformer (ViT, DINOv2), `None` for other architectures.
+    pub fn patch_grid(&self) -> Option<Result<(usize, usize)>> {
+        match self {
+            Self::Vit(c) => Some(c.grid()),
+            Self::Dinov2(c) => Some(c.grid()),
+            _ => None,
+        }
+    }
+
+    /// Sets a vision transformer's input image size; false for other architectures.
+    pub fn set_image_size(&mut self, size: super::vit::Size2) -> bool {
+        match self {
+            Self::Vit(c) => c.image_size = size,
+            Self::Dinov2(c) => c.image_size = size,
+            _ => return false,
+        }
+        true
+    }
+
+    /// The name of a vision transformer's position embeddings.
+    pub fn position_embeddings_name(&self) -> Option<&'static str> {
+        match self {
+            Self::Vit(_) => Some("vit.embeddings.position_embeddings"),
+            Self::Dinov2(_) => Some("dinov2.embeddings.position_embeddings"),
+            _ => None,
         }
     }
 
@@ -208,6 +251,7 @@ impl ArchConfig {
             Self::ResNet(c) => Arc::new(ResNet::build(c, vb)?),
             Self::WideResNet(c) => Arc::new(WideResNet::build(c, vb, rng)?),
             Self::Vit(c) => Arc::new(Vit::build(c, vb, rng)?),
+            Self::Dinov2(c) => Arc::new(Dinov2::build(c, vb, rng)?),
             Self::Sequential(c) => Arc::new(SequentialNet::build(c, vb, rng)?),
         })
     }

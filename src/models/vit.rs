@@ -4,10 +4,10 @@
 //! Built from differentiable ops only: softmax and layer norm from elementary ops, dropout from
 //! the seeded generator.
 
-use super::layers::{cast_as, param, Activation, Dropout, LayerNorm, Linear};
+use super::encoder::{dense, embed_patches, tokens, BlockDims, BlockStyle, EncoderLayer};
+use super::layers::{Activation, Dropout, LayerNorm, Linear};
 use super::registry::ArchConfig;
 use super::Network;
-use crate::ops::bias::add_broadcast;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
@@ -145,12 +145,7 @@ impl VitConfig {
 
     /// The patch grid `(rows, columns)`.
     pub fn grid(&self) -> Result<(usize, usize)> {
-        let (h, w) = self.image_size.hw();
-        let (ph, pw) = self.patch_size.hw();
-        if ph == 0 || pw == 0 || h % ph != 0 || w % pw != 0 {
-            bail!("vit: image_size {h}x{w} is not a whole number of {ph}x{pw} patches");
-        }
-        Ok((h / ph, w / pw))
+        patch_grid("vit", self.image_size, self.patch_size)
     }
 
     /// Fails on an `extra` key that is neither a known Hugging Face field nor used here (a
@@ -194,15 +189,7 @@ impl VitConfig {
     /// The configuration as Hugging Face writes it for `ViTForImageClassification`.
     pub fn to_hf_json(&self) -> Value {
         let mut cfg = self.clone();
-        let n = cfg.classes().unwrap_or(0);
-        let id2label = match cfg.id2label.take() {
-            Some(m) if m.len() == n => m,
-            _ => (0..n).map(|i| (i.to_string(), format!("LABEL_{i}"))).collect(),
-        };
-        let label2id = match cfg.label2id.take() {
-            Some(m) if m.len() == n => m,
-            _ => id2label.iter().map(|(i, l)| (l.clone(), Value::from(i.parse::<u64>().unwrap_or(0)))).collect(),
-        };
+        let (id2label, label2id) = hf_label_maps(cfg.classes().unwrap_or(0), cfg.id2label.take(), cfg.label2id.take());
         cfg.num_labels = None;
         cfg.extra.remove("model_type");
         cfg.extra.remove("architectures");
@@ -220,74 +207,32 @@ impl VitConfig {
     }
 }
 
-fn dense(in_dim: usize, out_dim: usize, bias: bool, std: f64, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
-    let b = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
-    Ok(Linear::new(w, b))
+/// The patch grid `(rows, columns)` of `image` in patches of `patch`.
+pub fn patch_grid(what: &str, image: Size2, patch: Size2) -> Result<(usize, usize)> {
+    let (h, w) = image.hw();
+    let (ph, pw) = patch.hw();
+    if ph == 0 || pw == 0 || h % ph != 0 || w % pw != 0 {
+        bail!("{what}: image_size {h}x{w} is not a whole number of {ph}x{pw} patches");
+    }
+    Ok((h / ph, w / pw))
 }
 
-struct Layer {
-    ln_before: LayerNorm,
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
-    ln_after: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    act: Activation,
-    heads: usize,
-    attn_drop: Dropout,
-    drop: Dropout,
-}
-
-impl Layer {
-    fn new(cfg: &VitConfig, drop_rng: &HostRng, vb: VarBuilder) -> Result<Self> {
-        let (h, std) = (cfg.hidden_size, cfg.initializer_range);
-        let att = vb.pp("attention");
-        let sa = att.pp("attention");
-        Ok(Self {
-            ln_before: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layernorm_before"))?,
-            query: dense(h, h, cfg.qkv_bias, std, sa.pp("query"))?,
-            key: dense(h, h, cfg.qkv_bias, std, sa.pp("key"))?,
-            value: dense(h, h, cfg.qkv_bias, std, sa.pp("value"))?,
-            attn_out: dense(h, h, true, std, att.pp("output").pp("dense"))?,
-            ln_after: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layernorm_after"))?,
-            intermediate: dense(h, cfg.intermediate_size, true, std, vb.pp("intermediate").pp("dense"))?,
-            output: dense(cfg.intermediate_size, h, true, std, vb.pp("output").pp("dense"))?,
-            act: Activation::from_name(&cfg.hidden_act)?,
-            heads: cfg.num_attention_heads,
-            attn_drop: Dropout::new(cfg.attention_probs_dropout_prob, drop_rng)?,
-            drop: Dropout::new(cfg.hidden_dropout_prob, drop_rng)?,
-        })
-    }
-
-    /// `[b·n, hidden]` to `[b, heads, n, head_dim]`.
-    fn split_heads(&self, x: &Tensor, b: usize, n: usize) -> candle_core::Result<Tensor> {
-        let h = x.dim(1)?;
-        x.reshape((b, n, self.heads, h / self.heads))?.transpose(1, 2)?.contiguous()
-    }
-
-    /// Self-attention over tokens given as rows `[b·n, hidden]` (so every projection is one
-    /// matrix product).
-    fn attention(&self, x: &Tensor, b: usize, n: usize, train: bool) -> candle_core::Result<Tensor> {
-        let h = x.dim(1)?;
-        let q = self.split_heads(&self.query.forward(x)?, b, n)?;
-        let k = self.split_heads(&self.key.forward(x)?, b, n)?;
-        let v = self.split_heads(&self.value.forward(x)?, b, n)?;
-        let scale = 1.0 / ((h / self.heads) as f64).sqrt();
-        let scores = (crate::ops::bmm::bmm(&q, &k, true)? * scale)?;
-        let probs = self.attn_drop.forward_t(&crate::ops::softmax_last(&scores)?, train)?;
-        let ctx = crate::ops::bmm::bmm(&probs, &v, false)?.transpose(1, 2)?.contiguous()?.reshape((b * n, h))?;
-        self.drop.forward_t(&self.attn_out.forward(&ctx)?, train)
-    }
-
-    /// One encoder layer over rows `[b·n, hidden]`.
-    fn forward_t(&self, x: &Tensor, b: usize, n: usize, train: bool) -> candle_core::Result<Tensor> {
-        let x = (self.attention(&self.ln_before.forward(x)?, b, n, train)? + x)?;
-        let h = self.act.apply(&self.intermediate.forward(&self.ln_after.forward(&x)?)?)?;
-        self.drop.forward_t(&self.output.forward(&h)?, train)? + x
-    }
+/// The `id2label` and `label2id` maps of a head of `n` classes: the given ones when they have
+/// `n` entries, else `LABEL_i` names, as transformers writes them.
+pub fn hf_label_maps(
+    n: usize,
+    id2label: Option<BTreeMap<String, String>>,
+    label2id: Option<BTreeMap<String, Value>>,
+) -> (BTreeMap<String, String>, BTreeMap<String, Value>) {
+    let id2label = match id2label {
+        Some(m) if m.len() == n => m,
+        _ => (0..n).map(|i| (i.to_string(), format!("LABEL_{i}"))).collect(),
+    };
+    let label2id = match label2id {
+        Some(m) if m.len() == n => m,
+        _ => id2label.iter().map(|(i, l)| (l.clone(), Value::from(i.parse::<u64>().unwrap_or(0)))).collect(),
+    };
+    (id2label, label2id)
 }
 
 /// A Vision Transformer with a classification head on the `[CLS]` token.
@@ -297,7 +242,7 @@ pub struct Vit {
     patch_bias: Tensor,
     cls_token: Tensor,
     position_embeddings: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<EncoderLayer>,
     layernorm: LayerNorm,
     classifier: Linear,
     drop: Dropout,
@@ -323,8 +268,23 @@ impl Vit {
         let proj = emb.pp("patch_embeddings").pp("projection");
         let patch_weight = proj.get_with_hints((h, cfg.num_channels, ph, pw), "weight", normal)?;
         let patch_bias = proj.get_with_hints(h, "bias", Init::Const(0.0))?;
+        let dims = BlockDims {
+            hidden: h,
+            heads: cfg.num_attention_heads,
+            intermediate: cfg.intermediate_size,
+            act: Activation::from_name(&cfg.hidden_act)?,
+            qkv_bias: cfg.qkv_bias,
+            eps: cfg.layer_norm_eps,
+            std,
+            attn_drop: cfg.attention_probs_dropout_prob,
+            drop: cfg.hidden_dropout_prob,
+            layerscale: 1.0,
+            drop_path: 0.0,
+        };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, &drop_rng, vit.pp("encoder").pp("layer").pp(i.to_string())))
+            .map(|i| {
+                EncoderLayer::new(&dims, BlockStyle::Vit, &drop_rng, vit.pp("encoder").pp("layer").pp(i.to_string()))
+            })
             .collect::<Result<Vec<_>>>()?;
         let layernorm = LayerNorm::new(h, cfg.layer_norm_eps, vit.pp("layernorm"))?;
         let classes = cfg.classes().unwrap_or(0);
@@ -353,7 +313,7 @@ impl Vit {
     /// Patch embeddings `[N, patches, hidden]`: a convolution with stride equal to its kernel,
     /// computed as a matrix product over the unfolded patches.
     pub fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let (_, c, h, w) = x.dims4()?;
         let (ih, iw) = self.cfg.image_size.hw();
         if c != self.cfg.num_channels || h != ih || w != iw {
             candle_core::bail!(
@@ -363,20 +323,7 @@ impl Vit {
                 x.dims()
             );
         }
-        let (ph, pw) = self.cfg.patch_size.hw();
-        let (gh, gw) = (h / ph, w / pw);
-        let patches = x
-            .reshape((b, c, gh, ph, gw, pw))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * gh * gw, c * ph * pw))?;
-        let hidden = self.cfg.hidden_size;
-        let weight = cast_as(&self.patch_weight, x.dtype())?.reshape((hidden, c * ph * pw))?;
-        add_broadcast(&crate::ops::linear::linear(&patches, &weight)?, &param(&self.patch_bias))?.reshape((
-            b,
-            gh * gw,
-            hidden,
-        ))
+        embed_patches(x, &self.patch_weight, &self.patch_bias, self.cfg.patch_size.hw())
     }
 }
 
@@ -384,8 +331,7 @@ impl Network for Vit {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let patches = self.embed_patches(x)?;
         let (b, _, h) = patches.dims3()?;
-        let cls = add_broadcast(&patches.zeros_like()?.narrow(1, 0, 1)?, &param(&self.cls_token))?;
-        let tokens = add_broadcast(&Tensor::cat(&[&cls, &patches], 1)?, &param(&self.position_embeddings))?;
+        let tokens = tokens(&patches, &self.cls_token, &self.position_embeddings)?;
         let n = tokens.dim(1)?;
         let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, h))?;
         for layer in &self.layers {

@@ -223,6 +223,23 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         });
 
     let s = session.clone();
+    api!(engine, "dinov2", "config: Map -> Model",
+        "DINOv2 (Oquab et al. 2023) with transformers' Dinov2Config fields (hidden_size, num_hidden_layers, num_attention_heads, mlp_ratio, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, initializer_range, layer_norm_eps, image_size, patch_size, num_channels, qkv_bias, layerscale_value, drop_path_rate, use_mask_token) and num_labels; missing fields take transformers' defaults (ViT-B/14 at 224). The ViT encoder with LayerScale on both branches and stochastic depth; the head reads the [CLS] token concatenated with the mean patch token. Tensors as Dinov2ForImageClassification: dinov2.embeddings..., dinov2.encoder.layer.N.{norm1,attention,layer_scale1,norm2,mlp,layer_scale2}, dinov2.layernorm, classifier. Initialised as transformers: weights, the [CLS] token and position embeddings N(0, initializer_range²), biases and the mask token 0, LayerScale layerscale_value. from_pretrained(\"facebook/dinov2-small\", #{num_classes: 10, image_size: 56}) loads the Hub's checkpoints.",
+        move |o: Map| -> Res<Model> {
+            let cfg = op("dinov2", ArchConfig::from_json(&config_map("dinov2", "dinov2", o)?, false))?;
+            if let ArchConfig::Dinov2(c) = &cfg {
+                let known = |k: &str| {
+                    crate::models::vit::KNOWN_HF_KEYS.contains(&k) || crate::models::dinov2::KNOWN_DINOV2_KEYS.contains(&k)
+                };
+                let unused: Vec<&str> = c.extra.keys().map(String::as_str).filter(|k| !known(k)).collect();
+                if !unused.is_empty() {
+                    s.say(&format!("dinov2: fields samhost does not use, kept in config.json: {}", unused.join(", ")));
+                }
+            }
+            op("dinov2", s.build_model(&cfg))
+        });
+
+    let s = session.clone();
     let build_named = move |name: &str, o: Map| -> Res<Model> {
         let base = op("model", registry::resolve_config(name))?;
         let merged = op("model", registry::merge(&base, &to_json(&Dynamic::from_map(o))?))?;

@@ -531,6 +531,7 @@ fn script_models_freeze_save_load_and_compute_in_bf16() {
     assert_eq!(cfg["layers"]["conv"]["type"], "conv2d");
     let path = repo().join("scripts").join("compose_test.rhai");
     let engine = samhost::script::build_engine(&Rc::new(Session::cpu_for(&path)));
-    let e = engine.eval::<rhai::Dynamic>(&format!("from_pretrained(\"{}\")", closure.display())).unwrap_err().to_string();
+    let e =
+        engine.eval::<rhai::Dynamic>(&format!("from_pretrained(\"{}\")", closure.display())).unwrap_err().to_string();
     assert!(e.contains("forward closure") && e.contains("m.load"), "{e}");
 }

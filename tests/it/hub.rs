@@ -857,3 +857,183 @@ print("ok");
     let cfg: Value = serde_json::from_slice(&std::fs::read(tmp.path().join("out/config.json")).unwrap()).unwrap();
     assert_eq!(cfg["layerscale_value"], 1.0, "unused fields are kept");
 }
+
+/// The exact tensor names and shapes of a `Dinov2Model` checkpoint (the Hub's
+/// facebook/dinov2-small, shrunk: hidden 8, 2 layers, 2 heads, patch 14 on 28 px), filled with
+/// deterministic values, LayerScale and biases away from their initial values.
+fn dinov2_hub_tensors(h: usize, layers: usize) -> BTreeMap<String, Tensor> {
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.cls_token".into(), vec![1, 1, h]),
+        ("embeddings.mask_token".into(), vec![1, h]),
+        ("embeddings.position_embeddings".into(), vec![1, 5, h]),
+        ("embeddings.patch_embeddings.projection.weight".into(), vec![h, 3, 14, 14]),
+        ("embeddings.patch_embeddings.projection.bias".into(), vec![h]),
+        ("layernorm.weight".into(), vec![h]),
+        ("layernorm.bias".into(), vec![h]),
+    ];
+    for i in 0..layers {
+        let l = format!("encoder.layer.{i}");
+        for (name, shape) in [
+            ("norm1.weight", vec![h]),
+            ("norm1.bias", vec![h]),
+            ("attention.attention.query.weight", vec![h, h]),
+            ("attention.attention.query.bias", vec![h]),
+            ("attention.attention.key.weight", vec![h, h]),
+            ("attention.attention.key.bias", vec![h]),
+            ("attention.attention.value.weight", vec![h, h]),
+            ("attention.attention.value.bias", vec![h]),
+            ("attention.output.dense.weight", vec![h, h]),
+            ("attention.output.dense.bias", vec![h]),
+            ("layer_scale1.lambda1", vec![h]),
+            ("norm2.weight", vec![h]),
+            ("norm2.bias", vec![h]),
+            ("mlp.fc1.weight", vec![4 * h, h]),
+            ("mlp.fc1.bias", vec![4 * h]),
+            ("mlp.fc2.weight", vec![h, 4 * h]),
+            ("mlp.fc2.bias", vec![h]),
+            ("layer_scale2.lambda1", vec![h]),
+        ] {
+            shapes.push((format!("{l}.{name}"), shape));
+        }
+    }
+    let rng = HostRng::new(31);
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let std = if name.ends_with("patch_embeddings.projection.weight") { 0.05 } else { 0.4 };
+            let mut v = rng.normal(n, 0.0, std);
+            if name.contains("norm") && name.ends_with("weight") || name.ends_with("lambda1") {
+                v.iter_mut().for_each(|x| *x += 1.0);
+            }
+            (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+        })
+        .collect()
+}
+
+/// DINOv2's forward pass written out in float64 from candle's elementary ops: patch embedding,
+/// `[CLS]` and positions, per layer `x + λ1·attn(LN1(x))` and `x + λ2·mlp(LN2(x))` with the exact
+/// GELU, the final layer norm, the head over `[CLS]` ‖ mean(patch tokens).
+fn dinov2_reference(t: &BTreeMap<String, Tensor>, x: &Tensor, heads: usize, layers: usize) -> Vec<Vec<f64>> {
+    use candle_core::{DType, D};
+    let g = |k: &str| t[k].to_dtype(DType::F64).unwrap();
+    let ln = |x: &Tensor, p: &str| {
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let c = x.broadcast_sub(&mean).unwrap();
+        let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let y = c.broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap()).unwrap();
+        y.broadcast_mul(&g(&format!("{p}.weight"))).unwrap().broadcast_add(&g(&format!("{p}.bias"))).unwrap()
+    };
+    let lin = |x: &Tensor, p: &str| {
+        x.broadcast_matmul(&g(&format!("{p}.weight")).t().unwrap())
+            .unwrap()
+            .broadcast_add(&g(&format!("{p}.bias")))
+            .unwrap()
+    };
+    let x = x.to_dtype(DType::F64).unwrap();
+    let b = x.dim(0).unwrap();
+    let w = g("embeddings.patch_embeddings.projection.weight");
+    let h = w.dim(0).unwrap();
+    let patches = x.conv2d(&w, 0, 14, 1, 1).unwrap().flatten_from(2).unwrap().transpose(1, 2).unwrap();
+    let patches = patches.broadcast_add(&g("embeddings.patch_embeddings.projection.bias")).unwrap();
+    let cls = g("embeddings.cls_token").broadcast_as((b, 1, h)).unwrap();
+    let mut z = Tensor::cat(&[&cls, &patches], 1).unwrap().broadcast_add(&g("embeddings.position_embeddings")).unwrap();
+    let n = z.dim(1).unwrap();
+    let d = h / heads;
+    for i in 0..layers {
+        let l = format!("encoder.layer.{i}");
+        let a = ln(&z, &format!("{l}.norm1"));
+        let split = |y: Tensor| y.reshape((b, n, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let q = split(lin(&a, &format!("{l}.attention.attention.query")));
+        let k = split(lin(&a, &format!("{l}.attention.attention.key")));
+        let v = split(lin(&a, &format!("{l}.attention.attention.value")));
+        let s = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let e = s.broadcast_sub(&s.max_keepdim(D::Minus1).unwrap()).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        let ctx = p.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, n, h)).unwrap();
+        let o = lin(&ctx, &format!("{l}.attention.output.dense"));
+        z = (&z + o.broadcast_mul(&g(&format!("{l}.layer_scale1.lambda1"))).unwrap()).unwrap();
+        let m = lin(
+            &lin(&ln(&z, &format!("{l}.norm2")), &format!("{l}.mlp.fc1")).gelu_erf().unwrap(),
+            &format!("{l}.mlp.fc2"),
+        );
+        z = (&z + m.broadcast_mul(&g(&format!("{l}.layer_scale2.lambda1"))).unwrap()).unwrap();
+    }
+    let z = ln(&z, "layernorm");
+    let feats = Tensor::cat(
+        &[&z.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), &z.narrow(1, 1, n - 1).unwrap().mean(1).unwrap()],
+        1,
+    )
+    .unwrap();
+    lin(&feats, "classifier").to_vec2::<f64>().unwrap()
+}
+
+#[test]
+fn a_dinov2_hub_checkpoint_loads_offline_and_gives_the_float64_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let tensors = dinov2_hub_tensors(8, 2);
+    // facebook/dinov2-small's config.json and preprocessor_config.json, with the sizes shrunk.
+    let cfg = json!({
+        "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 8, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "mlp_ratio": 4, "image_size": 28, "patch_size": 14, "num_channels": 3,
+        "layerscale_value": 1.0, "drop_path_rate": 0.0, "layer_norm_eps": 1e-6, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+        "qkv_bias": true, "use_swiglu_ffn": false, "torch_dtype": "float32", "transformers_version": "4.47.0.dev0"
+    });
+    let pre = json!({
+        "crop_size": {"height": 224, "width": 224}, "do_center_crop": true, "do_convert_rgb": true,
+        "do_normalize": true, "do_rescale": true, "do_resize": true, "image_mean": [0.485, 0.456, 0.406],
+        "image_processor_type": "BitImageProcessor", "image_std": [0.229, 0.224, 0.225], "resample": 3,
+        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 256}
+    });
+    write_cache(
+        &cache,
+        "facebook/dinov2-tiny",
+        &[
+            ("config.json", config_bytes(&cfg)),
+            ("model.safetensors", safetensors_bytes(tmp.path(), &tensors)),
+            ("preprocessor_config.json", config_bytes(&pre)),
+        ],
+    );
+    let hub = offline(&cache);
+    let e = err_of(load("facebook/dinov2-tiny", &PretrainedOptions::default(), &hub));
+    assert!(e.contains("no classification head") && e.contains("num_classes"), "{e}");
+    let p =
+        load("facebook/dinov2-tiny", &PretrainedOptions { num_classes: Some(3), ..Default::default() }, &hub).unwrap();
+    let notes = p.notes.join("\n");
+    assert!(notes.contains("new classification head") && notes.contains("bicubic resize"), "{notes}");
+    assert!(!notes.contains("ignored"), "every checkpoint tensor is used: {notes}");
+    let names: Vec<String> = p.model.params().all().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), tensors.len() + 2, "the checkpoint's tensors with the dinov2. prefix, and the head");
+    for k in tensors.keys() {
+        assert!(names.contains(&format!("dinov2.{k}")), "dinov2.{k}");
+    }
+    assert_eq!(p.model.params().get("classifier.weight").unwrap().dims(), [3, 16], "[CLS] ‖ mean patch → classes");
+
+    // Logits against float64, with the head the loader drew.
+    let mut all = tensors.clone();
+    for k in ["classifier.weight", "classifier.bias"] {
+        all.insert(k.into(), p.model.params().get(k).unwrap().as_tensor().copy().unwrap());
+    }
+    let x = Tensor::from_vec(HostRng::new(1).normal(2 * 3 * 28 * 28, 0.0, 1.0), (2, 3, 28, 28), &Device::Cpu).unwrap();
+    let got = p.model.forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
+    let want = dinov2_reference(&all, &x, 2, 2);
+    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+        assert!((*g as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{got:?} vs float64 {want:?}");
+    }
+
+    // Saved, it is a Dinov2ForImageClassification folder that loads back.
+    let out = tmp.path().join("saved");
+    samhost::script::model::save_model(&p.model, out.to_str().unwrap()).unwrap();
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["architectures"], json!(["Dinov2ForImageClassification"]));
+    assert_eq!(saved["mlp_ratio"], json!(4), "an integer, as transformers' config class requires");
+    let back = load(out.to_str().unwrap(), &PretrainedOptions::default(), &hub).unwrap();
+    assert_eq!(logits(&back.model, 28), logits(&p.model, 28));
+    // A larger input: position embeddings interpolated once, at load.
+    let opts = PretrainedOptions { num_classes: Some(3), image_size: Some(Size2::Square(56)), ..Default::default() };
+    let p56 = load("facebook/dinov2-tiny", &opts, &hub).unwrap();
+    assert_eq!(p56.model.params().get("dinov2.embeddings.position_embeddings").unwrap().dims(), [1, 17, 8]);
+    assert_eq!(logits(&p56.model, 56).len(), 2);
+}

@@ -184,3 +184,40 @@ fn vit_starts_as_transformers_vit() {
     check(&m, "vit.encoder.layer.0.layernorm_before.weight", Expect::Const(1.0));
     check(&m, "vit.layernorm.weight", Expect::Const(1.0));
 }
+
+#[test]
+fn dinov2_starts_as_transformers_dinov2() {
+    let m = build(
+        json!({"model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "mlp_ratio": 2, "image_size": 28, "patch_size": 7, "num_labels": 10,
+               "initializer_range": 0.05, "layerscale_value": 0.5}),
+        7,
+    );
+    for name in [
+        "dinov2.embeddings.cls_token",
+        "dinov2.embeddings.position_embeddings",
+        "dinov2.embeddings.patch_embeddings.projection.weight",
+        "dinov2.encoder.layer.0.attention.attention.query.weight",
+        "dinov2.encoder.layer.1.attention.output.dense.weight",
+        "dinov2.encoder.layer.1.mlp.fc1.weight",
+        "dinov2.encoder.layer.0.mlp.fc2.weight",
+        "classifier.weight",
+    ] {
+        check(&m, name, Expect::Normal(0.05));
+    }
+    for name in [
+        "dinov2.embeddings.mask_token",
+        "dinov2.embeddings.patch_embeddings.projection.bias",
+        "dinov2.encoder.layer.0.attention.attention.key.bias",
+        "dinov2.encoder.layer.1.mlp.fc2.bias",
+        "dinov2.layernorm.bias",
+        "classifier.bias",
+    ] {
+        check(&m, name, Expect::Const(0.0));
+    }
+    check(&m, "dinov2.encoder.layer.0.layer_scale1.lambda1", Expect::Const(0.5));
+    check(&m, "dinov2.encoder.layer.1.layer_scale2.lambda1", Expect::Const(0.5));
+    check(&m, "dinov2.encoder.layer.0.norm1.weight", Expect::Const(1.0));
+    check(&m, "dinov2.layernorm.weight", Expect::Const(1.0));
+    assert_eq!(m.params().get("classifier.weight").unwrap().dims(), [10, 128]);
+}

@@ -1,0 +1,327 @@
+//! DINOv2 (Oquab et al. 2023) as Hugging Face's `Dinov2ForImageClassification`: the ViT encoder
+//! with LayerScale on both residual branches, stochastic depth, a mask token, and a head over the
+//! `[CLS]` token concatenated with the mean patch token. Configuration fields (`config.json`) and
+//! tensor names (`dinov2.embeddings...`, `dinov2.encoder.layer.N.norm1`, `...layer_scale1.lambda1`,
+//! `...mlp.fc1`, `dinov2.layernorm`, `classifier`) are transformers', so the Hub's
+//! `facebook/dinov2-*` checkpoints (a `Dinov2Model`, without the `dinov2.` prefix) load and what
+//! samhost saves loads in Python.
+
+use super::encoder::{dense, embed_patches, tokens, BlockDims, BlockStyle, EncoderLayer};
+use super::layers::{Activation, Dropout, LayerNorm, Linear};
+use super::registry::ArchConfig;
+use super::vit::{hf_label_maps, patch_grid, Size2, KNOWN_HF_KEYS};
+use super::Network;
+use crate::rng::HostRng;
+use anyhow::{bail, Result};
+use candle_core::{Module, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Fields of transformers' `Dinov2Config` for its backbone API that do not change the
+/// classification model's computation.
+pub const KNOWN_DINOV2_KEYS: [&str; 5] =
+    ["out_features", "out_indices", "stage_names", "apply_layernorm", "reshape_hidden_states"];
+
+/// transformers' `Dinov2Config` (the fields that shape the computation) plus the head's labels.
+/// Unknown fields of a checkpoint's `config.json` are kept in `extra` and written back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Dinov2Config {
+    /// Width of the token embeddings.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// The MLP's width over the token width (written as an integer when whole, as transformers'
+    /// config class requires).
+    #[serde(serialize_with = "whole_as_int")]
+    pub mlp_ratio: f64,
+    /// The MLP's activation.
+    pub hidden_act: String,
+    /// Dropout after the embeddings.
+    pub hidden_dropout_prob: f64,
+    /// Dropout on the attention probabilities.
+    pub attention_probs_dropout_prob: f64,
+    /// Standard deviation of the normal initialisation of weights.
+    pub initializer_range: f64,
+    /// Epsilon of every layer norm.
+    pub layer_norm_eps: f64,
+    /// Input image size (the position-embedding grid).
+    pub image_size: Size2,
+    /// Patch size.
+    pub patch_size: Size2,
+    /// Input channels.
+    pub num_channels: usize,
+    /// Whether query, key and value projections have biases.
+    pub qkv_bias: bool,
+    /// Initial value of the LayerScale weights.
+    pub layerscale_value: f64,
+    /// Stochastic depth: the probability that a sample skips a residual branch in training.
+    pub drop_path_rate: f64,
+    /// The SwiGLU MLP of the giant model (not supported).
+    pub use_swiglu_ffn: bool,
+    /// Whether the embeddings have a mask token (used in pretraining only; kept for Python).
+    pub use_mask_token: bool,
+    /// Number of classes of the head, when `id2label` does not say it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_labels: Option<usize>,
+    /// Class names by index (the head size is their count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<BTreeMap<String, String>>,
+    /// Class indices by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label2id: Option<BTreeMap<String, Value>>,
+    /// Every other field of the configuration, kept as it was.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+fn whole_as_int<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && *v >= 0.0 && *v < 1e15 {
+        s.serialize_u64(*v as u64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
+impl Default for Dinov2Config {
+    /// transformers' defaults (a ViT-B/14 at 224x224).
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            mlp_ratio: 4.0,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            initializer_range: 0.02,
+            layer_norm_eps: 1e-6,
+            image_size: Size2::Square(224),
+            patch_size: Size2::Square(14),
+            num_channels: 3,
+            qkv_bias: true,
+            layerscale_value: 1.0,
+            drop_path_rate: 0.0,
+            use_swiglu_ffn: false,
+            use_mask_token: true,
+            num_labels: None,
+            id2label: None,
+            label2id: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+impl Dinov2Config {
+    /// The head size: the number of `id2label` entries, else `num_labels`.
+    pub fn classes(&self) -> Option<usize> {
+        match &self.id2label {
+            Some(m) if !m.is_empty() => Some(m.len()),
+            _ => self.num_labels,
+        }
+    }
+
+    /// Sets the head size; labels that no longer fit are dropped.
+    pub fn set_classes(&mut self, n: usize) {
+        if self.classes() != Some(n) {
+            self.id2label = None;
+            self.label2id = None;
+        }
+        self.num_labels = Some(n);
+    }
+
+    /// The MLP width, `int(hidden_size · mlp_ratio)` as transformers.
+    pub fn intermediate_size(&self) -> usize {
+        (self.hidden_size as f64 * self.mlp_ratio) as usize
+    }
+
+    /// The patch grid `(rows, columns)`.
+    pub fn grid(&self) -> Result<(usize, usize)> {
+        patch_grid("dinov2", self.image_size, self.patch_size)
+    }
+
+    /// Fails on an `extra` key that is neither a known field nor used here (a typo in a
+    /// script's map).
+    pub fn check_known_fields(&self) -> Result<()> {
+        let known = |k: &str| KNOWN_HF_KEYS.contains(&k) || KNOWN_DINOV2_KEYS.contains(&k);
+        if let Some(k) = self.extra.keys().find(|k| !known(k)) {
+            bail!(
+                "dinov2: unknown config field `{k}` (fields: hidden_size, num_hidden_layers, num_attention_heads, \
+                 mlp_ratio, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob, initializer_range, \
+                 layer_norm_eps, image_size, patch_size, num_channels, qkv_bias, layerscale_value, drop_path_rate, \
+                 use_mask_token, num_labels, id2label, label2id)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Rejects configurations that build nothing.
+    pub fn validate(&self) -> Result<()> {
+        let heads = self.num_attention_heads;
+        if self.hidden_size == 0 || heads == 0 || !self.hidden_size.is_multiple_of(heads) {
+            bail!(
+                "dinov2: hidden_size {} must be a positive multiple of num_attention_heads {heads}",
+                self.hidden_size
+            );
+        }
+        if self.num_hidden_layers == 0 || self.intermediate_size() == 0 || self.num_channels == 0 {
+            bail!("dinov2: num_hidden_layers, hidden_size·mlp_ratio and num_channels must be > 0");
+        }
+        if self.use_swiglu_ffn {
+            bail!("dinov2: use_swiglu_ffn (the SwiGLU MLP of dinov2-giant) is not supported; the small, base and large models are");
+        }
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+            ("drop_path_rate", self.drop_path_rate),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                bail!("dinov2: {name} must be in [0, 1), got {p}");
+            }
+        }
+        match self.classes() {
+            Some(0) | None => bail!("dinov2: the classification head needs num_labels (or id2label) > 0"),
+            Some(_) => {}
+        }
+        Activation::from_name(&self.hidden_act)?;
+        self.grid().map(|_| ())
+    }
+
+    /// The configuration as transformers writes it for `Dinov2ForImageClassification`.
+    pub fn to_hf_json(&self) -> Value {
+        let mut cfg = self.clone();
+        let (id2label, label2id) = hf_label_maps(cfg.classes().unwrap_or(0), cfg.id2label.take(), cfg.label2id.take());
+        cfg.num_labels = None;
+        for k in ["model_type", "architectures", "dtype"] {
+            cfg.extra.remove(k);
+        }
+        let mut v = match serde_json::to_value(&cfg) {
+            Ok(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        v.insert("architectures".into(), serde_json::json!(["Dinov2ForImageClassification"]));
+        v.insert("model_type".into(), "dinov2".into());
+        v.insert("torch_dtype".into(), "float32".into());
+        v.insert("id2label".into(), serde_json::to_value(id2label).unwrap_or_default());
+        v.insert("label2id".into(), serde_json::to_value(label2id).unwrap_or_default());
+        Value::Object(v)
+    }
+}
+
+/// DINOv2 with its classification head.
+pub struct Dinov2 {
+    cfg: Dinov2Config,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    position_embeddings: Tensor,
+    layers: Vec<EncoderLayer>,
+    layernorm: LayerNorm,
+    classifier: Linear,
+    drop: Dropout,
+    drop_rng: Option<HostRng>,
+}
+
+impl Dinov2 {
+    /// Creates the layers from `vb` with transformers' initialisation (weights, the `[CLS]`
+    /// token and position embeddings normal with `initializer_range`, the mask token and biases
+    /// 0, LayerScale `layerscale_value`, layer norms 1/0). Dropout and stochastic-depth masks
+    /// come from a generator seeded from `rng`.
+    pub fn build(cfg: &Dinov2Config, vb: VarBuilder, rng: &HostRng) -> Result<Self> {
+        cfg.validate()?;
+        let (h, std) = (cfg.hidden_size, cfg.initializer_range);
+        let (ph, pw) = cfg.patch_size.hw();
+        let (gh, gw) = cfg.grid()?;
+        let random =
+            cfg.hidden_dropout_prob > 0.0 || cfg.attention_probs_dropout_prob > 0.0 || cfg.drop_path_rate > 0.0;
+        let drop_rng = if random { HostRng::new(rng.next_seed()) } else { rng.clone() };
+        let base = vb.pp("dinov2");
+        let emb = base.pp("embeddings");
+        let normal = Init::Randn { mean: 0.0, stdev: std };
+        let cls_token = emb.get_with_hints((1, 1, h), "cls_token", normal)?;
+        if cfg.use_mask_token {
+            emb.get_with_hints((1, h), "mask_token", Init::Const(0.0))?;
+        }
+        let position_embeddings = emb.get_with_hints((1, gh * gw + 1, h), "position_embeddings", normal)?;
+        let proj = emb.pp("patch_embeddings").pp("projection");
+        let patch_weight = proj.get_with_hints((h, cfg.num_channels, ph, pw), "weight", normal)?;
+        let patch_bias = proj.get_with_hints(h, "bias", Init::Const(0.0))?;
+        let dims = BlockDims {
+            hidden: h,
+            heads: cfg.num_attention_heads,
+            intermediate: cfg.intermediate_size(),
+            act: Activation::from_name(&cfg.hidden_act)?,
+            qkv_bias: cfg.qkv_bias,
+            eps: cfg.layer_norm_eps,
+            std,
+            attn_drop: cfg.attention_probs_dropout_prob,
+            drop: 0.0,
+            layerscale: cfg.layerscale_value,
+            drop_path: cfg.drop_path_rate,
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                EncoderLayer::new(
+                    &dims,
+                    BlockStyle::Dinov2,
+                    &drop_rng,
+                    base.pp("encoder").pp("layer").pp(i.to_string()),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let layernorm = LayerNorm::new(h, cfg.layer_norm_eps, base.pp("layernorm"))?;
+        let classifier = dense(2 * h, cfg.classes().unwrap_or(0), true, std, vb.pp("classifier"))?;
+        let drop = Dropout::new(cfg.hidden_dropout_prob, &drop_rng)?;
+        Ok(Self {
+            drop_rng: random.then_some(drop_rng),
+            cfg: cfg.clone(),
+            patch_weight,
+            patch_bias,
+            cls_token,
+            position_embeddings,
+            layers,
+            layernorm,
+            classifier,
+            drop,
+        })
+    }
+}
+
+impl Network for Dinov2 {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (_, c, ih, iw) = x.dims4()?;
+        let (h, w) = self.cfg.image_size.hw();
+        if c != self.cfg.num_channels || ih != h || iw != w {
+            candle_core::bail!(
+                "dinov2 expects images [N, {}, {h}, {w}], got {:?} (resize the input, or give image_size to \
+                 from_pretrained to interpolate the position embeddings)",
+                self.cfg.num_channels,
+                x.dims()
+            );
+        }
+        let patches = embed_patches(x, &self.patch_weight, &self.patch_bias, self.cfg.patch_size.hw())?;
+        let (b, _, hidden) = patches.dims3()?;
+        let tokens = tokens(&patches, &self.cls_token, &self.position_embeddings)?;
+        let n = tokens.dim(1)?;
+        let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, hidden))?;
+        for layer in &self.layers {
+            t = layer.forward_t(&t, b, n, train)?;
+        }
+        let t = self.layernorm.forward(&t)?.reshape((b, n, hidden))?;
+        let cls = t.narrow(1, 0, 1)?.squeeze(1)?;
+        let mean = t.narrow(1, 1, n - 1)?.mean(1)?;
+        self.classifier.forward(&Tensor::cat(&[&cls, &mean], D::Minus1)?)
+    }
+
+    fn config(&self) -> serde_json::Value {
+        ArchConfig::Dinov2(self.cfg.clone()).to_json()
+    }
+
+    fn dropout_rng(&self) -> Option<HostRng> {
+        self.drop_rng.clone()
+    }
+}

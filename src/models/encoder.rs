@@ -1,0 +1,198 @@
+//! The pre-norm transformer encoder layer and the patch embedding shared by the ViT and DINOv2
+//! (Hugging Face's tensor names for each), built from the fused ops: linear layers over token
+//! rows `[b·n, hidden]`, one softmax, layer norms, dropout from the seeded generator.
+
+use super::layers::{cast_as, param, Activation, Dropout, LayerNorm, Linear};
+use crate::ops::bias::add_broadcast;
+use crate::rng::HostRng;
+use anyhow::Result;
+use candle_core::{Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// Which checkpoint family's names and details an encoder layer has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockStyle {
+    /// `ViTLayer`: `layernorm_before`, `intermediate.dense`, `output.dense`, `layernorm_after`;
+    /// dropout after the attention output and after the MLP.
+    Vit,
+    /// `Dinov2Layer`: `norm1`, `mlp.fc1`, `mlp.fc2`, `norm2`, LayerScale (`layer_scale1.lambda1`,
+    /// `layer_scale2.lambda1`) on both branches, stochastic depth.
+    Dinov2,
+}
+
+/// The sizes and settings of one encoder layer.
+#[derive(Clone, Debug)]
+pub struct BlockDims {
+    /// Token width.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Width of the MLP.
+    pub intermediate: usize,
+    /// The MLP's activation.
+    pub act: Activation,
+    /// Whether query, key and value have biases.
+    pub qkv_bias: bool,
+    /// Layer norm epsilon.
+    pub eps: f64,
+    /// Standard deviation of fresh weights.
+    pub std: f64,
+    /// Dropout on the attention probabilities.
+    pub attn_drop: f64,
+    /// Dropout on the branch outputs (ViT only).
+    pub drop: f64,
+    /// The initial LayerScale value (DINOv2 only).
+    pub layerscale: f64,
+    /// The probability that a sample skips a residual branch (stochastic depth, DINOv2 only).
+    pub drop_path: f64,
+}
+
+/// A linear layer with normal weights (std `std`) and zero biases, as transformers initialises.
+pub fn dense(in_dim: usize, out_dim: usize, bias: bool, std: f64, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+    let b = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+/// One pre-norm encoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+pub struct EncoderLayer {
+    ln_before: LayerNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    ln_after: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    act: Activation,
+    heads: usize,
+    attn_drop: Dropout,
+    drop: Dropout,
+    /// LayerScale of the attention and MLP branches (DINOv2).
+    scales: Option<(Tensor, Tensor)>,
+    drop_path: f64,
+    rng: HostRng,
+}
+
+impl EncoderLayer {
+    /// The layer's tensors under `vb` with `style`'s names.
+    pub fn new(d: &BlockDims, style: BlockStyle, drop_rng: &HostRng, vb: VarBuilder) -> Result<Self> {
+        let (h, std) = (d.hidden, d.std);
+        let att = vb.pp("attention");
+        let sa = att.pp("attention");
+        let (norm1, norm2, fc1, fc2) = match style {
+            BlockStyle::Vit => ("layernorm_before", "layernorm_after", "intermediate.dense", "output.dense"),
+            BlockStyle::Dinov2 => ("norm1", "norm2", "mlp.fc1", "mlp.fc2"),
+        };
+        let scales = match style {
+            BlockStyle::Vit => None,
+            BlockStyle::Dinov2 => {
+                let init = Init::Const(d.layerscale);
+                Some((
+                    vb.pp("layer_scale1").get_with_hints(h, "lambda1", init)?,
+                    vb.pp("layer_scale2").get_with_hints(h, "lambda1", init)?,
+                ))
+            }
+        };
+        Ok(Self {
+            ln_before: LayerNorm::new(h, d.eps, vb.pp(norm1))?,
+            query: dense(h, h, d.qkv_bias, std, sa.pp("query"))?,
+            key: dense(h, h, d.qkv_bias, std, sa.pp("key"))?,
+            value: dense(h, h, d.qkv_bias, std, sa.pp("value"))?,
+            attn_out: dense(h, h, true, std, att.pp("output").pp("dense"))?,
+            ln_after: LayerNorm::new(h, d.eps, vb.pp(norm2))?,
+            intermediate: dense(h, d.intermediate, true, std, vb.pp(fc1))?,
+            output: dense(d.intermediate, h, true, std, vb.pp(fc2))?,
+            act: d.act,
+            heads: d.heads,
+            attn_drop: Dropout::new(d.attn_drop, drop_rng)?,
+            drop: Dropout::new(d.drop, drop_rng)?,
+            scales,
+            drop_path: d.drop_path,
+            rng: drop_rng.clone(),
+        })
+    }
+
+    /// `[b·n, hidden]` to `[b, heads, n, head_dim]`.
+    fn split_heads(&self, x: &Tensor, b: usize, n: usize) -> candle_core::Result<Tensor> {
+        let h = x.dim(1)?;
+        x.reshape((b, n, self.heads, h / self.heads))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// Self-attention over tokens given as rows `[b·n, hidden]` (so every projection is one
+    /// matrix product).
+    fn attention(&self, x: &Tensor, b: usize, n: usize, train: bool) -> candle_core::Result<Tensor> {
+        let h = x.dim(1)?;
+        let q = self.split_heads(&self.query.forward(x)?, b, n)?;
+        let k = self.split_heads(&self.key.forward(x)?, b, n)?;
+        let v = self.split_heads(&self.value.forward(x)?, b, n)?;
+        let scale = 1.0 / ((h / self.heads) as f64).sqrt();
+        let scores = (crate::ops::bmm::bmm(&q, &k, true)? * scale)?;
+        let probs = self.attn_drop.forward_t(&crate::ops::softmax_last(&scores)?, train)?;
+        let ctx = crate::ops::bmm::bmm(&probs, &v, false)?.transpose(1, 2)?.contiguous()?.reshape((b * n, h))?;
+        self.drop.forward_t(&self.attn_out.forward(&ctx)?, train)
+    }
+
+    /// A residual branch's output scaled by LayerScale and, in training, dropped per sample
+    /// with probability `drop_path` (the kept ones scaled by 1/(1-p), as stochastic depth).
+    fn branch(&self, y: Tensor, scale: Option<&Tensor>, b: usize, train: bool) -> candle_core::Result<Tensor> {
+        let y = match scale {
+            Some(s) => y.broadcast_mul(&cast_as(s, y.dtype())?)?,
+            None => y,
+        };
+        if !train || self.drop_path == 0.0 {
+            return Ok(y);
+        }
+        let keep = 1.0 - self.drop_path;
+        let mask: Vec<f32> = self
+            .rng
+            .uniform(b, 0.0, 1.0)
+            .into_iter()
+            .map(|u| if (u as f64) < self.drop_path { 0.0 } else { (1.0 / keep) as f32 })
+            .collect();
+        let rows = y.dim(0)? / b.max(1);
+        let mask = Tensor::from_vec(mask, (b, 1, 1), y.device())?.to_dtype(y.dtype())?;
+        y.reshape((b, rows, ()))?.broadcast_mul(&mask)?.reshape(y.shape())
+    }
+
+    /// One encoder layer over rows `[b·n, hidden]`.
+    pub fn forward_t(&self, x: &Tensor, b: usize, n: usize, train: bool) -> candle_core::Result<Tensor> {
+        let (s1, s2) = match &self.scales {
+            Some((a, c)) => (Some(a), Some(c)),
+            None => (None, None),
+        };
+        let a = self.attention(&self.ln_before.forward(x)?, b, n, train)?;
+        let x = (self.branch(a, s1, b, train)? + x)?;
+        let h = self.act.apply(&self.intermediate.forward(&self.ln_after.forward(&x)?)?)?;
+        let m = self.drop.forward_t(&self.output.forward(&h)?, train)?;
+        self.branch(m, s2, b, train)? + x
+    }
+}
+
+/// Patch embeddings `[N, patches, hidden]` of images `[N, C, H, W]`: a convolution with stride
+/// equal to its kernel (`weight [hidden, C, ph, pw]`, `bias [hidden]`), computed as a matrix
+/// product over the unfolded patches.
+pub fn embed_patches(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    (ph, pw): (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (gh, gw) = (h / ph, w / pw);
+    let patches = x
+        .reshape((b, c, gh, ph, gw, pw))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b * gh * gw, c * ph * pw))?;
+    let hidden = weight.dim(0)?;
+    let weight = cast_as(weight, x.dtype())?.reshape((hidden, c * ph * pw))?;
+    add_broadcast(&crate::ops::linear::linear(&patches, &weight)?, &param(bias))?.reshape((b, gh * gw, hidden))
+}
+
+/// The `[CLS]` token and the patch embeddings with position embeddings added: `[N, 1 + patches,
+/// hidden]`.
+pub fn tokens(patches: &Tensor, cls_token: &Tensor, position_embeddings: &Tensor) -> candle_core::Result<Tensor> {
+    let cls = add_broadcast(&patches.zeros_like()?.narrow(1, 0, 1)?, &param(cls_token))?;
+    add_broadcast(&Tensor::cat(&[&cls, patches], 1)?, &param(position_embeddings))
+}
