@@ -210,10 +210,20 @@ fn residual(body: &Array, o: &Map) -> Res<ScriptLayer> {
 /// Registers the layer API.
 pub fn register(engine: &mut Engine, session: &Rc<Session>) {
     engine.register_type_with_name::<ScriptLayer>("Layer");
-    api!(engine, "to_string", "l: Layer -> String", "The layer as its constructor call, e.g. `conv2d(3, 16, 3, padding: 1)`.",
-        |l: &mut ScriptLayer| l.spec().describe());
-    api!(engine, "to_debug", "l: Layer -> String", "The layer as its constructor call (what `print` and `debug` show).",
-        |l: &mut ScriptLayer| l.spec().describe());
+    api!(
+        engine,
+        "to_string",
+        "l: Layer -> String",
+        "The layer as its constructor call, e.g. `conv2d(3, 16, 3, padding: 1)`.",
+        |l: &mut ScriptLayer| l.spec().describe()
+    );
+    api!(
+        engine,
+        "to_debug",
+        "l: Layer -> String",
+        "The layer as its constructor call (what `print` and `debug` show).",
+        |l: &mut ScriptLayer| l.spec().describe()
+    );
 
     api!(engine, "linear", "in_features: int, out_features: int -> Layer",
         "A fully connected layer, PyTorch's nn.Linear: weight [out, in] and bias [out], both U(±1/sqrt(in)) as PyTorch's default.",
