@@ -29,6 +29,9 @@ pub enum Command {
     /// Measure the flatness of a saved model: the Hessian's top eigenvalue and trace, adaptive
     /// sharpness and a 1-D loss landscape, written to RUN_DIR/diagnostics/.
     Sharpness(SharpnessArgs),
+    /// Run a script over a grid of settings (and seeds): each point a run of its own, here N at a
+    /// time or as a Slurm job array (--slurm), gathered into sweep.csv and sweep.png.
+    Sweep(SweepArgs),
     /// Print the script API reference, generated from the registered functions.
     Api {
         /// Print the reference as JSON (Rhai's function metadata).
@@ -81,6 +84,54 @@ pub struct RunArgs {
     /// step's loss, at least 10,000); a NaN or infinite loss always stops it.
     #[arg(long, value_name = "LOSS")]
     pub max_loss: Option<f64>,
+}
+
+/// Arguments of `samhost sweep`.
+#[derive(Debug, clap::Args)]
+pub struct SweepArgs {
+    /// The script to sweep (not with --collect or --task).
+    #[arg(required_unless_present_any = ["collect", "task"])]
+    pub script: Option<PathBuf>,
+    /// A grid axis: KEY=V1,V2,... (a setting of the script's config); repeat for more axes.
+    #[arg(long = "grid", value_name = "KEY=V1,V2,...")]
+    pub grid: Vec<String>,
+    /// Run every grid point with seeds 1..N (`--seed`) [default: the script's seed, once].
+    #[arg(long, value_name = "N")]
+    pub seeds: Option<u64>,
+    /// How many points run at once here (each gets cores/N threads).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub jobs: usize,
+    /// A setting every point gets: KEY=VALUE.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub set: Vec<(String, String)>,
+    /// Folder that receives the sweep folder.
+    #[arg(long, value_name = "DIR", default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// Write a Slurm job-array script (one task per point) instead of running the points.
+    #[arg(long)]
+    pub slurm: bool,
+    /// Gather the results of the sweep in this folder (after a --slurm sweep, or a partial one).
+    #[arg(long, value_name = "SWEEP_DIR", conflicts_with_all = ["script", "task"])]
+    pub collect: Option<PathBuf>,
+    /// Run one point of the sweep in --dir (what each Slurm task runs).
+    #[arg(long, value_name = "N", requires = "dir")]
+    pub task: Option<usize>,
+    /// The sweep folder of --task.
+    #[arg(long, value_name = "SWEEP_DIR")]
+    pub dir: Option<PathBuf>,
+    /// The metric drawn in sweep.png and summarised (TAG.METRIC or METRIC) [default: the first
+    /// accuracy].
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// Passed to every run: where tensors live.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Passed to every run: the precision (f32, bf16).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Passed to every run: Hub files from the cache only.
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// Arguments of `samhost sharpness`.

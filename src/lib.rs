@@ -17,6 +17,7 @@ pub mod run;
 pub mod runtime;
 pub mod script;
 pub mod session;
+pub mod sweep;
 pub mod train;
 
 pub use session::Session;

@@ -78,6 +78,15 @@ fn main() -> ExitCode {
                 Err(e) => runner::Outcome { code: 1, reports: vec![format!("error: {e:#}")] },
             }
         }
+        Command::Sweep(a) => match samhost::sweep::command(a) {
+            Ok((code, lines)) => {
+                for l in lines {
+                    eprintln!("{l}");
+                }
+                runner::Outcome { code, reports: Vec::new() }
+            }
+            Err(e) => runner::Outcome { code: 1, reports: vec![format!("error: {e:#}")] },
+        },
         Command::Check { script } => {
             let o = runner::check(&script);
             if o.code == 0 {

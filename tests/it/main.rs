@@ -18,6 +18,7 @@ mod reliability;
 mod runs;
 mod sam;
 mod sam_family;
+mod sweep;
 mod variants;
 
 use std::alloc::{GlobalAlloc, Layout, System};
