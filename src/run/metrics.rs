@@ -1,5 +1,6 @@
 //! The metric log: every `log(tag, map)` call as one JSON object, kept in memory and appended to
-//! `metrics.jsonl` when the run has a folder.
+//! `metrics.jsonl` when the run has a folder, its scalars also to the TensorBoard event file in
+//! `tb/` beside it.
 
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
@@ -12,6 +13,7 @@ use std::time::Instant;
 pub struct MetricLog {
     records: Vec<Value>,
     file: Option<BufWriter<File>>,
+    tb: Option<super::tensorboard::EventWriter>,
     start: Instant,
     /// Seconds of earlier sessions of a resumed run, added to the wall time.
     offset: f64,
@@ -21,19 +23,31 @@ pub struct MetricLog {
 
 impl Default for MetricLog {
     fn default() -> Self {
-        Self { records: Vec::new(), file: None, start: Instant::now(), offset: 0.0, step: 0, epoch: 0 }
+        Self { records: Vec::new(), file: None, tb: None, start: Instant::now(), offset: 0.0, step: 0, epoch: 0 }
     }
 }
 
 impl MetricLog {
-    /// A log that also appends to `path` (created, or appended to when resuming).
+    /// A log that also appends to `path` (created, or appended to when resuming), and writes a
+    /// TensorBoard event file into `tb/` beside it.
     pub fn to_file(path: &Path) -> Result<Self> {
+        let mut log = Self::open(path)?;
+        log.tb = Some(super::tensorboard::EventWriter::create(&Self::tb_dir(path))?);
+        Ok(log)
+    }
+
+    fn open(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("{}: cannot open for writing", path.display()))?;
         Ok(Self { file: Some(BufWriter::new(file)), ..Self::default() })
+    }
+
+    /// The TensorBoard folder of the log at `path` (`tb/` beside it).
+    pub fn tb_dir(path: &Path) -> std::path::PathBuf {
+        path.parent().unwrap_or(Path::new(".")).join("tb")
     }
 
     /// The log of a resumed run: the first `keep` records of `path` are kept (all when `None`),
@@ -53,7 +67,8 @@ impl MetricLog {
             }
             crate::fsutil::write_bytes_atomic(path, text.as_bytes())?;
         }
-        let mut log = Self::to_file(path)?;
+        let mut log = Self::open(path)?;
+        log.tb = Some(super::tensorboard::rewrite(&Self::tb_dir(path), &records)?);
         if let Some(last) = records.last() {
             log.step = last.get("step").and_then(Value::as_u64).unwrap_or(0);
             log.epoch = last.get("epoch").and_then(Value::as_u64).unwrap_or(0);
@@ -95,6 +110,9 @@ impl MetricLog {
             serde_json::to_writer(&mut *f, &rec)?;
             f.write_all(b"\n")?;
             f.flush()?;
+        }
+        if let Some(tb) = self.tb.as_mut() {
+            tb.write(&rec, None)?;
         }
         self.records.push(rec);
         Ok(())

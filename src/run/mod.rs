@@ -12,6 +12,7 @@ pub mod record;
 pub mod rundir;
 pub mod signals;
 pub mod summary;
+pub mod tensorboard;
 
 pub use lifecycle::{begin_step, end_step, Interrupted, Run};
 pub use metrics::MetricLog;

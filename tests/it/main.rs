@@ -19,6 +19,7 @@ mod runs;
 mod sam;
 mod sam_family;
 mod sweep;
+mod tensorboard;
 mod variants;
 
 use std::alloc::{GlobalAlloc, Layout, System};
