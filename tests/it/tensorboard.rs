@@ -19,7 +19,7 @@ fn crc32c_bitwise(bytes: &[u8]) -> u32 {
 
 fn masked(bytes: &[u8]) -> u32 {
     let c = crc32c_bitwise(bytes);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// The payloads of a TFRecord file, every checksum verified.
