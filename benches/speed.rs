@@ -8,6 +8,11 @@
 //! `SAMHOST_BENCH_MODELS=mlp,cnn` picks models; `SAMHOST_BENCH_STEPS` sets the timed steps
 //! (default 10; the ViT uses half); train and SAM steps alternate, and the medians are reported
 //! after a warm-up step of each.
+//!
+//! The floor: the matrix products one SGD step makes (every gemm call through `ops::gemm`,
+//! recorded during a step) timed alone on this machine at their shapes, so "x floor" says how far
+//! the step is from what the gemm allows; with the step's GFLOP (2·m·n·k summed) and the gemm's
+//! rate over them. Products candle makes itself (outside samhost's ops) are not counted.
 
 use candle_core::{Device, Tensor};
 use samhost::data::Batch;
@@ -103,11 +108,17 @@ fn child(selected: &[String], steps: usize) {
         let b = Batch::new(x, y).expect("batch");
         let n = (steps / div).max(3);
         let ((t_sgd, m_sgd), (t_sam, m_sam)) = time_steps(&model, &b, n);
+        let mut census =
+            Stepper { model: &model, batch: &b, sam: false, opt: Sgd::new(SgdConfig::default()).expect("sgd") };
+        let ((), calls) = samhost::ops::gemm::record_calls(|| census.run());
+        let floor_ms = samhost::ops::gemm::floor_seconds(&calls, 3) * 1e3;
+        let gflop: f64 = calls.iter().map(|c| c.flops()).sum::<f64>() / 1e9;
         let row = json!({
             "model": name, "threads": threads, "batch": batch, "steps": n,
             "train_step": t_sgd, "sam_step": t_sam,
             "train_peak_mb": m_sgd as f64 / 1e6, "sam_peak_mb": m_sam as f64 / 1e6,
             "params_mb": model.params().num_trainable() as f64 * 4.0 / 1e6,
+            "floor_ms": floor_ms, "gflop": gflop,
         });
         println!("ROW {row}");
     }
@@ -123,7 +134,7 @@ fn main() {
     }
     let exe = std::env::current_exe().expect("bench executable");
     println!(
-        "{:<9} {:>3} {:>5} {:>10} {:>10} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9}",
+        "{:<9} {:>3} {:>5} {:>10} {:>10} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9} {:>9} {:>8} {:>7} {:>8}",
         "model",
         "thr",
         "batch",
@@ -134,7 +145,11 @@ fn main() {
         "sam im/s",
         "sgd peakMB",
         "sam peakMB",
-        "paramsMB"
+        "paramsMB",
+        "floor ms",
+        "x floor",
+        "GFLOP",
+        "GFLOP/s"
     );
     let mut rows = Vec::new();
     for threads in [1, 2] {
@@ -153,7 +168,7 @@ fn main() {
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             let batch = f("batch");
             println!(
-                "{:<9} {:>3} {:>5} {:>10.2} {:>10.2} {:>7.2} {:>8.0} {:>8.0} {:>11.1} {:>11.1} {:>9.1}",
+                "{:<9} {:>3} {:>5} {:>10.2} {:>10.2} {:>7.2} {:>8.0} {:>8.0} {:>11.1} {:>11.1} {:>9.1} {:>9.2} {:>8.2} {:>7.2} {:>8.1}",
                 r["model"].as_str().unwrap_or("?"),
                 threads,
                 batch,
@@ -164,7 +179,11 @@ fn main() {
                 batch / f("sam_step") * 1e3,
                 f("train_peak_mb"),
                 f("sam_peak_mb"),
-                f("params_mb")
+                f("params_mb"),
+                f("floor_ms"),
+                f("train_step") / f("floor_ms"),
+                f("gflop"),
+                f("gflop") / f("floor_ms") * 1e3
             );
             rows.push(r);
         }

@@ -1,5 +1,74 @@
 //! Matrix products on CPU slices through the `gemm` crate (the kernels candle's matmul uses), with
-//! explicit strides so transposed operands need no copy.
+//! explicit strides so transposed operands need no copy; and a census of the products a step
+//! makes ([`record_calls`]) with the time the machine's gemm takes for them ([`floor_seconds`]),
+//! the floor the speed benchmark prints beside each step.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// One matrix product a step made: its sizes and whether it ran over the whole thread pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GemmCall {
+    /// Rows of the result.
+    pub m: usize,
+    /// Columns of the result.
+    pub n: usize,
+    /// The inner dimension.
+    pub k: usize,
+    /// Whether it was split over the rayon pool (else one thread ran it, beside others).
+    pub parallel: bool,
+}
+
+impl GemmCall {
+    /// Its floating-point operations, 2·m·n·k.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+static RECORDING: AtomicBool = AtomicBool::new(false);
+static CALLS: Mutex<Vec<GemmCall>> = Mutex::new(Vec::new());
+
+/// Runs `f` and returns, with its result, every f32/f64 matrix product made through this module
+/// meanwhile (on any thread). Not reentrant: one census at a time.
+pub fn record_calls<R>(f: impl FnOnce() -> R) -> (R, Vec<GemmCall>) {
+    CALLS.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    RECORDING.store(true, Ordering::SeqCst);
+    let r = f();
+    RECORDING.store(false, Ordering::SeqCst);
+    let calls = std::mem::take(&mut *CALLS.lock().unwrap_or_else(|p| p.into_inner()));
+    (r, calls)
+}
+
+/// The time this machine's gemm takes for `calls` in f32 (dense row-major operands, the median of
+/// `reps` runs per distinct shape): products that ran over the pool are timed so; those that ran
+/// on one thread beside others (a convolution's per-sample products) are timed on one thread and
+/// shared out over the pool's threads.
+pub fn floor_seconds(calls: &[GemmCall], reps: usize) -> f64 {
+    let mut counts: std::collections::BTreeMap<GemmCall, usize> = Default::default();
+    for c in calls {
+        *counts.entry(*c).or_default() += 1;
+    }
+    let threads = rayon::current_num_threads().max(1) as f64;
+    let mut total = 0.0;
+    for (c, n) in counts {
+        let lhs: Vec<f32> = (0..c.m * c.k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let rhs: Vec<f32> = (0..c.k * c.n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut times: Vec<f64> = (0..reps.max(1) + 1)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let out = matmul_new((c.m, c.n, c.k), &lhs, (c.k as isize, 1), &rhs, (c.n as isize, 1), c.parallel);
+                std::hint::black_box(out);
+                t.elapsed().as_secs_f64()
+            })
+            .skip(1)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        total += n as f64 * if c.parallel { t } else { t / threads };
+    }
+    total
+}
 
 /// Element types the gemm path handles.
 pub trait Float: candle_core::WithDType + Default + Send + Sync + std::ops::AddAssign + PartialOrd + 'static {
@@ -83,6 +152,9 @@ unsafe fn gemm_raw<T: Float>(
     accumulate: bool,
     parallel: bool,
 ) {
+    if RECORDING.load(Ordering::Relaxed) {
+        CALLS.lock().unwrap_or_else(|p| p.into_inner()).push(GemmCall { m, n, k, parallel });
+    }
     // SAFETY: guaranteed by the caller.
     unsafe {
         gemm::gemm(
