@@ -41,7 +41,8 @@ pub struct Dinov2Config {
     pub mlp_ratio: f64,
     /// The MLP's activation.
     pub hidden_act: String,
-    /// Dropout after the embeddings.
+    /// Dropout after the embeddings (transformers 5 applies it there only; its 4.x releases also
+    /// after the attention output; every published checkpoint has 0).
     pub hidden_dropout_prob: f64,
     /// Dropout on the attention probabilities.
     pub attention_probs_dropout_prob: f64,

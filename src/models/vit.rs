@@ -211,7 +211,7 @@ impl VitConfig {
 pub fn patch_grid(what: &str, image: Size2, patch: Size2) -> Result<(usize, usize)> {
     let (h, w) = image.hw();
     let (ph, pw) = patch.hw();
-    if ph == 0 || pw == 0 || h % ph != 0 || w % pw != 0 {
+    if ph == 0 || pw == 0 || h == 0 || w == 0 || h % ph != 0 || w % pw != 0 {
         bail!("{what}: image_size {h}x{w} is not a whole number of {ph}x{pw} patches");
     }
     Ok((h / ph, w / pw))

@@ -7,7 +7,7 @@
 //! session, so every step function can run the model wherever it calls `forward`.
 
 use super::convert::{err, op, Res};
-use super::layers::{spec_of, ModeGuard, ScriptLayer};
+use super::layers::{copy_nested, spec_of, ModeGuard, Nested, ScriptLayer};
 use crate::models::compose::Layer;
 use crate::models::init::seeded_var_builder;
 use crate::models::registry::SCRIPTED;
@@ -16,19 +16,39 @@ use crate::rng::HostRng;
 use crate::session::Session;
 use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
-use rhai::{Array, Dynamic, Engine, FnPtr, Map, Module, NativeCallContext, AST};
+use rhai::{Array, Dynamic, Engine, FnPtr, ImmutableString, Map, Module, NativeCallContext, Position};
+
+/// A shared Rhai module (`Rc` without the `sync` feature).
+type SharedModule = Rc<Module>;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// What a forward closure needs to run: its engine, the closure and the `this` it sees.
+/// What a forward closure needs to run: its engine, the script's function library and imported
+/// modules (as where the model was made), the closure and the `this` it sees.
 struct Forward {
     engine: Engine,
-    ast: AST,
+    lib: SharedModule,
+    imports: Vec<(ImmutableString, SharedModule)>,
     closure: FnPtr,
     this: Dynamic,
+}
+
+impl Forward {
+    /// Calls the closure on `x` with `this` bound to the model's layers.
+    fn call(&self, x: &Tensor) -> Result<Dynamic, Box<rhai::EvalAltResult>> {
+        let mut global = self.engine.new_global_runtime_state();
+        global.lib.push(self.lib.clone());
+        for (name, module) in &self.imports {
+            global.push_import(name.clone(), module.clone());
+        }
+        let ctx =
+            NativeCallContext::new_with_all_fields(&self.engine, self.closure.fn_name(), None, &global, Position::NONE);
+        let mut this = self.this.clone();
+        self.closure.call_raw(&ctx, Some(&mut this), [Dynamic::from(x.clone())])
+    }
 }
 
 thread_local! {
@@ -53,11 +73,7 @@ impl Network for ClosureNet {
             .flatten()
             .ok_or_else(|| msg("a model with a forward closure runs on its script's thread only".into()))?;
         let _mode = ModeGuard::set(train);
-        let mut this = f.this.clone();
-        let y: Dynamic = f
-            .closure
-            .call_as_method(&f.engine, &f.ast, &mut this, (x.clone(),))
-            .map_err(|e| msg(format!("in the forward closure: {e}")))?;
+        let y = f.call(x).map_err(|e| msg(format!("in the forward closure: {e}")))?;
         let type_name = y.type_name();
         y.try_cast::<Tensor>()
             .ok_or_else(|| msg(format!("the forward closure must return a Tensor, it returned {type_name}")))
@@ -82,12 +98,19 @@ impl Drop for ClosureNet {
 
 /// The layers of `layers: #{...}` built under `vb`: a layer, a sequential model or a list
 /// (`name.0`, ...) or map (`name.key`) of them. Returns what `this` shows and the descriptions.
-fn build_tree(what: &str, v: &Dynamic, vb: VarBuilder, rng: &HostRng) -> Res<(Dynamic, serde_json::Value)> {
+fn build_tree(
+    what: &str,
+    v: &Dynamic,
+    (vb, path): (VarBuilder, &str),
+    rng: &HostRng,
+    nested: &mut Nested,
+) -> Res<(Dynamic, serde_json::Value)> {
     if v.is_map() {
         let mut this = Map::new();
         let mut specs = serde_json::Map::new();
         for (k, item) in v.clone().cast::<Map>() {
-            let (d, s) = build_tree(&format!("{what}.{k}"), &item, vb.pp(k.as_str()), rng)?;
+            let sub = (vb.pp(k.as_str()), &*format!("{path}{k}."));
+            let (d, s) = build_tree(&format!("{what}.{k}"), &item, sub, rng, nested)?;
             this.insert(k.clone(), d);
             specs.insert(k.to_string(), s);
         }
@@ -97,13 +120,14 @@ fn build_tree(what: &str, v: &Dynamic, vb: VarBuilder, rng: &HostRng) -> Res<(Dy
         let mut this = Array::new();
         let mut specs = Vec::new();
         for (i, item) in v.clone().cast::<Array>().iter().enumerate() {
-            let (d, s) = build_tree(&format!("{what}.{i}"), item, vb.pp(i.to_string()), rng)?;
+            let sub = (vb.pp(i.to_string()), &*format!("{path}{i}."));
+            let (d, s) = build_tree(&format!("{what}.{i}"), item, sub, rng, nested)?;
             this.push(d);
             specs.push(s);
         }
         return Ok((Dynamic::from_array(this), serde_json::Value::Array(specs)));
     }
-    let spec = spec_of(what, v)?;
+    let spec = spec_of(what, v, path, Some(nested))?;
     let layer = op(what, Layer::build(&spec, vb, rng))?;
     let json = op(what, serde_json::to_value(&spec))?;
     Ok((Dynamic::from(ScriptLayer::Bound(Arc::new(layer))), json))
@@ -116,7 +140,7 @@ fn has_dropout(v: &Dynamic) -> bool {
     if v.is_array() {
         return v.clone().cast::<Array>().iter().any(has_dropout);
     }
-    spec_of("", v).is_ok_and(|s| s.has_dropout())
+    spec_of("", v, "", Some(&mut Nested::new())).is_ok_and(|s| s.has_dropout())
 }
 
 /// Builds `model(#{ layers: #{...}, forward: |x| ... })`.
@@ -146,26 +170,32 @@ fn closure_model(ctx: &NativeCallContext, session: &Rc<Session>, mut o: Map) -> 
     let dropout = has_dropout(&layers);
     let drop_rng = if dropout { HostRng::new(session.rng.next_seed()) } else { session.rng.clone() };
     let vb = seeded_var_builder(&varmap, &session.rng, session.device());
-    let (this, specs) = build_tree("model layers", &layers, vb, &drop_rng)?;
+    let mut nested = Nested::new();
+    let (this, specs) = build_tree("model layers", &layers, (vb, ""), &drop_rng, &mut nested)?;
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    // The closure's definition lives in the script's function library: the model keeps it.
-    let libs = &ctx.global_runtime_state().lib;
-    let ast = match libs.as_slice() {
-        [one] => AST::new_from_module(one.clone()),
+    // The closure's definition lives in the script's function library, and it may call the
+    // script's imported modules: the model keeps both.
+    let global = ctx.global_runtime_state();
+    let lib: SharedModule = match global.lib.as_slice() {
+        [one] => one.clone(),
         many => {
             let mut merged = Module::new();
             for m in many {
                 merged.merge(m);
             }
-            AST::new_from_module(merged)
+            merged.into()
         }
     };
-    let entry = Forward { engine: super::build_engine(session), ast, closure, this };
+    let mut imports: Vec<(ImmutableString, SharedModule)> =
+        global.iter_imports_raw().map(|(n, m)| (n.clone(), m.clone())).collect();
+    imports.reverse();
+    let entry = Forward { engine: super::build_engine(session), lib, imports, closure, this };
     FORWARDS.with(|t| t.borrow_mut().insert(id, Rc::new(entry)));
     let config = serde_json::json!({ "model_type": SCRIPTED, "layers": specs });
     let net = ClosureNet { id, config, drop_rng: dropout.then_some(drop_rng) };
     let model = Model::new(Arc::new(net), Params::new(varmap));
     model.set_precision(session.precision);
+    op("model", copy_nested(&model, &nested))?;
     Ok(model)
 }
 

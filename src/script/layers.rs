@@ -56,32 +56,61 @@ impl Drop for ModeGuard {
     }
 }
 
-/// A layer description from a script value: a layer, a model built by `sequential`, or an
-/// array of them (a nested sequence).
-pub fn spec_of(what: &str, v: &Dynamic) -> Res<LayerSpec> {
+/// Models nested in a new one, by the tensor-name prefix they take there: their weights are
+/// copied in once the new model is built (PyTorch's nesting keeps a module's weights too).
+pub type Nested = Vec<(String, Model)>;
+
+/// A layer description from a script value: a layer, a model built by `sequential` (its weights
+/// noted in `nested` under `prefix`), or an array of them (a nested sequence). Without `nested`
+/// (inside `residual`, which is a description until a model builds it) a model is refused.
+pub fn spec_of(what: &str, v: &Dynamic, prefix: &str, nested: Option<&mut Nested>) -> Res<LayerSpec> {
     if let Some(l) = v.clone().try_cast::<ScriptLayer>() {
         return Ok(l.spec().clone());
     }
     if let Some(m) = v.clone().try_cast::<Model>() {
-        return match ArchConfig::parse(&m.network().config(), false) {
-            Ok(ArchConfig::Sequential(c)) => Ok(LayerSpec::Sequential { layers: c.layers }),
-            _ => Err(err(format!("{what}: only a model built by sequential([...]) nests inside another"))),
+        let layers = match ArchConfig::parse(&m.network().config(), false) {
+            Ok(ArchConfig::Sequential(c)) => c.layers,
+            _ => return Err(err(format!("{what}: only a model built by sequential([...]) nests inside another"))),
         };
+        let Some(nested) = nested else {
+            return Err(err(format!(
+                "{what}: a model inside residual([...]) would lose its weights; give its layers (or nest the model in sequential([...]) or model(#{{ layers }}) directly)"
+            )));
+        };
+        nested.push((prefix.to_string(), m));
+        return Ok(LayerSpec::Sequential { layers });
     }
     if v.is_array() {
-        return Ok(LayerSpec::Sequential { layers: specs_of(what, &v.clone().cast::<Array>())? });
+        return Ok(LayerSpec::Sequential { layers: specs_of(what, &v.clone().cast::<Array>(), prefix, nested)? });
     }
     Err(err(format!("{what}: expected a layer (linear(...), conv2d(...), ...), got {}", v.type_name())))
 }
 
-/// The descriptions of an array of layers.
-pub fn specs_of(what: &str, a: &Array) -> Res<Vec<LayerSpec>> {
-    a.iter().enumerate().map(|(i, v)| spec_of(&format!("{what}: element {i}"), v)).collect()
+/// The descriptions of an array of layers, element `i` named `{prefix}{i}.`.
+pub fn specs_of(what: &str, a: &Array, prefix: &str, mut nested: Option<&mut Nested>) -> Res<Vec<LayerSpec>> {
+    a.iter()
+        .enumerate()
+        .map(|(i, v)| spec_of(&format!("{what}: element {i}"), v, &format!("{prefix}{i}."), nested.as_deref_mut()))
+        .collect()
+}
+
+/// Copies the weights of the `nested` models into `m` under their prefixes.
+pub fn copy_nested(m: &Model, nested: &Nested) -> anyhow::Result<()> {
+    for (prefix, inner) in nested {
+        for (name, var) in inner.params().all() {
+            let target = format!("{prefix}{name}");
+            match m.params().get(&target) {
+                Some(v) => v.set(var.as_tensor())?,
+                None => anyhow::bail!("nesting: the new model has no tensor `{target}`"),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn checked(spec: LayerSpec) -> Res<ScriptLayer> {
-    let what = spec.describe();
-    spec.validate().map_err(|e| err(format!("{what}: {e:#}")))?;
+    // The message names the layer.
+    spec.validate().map_err(|e| err(format!("{e:#}")))?;
     Ok(ScriptLayer::Spec(spec))
 }
 
@@ -196,15 +225,15 @@ fn residual(body: &Array, o: &Map) -> Res<ScriptLayer> {
                 shortcut = if let Ok(s) = v.clone().into_immutable_string() {
                     ShortcutSpec::Named(s.to_string())
                 } else if v.is_array() {
-                    ShortcutSpec::Layers(specs_of("residual shortcut", &v.clone().cast::<Array>())?)
+                    ShortcutSpec::Layers(specs_of("residual shortcut", &v.clone().cast::<Array>(), "", None)?)
                 } else {
-                    ShortcutSpec::Layers(vec![spec_of("residual shortcut", v)?])
+                    ShortcutSpec::Layers(vec![spec_of("residual shortcut", v, "", None)?])
                 }
             }
             other => return Err(err(format!("residual options: unknown field `{other}`, expected `shortcut`"))),
         }
     }
-    checked(LayerSpec::Residual { body: specs_of("residual", body)?, shortcut })
+    checked(LayerSpec::Residual { body: specs_of("residual", body, "", None)?, shortcut })
 }
 
 /// Registers the layer API.
@@ -337,10 +366,13 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
 
     let s = session.clone();
     api!(engine, "sequential", "layers: Array -> Model",
-        "A model that applies the layers in order, PyTorch's nn.Sequential: tensors named 0.weight, 1.0.weight (nested lists, residual blocks and sequential models nest), so a state dict saved by PyTorch loads with m.load(path) and the reverse. Fresh weights from the seeded host generator, each layer initialised as its PyTorch module. A conv2d + relu + max_pool2d(2), a linear + relu, a batch_norm2d + relu and a residual + relu run as the built-in models' fused ops. Saved with its layers in config.json, so from_pretrained(folder) rebuilds it.",
+        "A model that applies the layers in order, PyTorch's nn.Sequential: tensors named 0.weight, 1.0.weight (nested lists, residual blocks and sequential models nest; a nested model brings its weights), so a state dict saved by PyTorch loads with m.load(path) and the reverse. Fresh weights from the seeded host generator, each layer initialised as its PyTorch module. A conv2d + relu + max_pool2d(2), a linear + relu, a batch_norm2d + relu and a residual + relu run as the built-in models' fused ops. Saved with its layers in config.json, so from_pretrained(folder) rebuilds it.",
         move |a: Array| -> Res<Model> {
-            let cfg = ArchConfig::Sequential(SequentialConfig { layers: specs_of("sequential", &a)? });
-            op("sequential", cfg.validate().and_then(|()| s.build_model(&cfg)))
+            let mut nested = Nested::new();
+            let cfg = ArchConfig::Sequential(SequentialConfig { layers: specs_of("sequential", &a, "", Some(&mut nested))? });
+            let m = op("sequential", cfg.validate().and_then(|()| s.build_model(&cfg)))?;
+            op("sequential", copy_nested(&m, &nested))?;
+            Ok(m)
         });
 
     api!(engine, "forward", "l: Layer, x: Tensor -> Tensor",

@@ -47,6 +47,15 @@ fn newest_run(runs: &Path) -> Option<PathBuf> {
     dirs.pop()
 }
 
+/// How a run ended, from its exit code (130 and 143: stopped by a signal).
+pub fn exit_status(code: i64) -> &'static str {
+    match code {
+        0 => "finished",
+        129 | 130 | 143 => "interrupted",
+        _ => "failed",
+    }
+}
+
 /// The last `error: ...` line of a point's log.
 fn log_error(pdir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(pdir.join("log.txt")).ok()?;
@@ -70,7 +79,7 @@ fn gather(dir: &Path, p: &SweepPoint) -> PointResult {
     let Some(run) = run_dir else {
         // A run that failed before its first step keeps no run folder: its log says why.
         if let Some(code) = exit {
-            r.status = if code == 0 { "finished".into() } else { "failed".into() };
+            r.status = exit_status(code).into();
             r.error = log_error(&pdir).or_else(|| Some(format!("exit code {code}")));
         } else if pdir.join("log.txt").is_file() {
             r.status = "running".into();
@@ -80,7 +89,14 @@ fn gather(dir: &Path, p: &SweepPoint) -> PointResult {
     let summary: Option<Value> =
         std::fs::read_to_string(run.join("summary.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
     let Some(s) = summary else {
-        r.status = "running".into();
+        // No summary: still running, or killed before it could write one.
+        match exit {
+            Some(code) => {
+                r.status = exit_status(code).into();
+                r.error = log_error(&pdir).or_else(|| Some(format!("exit code {code}, no summary.json")));
+            }
+            None => r.status = "running".into(),
+        }
         return r;
     };
     r.status = s["status"].as_str().unwrap_or("unknown").to_string();

@@ -14,9 +14,9 @@ pub fn write_sbatch(sweep: &Sweep, dir: &Path) -> Result<PathBuf> {
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
     let text = format!(
         "#!/bin/bash\n\
-         #SBATCH --job-name=sweep-{stem}\n\
+         #SBATCH --job-name=\"sweep-{stem}\"\n\
          #SBATCH --array=0-{last}\n\
-         #SBATCH --output={out}/points/slurm-%A_%a.out\n\
+         #SBATCH --output=\"{pattern}/points/%3a/slurm-%A_%a.out\"\n\
          # Written by `samhost sweep --slurm`: {n} point(s) of {script}.\n\
          # Add your cluster's #SBATCH options (--time, --cpus-per-task, --mem, --partition, --gres) before\n\
          # the first command below, then\n\
@@ -26,6 +26,7 @@ pub fn write_sbatch(sweep: &Sweep, dir: &Path) -> Result<PathBuf> {
          set -euo pipefail\n\
          exec {exe} sweep --task \"$SLURM_ARRAY_TASK_ID\" --dir {dirq}\n",
         out = dir.display(),
+        pattern = dir.display().to_string().replace('%', "%%"),
         n = sweep.points.len(),
         script = sweep.script.display(),
         sbatch = dir.join("sweep.sbatch").display(),

@@ -535,3 +535,53 @@ fn script_models_freeze_save_load_and_compute_in_bf16() {
         engine.eval::<rhai::Dynamic>(&format!("from_pretrained(\"{}\")", closure.display())).unwrap_err().to_string();
     assert!(e.contains("forward closure") && e.contains("m.load"), "{e}");
 }
+
+#[test]
+fn a_nested_model_brings_its_weights_and_a_closure_sees_imports_and_constants() {
+    let ms = models(
+        r#"let inner = sequential([linear(4, 8), relu()]);
+        let outer = sequential([inner, linear(8, 2)]);
+        let net = model(#{ layers: #{ backbone: inner, head: linear(8, 2) },
+                           forward: |x| this.head.forward(this.backbone.forward(x)) });
+        [inner, outer, net]"#,
+    );
+    let w = |m: &Model, n: &str| values(m.params().get(n).unwrap().as_tensor());
+    assert_eq!(w(&ms[1], "0.0.weight"), w(&ms[0], "0.weight"), "sequential keeps the nested model's weights");
+    assert_eq!(w(&ms[2], "backbone.0.bias"), w(&ms[0], "0.bias"), "a closure's layers too");
+    let path = repo().join("scripts").join("compose_test.rhai");
+    let engine = samhost::script::build_engine(&Rc::new(Session::cpu_for(&path)));
+    let e = engine.eval::<rhai::Dynamic>("residual([sequential([linear(2, 2)])])").unwrap_err().to_string();
+    assert!(e.contains("would lose its weights"), "{e}");
+
+    // A closure calling an imported module's function and a constant, as its script does.
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::write(dir.path(), "lib/h.rhai", "fn twice(t) { t * 2.0 }");
+    crate::common::write(
+        dir.path(),
+        "s.rhai",
+        r#"import "lib/h" as h;
+const SCALE = 3.0;
+let net = model(#{ layers: #{ fc: linear(2, 3) }, forward: |x| h::twice(this.fc.forward(x)) * SCALE });
+let x = randn([4, 2]);
+let d = (net.forward(x) - net.parameters()["fc.weight"].matmul(x.transpose(0, 1)).transpose(0, 1) * 6.0).abs().max().item();
+print(`${d}`);"#,
+    );
+    let o = crate::common::run_in(dir.path(), &["run", "s.rhai", "-q", "--runs-dir", "runs"]);
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
+    let printed = crate::common::stdout(&o);
+    // The bias is included in the closure's result: the difference is 6·bias, bounded by 6/sqrt(2).
+    let d: f64 = printed.trim().parse().unwrap_or_else(|_| panic!("{printed}"));
+    assert!(d <= 6.0 / 2f64.sqrt() + 1e-5, "{d}");
+}
+
+#[test]
+fn adaptive_pooling_takes_rectangular_windows() {
+    let ms = models("[sequential([adaptive_avg_pool2d([2, 2]), flatten()])]");
+    let x = Tensor::arange(0f32, 32.0, &Device::Cpu).unwrap().reshape((1, 1, 8, 4)).unwrap();
+    let got = values(&ms[0].forward_t(&x, false).unwrap());
+    // Blocks of 4 rows x 2 columns of the 8x4 map 0..32.
+    let block = |r0: usize, c0: usize| {
+        (0..4).flat_map(|r| (0..2).map(move |c| ((r0 + r) * 4 + c0 + c) as f64)).sum::<f64>() / 8.0
+    };
+    assert_eq!(got, [block(0, 0), block(0, 2), block(4, 0), block(4, 2)]);
+}

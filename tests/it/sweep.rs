@@ -144,3 +144,28 @@ fn the_slurm_array_script_runs_one_point_per_task() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("points 0..3"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_point_killed_before_its_summary_is_reported_failed_not_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "s.rhai", SCRIPT);
+    let o = run_in(tmp.path(), &["sweep", "s.rhai", "--grid", "lr=0.05,0.2", "--slurm", "--runs-dir", "out"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = sweep_dir(&tmp.path().join("out"));
+    // Point 0: a run folder without summary.json and an exit code (killed); point 1: still going.
+    for p in ["000", "001"] {
+        std::fs::create_dir_all(dir.join("points").join(p).join("runs/s-20261201-000000")).unwrap();
+        std::fs::write(dir.join("points").join(p).join("log.txt"), "").unwrap();
+    }
+    std::fs::write(dir.join("points/000/exit.json"), r#"{"exit_code": 137}"#).unwrap();
+    let o = run_in(tmp.path(), &["sweep", "--collect", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = csv(&dir);
+    let (status, error) =
+        (rows[0].iter().position(|h| h == "status").unwrap(), rows[0].iter().position(|h| h == "error").unwrap());
+    assert_eq!(rows[1][status], "failed");
+    assert!(rows[1][error].contains("exit code 137"), "{:?}", rows[1]);
+    assert_eq!(rows[2][status], "running");
+    let text = std::fs::read_to_string(dir.join("sweep.sbatch")).unwrap();
+    assert!(text.contains("/points/%3a/slurm-%A_%a.out\""), "Slurm output in each point's folder: {text}");
+}

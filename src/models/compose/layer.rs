@@ -161,7 +161,12 @@ impl Layer {
             Kind::Tanh => then_relu(x.tanh()?),
             Kind::Sigmoid => then_relu(crate::models::layers::sigmoid(x)?),
             Kind::Pool { kind, k, s, p } => then_relu(pool2d(x, *kind, *k, *s, *p)?),
-            Kind::Adaptive { oh: 1, ow: 1 } if fuse.flatten => then_relu(global_avg_pool(x)?),
+            Kind::Adaptive { oh: 1, ow: 1 } if fuse.flatten => {
+                if x.rank() != 4 {
+                    return Err(err(format!("expects images [N, C, H, W], got {:?}", x.dims())));
+                }
+                then_relu(global_avg_pool(x)?)
+            }
             Kind::Adaptive { oh, ow } => then_relu(adaptive_avg_pool2d(x, *oh, *ow)?),
             Kind::Flatten(start) => {
                 if *start >= x.rank().max(1) {

@@ -108,11 +108,16 @@ pub fn adaptive_avg_pool2d(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     if oh == 1 && ow == 1 {
         return super::super::layers::global_avg_pool(x)?.unsqueeze(2)?.unsqueeze(3);
     }
-    if h % oh != 0 || w % ow != 0 || h / oh != w / ow {
+    if h % oh != 0 || w % ow != 0 {
         candle_core::bail!(
-            "adaptive_avg_pool2d: an input of {h}x{w} is not a multiple of the output {oh}x{ow} with square windows \
-             (use avg_pool2d with an explicit window)"
+            "adaptive_avg_pool2d: an input of {h}x{w} is not a multiple of the output {oh}x{ow} (use avg_pool2d \
+             with an explicit window)"
         );
     }
-    pool2d(x, PoolKind::Avg, h / oh, h / oh, 0)
+    if is_half(x) {
+        return in_f32(x, |x| adaptive_avg_pool2d(x, oh, ow));
+    }
+    // Windows of (h/oh)x(w/ow) that tile the input: the mean over each block.
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    x.reshape((n, c, oh, h / oh, ow, w / ow))?.mean(5)?.mean(3)
 }

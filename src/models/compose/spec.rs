@@ -137,7 +137,7 @@ pub enum LayerSpec {
         #[serde(default)]
         padding: usize,
     },
-    /// `nn.AdaptiveAvgPool2d` to `[H, W]`; the input size must be a multiple of it.
+    /// `nn.AdaptiveAvgPool2d` to `[H, W]`; the input's height and width must be multiples of it.
     AdaptiveAvgPool2d {
         /// Output height and width.
         output_size: [usize; 2],
