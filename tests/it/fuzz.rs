@@ -47,7 +47,7 @@ fn values(ty: &str) -> &'static [&'static str] {
             "randn([2, 1, 8, 8])",
             "tensor([-1.0, 1.0 / 0.0])",
         ],
-        "Model" => &["m", "c"],
+        "Model" => &["m", "c", "cm", "sequential([linear(12, 4), relu(), linear(4, 3)])"],
         "Optimizer" => &["o", "sgd(c, #{})", "adamw(m, #{})"],
         "Batch" => &[
             "b",
@@ -83,6 +83,7 @@ fn values(ty: &str) -> &'static [&'static str] {
         "FnPtr" => &["|x| x", "|a, b| a", "|n, t| t", "|n| true"],
         "TensorSet" => &["g", "g * 0.0", "tensor_set()", "g.filter(|n| false)"],
         "Schedule" => &["sch"],
+        "Layer" => &["linear(12, 3)", "relu()", "conv2d(1, 2, 3)", "dropout(0.5)", "residual([linear(3, 3)])", "lay"],
         "bool" => &["true", "false"],
         _ => &["()", "1", "b", "m", "g"],
     }
@@ -90,7 +91,7 @@ fn values(ty: &str) -> &'static [&'static str] {
 
 /// Functions the fuzzer leaves out: they write or read files and folders chosen by their string
 /// argument, or reach the network; each has its own tests.
-const SKIP: [&str; 13] = [
+const SKIP: [&str; 14] = [
     "save",
     "load",
     "save_tensors",
@@ -102,6 +103,7 @@ const SKIP: [&str; 13] = [
     "hub_dataset",
     "from_pretrained",
     "vit",
+    "dinov2",
     "model",
     "config",
 ];
@@ -114,6 +116,9 @@ let b = batch(randn([4, 12]), tensor([0, 1, 2, 0]));
 let ds = synthetic(#{ n: 8, classes: 3, shape: [1, 4, 3], seed: 1 });
 let g = m.params();
 let sch = schedule(o, #{ kind: "constant" });
+let cm = model(#{ layers: #{ fc: linear(12, 3), drop: dropout(0.2) }, forward: |x| this.drop.forward(this.fc.forward(x)) });
+let lay = 0;
+for l in [1] { lay = linear(12, 3); }
 "#;
 
 #[test]
