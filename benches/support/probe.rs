@@ -1,7 +1,8 @@
 //! The cost of a linear-probe SAM step (ViT backbone frozen, head trained) against one forward
 //! pass, and of the full SAM step, as fine-tuning runs them: a ViT-S/14 (DINOv2-small's shape:
 //! hidden 384, 12 layers, 6 heads) on 56x56 images, batch 32; part of `cargo bench --bench sam`
-//! (`SAMHOST_BENCH_PART=probe` alone; `SAMHOST_BENCH_PROBE_SIZE=112` for another image size).
+//! (`SAMHOST_BENCH_PART=probe` alone; `SAMHOST_BENCH_PROBE_SIZE=112` for another image size,
+//! `SAMHOST_BENCH_PROBE_BATCH=8` for another batch).
 //! Target (issue 15): a probe SAM step <= 2.2 forward passes. Ranges are min-max over 3 rounds,
 //! each the median of 3 timings.
 
@@ -15,7 +16,7 @@ use std::time::Instant;
 /// Prints ms per forward pass, probe SAM step and full SAM step, and the ratios per round.
 pub fn run() {
     let size: usize = std::env::var("SAMHOST_BENCH_PROBE_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(56);
-    let batch = 32;
+    let batch: usize = std::env::var("SAMHOST_BENCH_PROBE_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(32);
     let cfg = ArchConfig::from_json(
         &serde_json::json!({"model_type": "vit", "hidden_size": 384, "num_hidden_layers": 12,
             "num_attention_heads": 6, "intermediate_size": 1536, "image_size": size, "patch_size": 14,
