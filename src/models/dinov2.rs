@@ -6,15 +6,15 @@
 //! `facebook/dinov2-*` checkpoints (a `Dinov2Model`, without the `dinov2.` prefix) load and what
 //! samhost saves loads in Python.
 
-use super::encoder::{dense, embed_patches, tokens, BlockDims, BlockStyle, EncoderLayer};
-use super::layers::{Activation, Dropout, LayerNorm, Linear};
+use super::encoder::{dense, Backbone, BackboneShape, BlockDims, BlockStyle};
+use super::layers::{Activation, LayerNorm, Linear};
 use super::registry::ArchConfig;
 use super::vit::{hf_label_maps, patch_grid, Size2, KNOWN_HF_KEYS};
 use super::Network;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -216,14 +216,9 @@ impl Dinov2Config {
 /// DINOv2 with its classification head.
 pub struct Dinov2 {
     cfg: Dinov2Config,
-    patch_weight: Tensor,
-    patch_bias: Tensor,
-    cls_token: Tensor,
-    position_embeddings: Tensor,
-    layers: Vec<EncoderLayer>,
+    backbone: Backbone,
     layernorm: LayerNorm,
     classifier: Linear,
-    drop: Dropout,
     drop_rng: Option<HostRng>,
 }
 
@@ -235,22 +230,10 @@ impl Dinov2 {
     pub fn build(cfg: &Dinov2Config, vb: VarBuilder, rng: &HostRng) -> Result<Self> {
         cfg.validate()?;
         let (h, std) = (cfg.hidden_size, cfg.initializer_range);
-        let (ph, pw) = cfg.patch_size.hw();
-        let (gh, gw) = cfg.grid()?;
         let random =
             cfg.hidden_dropout_prob > 0.0 || cfg.attention_probs_dropout_prob > 0.0 || cfg.drop_path_rate > 0.0;
         let drop_rng = if random { HostRng::new(rng.next_seed()) } else { rng.clone() };
         let base = vb.pp("dinov2");
-        let emb = base.pp("embeddings");
-        let normal = Init::Randn { mean: 0.0, stdev: std };
-        let cls_token = emb.get_with_hints((1, 1, h), "cls_token", normal)?;
-        if cfg.use_mask_token {
-            emb.get_with_hints((1, h), "mask_token", Init::Const(0.0))?;
-        }
-        let position_embeddings = emb.get_with_hints((1, gh * gw + 1, h), "position_embeddings", normal)?;
-        let proj = emb.pp("patch_embeddings").pp("projection");
-        let patch_weight = proj.get_with_hints((h, cfg.num_channels, ph, pw), "weight", normal)?;
-        let patch_bias = proj.get_with_hints(h, "bias", Init::Const(0.0))?;
         let dims = BlockDims {
             hidden: h,
             heads: cfg.num_attention_heads,
@@ -264,55 +247,26 @@ impl Dinov2 {
             layerscale: cfg.layerscale_value,
             drop_path: cfg.drop_path_rate,
         };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                EncoderLayer::new(
-                    &dims,
-                    BlockStyle::Dinov2,
-                    &drop_rng,
-                    base.pp("encoder").pp("layer").pp(i.to_string()),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let shape = BackboneShape {
+            what: "dinov2",
+            image: cfg.image_size.hw(),
+            patch: cfg.patch_size.hw(),
+            channels: cfg.num_channels,
+            layers: cfg.num_hidden_layers,
+            emb_drop: cfg.hidden_dropout_prob,
+            mask_token: cfg.use_mask_token,
+        };
+        let backbone = Backbone::new(shape, &dims, BlockStyle::Dinov2, &drop_rng, base.clone())?;
         let layernorm = LayerNorm::new(h, cfg.layer_norm_eps, base.pp("layernorm"))?;
         let classifier = dense(2 * h, cfg.classes().unwrap_or(0), true, std, vb.pp("classifier"))?;
-        let drop = Dropout::new(cfg.hidden_dropout_prob, &drop_rng)?;
-        Ok(Self {
-            drop_rng: random.then_some(drop_rng),
-            cfg: cfg.clone(),
-            patch_weight,
-            patch_bias,
-            cls_token,
-            position_embeddings,
-            layers,
-            layernorm,
-            classifier,
-            drop,
-        })
+        Ok(Self { drop_rng: random.then_some(drop_rng), cfg: cfg.clone(), backbone, layernorm, classifier })
     }
 }
 
 impl Network for Dinov2 {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (_, c, ih, iw) = x.dims4()?;
-        let (h, w) = self.cfg.image_size.hw();
-        if c != self.cfg.num_channels || ih != h || iw != w {
-            candle_core::bail!(
-                "dinov2 expects images [N, {}, {h}, {w}], got {:?} (resize the input, or give image_size to \
-                 from_pretrained to interpolate the position embeddings)",
-                self.cfg.num_channels,
-                x.dims()
-            );
-        }
-        let patches = embed_patches(x, &self.patch_weight, &self.patch_bias, self.cfg.patch_size.hw())?;
-        let (b, _, hidden) = patches.dims3()?;
-        let tokens = tokens(&patches, &self.cls_token, &self.position_embeddings)?;
-        let n = tokens.dim(1)?;
-        let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, hidden))?;
-        for layer in &self.layers {
-            t = layer.forward_t(&t, b, n, train)?;
-        }
-        let t = self.layernorm.forward(&t)?.reshape((b, n, hidden))?;
+        let (t, b, n) = self.backbone.forward_t(x, train)?;
+        let t = self.layernorm.forward(&t)?.reshape((b, n, ()))?;
         let cls = t.narrow(1, 0, 1)?.squeeze(1)?;
         let mean = t.narrow(1, 1, n - 1)?.mean(1)?;
         self.classifier.forward(&Tensor::cat(&[&cls, &mean], D::Minus1)?)

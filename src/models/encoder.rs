@@ -1,6 +1,7 @@
-//! The pre-norm transformer encoder layer and the patch embedding shared by the ViT and DINOv2
-//! (Hugging Face's tensor names for each), built from the fused ops: linear layers over token
-//! rows `[b·n, hidden]`, one softmax, layer norms, dropout from the seeded generator.
+//! What the ViT and DINOv2 share: the pre-norm transformer encoder layer (with Hugging Face's
+//! tensor names for each family), the patch embedding, and the backbone of embeddings and layers
+//! ([`Backbone`]); built from the fused ops: linear layers over token rows `[b·n, hidden]`, one
+//! softmax, layer norms, dropout from the seeded generator.
 
 use super::layers::{cast_as, param, Activation, Dropout, LayerNorm, Linear};
 use crate::ops::bias::add_broadcast;
@@ -195,4 +196,94 @@ pub fn embed_patches(
 pub fn tokens(patches: &Tensor, cls_token: &Tensor, position_embeddings: &Tensor) -> candle_core::Result<Tensor> {
     let cls = add_broadcast(&patches.zeros_like()?.narrow(1, 0, 1)?, &param(cls_token))?;
     add_broadcast(&Tensor::cat(&[&cls, patches], 1)?, &param(position_embeddings))
+}
+
+/// The shape of a [`Backbone`].
+#[derive(Clone, Debug)]
+pub struct BackboneShape {
+    /// The architecture's name, for error messages.
+    pub what: &'static str,
+    /// Input `(height, width)`.
+    pub image: (usize, usize),
+    /// Patch `(height, width)`.
+    pub patch: (usize, usize),
+    /// Input channels.
+    pub channels: usize,
+    /// Number of encoder layers.
+    pub layers: usize,
+    /// Dropout on the embeddings.
+    pub emb_drop: f64,
+    /// Whether the embeddings keep a (pretraining) mask token, `[1, hidden]`, zero-initialised.
+    pub mask_token: bool,
+}
+
+/// The embeddings (`[CLS]`, position embeddings, patch projection) and the encoder layers of a
+/// vision transformer, under `embeddings.` and `encoder.layer.N.` of its prefix.
+pub struct Backbone {
+    shape: BackboneShape,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    position_embeddings: Tensor,
+    layers: Vec<EncoderLayer>,
+    drop: Dropout,
+}
+
+impl Backbone {
+    /// The backbone's tensors under `vb` (weights, the `[CLS]` token and the position embeddings
+    /// normal with `dims.std`, biases 0).
+    pub fn new(
+        shape: BackboneShape,
+        dims: &BlockDims,
+        style: BlockStyle,
+        drop_rng: &HostRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let (h, normal) = (dims.hidden, Init::Randn { mean: 0.0, stdev: dims.std });
+        let ((ih, iw), (ph, pw)) = (shape.image, shape.patch);
+        let grid = (ih / ph.max(1)) * (iw / pw.max(1));
+        let emb = vb.pp("embeddings");
+        let cls_token = emb.get_with_hints((1, 1, h), "cls_token", normal)?;
+        if shape.mask_token {
+            emb.get_with_hints((1, h), "mask_token", Init::Const(0.0))?;
+        }
+        let position_embeddings = emb.get_with_hints((1, grid + 1, h), "position_embeddings", normal)?;
+        let proj = emb.pp("patch_embeddings").pp("projection");
+        let patch_weight = proj.get_with_hints((h, shape.channels, ph, pw), "weight", normal)?;
+        let patch_bias = proj.get_with_hints(h, "bias", Init::Const(0.0))?;
+        let layers = (0..shape.layers)
+            .map(|i| EncoderLayer::new(dims, style, drop_rng, vb.pp("encoder").pp("layer").pp(i.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let drop = Dropout::new(shape.emb_drop, drop_rng)?;
+        Ok(Self { shape, patch_weight, patch_bias, cls_token, position_embeddings, layers, drop })
+    }
+
+    /// Patch embeddings `[N, patches, hidden]` of images of the configured size and channels.
+    pub fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        let (ih, iw) = self.shape.image;
+        if c != self.shape.channels || h != ih || w != iw {
+            candle_core::bail!(
+                "{} expects images [N, {}, {ih}, {iw}], got {:?} (resize the input, or give image_size to \
+                 from_pretrained to interpolate the position embeddings)",
+                self.shape.what,
+                self.shape.channels,
+                x.dims()
+            );
+        }
+        embed_patches(x, &self.patch_weight, &self.patch_bias, self.shape.patch)
+    }
+
+    /// The encoder's output as token rows `[b·n, hidden]`, with `b` and `n` (`[CLS]` first).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<(Tensor, usize, usize)> {
+        let patches = self.embed_patches(x)?;
+        let (b, _, h) = patches.dims3()?;
+        let tokens = tokens(&patches, &self.cls_token, &self.position_embeddings)?;
+        let n = tokens.dim(1)?;
+        let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, h))?;
+        for layer in &self.layers {
+            t = layer.forward_t(&t, b, n, train)?;
+        }
+        Ok((t, b, n))
+    }
 }

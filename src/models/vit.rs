@@ -4,14 +4,14 @@
 //! Built from differentiable ops only: softmax and layer norm from elementary ops, dropout from
 //! the seeded generator.
 
-use super::encoder::{dense, embed_patches, tokens, BlockDims, BlockStyle, EncoderLayer};
-use super::layers::{Activation, Dropout, LayerNorm, Linear};
+use super::encoder::{dense, Backbone, BackboneShape, BlockDims, BlockStyle};
+use super::layers::{Activation, LayerNorm, Linear};
 use super::registry::ArchConfig;
 use super::Network;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -238,14 +238,9 @@ pub fn hf_label_maps(
 /// A Vision Transformer with a classification head on the `[CLS]` token.
 pub struct Vit {
     cfg: VitConfig,
-    patch_weight: Tensor,
-    patch_bias: Tensor,
-    cls_token: Tensor,
-    position_embeddings: Tensor,
-    layers: Vec<EncoderLayer>,
+    backbone: Backbone,
     layernorm: LayerNorm,
     classifier: Linear,
-    drop: Dropout,
     drop_rng: Option<HostRng>,
 }
 
@@ -256,18 +251,9 @@ impl Vit {
     pub fn build(cfg: &VitConfig, vb: VarBuilder, rng: &HostRng) -> Result<Self> {
         cfg.validate()?;
         let (h, std) = (cfg.hidden_size, cfg.initializer_range);
-        let (ph, pw) = cfg.patch_size.hw();
-        let (gh, gw) = cfg.grid()?;
         let dropout = cfg.hidden_dropout_prob > 0.0 || cfg.attention_probs_dropout_prob > 0.0;
         let drop_rng = if dropout { HostRng::new(rng.next_seed()) } else { rng.clone() };
         let vit = vb.pp("vit");
-        let emb = vit.pp("embeddings");
-        let normal = Init::Randn { mean: 0.0, stdev: std };
-        let cls_token = emb.get_with_hints((1, 1, h), "cls_token", normal)?;
-        let position_embeddings = emb.get_with_hints((1, gh * gw + 1, h), "position_embeddings", normal)?;
-        let proj = emb.pp("patch_embeddings").pp("projection");
-        let patch_weight = proj.get_with_hints((h, cfg.num_channels, ph, pw), "weight", normal)?;
-        let patch_bias = proj.get_with_hints(h, "bias", Init::Const(0.0))?;
         let dims = BlockDims {
             hidden: h,
             heads: cfg.num_attention_heads,
@@ -281,28 +267,19 @@ impl Vit {
             layerscale: 1.0,
             drop_path: 0.0,
         };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                EncoderLayer::new(&dims, BlockStyle::Vit, &drop_rng, vit.pp("encoder").pp("layer").pp(i.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let shape = BackboneShape {
+            what: "vit",
+            image: cfg.image_size.hw(),
+            patch: cfg.patch_size.hw(),
+            channels: cfg.num_channels,
+            layers: cfg.num_hidden_layers,
+            emb_drop: cfg.hidden_dropout_prob,
+            mask_token: false,
+        };
+        let backbone = Backbone::new(shape, &dims, BlockStyle::Vit, &drop_rng, vit.clone())?;
         let layernorm = LayerNorm::new(h, cfg.layer_norm_eps, vit.pp("layernorm"))?;
-        let classes = cfg.classes().unwrap_or(0);
-        let classifier = dense(h, classes, true, std, vb.pp("classifier"))?;
-        let drop = Dropout::new(cfg.hidden_dropout_prob, &drop_rng)?;
-        let drop_rng = dropout.then_some(drop_rng);
-        Ok(Self {
-            drop_rng,
-            cfg: cfg.clone(),
-            patch_weight,
-            patch_bias,
-            cls_token,
-            position_embeddings,
-            layers,
-            layernorm,
-            classifier,
-            drop,
-        })
+        let classifier = dense(h, cfg.classes().unwrap_or(0), true, std, vb.pp("classifier"))?;
+        Ok(Self { drop_rng: dropout.then_some(drop_rng), cfg: cfg.clone(), backbone, layernorm, classifier })
     }
 
     /// The configuration.
@@ -313,31 +290,14 @@ impl Vit {
     /// Patch embeddings `[N, patches, hidden]`: a convolution with stride equal to its kernel,
     /// computed as a matrix product over the unfolded patches.
     pub fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, c, h, w) = x.dims4()?;
-        let (ih, iw) = self.cfg.image_size.hw();
-        if c != self.cfg.num_channels || h != ih || w != iw {
-            candle_core::bail!(
-                "vit expects images [N, {}, {ih}, {iw}], got {:?} (resize the input, or give image_size to \
-                 from_pretrained to interpolate the position embeddings)",
-                self.cfg.num_channels,
-                x.dims()
-            );
-        }
-        embed_patches(x, &self.patch_weight, &self.patch_bias, self.cfg.patch_size.hw())
+        self.backbone.embed_patches(x)
     }
 }
 
 impl Network for Vit {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let patches = self.embed_patches(x)?;
-        let (b, _, h) = patches.dims3()?;
-        let tokens = tokens(&patches, &self.cls_token, &self.position_embeddings)?;
-        let n = tokens.dim(1)?;
-        let mut t = self.drop.forward_t(&tokens, train)?.reshape((b * n, h))?;
-        for layer in &self.layers {
-            t = layer.forward_t(&t, b, n, train)?;
-        }
-        let cls = t.reshape((b, n, h))?.narrow(1, 0, 1)?.squeeze(1)?;
+        let (t, b, n) = self.backbone.forward_t(x, train)?;
+        let cls = t.reshape((b, n, ()))?.narrow(1, 0, 1)?.squeeze(1)?;
         self.classifier.forward(&self.layernorm.forward(&cls)?)
     }
 
