@@ -19,14 +19,39 @@ fn samhost_exe() -> Result<PathBuf> {
 fn start(sweep: &Sweep, dir: &Path, p: &SweepPoint, threads: Option<usize>) -> Result<Child> {
     let pdir = Sweep::point_dir(dir, p.index);
     std::fs::create_dir_all(&pdir).with_context(|| format!("{}: cannot create", pdir.display()))?;
-    let log = std::fs::File::create(pdir.join("log.txt"))
+    let resume = resumable(&pdir.join("runs"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resume.is_some())
+        .truncate(resume.is_none())
+        .open(pdir.join("log.txt"))
         .with_context(|| format!("{}: cannot write log.txt", pdir.display()))?;
+    let mut args = sweep.run_command(p, &pdir.join("runs"));
+    if let Some(run) = &resume {
+        args.extend(["--resume".to_string(), run.display().to_string()]);
+    }
     let mut cmd = Command::new(samhost_exe()?);
-    cmd.args(sweep.run_command(p, &pdir.join("runs"))).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     if let (Some(n), None) = (threads, std::env::var_os("RAYON_NUM_THREADS")) {
         cmd.env("RAYON_NUM_THREADS", n.to_string());
     }
     cmd.spawn().with_context(|| format!("point {} ({}): cannot start samhost run", p.index, p.label()))
+}
+
+/// The point's run to continue: its newest run folder when that did not finish and has a
+/// checkpoint (a Slurm task requeued after preemption, or a point rerun with `--task`).
+fn resumable(runs: &Path) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(runs).ok()?.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    let run = dirs.pop()?;
+    let status = std::fs::read_to_string(run.join("summary.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["status"].as_str().map(str::to_string));
+    let has_checkpoint = std::fs::read_dir(run.join("checkpoints")).is_ok_and(|mut d| d.next().is_some());
+    (status.as_deref() != Some("finished") && has_checkpoint).then_some(run)
 }
 
 /// Notes how point `index`'s run ended (`points/NNN/exit.json`: its exit code), so a run that

@@ -169,3 +169,26 @@ fn a_point_killed_before_its_summary_is_reported_failed_not_running() {
     let text = std::fs::read_to_string(dir.join("sweep.sbatch")).unwrap();
     assert!(text.contains("/points/%3a/slurm-%A_%a.out\""), "Slurm output in each point's folder: {text}");
 }
+
+#[test]
+fn a_task_whose_run_stopped_with_a_checkpoint_resumes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "train.rhai", crate::runs::TRAIN);
+    let o = run_in(tmp.path(), &["sweep", "train.rhai", "--grid", "epochs=2", "--slurm", "--runs-dir", "out"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = sweep_dir(&tmp.path().join("out"));
+    let task = |_: ()| run_in(tmp.path(), &["sweep", "--task", "0", "--dir", dir.to_str().unwrap()]);
+    assert!(task(()).status.success());
+    let runs = dir.join("points/000/runs");
+    let run = std::fs::read_dir(&runs).unwrap().flatten().next().unwrap().path();
+    // As if preempted after its checkpoint: the requeued task continues that run, no new folder.
+    let summary = run.join("summary.json");
+    let text = std::fs::read_to_string(&summary).unwrap().replace("\"finished\"", "\"interrupted\"");
+    std::fs::write(&summary, text).unwrap();
+    let o = task(());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 1, "the same run folder");
+    let config = json(&run.join("config.json"));
+    assert!(config["resumed"].as_array().is_some_and(|r| !r.is_empty()), "recorded as resumed: {config}");
+    assert!(std::fs::read_to_string(&summary).unwrap().contains("\"finished\""));
+}
