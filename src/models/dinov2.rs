@@ -7,9 +7,10 @@
 //! samhost saves loads in Python.
 
 use super::encoder::{dense, Backbone, BackboneShape, BlockDims, BlockStyle};
+use super::hf_config::{check_encoder, head_size, hf_json, hf_label_maps, patch_grid, set_head_size, EncoderSizes};
 use super::layers::{Activation, LayerNorm, Linear};
 use super::registry::ArchConfig;
-use super::vit::{hf_label_maps, patch_grid, Size2, KNOWN_HF_KEYS};
+use super::vit::{Size2, KNOWN_HF_KEYS};
 use super::Network;
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
@@ -120,19 +121,12 @@ impl Default for Dinov2Config {
 impl Dinov2Config {
     /// The head size: the number of `id2label` entries, else `num_labels`.
     pub fn classes(&self) -> Option<usize> {
-        match &self.id2label {
-            Some(m) if !m.is_empty() => Some(m.len()),
-            _ => self.num_labels,
-        }
+        head_size(&self.id2label, self.num_labels)
     }
 
     /// Sets the head size; labels that no longer fit are dropped.
     pub fn set_classes(&mut self, n: usize) {
-        if self.classes() != Some(n) {
-            self.id2label = None;
-            self.label2id = None;
-        }
-        self.num_labels = Some(n);
+        set_head_size(n, &mut self.num_labels, &mut self.id2label, &mut self.label2id)
     }
 
     /// The MLP width, `int(hidden_size · mlp_ratio)` as transformers.
@@ -162,54 +156,32 @@ impl Dinov2Config {
 
     /// Rejects configurations that build nothing.
     pub fn validate(&self) -> Result<()> {
-        let heads = self.num_attention_heads;
-        if self.hidden_size == 0 || heads == 0 || !self.hidden_size.is_multiple_of(heads) {
-            bail!(
-                "dinov2: hidden_size {} must be a positive multiple of num_attention_heads {heads}",
-                self.hidden_size
-            );
-        }
-        if self.num_hidden_layers == 0 || self.intermediate_size() == 0 || self.num_channels == 0 {
-            bail!("dinov2: num_hidden_layers, hidden_size·mlp_ratio and num_channels must be > 0");
-        }
         if self.use_swiglu_ffn {
             bail!("dinov2: use_swiglu_ffn (the SwiGLU MLP of dinov2-giant) is not supported; the small, base and large models are");
         }
-        for (name, p) in [
-            ("hidden_dropout_prob", self.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
-            ("drop_path_rate", self.drop_path_rate),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                bail!("dinov2: {name} must be in [0, 1), got {p}");
-            }
-        }
-        match self.classes() {
-            Some(0) | None => bail!("dinov2: the classification head needs num_labels (or id2label) > 0"),
-            Some(_) => {}
-        }
-        Activation::from_name(&self.hidden_act)?;
+        check_encoder(&EncoderSizes {
+            what: "dinov2",
+            hidden: self.hidden_size,
+            heads: self.num_attention_heads,
+            layers: self.num_hidden_layers,
+            intermediate: (self.intermediate_size(), "hidden_size·mlp_ratio"),
+            channels: self.num_channels,
+            probabilities: &[
+                ("hidden_dropout_prob", self.hidden_dropout_prob),
+                ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+                ("drop_path_rate", self.drop_path_rate),
+            ],
+            classes: self.classes(),
+            act: &self.hidden_act,
+        })?;
         self.grid().map(|_| ())
     }
 
     /// The configuration as transformers writes it for `Dinov2ForImageClassification`.
     pub fn to_hf_json(&self) -> Value {
         let mut cfg = self.clone();
-        let (id2label, label2id) = hf_label_maps(cfg.classes().unwrap_or(0), cfg.id2label.take(), cfg.label2id.take());
-        cfg.num_labels = None;
-        for k in ["model_type", "architectures", "dtype"] {
-            cfg.extra.remove(k);
-        }
-        let mut v = match serde_json::to_value(&cfg) {
-            Ok(Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
-        v.insert("architectures".into(), serde_json::json!(["Dinov2ForImageClassification"]));
-        v.insert("model_type".into(), "dinov2".into());
-        v.insert("torch_dtype".into(), "float32".into());
-        v.insert("id2label".into(), serde_json::to_value(id2label).unwrap_or_default());
-        v.insert("label2id".into(), serde_json::to_value(label2id).unwrap_or_default());
-        Value::Object(v)
+        let labels = hf_label_maps(cfg.classes().unwrap_or(0), cfg.id2label.take(), cfg.label2id.take());
+        hf_json(&cfg, "Dinov2ForImageClassification", "dinov2", labels)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod cnn;
 pub mod compose;
 pub mod dinov2;
 pub mod encoder;
+pub mod hf_config;
 pub mod init;
 pub mod layers;
 pub mod mlp;

@@ -5,6 +5,8 @@
 //! the seeded generator.
 
 use super::encoder::{dense, Backbone, BackboneShape, BlockDims, BlockStyle};
+use super::hf_config::{check_encoder, head_size, hf_json, set_head_size, EncoderSizes};
+pub use super::hf_config::{hf_label_maps, patch_grid};
 use super::layers::{Activation, LayerNorm, Linear};
 use super::registry::ArchConfig;
 use super::Network;
@@ -128,19 +130,12 @@ impl Default for VitConfig {
 impl VitConfig {
     /// The head size: the number of `id2label` entries, else `num_labels`.
     pub fn classes(&self) -> Option<usize> {
-        match &self.id2label {
-            Some(m) if !m.is_empty() => Some(m.len()),
-            _ => self.num_labels,
-        }
+        head_size(&self.id2label, self.num_labels)
     }
 
     /// Sets the head size; labels that no longer fit are dropped (renamed `LABEL_i` on save).
     pub fn set_classes(&mut self, n: usize) {
-        if self.classes() != Some(n) {
-            self.id2label = None;
-            self.label2id = None;
-        }
-        self.num_labels = Some(n);
+        set_head_size(n, &mut self.num_labels, &mut self.id2label, &mut self.label2id)
     }
 
     /// The patch grid `(rows, columns)`.
@@ -163,76 +158,29 @@ impl VitConfig {
 
     /// Rejects configurations that build nothing.
     pub fn validate(&self) -> Result<()> {
-        let heads = self.num_attention_heads;
-        if self.hidden_size == 0 || heads == 0 || !self.hidden_size.is_multiple_of(heads) {
-            bail!("vit: hidden_size {} must be a positive multiple of num_attention_heads {heads}", self.hidden_size);
-        }
-        if self.num_hidden_layers == 0 || self.intermediate_size == 0 || self.num_channels == 0 {
-            bail!("vit: num_hidden_layers, intermediate_size and num_channels must be > 0");
-        }
-        for (name, p) in [
-            ("hidden_dropout_prob", self.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                bail!("vit: {name} must be in [0, 1), got {p}");
-            }
-        }
-        match self.classes() {
-            Some(0) | None => bail!("vit: the classification head needs num_labels (or id2label) > 0"),
-            Some(_) => {}
-        }
-        Activation::from_name(&self.hidden_act)?;
+        check_encoder(&EncoderSizes {
+            what: "vit",
+            hidden: self.hidden_size,
+            heads: self.num_attention_heads,
+            layers: self.num_hidden_layers,
+            intermediate: (self.intermediate_size, "intermediate_size"),
+            channels: self.num_channels,
+            probabilities: &[
+                ("hidden_dropout_prob", self.hidden_dropout_prob),
+                ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+            ],
+            classes: self.classes(),
+            act: &self.hidden_act,
+        })?;
         self.grid().map(|_| ())
     }
 
     /// The configuration as Hugging Face writes it for `ViTForImageClassification`.
     pub fn to_hf_json(&self) -> Value {
         let mut cfg = self.clone();
-        let (id2label, label2id) = hf_label_maps(cfg.classes().unwrap_or(0), cfg.id2label.take(), cfg.label2id.take());
-        cfg.num_labels = None;
-        cfg.extra.remove("model_type");
-        cfg.extra.remove("architectures");
-        cfg.extra.remove("dtype");
-        let mut v = match serde_json::to_value(&cfg) {
-            Ok(Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
-        v.insert("architectures".into(), serde_json::json!(["ViTForImageClassification"]));
-        v.insert("model_type".into(), "vit".into());
-        v.insert("torch_dtype".into(), "float32".into());
-        v.insert("id2label".into(), serde_json::to_value(id2label).unwrap_or_default());
-        v.insert("label2id".into(), serde_json::to_value(label2id).unwrap_or_default());
-        Value::Object(v)
+        let labels = hf_label_maps(cfg.classes().unwrap_or(0), cfg.id2label.take(), cfg.label2id.take());
+        hf_json(&cfg, "ViTForImageClassification", "vit", labels)
     }
-}
-
-/// The patch grid `(rows, columns)` of `image` in patches of `patch`.
-pub fn patch_grid(what: &str, image: Size2, patch: Size2) -> Result<(usize, usize)> {
-    let (h, w) = image.hw();
-    let (ph, pw) = patch.hw();
-    if ph == 0 || pw == 0 || h == 0 || w == 0 || h % ph != 0 || w % pw != 0 {
-        bail!("{what}: image_size {h}x{w} is not a whole number of {ph}x{pw} patches");
-    }
-    Ok((h / ph, w / pw))
-}
-
-/// The `id2label` and `label2id` maps of a head of `n` classes: the given ones when they have
-/// `n` entries, else `LABEL_i` names, as transformers writes them.
-pub fn hf_label_maps(
-    n: usize,
-    id2label: Option<BTreeMap<String, String>>,
-    label2id: Option<BTreeMap<String, Value>>,
-) -> (BTreeMap<String, String>, BTreeMap<String, Value>) {
-    let id2label = match id2label {
-        Some(m) if m.len() == n => m,
-        _ => (0..n).map(|i| (i.to_string(), format!("LABEL_{i}"))).collect(),
-    };
-    let label2id = match label2id {
-        Some(m) if m.len() == n => m,
-        _ => id2label.iter().map(|(i, l)| (l.clone(), Value::from(i.parse::<u64>().unwrap_or(0)))).collect(),
-    };
-    (id2label, label2id)
 }
 
 /// A Vision Transformer with a classification head on the `[CLS]` token.

@@ -342,28 +342,25 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         "Dimensions start_dim.. flattened into one (torch.flatten(t, start_dim)): flatten(h, 1) keeps the batch.",
         |t: Tensor, d: INT| op("flatten", t.flatten_from(dim_index(t.rank(), d)?))
     );
+    let pool = |kind: crate::models::compose::pool::PoolKind, name: &'static str| {
+        move |t: Tensor, k: INT| -> Res<Tensor> {
+            let k = super::convert::to_usize(&format!("{name} kernel_size"), k)?.max(1);
+            op(name, crate::models::compose::pool::pool2d(&t, kind, k, k, 0))
+        }
+    };
     api!(
         engine,
         "max_pool2d",
         "t: Tensor, kernel_size: int -> Tensor",
         "Max-pooling of images [N, C, H, W] over k x k windows with stride k (F.max_pool2d(t, k)); 2 runs the fused CPU op.",
-        |t: Tensor, k: INT| {
-            let k = super::convert::to_usize("max_pool2d kernel_size", k)?.max(1);
-            op("max_pool2d", crate::models::compose::pool::pool2d(&t, crate::models::compose::pool::PoolKind::Max, k, k, 0))
-        }
+        pool(crate::models::compose::pool::PoolKind::Max, "max_pool2d")
     );
     api!(
         engine,
         "avg_pool2d",
         "t: Tensor, kernel_size: int -> Tensor",
         "Average pooling of images [N, C, H, W] over k x k windows with stride k (F.avg_pool2d(t, k)).",
-        |t: Tensor, k: INT| {
-            let k = super::convert::to_usize("avg_pool2d kernel_size", k)?.max(1);
-            op(
-                "avg_pool2d",
-                crate::models::compose::pool::pool2d(&t, crate::models::compose::pool::PoolKind::Avg, k, k, 0),
-            )
-        }
+        pool(crate::models::compose::pool::PoolKind::Avg, "avg_pool2d")
     );
     api!(
         engine,
