@@ -9,7 +9,7 @@
 # run time.
 #
 # Usage: scripts/cuda_build.sh [--tests] [--archs "80 90"]
-#   Runs `cargo build --release --features cuda` into target/cuda for each compute capability in
+#   Runs `cargo build --release --features cuda,nccl` into target/cuda for each compute capability in
 #   turn (default 80, Ampere, then 90, Hopper); the last one's build stays. --tests also builds
 #   the test and bench binaries for it (what scripts/device_check.sh runs on a GPU machine).
 #   On success it writes .ci/cuda-stamp, the hash of the files that decide whether the CUDA build
@@ -29,6 +29,7 @@ wheels=(
   nvidia-nvvm==13.0.88
   nvidia-curand==10.4.0.35
   nvidia-cublas==13.0.0.19
+  nvidia-nccl-cu13==2.32.3
 )
 
 default_archs="80 90"
@@ -61,7 +62,7 @@ install_toolkit() {
   rm -rf "$tmp"
   chmod +x "$toolkit"/bin/* "$toolkit"/nvvm/bin/*
   # The wheels ship versioned libraries only; the linker looks for the plain names.
-  for lib in "$toolkit"/lib/lib*.so.*; do
+  for lib in "$toolkit"/lib/lib*.so.* "$cache"/nvidia/nccl/lib/lib*.so.*; do
     local plain="${lib%%.so.*}.so"
     [ -e "$plain" ] || ln -s "$(basename "$lib")" "$plain"
   done
@@ -76,7 +77,7 @@ install_toolkit() {
 install_toolkit
 export CUDA_HOME="$toolkit"
 export PATH="$toolkit/bin:$PATH"
-export LIBRARY_PATH="$toolkit/lib:$toolkit/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export LIBRARY_PATH="$toolkit/lib:$toolkit/lib/stubs:$cache/nvidia/nccl/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 if [ "$env_only" = 1 ]; then
   return 0 2>/dev/null || exit 0
 fi
@@ -86,8 +87,8 @@ cd "$repo"
 # and the crates above them only. The last architecture's build is the one left in target/cuda.
 last="${archs##* }"
 for arch in $archs; do
-  echo "cuda_build: cargo build --release --features cuda for sm_$arch" >&2
-  CUDA_COMPUTE_CAP="$arch" cargo build --release --features cuda --target-dir target/cuda
+  echo "cuda_build: cargo build --release --features cuda,nccl for sm_$arch" >&2
+  CUDA_COMPUTE_CAP="$arch" cargo build --release --features cuda,nccl --target-dir target/cuda
 done
 if [ "$build_tests" = 1 ]; then
   echo "cuda_build: test and bench binaries for sm_$last" >&2

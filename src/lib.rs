@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod diagnostics;
 pub mod fsutil;
 pub mod hub;

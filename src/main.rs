@@ -41,6 +41,7 @@ fn plot(a: samhost::cli::PlotArgs) -> runner::Outcome {
 
 fn main() -> ExitCode {
     samhost::runtime::tune();
+    samhost::dist::share_cores();
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(a) => runner::run(SessionOptions {
@@ -99,8 +100,13 @@ fn main() -> ExitCode {
             Err(e) => runner::Outcome { code: 1, reports: vec![format!("error: {e:#}")] },
         },
     };
+    let rank = samhost::dist::world().rank();
     for r in &outcome.reports {
-        eprintln!("{r}");
+        match rank {
+            0 => eprintln!("{r}"),
+            _ => eprintln!("[rank {rank}] {r}"),
+        }
     }
+    samhost::dist::finish(outcome.code);
     ExitCode::from(outcome.code.clamp(0, 255) as u8)
 }

@@ -81,6 +81,8 @@ pub struct Batches {
     seed: u64,
     epoch: u64,
     device: Device,
+    /// This rank's share of each batch: (rank, ranks).
+    shard: (usize, usize),
 }
 
 impl Batches {
@@ -92,7 +94,7 @@ impl Batches {
         if let Some(&i) = order.iter().find(|&&i| i >= ds.len()) {
             bail!("batches: index {i} out of range for {} examples", ds.len());
         }
-        Ok(Self { ds, order: Arc::new(order), size, drop_last, seed: 0, epoch: 0, device })
+        Ok(Self { ds, order: Arc::new(order), size, drop_last, seed: 0, epoch: 0, device, shard: (0, 1) })
     }
 
     /// Epoch `epoch` of `ds`: the order (shuffled or not) and the transforms seeded by
@@ -120,10 +122,40 @@ impl Batches {
         }
     }
 
-    /// The dataset positions of batch `k`, in order.
-    pub fn positions(&self, k: usize) -> &[usize] {
+    /// Rank `rank` of `ranks`'s share of every batch: of a batch of `n` examples (in the order of
+    /// one process), the rows `rank·n/ranks .. (rank+1)·n/ranks`. Fails when a batch (the last,
+    /// with `drop_last: false`) has fewer examples than there are ranks.
+    pub fn sharded(self, rank: usize, ranks: usize) -> Result<Self> {
+        if let Some(k) = (0..self.num_batches()).find(|&k| ranks > 1 && self.global_positions(k).len() < ranks) {
+            bail!(
+                "batches: batch {k} has {} examples for {ranks} ranks: every rank needs at least one (use drop_last: true, or a batch size that divides the {} examples)",
+                self.global_positions(k).len(),
+                self.order.len()
+            );
+        }
+        self.shares(rank, ranks)
+    }
+
+    /// [`Batches::sharded`] where a rank's share of a small batch may be empty (evaluation).
+    pub fn shares(self, rank: usize, ranks: usize) -> Result<Self> {
+        if rank >= ranks.max(1) {
+            bail!("batches: rank {rank} of {ranks}");
+        }
+        Ok(Self { shard: (rank, ranks.max(1)), ..self })
+    }
+
+    /// The dataset positions of batch `k` over all ranks, in order.
+    fn global_positions(&self, k: usize) -> &[usize] {
         let start = (k * self.size).min(self.order.len());
         &self.order[start..(start + self.size).min(self.order.len())]
+    }
+
+    /// The dataset positions of batch `k` (this rank's share of it, with several ranks), in order.
+    pub fn positions(&self, k: usize) -> &[usize] {
+        let all = self.global_positions(k);
+        let (r, ranks) = self.shard;
+        let n = all.len();
+        &all[r * n / ranks..(r + 1) * n / ranks]
     }
 
     /// Assembles batch `k` (`k < num_batches()`) in host memory.
@@ -219,6 +251,21 @@ impl IntoIterator for Batches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_share_each_batch_in_order() {
+        let cfg = crate::data::synthetic::SyntheticConfig { n: 10, shape: [1, 2, 2], ..Default::default() };
+        let ds = crate::data::synthetic::synthetic(&cfg).unwrap();
+        let all = Batches::new(ds.clone(), (0..10).collect(), 4, false, Device::Cpu).unwrap();
+        let shards: Vec<Batches> = (0..2).map(|r| all.clone().sharded(r, 2).unwrap()).collect();
+        for k in 0..all.num_batches() {
+            let joined: Vec<usize> = shards.iter().flat_map(|s| s.positions(k).to_vec()).collect();
+            assert_eq!(joined, all.positions(k), "batch {k}");
+        }
+        assert_eq!(shards[1].positions(2), &[9]);
+        let e = all.clone().sharded(0, 3).err().unwrap().to_string();
+        assert!(e.contains("batch 2 has 2 examples for 3 ranks"), "{e}");
+    }
 
     #[test]
     fn order_is_a_permutation_that_changes_by_epoch() {

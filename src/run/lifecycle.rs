@@ -100,6 +100,14 @@ impl Run {
             opts.seed = n;
             opts.seed_given = true;
         }
+        // Several ranks: rank 0 speaks and writes; each rank on a machine takes its own GPU.
+        let topo = crate::dist::topology();
+        if topo.size > 1 {
+            opts.quiet |= topo.rank != 0;
+            if opts.device.trim().eq_ignore_ascii_case("cuda") {
+                opts.device = format!("cuda:{}", topo.local_rank);
+            }
+        }
         let runs_dir = opts.runs_dir.clone();
         let mode = ProgressMode::detect(opts.quiet, opts.progress_every);
         let mut info = RunInfo {
@@ -112,6 +120,7 @@ impl Run {
             command_line: opts.command_line.clone(),
         };
         let session = Rc::new(Session::new(opts)?);
+        crate::dist::start(session.device())?;
         info.device = crate::device::device_name(session.device());
         Ok(Self { session, script, resume_dir, runs_dir, info, mode, seed_note })
     }
@@ -129,8 +138,10 @@ impl Run {
     /// The first line of a run: version, script, device, dtype and seed (and where the seed came from).
     pub fn banner(&self) -> String {
         let s = &self.session;
+        let w = crate::dist::world();
+        let ranks = if w.size() > 1 { format!(" x {} ranks ({})", w.size(), w.backend()) } else { String::new() };
         format!(
-            "samhost {}: {} on {}, {}, seed {}{}",
+            "samhost {}: {} on {}{ranks}, {}, seed {}{}",
             env!("CARGO_PKG_VERSION"),
             self.script.display(),
             s.device_choice.describe(),
@@ -145,6 +156,9 @@ impl Run {
     /// script and `imported` (the modules it imports) into it; without either, the run keeps
     /// its records in memory. Ctrl-C, SIGTERM and SIGHUP are handled from here on.
     pub fn open(&mut self, text: &str, imported: &[PathBuf]) -> Result<()> {
+        if !crate::dist::is_leader() {
+            return self.follow();
+        }
         let s = &self.session;
         let info = self.info.clone();
         let record = match (self.resume_dir.take(), &self.runs_dir) {
@@ -175,9 +189,26 @@ impl Run {
             }
             (None, None) => None,
         };
+        if crate::dist::is_parallel() {
+            // The other ranks learn where the run's records are.
+            let path = record.as_ref().and_then(|r| r.dir()).map(|d| d.path().display().to_string());
+            crate::dist::broadcast_text(&path.unwrap_or_default())?;
+        }
         if let Some(record) = record {
             *s.record()? = record;
         }
+        super::signals::install(s.interrupted.clone());
+        Ok(())
+    }
+
+    /// [`Run::open`] on a rank other than 0: the run folder is rank 0's (its path comes from
+    /// rank 0); this rank reads its checkpoints when resuming and writes nothing.
+    fn follow(&mut self) -> Result<()> {
+        let s = &self.session;
+        let path = crate::dist::broadcast_text("")?;
+        let shared = if path.is_empty() { None } else { Some(RunDir::open(Path::new(&path))?) };
+        let resuming = self.resume_dir.take().is_some();
+        *s.record()? = RunRecord::follower(shared, resuming, self.mode)?;
         super::signals::install(s.interrupted.clone());
         Ok(())
     }
@@ -237,9 +268,11 @@ impl Run {
 }
 
 /// Before an optimizer step: after Ctrl-C the run stops here, with nothing of the step done
-/// (the error is [`Interrupted`]).
+/// (the error is [`Interrupted`]). With several ranks, a signal to any of them stops them all
+/// here, before the same step.
 pub fn begin_step(session: &Session) -> Result<()> {
-    if session.interrupt_pending() {
+    // With several ranks, all stop before the same step when any of them was signalled.
+    if crate::dist::any(session.interrupt_pending())? {
         return Err(Interrupted.into());
     }
     Ok(())

@@ -50,6 +50,26 @@ impl MetricLog {
         path.parent().unwrap_or(Path::new(".")).join("tb")
     }
 
+    /// The first `keep` records of the log at `path`, continued in memory only (the log of a
+    /// rank other than 0, which reads rank 0's file and never writes).
+    pub fn detached_from(path: &Path, keep: usize) -> Result<Self> {
+        let mut records = if path.exists() { read_records(path)? } else { Vec::new() };
+        records.truncate(keep);
+        let mut log = Self::default();
+        log.continue_after(records);
+        Ok(log)
+    }
+
+    /// Takes `records` as the log so far: counters and wall time continue from the last one.
+    fn continue_after(&mut self, records: Vec<Value>) {
+        if let Some(last) = records.last() {
+            self.step = last.get("step").and_then(Value::as_u64).unwrap_or(0);
+            self.epoch = last.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+            self.offset = last.get("time").and_then(Value::as_f64).unwrap_or(0.0);
+        }
+        self.records = records;
+    }
+
     /// The log of a resumed run: the first `keep` records of `path` are kept (all when `None`),
     /// later ones are dropped from the file (they will be recomputed), and new records are
     /// appended. Counters and wall time continue from the last record kept.
@@ -69,12 +89,7 @@ impl MetricLog {
         }
         let mut log = Self::open(path)?;
         log.tb = Some(super::tensorboard::rewrite(&Self::tb_dir(path), &records)?);
-        if let Some(last) = records.last() {
-            log.step = last.get("step").and_then(Value::as_u64).unwrap_or(0);
-            log.epoch = last.get("epoch").and_then(Value::as_u64).unwrap_or(0);
-            log.offset = last.get("time").and_then(Value::as_f64).unwrap_or(0.0);
-        }
-        log.records = records;
+        log.continue_after(records);
         Ok(log)
     }
 

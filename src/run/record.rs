@@ -62,6 +62,8 @@ pub struct ResumePoint {
 /// Everything a run records (see the module documentation).
 pub struct RunRecord {
     dir: Option<RunDir>,
+    /// On a rank other than 0: rank 0's run folder, read (checkpoints to resume from), never written.
+    shared: Option<RunDir>,
     info: RunInfo,
     /// The metric log (`log(tag, map)`).
     pub metrics: MetricLog,
@@ -84,6 +86,7 @@ impl RunRecord {
     pub fn detached(mode: ProgressMode) -> Self {
         Self {
             dir: None,
+            shared: None,
             info: RunInfo::default(),
             metrics: MetricLog::default(),
             progress: Progress::new(mode),
@@ -124,14 +127,35 @@ impl RunRecord {
         Ok(r)
     }
 
-    /// The run folder, if the run has one.
+    /// The record of a rank other than 0 of a data-parallel run: metrics in memory only, nothing
+    /// written; `shared` (rank 0's run folder) is where `resume` reads the checkpoints of a
+    /// `--resume` run, so every rank continues from the same one.
+    pub fn follower(shared: Option<RunDir>, resuming: bool, mode: ProgressMode) -> Result<Self> {
+        let mut r = Self { shared, ..Self::detached(mode) };
+        if resuming {
+            let newest = r.newest_checkpoint()?;
+            // The metric log continues where rank 0's does, so checkpoints record the same count.
+            if let (Some(c), Some(d)) = (&newest, &r.shared) {
+                r.metrics = MetricLog::detached_from(&d.metrics_file(), c.state.metrics_records)?;
+            }
+            r.resuming = true;
+        }
+        Ok(r)
+    }
+
+    /// The run folder, if the run has one (rank 0's, on rank 0 only).
     pub fn dir(&self) -> Option<&RunDir> {
         self.dir.as_ref()
     }
 
+    /// The run folder this record reads: its own, or rank 0's on another rank.
+    fn read_dir(&self) -> Option<&RunDir> {
+        self.dir.as_ref().or(self.shared.as_ref())
+    }
+
     /// The newest checkpoint of the run folder (what `--resume` continues from).
     pub fn newest_checkpoint(&self) -> Result<Option<Checkpoint>> {
-        match &self.dir {
+        match self.read_dir() {
             Some(d) => checkpoint::latest(&d.checkpoints(), None),
             None => Ok(None),
         }
@@ -239,7 +263,7 @@ impl RunRecord {
     }
 
     fn checkpoints_dir(&self) -> Result<PathBuf> {
-        match &self.dir {
+        match self.read_dir() {
             Some(d) => Ok(d.checkpoints()),
             None => anyhow::bail!("this session has no run folder (run the script with `samhost run`)"),
         }
@@ -297,7 +321,8 @@ impl RunRecord {
         let dir = self.checkpoints_dir()?;
         self.train = Some(train.clone());
         let state = self.state(name, epoch, 0, rng, user.clone())?;
-        let path = checkpoint::save(&dir, &train, state, keep)?;
+        // Another rank's state is rank 0's (every rank steps alike): rank 0 alone writes it.
+        let path = if self.dir.is_none() && self.shared.is_some() { dir } else { checkpoint::save(&dir, &train, state, keep)? };
         self.save_point = Some(SavePoint { name: name.to_string(), epoch, step: self.steps, user });
         Ok(path)
     }

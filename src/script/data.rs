@@ -37,7 +37,10 @@ fn epoch_batches(s: &Session, ds: &Dataset, size: INT, bo: &BatchOptions) -> Res
     let seed = bo.seed.unwrap_or_else(|| s.rng.next_seed());
     let epoch = bo.epoch.unwrap_or_else(|| ds.next_epoch());
     let size = to_usize("batch size", size)?;
-    let batches = op("batches", Batches::epoch(ds, size, bo, seed, epoch, s.device()))?;
+    // With several ranks, each takes its share of every batch (the same batches on every rank).
+    let w = crate::dist::world();
+    let batches =
+        op("batches", Batches::epoch(ds, size, bo, seed, epoch, s.device()).and_then(|b| b.sharded(w.rank(), w.size())))?;
     // The progress display learns the epoch's length from the iterator the loop will run over.
     if let Ok(mut r) = s.run.try_borrow_mut() {
         r.progress.begin_epoch(batches.num_batches());

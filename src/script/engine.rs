@@ -23,6 +23,7 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
     super::forward_model::register(&mut engine, session);
     super::hub::register(&mut engine, session);
     super::optim::register(&mut engine);
+    super::dist::register(&mut engine);
     super::train::register(&mut engine, session);
     super::data::register(&mut engine, session);
     crate::script::runlog::register(&mut engine, session);
@@ -31,7 +32,10 @@ pub fn build_engine(session: &Rc<Session>) -> Engine {
 
     let s = session.clone();
     // The script's own output: --quiet silences the host's messages, not this.
+    // With several ranks, rank 0 prints for all.
+    let leader = crate::dist::is_leader();
     engine.on_print(move |text| match s.run.try_borrow() {
+        _ if !leader => {}
         Ok(r) => r.progress.suspend(|| println!("{text}")),
         Err(_) => println!("{text}"),
     });

@@ -10,6 +10,7 @@ pub mod config;
 pub mod convert;
 pub mod data;
 pub mod diagnostics;
+pub mod dist;
 pub mod engine;
 pub mod forward_model;
 pub mod hub;

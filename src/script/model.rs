@@ -295,8 +295,8 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
             Ok(())
         });
     api!(engine, "save", "m: Model, path: String",
-        "Saves the weights: `x.safetensors` writes that file; any other path is a folder that gets `model.safetensors` (Hugging Face tensor names) and `config.json`. Atomic writes.",
-        |m: &mut Model, path: &str| op("save", save_model(m, path)));
+        "Saves the weights: `x.safetensors` writes that file; any other path is a folder that gets `model.safetensors` (Hugging Face tensor names) and `config.json`. Atomic writes. Under several ranks rank 0 writes (every rank holds the same weights).",
+        |m: &mut Model, path: &str| if crate::dist::is_leader() { op("save", save_model(m, path)) } else { Ok(()) });
     api!(engine, "load", "m: Model, path: String",
         "Restores the weights from a safetensors file or a folder written by `save`; every tensor must be present with the same shape.",
         |m: &mut Model, path: &str| op("load", load_model(m, path)));

@@ -114,8 +114,11 @@ pub fn register(engine: &mut Engine) {
             op("step", write(o)?.step_set(&m, &g))
         });
     api!(engine, "save", "opt: Optimizer, path: String",
-        "Writes the optimizer state (momentum buffers or Adam moments, step count, lr) to a safetensors file, atomically.",
+        "Writes the optimizer state (momentum buffers or Adam moments, step count, lr) to a safetensors file, atomically (under several ranks, rank 0 writes).",
         |o: &mut Optim, path: &str| -> Res<()> {
+            if !crate::dist::is_leader() {
+                return Ok(());
+            }
             let state = op("save", read(o)?.state())?;
             op("save", crate::models::params::save_safetensors(Path::new(path), &state))
         });

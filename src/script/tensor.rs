@@ -537,7 +537,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         engine,
         "save_tensors",
         "path: String, tensors: Map",
-        "Writes a map of name -> Tensor to a safetensors file (atomically: temporary file, then rename).",
-        |path: &str, map: Map| save_tensor_map(path, &map)
+        "Writes a map of name -> Tensor to a safetensors file (atomically: temporary file, then rename). Under several ranks rank 0 writes.",
+        |path: &str, map: Map| if crate::dist::is_leader() { save_tensor_map(path, &map) } else { Ok(()) }
     );
 }

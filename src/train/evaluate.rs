@@ -44,39 +44,46 @@ pub fn evaluate(model: &Model, ds: &Dataset, batch_size: usize, device: &Device,
         plain = ds.without_augmentation()?;
         &plain
     };
+    // With several ranks, each evaluates its share of every batch and the counts are summed.
     let order = epoch_order(ds.len(), false, 0, 0);
-    let batches = Batches::new(ds.clone(), order, batch_size, false, device.clone())?;
-    let (mut loss_sum, mut pos) = (0.0, 0usize);
-    let (mut hit, mut hit_clean, mut clean_n, mut clean_hit, mut noisy_n, mut fit, mut recovered) =
-        (0usize, 0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
-    for batch in batches {
+    let w = crate::dist::world();
+    let plan = Batches::new(ds.clone(), order, batch_size, false, device.clone())?.shares(w.rank(), w.size())?;
+    // loss sum, examples, hits, clean hits, clean examples, clean-part hits, noisy examples, fit, recovered
+    let mut c = [0f64; 9];
+    for (k, batch) in plan.clone().into_iter().enumerate() {
+        let positions = plan.positions(k);
+        if positions.is_empty() {
+            continue;
+        }
         let batch = batch?;
         let n = batch.len();
         let logits = model.forward_t(&batch.images, false)?;
-        loss_sum += cross_entropy(&logits, &batch.labels, 0.0)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+        c[0] += cross_entropy(&logits, &batch.labels, 0.0)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+        c[1] += n as f64;
         let pred = logits.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
-        for (j, &p) in pred.iter().enumerate() {
-            let (y, c) = (ds.label(pos + j), ds.clean_label(pos + j));
-            hit += (p == y) as usize;
-            hit_clean += (p == c) as usize;
-            if y == c {
-                clean_n += 1;
-                clean_hit += (p == c) as usize;
+        for (&p, &i) in pred.iter().zip(positions) {
+            let (y, clean) = (ds.label(i), ds.clean_label(i));
+            let hit = |a: u32| (p == a) as u8 as f64;
+            c[2] += hit(y);
+            c[3] += hit(clean);
+            if y == clean {
+                c[4] += 1.0;
+                c[5] += hit(clean);
             } else {
-                noisy_n += 1;
-                fit += (p == y) as usize;
-                recovered += (p == c) as usize;
+                c[6] += 1.0;
+                c[7] += hit(y);
+                c[8] += hit(clean);
             }
         }
-        pos += n;
     }
-    let total = pos as f64;
-    let share = |a: usize, b: usize| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
+    crate::dist::sum(&mut c)?;
+    let [loss_sum, total, hit, hit_clean, clean_n, clean_hit, noisy_n, fit, recovered] = c;
+    let share = |a: f64, b: f64| if b == 0.0 { f64::NAN } else { a / b };
     let noisy = ds.is_noisy();
     Ok(EvalStats {
         loss: loss_sum / total,
-        accuracy: hit as f64 / total,
-        accuracy_clean: noisy.then(|| hit_clean as f64 / total),
+        accuracy: hit / total,
+        accuracy_clean: noisy.then(|| hit_clean / total),
         clean_part_accuracy: noisy.then(|| share(clean_hit, clean_n)),
         noisy_part_fit: noisy.then(|| share(fit, noisy_n)),
         noisy_part_recovered: noisy.then(|| share(recovered, noisy_n)),

@@ -2,6 +2,7 @@
 //! Nothing here knows about Rhai.
 
 pub mod adamw;
+pub mod data_parallel;
 pub mod evaluate;
 pub mod grads;
 pub mod loss;

@@ -15,6 +15,7 @@
 //! perturbation and the chunk gradients are averaged. The variants' state between steps
 //! ([`SamState`]) lives with the base optimizer.
 
+use super::data_parallel::LocalStats;
 use super::grads::{grad_micro, GradOptions, GradOutput};
 use super::loss::{cross_entropy_per_example, LossFn};
 use super::optim::Optimizer;
@@ -225,16 +226,25 @@ fn one_pass(
     finish(model, opt, d, cfg, &[first], g_norm, None)
 }
 
-/// Clips, steps the base optimizer with `d`, and gathers the statistics of the first passes.
+/// Averages `d` and the statistics of the first passes over the ranks (alone: as they are),
+/// clips, steps the base optimizer with `d`, and averages BatchNorm's running statistics over
+/// the ranks.
 fn finish(
     model: &Model,
     opt: &mut dyn Optimizer,
-    mut d: TensorSet,
+    d: TensorSet,
     cfg: &SamConfig,
     firsts: &[GradOutput],
     norm_mean: f64,
     sharp_mean: Option<f64>,
 ) -> Result<StepStats> {
+    // Chunks weighted by their sizes (equal chunks: the plain mean).
+    let n: usize = firsts.iter().map(|f| f.n).sum();
+    let weight = |f: &GradOutput| if n > 0 { f.n as f64 / n as f64 } else { 1.0 / firsts.len().max(1) as f64 };
+    let loss = firsts.iter().map(|f| weight(f) * f.loss).sum::<f64>();
+    let correct: Option<usize> = firsts.iter().map(|f| f.correct).sum();
+    let local = LocalStats { n, loss, sharp_loss: sharp_mean, grad_norm: norm_mean, correct };
+    let (mut d, all) = super::data_parallel::average_step(d, local)?;
     if let Some(c) = cfg.grad_clip {
         let norm = d.norm()?;
         if norm > c {
@@ -242,17 +252,13 @@ fn finish(
         }
     }
     opt.step_set(model, &d)?;
-    // Chunks weighted by their sizes (equal chunks: the plain mean).
-    let n: usize = firsts.iter().map(|f| f.n).sum();
-    let weight = |f: &GradOutput| if n > 0 { f.n as f64 / n as f64 } else { 1.0 / firsts.len().max(1) as f64 };
-    let loss = firsts.iter().map(|f| weight(f) * f.loss).sum::<f64>();
-    let correct: Option<usize> = firsts.iter().map(|f| f.correct).sum();
+    super::data_parallel::average_buffers(model)?;
     Ok(StepStats {
-        loss,
-        sharp_loss: sharp_mean.unwrap_or(loss),
-        grad_norm: norm_mean,
-        accuracy: match correct {
-            Some(c) if n > 0 => c as f64 / n as f64,
+        loss: all.loss,
+        sharp_loss: all.sharp_loss.unwrap_or(all.loss),
+        grad_norm: all.grad_norm,
+        accuracy: match all.correct {
+            Some(c) if all.n > 0 => c as f64 / all.n as f64,
             _ => f64::NAN,
         },
     })
@@ -438,6 +444,8 @@ fn sam_family_step(
         firsts.push(first);
     }
     bn.finish()?;
+    // With several ranks, every rank keeps the same variant state (rank 0 checkpoints it).
+    super::data_parallel::average_state(state)?;
     let d = total.context("empty batch")?;
     finish(model, opt, d, cfg, &firsts, norm_sum, Some(sharp_sum))
 }
