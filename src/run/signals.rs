@@ -50,6 +50,20 @@ pub fn install(flag: Arc<AtomicBool>) {
     }
 }
 
+/// The first signal this process received (0: none).
+pub fn first() -> i32 {
+    FIRST.load(Ordering::SeqCst)
+}
+
+/// Takes `sig` as this process's first signal unless it received one itself: another rank of a
+/// data-parallel run was signalled, and every rank stops alike, with the same exit code.
+pub fn adopt(sig: i32) {
+    let _ = FIRST.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    if let Some(flag) = FLAG.get() {
+        flag.store(true, Ordering::SeqCst);
+    }
+}
+
 /// The exit code of a run stopped by a signal: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP); 130
 /// when the interrupt flag was set another way.
 pub fn exit_code() -> i32 {

@@ -223,19 +223,23 @@ fn one_pass(
         }
         None => first.grads.clone(),
     };
-    finish(model, opt, d, cfg, &[first], g_norm, None)
+    // A plain step over several ranks reports the norm of the gradient they average (the
+    // full batch's); LookSAM's step between SAM steps the mean of the ranks' ‖g‖, as SAM does.
+    let norm = if gv.is_none() && crate::dist::is_parallel() { None } else { Some(g_norm) };
+    finish(model, opt, d, cfg, &[first], norm, None)
 }
 
 /// Averages `d` and the statistics of the first passes over the ranks (alone: as they are),
 /// clips, steps the base optimizer with `d`, and averages BatchNorm's running statistics over
-/// the ranks.
+/// the ranks. `norm_mean` is the first gradient's norm to report (`None`: the norm of the
+/// averaged `d`).
 fn finish(
     model: &Model,
     opt: &mut dyn Optimizer,
     d: TensorSet,
     cfg: &SamConfig,
     firsts: &[GradOutput],
-    norm_mean: f64,
+    norm_mean: Option<f64>,
     sharp_mean: Option<f64>,
 ) -> Result<StepStats> {
     // Chunks weighted by their sizes (equal chunks: the plain mean).
@@ -243,8 +247,11 @@ fn finish(
     let weight = |f: &GradOutput| if n > 0 { f.n as f64 / n as f64 } else { 1.0 / firsts.len().max(1) as f64 };
     let loss = firsts.iter().map(|f| weight(f) * f.loss).sum::<f64>();
     let correct: Option<usize> = firsts.iter().map(|f| f.correct).sum();
-    let local = LocalStats { n, loss, sharp_loss: sharp_mean, grad_norm: norm_mean, correct };
-    let (mut d, all) = super::data_parallel::average_step(d, local)?;
+    let local = LocalStats { n, loss, sharp_loss: sharp_mean, grad_norm: norm_mean.unwrap_or(0.0), correct };
+    let (mut d, mut all) = super::data_parallel::average_step(d, local)?;
+    if norm_mean.is_none() {
+        all.grad_norm = d.norm()?;
+    }
     if let Some(c) = cfg.grad_clip {
         let norm = d.norm()?;
         if norm > c {
@@ -447,7 +454,7 @@ fn sam_family_step(
     // With several ranks, every rank keeps the same variant state (rank 0 checkpoints it).
     super::data_parallel::average_state(state)?;
     let d = total.context("empty batch")?;
-    finish(model, opt, d, cfg, &firsts, norm_sum, Some(sharp_sum))
+    finish(model, opt, d, cfg, &firsts, Some(norm_sum), Some(sharp_sum))
 }
 
 /// One plain step (the baseline): gradient at `w`, optional clipping, base optimizer step.

@@ -4,6 +4,7 @@ mod common;
 mod compose;
 mod data;
 mod diagnostics;
+mod dist;
 mod foundation;
 mod fuzz;
 mod hub;
