@@ -49,9 +49,10 @@ impl Topology {
             if n == 0 || r >= n {
                 continue;
             }
-            let job = ["PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "MASTER_PORT"]
-                .iter()
-                .find_map(|k| get(k).filter(|v| !v.is_empty()));
+            let job =
+                ["PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "MASTER_PORT"]
+                    .iter()
+                    .find_map(|k| get(k).filter(|v| !v.is_empty()));
             return Self {
                 rank: r,
                 size: n,
@@ -86,7 +87,7 @@ pub fn share_cores() {
 mod tests {
     use super::*;
 
-    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + '_ {
+    fn vars<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
     }
 

@@ -21,7 +21,9 @@ pub use single::Single;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 /// The collective operations of a group of processes. Every rank must call the same operations
 /// in the same order (as MPI requires): samhost calls them from the training step, `evaluate`,
@@ -124,10 +126,44 @@ pub fn finish(code: i32) {
 /// How long a rank that failed waits for rank 0 to end the run (see [`finish`]).
 pub const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Time and volume of the collective operations so far (this process's view).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CommStats {
+    /// Collective calls.
+    pub calls: u64,
+    /// Bytes this rank contributed.
+    pub bytes: u64,
+    /// Seconds spent in them (waiting for the slowest rank included).
+    pub seconds: f64,
+}
+
+static CALLS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+static NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// What the collective operations have cost so far.
+pub fn comm_stats() -> CommStats {
+    CommStats {
+        calls: CALLS.load(Ordering::Relaxed),
+        bytes: BYTES.load(Ordering::Relaxed),
+        seconds: NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
+    }
+}
+
+/// Runs one collective of `bytes` bytes, counting it in [`comm_stats`].
+fn timed<T>(bytes: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let t = Instant::now();
+    let out = f();
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+    NANOS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    out
+}
+
 /// The sum over the ranks of each value of `values`.
 pub fn sum(values: &mut [f64]) -> Result<()> {
     if is_parallel() {
-        world().sum_f64(values)?;
+        timed(values.len() * 8, || world().sum_f64(values))?;
     }
     Ok(())
 }
@@ -138,7 +174,7 @@ pub fn any(flag: bool) -> Result<bool> {
         return Ok(flag);
     }
     let mut v = [flag as u8 as f64];
-    world().sum_f64(&mut v)?;
+    sum(&mut v)?;
     Ok(v[0] > 0.0)
 }
 
@@ -149,9 +185,9 @@ pub fn broadcast_text(text: &str) -> Result<String> {
     }
     let mut bytes = text.as_bytes().to_vec();
     let mut len = [bytes.len() as f64 * is_leader() as u8 as f64];
-    world().sum_f64(&mut len)?;
+    sum(&mut len)?;
     bytes.resize(len[0] as usize, 0);
-    world().broadcast(&mut bytes, 0)?;
+    timed(bytes.len(), || world().broadcast(&mut bytes, 0))?;
     String::from_utf8(bytes).context("the text rank 0 sent is not UTF-8")
 }
 
@@ -161,18 +197,22 @@ pub fn sum_tensors(tensors: &[Tensor]) -> Result<Vec<Tensor>> {
     if !is_parallel() || tensors.is_empty() {
         return Ok(tensors.to_vec());
     }
-    let flat: Vec<Tensor> = tensors
-        .iter()
-        .map(|t| t.to_dtype(candle_core::DType::F32)?.flatten_all())
-        .collect::<candle_core::Result<_>>()?;
-    let buf = Tensor::cat(&flat, 0)?;
-    let summed = world().sum_f32(&buf)?;
-    let mut out = Vec::with_capacity(tensors.len());
-    let mut at = 0;
-    for t in tensors {
-        let n = t.elem_count();
-        out.push(summed.narrow(0, at, n)?.reshape(t.shape())?.to_dtype(t.dtype())?);
-        at += n;
-    }
-    Ok(out)
+    // Timed whole: the packing into one buffer and the unpacking are the collective's cost too.
+    let bytes = tensors.iter().map(|t| t.elem_count() * 4).sum();
+    timed(bytes, || {
+        let flat: Vec<Tensor> = tensors
+            .iter()
+            .map(|t| t.to_dtype(candle_core::DType::F32)?.flatten_all())
+            .collect::<candle_core::Result<_>>()?;
+        let buf = Tensor::cat(&flat, 0)?;
+        let summed = world().sum_f32(&buf)?;
+        let mut out = Vec::with_capacity(tensors.len());
+        let mut at = 0;
+        for t in tensors {
+            let n = t.elem_count();
+            out.push(summed.narrow(0, at, n)?.reshape(t.shape())?.to_dtype(t.dtype())?);
+            at += n;
+        }
+        Ok(out)
+    })
 }

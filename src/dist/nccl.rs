@@ -12,7 +12,11 @@ use candle_core::Device;
 /// Joins the ranks through NCCL when `device` is a GPU; `None` otherwise (and always in a build
 /// without the `nccl` feature). `host` (MPI), when present, carries NCCL's id.
 #[cfg(not(feature = "nccl"))]
-pub fn connect(_topo: &Topology, _device: &Device, _host: Option<&dyn Collective>) -> Result<Option<Box<dyn Collective>>> {
+pub fn connect(
+    _topo: &Topology,
+    _device: &Device,
+    _host: Option<&dyn Collective>,
+) -> Result<Option<Box<dyn Collective>>> {
     Ok(None)
 }
 
@@ -114,7 +118,13 @@ mod imp {
             let id = exchange_id(topo, host)?;
             let stream = device.cuda_stream();
             let comm = Comm::from_rank(stream.clone(), topo.rank, topo.size, id).map_err(nccl_err)?;
-            Ok(Self { comm: Mutex::new(Shared(comm)), device: device.clone(), stream, rank: topo.rank, size: topo.size })
+            Ok(Self {
+                comm: Mutex::new(Shared(comm)),
+                device: device.clone(),
+                stream,
+                rank: topo.rank,
+                size: topo.size,
+            })
         }
 
         fn with_comm<T>(&self, f: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
@@ -131,7 +141,11 @@ mod imp {
             "nccl-all-reduce"
         }
 
-        fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
             candle_core::bail!("the NCCL all-reduce takes tensors on the GPU")
         }
 
@@ -170,7 +184,8 @@ mod imp {
         }
 
         fn sum_f32(&self, buf: &Tensor) -> Result<Tensor> {
-            let t = buf.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cuda(self.device.clone()))?.contiguous()?;
+            let t =
+                buf.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cuda(self.device.clone()))?.contiguous()?;
             Ok(t.apply_op1_no_bwd(&AllReduce(self))?.to_device(buf.device())?)
         }
 

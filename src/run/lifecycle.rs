@@ -274,7 +274,7 @@ pub fn begin_step(session: &Session) -> Result<()> {
     // With several ranks, all stop before the same step when any of them was signalled.
     if crate::dist::is_parallel() {
         let kinds = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-        let mine = session.interrupt_pending().then(|| super::signals::first());
+        let mine = session.interrupt_pending().then(super::signals::first);
         let mut seen: Vec<f64> = kinds.iter().map(|&k| (mine == Some(k)) as u8 as f64).collect();
         // A flag set without a signal (tests) counts as Ctrl-C.
         seen[0] += (mine == Some(0)) as u8 as f64;

@@ -322,7 +322,11 @@ impl RunRecord {
         self.train = Some(train.clone());
         let state = self.state(name, epoch, 0, rng, user.clone())?;
         // Another rank's state is rank 0's (every rank steps alike): rank 0 alone writes it.
-        let path = if self.dir.is_none() && self.shared.is_some() { dir } else { checkpoint::save(&dir, &train, state, keep)? };
+        let path = if self.dir.is_none() && self.shared.is_some() {
+            dir
+        } else {
+            checkpoint::save(&dir, &train, state, keep)?
+        };
         self.save_point = Some(SavePoint { name: name.to_string(), epoch, step: self.steps, user });
         Ok(path)
     }
@@ -382,6 +386,17 @@ impl RunRecord {
         });
         if let Some(ck) = self.newest_checkpoint()? {
             summary["last_checkpoint"] = Value::from(ck.dir.display().to_string());
+        }
+        if crate::dist::is_parallel() {
+            // Rank 0's view: the time in collectives includes waiting for the slowest rank.
+            let c = crate::dist::comm_stats();
+            summary["ranks"] = json!({
+                "count": crate::dist::world().size(),
+                "backend": crate::dist::world().backend(),
+                "collective_calls": c.calls,
+                "collective_mb": (c.bytes as f64 / 1e6 * 10.0).round() / 10.0,
+                "collective_s": (c.seconds * 100.0).round() / 100.0,
+            });
         }
         dir.write_json("summary.json", &summary)?;
         super::plot::plot_all(records, &dir.plots()).context("writing the plots")

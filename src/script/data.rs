@@ -39,8 +39,10 @@ fn epoch_batches(s: &Session, ds: &Dataset, size: INT, bo: &BatchOptions) -> Res
     let size = to_usize("batch size", size)?;
     // With several ranks, each takes its share of every batch (the same batches on every rank).
     let w = crate::dist::world();
-    let batches =
-        op("batches", Batches::epoch(ds, size, bo, seed, epoch, s.device()).and_then(|b| b.sharded(w.rank(), w.size())))?;
+    let batches = op(
+        "batches",
+        Batches::epoch(ds, size, bo, seed, epoch, s.device()).and_then(|b| b.sharded(w.rank(), w.size())),
+    )?;
     // The progress display learns the epoch's length from the iterator the loop will run over.
     if let Ok(mut r) = s.run.try_borrow_mut() {
         r.progress.begin_epoch(batches.num_batches());

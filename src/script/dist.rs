@@ -20,11 +20,15 @@ pub fn register(engine: &mut Engine) {
     api!(engine, "all_reduce", "m: Model",
         "Averages the model's buffers (BatchNorm's running statistics) over the ranks, after a step taken with `opt.step(g)` (`sam_step` and `train_step` do it themselves). Alone: nothing.",
         |m: &mut Model| -> Res<()> { op("all_reduce", crate::train::data_parallel::average_buffers(m)) });
-    api!(engine, "all_reduce", "x: float -> float",
+    api!(
+        engine,
+        "all_reduce",
+        "x: float -> float",
         "The mean of `x` over the ranks (alone: `x`): a loss or a norm measured on each rank's share.",
         |x: FLOAT| -> Res<FLOAT> {
             let mut v = [x];
             op("all_reduce", crate::dist::sum(&mut v))?;
             Ok(v[0] / crate::dist::world().size() as FLOAT)
-        });
+        }
+    );
 }

@@ -76,7 +76,8 @@ pub fn average_buffers(model: &Model) -> Result<()> {
         return Ok(());
     }
     let scale = 1.0 / dist::world().size() as f64;
-    let local: Vec<_> = buffers.iter().map(|(_, v)| v.as_tensor().affine(scale, 0.0)).collect::<candle_core::Result<_>>()?;
+    let local: Vec<_> =
+        buffers.iter().map(|(_, v)| v.as_tensor().affine(scale, 0.0)).collect::<candle_core::Result<_>>()?;
     for ((_, v), mean) in buffers.iter().zip(dist::sum_tensors(&local)?) {
         v.set(&mean)?;
     }

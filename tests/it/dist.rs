@@ -3,6 +3,7 @@
 //! backend.
 
 use super::common::*;
+#[cfg(feature = "mpi")]
 use std::path::Path;
 
 /// A script that trains a small network with `sam_step` (or `train_step`, or the script-written
@@ -69,6 +70,7 @@ fn a_launch_by_mpirun_is_refused_by_a_build_without_the_mpi_feature() {
     assert!(!dir.path().join("runs").exists() || std::fs::read_dir(dir.path().join("runs")).unwrap().next().is_none());
 }
 
+#[cfg(feature = "mpi")]
 /// The weights a run saved, by name.
 fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
     let mut w: Vec<(String, Vec<f32>)> = samhost::models::params::load_safetensors(path)
@@ -80,17 +82,16 @@ fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
     w
 }
 
+#[cfg(feature = "mpi")]
 /// The largest difference between two saved sets of weights (same names required).
 fn max_diff(a: &Path, b: &Path) -> f64 {
     let (a, b) = (weights(a), weights(b));
     assert_eq!(a.iter().map(|x| &x.0).collect::<Vec<_>>(), b.iter().map(|x| &x.0).collect::<Vec<_>>());
-    a.iter()
-        .zip(&b)
-        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs() as f64))
-        .fold(0.0, f64::max)
+    a.iter().zip(&b).flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs() as f64)).fold(0.0, f64::max)
 }
 
-/// Every logged value of the run in `runs/` whose folder name starts with `stem`, in order, as
+#[cfg(feature = "mpi")]
+/// Every logged loss, gradient norm and accuracy of the one run in `dir/runs/`, in order, as
 /// (tag, metric, value).
 fn logged(dir: &Path) -> Vec<(String, String, f64)> {
     let runs: Vec<_> = std::fs::read_dir(dir.join("runs")).expect("runs folder").flatten().map(|e| e.path()).collect();
