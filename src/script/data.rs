@@ -115,7 +115,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
 
     let s = session.clone();
     api!(engine, "batches", "ds: Dataset, size: int, options: Map -> Batches",
-        "The batches of one epoch, for a `for` loop; the next batch is assembled (transforms applied) on another thread while the current one trains. Options: shuffle (true), seed (of the order and of the random transforms; drawn from the host generator when absent), drop_last (false), epoch (the order and augmentations of epoch e come from (seed, e); when absent the dataset counts its own calls: 0, 1, 2, ...).",
+        "The batches of one epoch, for a `for` loop; the next batch is assembled (transforms applied) on another thread while the current one trains. Options: shuffle (true), seed (of the order and of the random transforms; drawn from the host generator when absent), drop_last (false), epoch (the order and augmentations of epoch e come from (seed, e); when absent the dataset counts its own calls: 0, 1, 2, ...). Under `mpirun -np N` rank r gets rows r·size/N..(r+1)·size/N of every batch (an error when a batch has fewer examples than ranks).",
         move |ds: &mut Dataset, size: INT, o: Map| -> Res<EpochBatches> {
             epoch_batches(&s, ds, size, &options::<BatchOptions>("batches", &o)?)
         });
