@@ -167,9 +167,11 @@ impl Session {
     /// start of its next optimizer step, so the step in progress and its bookkeeping (schedule,
     /// counters, logging) complete and the checkpoint is exact; the steps stop themselves (see
     /// [`Session::interrupt_pending`]). Without a registered state, or when no step starts within
-    /// [`INTERRUPT_GRACE`], the script stops at once.
+    /// [`INTERRUPT_GRACE`], the script stops at once. With several ranks the script never stops
+    /// here, on one rank alone: every rank stops at the start of the same step (a second signal
+    /// still ends the process at once).
     pub fn stop_requested(&self) -> bool {
-        if !self.interrupted.load(Ordering::Relaxed) {
+        if !self.interrupted.load(Ordering::Relaxed) || crate::dist::is_parallel() {
             return false;
         }
         let registered = self.run.try_borrow().map(|r| r.has_train_state()).unwrap_or(true);
