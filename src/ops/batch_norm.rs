@@ -153,7 +153,7 @@ impl ParamOp for FusedBatchNorm {
                 (scale as f32, (bias[ch] as f64 - mean[ch] * scale) as f32)
             })
             .collect();
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::buffer::zeroed::<f32>(x.len());
         let relu = self.relu;
         y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (out, inp))| {
             let (scale, shift) = affine[plane % c];
@@ -209,7 +209,7 @@ impl ParamOp for FusedBatchNorm {
             .unzip();
         // dx = w·invstd/m · (m·dz − Σdz − xhat·Σ(dz·xhat))
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; xs.len()];
+            let mut dx = super::buffer::zeroed::<f32>(xs.len());
             dx.par_chunks_mut(hw)
                 .zip(gs.par_chunks(hw).zip(xs.par_chunks(hw).zip(ys.par_chunks(hw))))
                 .enumerate()

@@ -14,6 +14,7 @@
 pub mod batch_norm;
 pub mod bias;
 pub mod bmm;
+pub mod buffer;
 pub mod conv2d;
 pub mod cpu;
 pub mod elementwise;

@@ -28,7 +28,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::buffer::zeroed::<f32>(x.len());
         y.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(y, x)| {
             y.iter_mut().zip(x).for_each(|(y, &v)| *y = v.max(0.0));
         });
@@ -50,7 +50,7 @@ impl CustomOp2 for ReluGrad {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = super::buffer::zeroed::<f32>(y.len());
         dx.par_chunks_mut(1 << 16).zip(y.par_chunks(1 << 16).zip(g.par_chunks(1 << 16))).for_each(|(dx, (y, g))| {
             dx.iter_mut().zip(y.iter().zip(g)).for_each(|(d, (&y, &g))| *d = if y > 0.0 { g } else { 0.0 });
         });
@@ -77,7 +77,7 @@ impl CustomOp2 for AddRelu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
-        let mut y = vec![0f32; a.len()];
+        let mut y = super::buffer::zeroed::<f32>(a.len());
         y.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(y, (a, b))| {
             y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (&a, &b))| *y = (a + b).max(0.0));
         });
@@ -150,7 +150,7 @@ impl CustomOp1 for MaxPool2 {
         let x = f32_slice(s, l, self.name())?;
         let (n, c, h, w) = l.shape().dims4()?;
         let (ho, wo) = (h / 2, w / 2);
-        let mut y = vec![0f32; n * c * ho * wo];
+        let mut y = super::buffer::zeroed::<f32>(n * c * ho * wo);
         if ho * wo > 0 {
             y.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(y_p, x_p)| {
                 for (oy, y_row) in y_p.chunks_mut(wo).enumerate() {
@@ -184,7 +184,7 @@ impl CustomOp2 for MaxPool2Grad {
         if l2.shape().dims() != [n, c, ho, wo] {
             candle_core::bail!("max-pool backward: gradient {:?} does not match the output", l2.shape());
         }
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = super::buffer::zeroed::<f32>(x.len());
         if ho * wo > 0 {
             dx.par_chunks_mut(h * w).zip(x.par_chunks(h * w)).zip(g.par_chunks(ho * wo)).for_each(
                 |((dx_p, x_p), g_p)| {

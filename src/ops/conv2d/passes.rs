@@ -56,8 +56,8 @@ fn pool_plane<T: Float>(plane: &[T], (ho, wo): (usize, usize), out: &mut [T], ar
 pub(super) fn forward<T: Float>(g: &Geometry, ep: Epilogue, x: &[T], k: &[T], bias: Option<&[T]>) -> (Vec<T>, Vec<u8>) {
     let (ckk, l, bsz) = (g.ckk(), g.l(), g.group());
     let out_per = g.o * ep.out_len(g);
-    let mut out = vec![T::default(); g.n * out_per];
-    let mut argmax = vec![0u8; if ep.pool { g.n * out_per } else { 0 }];
+    let mut out = crate::ops::buffer::zeroed::<T>(g.n * out_per);
+    let mut argmax = crate::ops::buffer::zeroed::<u8>(if ep.pool { g.n * out_per } else { 0 });
     let mut am_chunks: Vec<Option<&mut [u8]>> = if ep.pool {
         argmax.chunks_mut(bsz * out_per).map(Some).collect()
     } else {
@@ -162,7 +162,7 @@ pub(super) fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, ne
     let groups = g.n.div_ceil(bsz);
     let per = groups.div_ceil(rayon::current_num_threads().clamp(1, groups)) * bsz;
     let parts = g.n.div_ceil(per);
-    let mut gx = vec![T::default(); if needs.input { g.n * g.in_len() } else { 0 }];
+    let mut gx = crate::ops::buffer::zeroed::<T>(if needs.input { g.n * g.in_len() } else { 0 });
     let gx_parts: Vec<Option<&mut [T]>> = if needs.input {
         gx.chunks_mut(per * g.in_len()).map(Some).collect()
     } else {
