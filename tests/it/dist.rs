@@ -115,9 +115,15 @@ mod mpi {
     use std::process::{Command, Output};
 
     /// `mpirun -np 2 samhost ARGS` in `dir` (as root where CI runs it; more ranks than cores allowed).
+    /// Each launch keeps its session files in a folder of its own: Open MPI 4 launches started at
+    /// once (the tests run in parallel) race to create the same one in /tmp, and one fails.
     fn mpirun(dir: &Path, args: &[&str]) -> Command {
+        let session = dir.join("mpi-tmp");
+        std::fs::create_dir_all(&session).expect("Open MPI's session folder");
         let mut c = Command::new("mpirun");
         c.current_dir(dir)
+            .env("TMPDIR", &session)
+            .env("OMPI_MCA_orte_tmpdir_base", &session)
             .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_samhost")])
             .args(args)
             .env("HF_HUB_OFFLINE", "1")
