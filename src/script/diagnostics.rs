@@ -301,7 +301,7 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
         });
     let s = session.clone();
     api!(engine, "plot_lines", "lines: Array, options: Map -> String",
-        "Draws several lines in one PNG, e.g. the landscapes of two models: each element #{label, x: [...], y: [...]}. Options: title, x_label, y_label, name (the file <run>/diagnostics/<name>.png, \"lines\") or path. Returns the file written.",
+        "Draws several lines in one PNG, e.g. the landscapes of two models: each element #{label, x: [...], y: [...]}. Options: title, x_label, y_label, name (the file <run>/diagnostics/<name>.png, \"lines\") or path. Returns the file written (under several ranks, rank 0 writes it).",
         move |lines: Array, o: Map| -> Res<String> {
             let text = |k: &str, d: &str| -> String { o.get(k).map(|v| v.to_string()).unwrap_or_else(|| d.to_string()) };
             let mut ls = Vec::new();
@@ -318,6 +318,10 @@ pub fn register(engine: &mut Engine, session: &Rc<Session>) {
                 ls.push(Line { label: m.get("label").map(|v| v.to_string()).unwrap_or_default(), points: x.into_iter().zip(y).collect() });
             }
             let fig = line_figure(&text("title", ""), &text("x_label", "x"), &text("y_label", "y"), ls);
+            // Under several ranks rank 0 draws (the others have no run folder and the same lines).
+            if !crate::dist::is_leader() {
+                return Ok(o.get("path").map(|p| p.to_string()).unwrap_or_default());
+            }
             let path = match o.get("path") {
                 Some(p) => PathBuf::from(p.to_string()),
                 None => match out_dir(&s)? {

@@ -95,6 +95,10 @@ fn do_save(s: &Session, m: &Model, opt: &Optim, sched: Option<&Sched>, state: Ma
 
 fn do_plot(s: &Session, o: &Map) -> Res<Array> {
     let po: PlotOptions = options("plot", o)?;
+    // Under several ranks rank 0 draws: the others have no run folder and the same records.
+    if !crate::dist::is_leader() {
+        return Ok(Array::new());
+    }
     let run = s.run.try_borrow().map_err(|_| err("plot: the run record is in use"))?;
     let records = run.metrics.records();
     let x = match &po.x {
