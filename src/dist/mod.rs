@@ -191,6 +191,23 @@ pub fn broadcast_text(text: &str) -> Result<String> {
     String::from_utf8(bytes).context("the text rank 0 sent is not UTF-8")
 }
 
+/// The mean over the ranks of `x` (each rank's weight equal).
+pub fn mean(x: f64) -> Result<f64> {
+    let mut v = [x];
+    sum(&mut v)?;
+    Ok(v[0] / world().size() as f64)
+}
+
+/// The mean over the ranks of `tensors` (each rank's weight equal), as one message.
+pub fn mean_tensors(tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    if !is_parallel() {
+        return Ok(tensors.to_vec());
+    }
+    let scale = 1.0 / world().size() as f64;
+    let local: Vec<Tensor> = tensors.iter().map(|t| t.affine(scale, 0.0)).collect::<candle_core::Result<_>>()?;
+    sum_tensors(&local)
+}
+
 /// The sum over the ranks of `tensors` (any shapes and float dtypes, on one device), as one
 /// message: they are flattened into one f32 buffer, summed, and cut back into their shapes.
 pub fn sum_tensors(tensors: &[Tensor]) -> Result<Vec<Tensor>> {

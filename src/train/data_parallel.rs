@@ -68,17 +68,12 @@ pub fn average_step(d: TensorSet, local: LocalStats) -> Result<(TensorSet, Local
 
 /// Averages the model's buffers (BatchNorm running statistics) over the ranks.
 pub fn average_buffers(model: &Model) -> Result<()> {
-    if !dist::is_parallel() {
-        return Ok(());
-    }
     let buffers = model.params().buffers();
-    if buffers.is_empty() {
+    if !dist::is_parallel() || buffers.is_empty() {
         return Ok(());
     }
-    let scale = 1.0 / dist::world().size() as f64;
-    let local: Vec<_> =
-        buffers.iter().map(|(_, v)| v.as_tensor().affine(scale, 0.0)).collect::<candle_core::Result<_>>()?;
-    for ((_, v), mean) in buffers.iter().zip(dist::sum_tensors(&local)?) {
+    let local: Vec<_> = buffers.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    for ((_, v), mean) in buffers.iter().zip(dist::mean_tensors(&local)?) {
         v.set(&mean)?;
     }
     Ok(())
@@ -87,20 +82,14 @@ pub fn average_buffers(model: &Model) -> Result<()> {
 /// Averages the tensors a SAM variant keeps between steps over the ranks; LookSAM's norm of
 /// `g_v` is recomputed from the average.
 pub fn average_state(state: &mut SamState) -> Result<()> {
-    if !dist::is_parallel() || state.buffers.is_empty() {
+    if !dist::is_parallel() {
         return Ok(());
     }
-    let scale = 1.0 / dist::world().size() as f64;
-    let keys: Vec<String> = state.buffers.keys().cloned().collect();
-    for key in keys {
-        let Some(set) = state.buffers.get(&key) else { continue };
-        let names = set.names();
-        let local: Vec<_> = set.iter().map(|(_, t)| t.affine(scale, 0.0)).collect::<candle_core::Result<_>>()?;
-        let mean = TensorSet::from_pairs(names.into_iter().zip(dist::sum_tensors(&local)?));
+    for (key, set) in state.buffers.iter_mut() {
+        *set = mean(set)?;
         if key == "looksam_gv" {
-            state.scalars.insert("looksam_gv_norm".into(), mean.norm()?);
+            state.scalars.insert("looksam_gv_norm".into(), set.norm()?);
         }
-        state.buffers.insert(key, mean);
     }
     Ok(())
 }
@@ -111,8 +100,5 @@ pub fn mean(set: &TensorSet) -> Result<TensorSet> {
     if !dist::is_parallel() {
         return Ok(set.clone());
     }
-    let scale = 1.0 / dist::world().size() as f64;
-    let names = set.names();
-    let local: Vec<_> = set.iter().map(|(_, t)| t.affine(scale, 0.0)).collect::<candle_core::Result<_>>()?;
-    Ok(TensorSet::from_pairs(names.into_iter().zip(dist::sum_tensors(&local)?)))
+    Ok(TensorSet::from_pairs(set.names().into_iter().zip(dist::mean_tensors(&set.tensors())?)))
 }
