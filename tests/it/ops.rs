@@ -183,9 +183,16 @@ fn conv2d_block_matches_candle_composition() {
     use samhost::ops::{conv2d_block, ConvBlockOptions};
     use samhost::train::grads::gradients;
     let rng = HostRng::new(11);
-    // (n, c, h, w, o, k, stride, padding): 8x8 outputs make groups of 8 samples (21 = 8 + 8 + 5).
-    let shapes =
-        [(21, 3, 8, 8, 4, 3, 1, 1), (3, 5, 9, 7, 6, 3, 2, 1), (2, 4, 33, 32, 5, 3, 1, 1), (10, 2, 7, 7, 3, 2, 1, 0)];
+    // (n, c, h, w, o, k, stride, padding): 8x8 outputs make groups of 8 samples (21 = 8 + 8 + 5);
+    // 16x16 ones groups of 2 whose rows (512 and, for the last sample, 256 values) are padded
+    // apart by a cache line.
+    let shapes = [
+        (21, 3, 8, 8, 4, 3, 1, 1),
+        (3, 5, 9, 7, 6, 3, 2, 1),
+        (2, 4, 33, 32, 5, 3, 1, 1),
+        (10, 2, 7, 7, 3, 2, 1, 0),
+        (3, 4, 16, 16, 8, 3, 1, 1),
+    ];
     for dtype in [DType::F32, DType::F64] {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
         for &(n, c, h, w, o, k, s, p) in &shapes {

@@ -123,6 +123,17 @@ impl Geometry {
         }
     }
 
+    /// Row stride of the `[rows, bs·L]` buffers of a group of `bs` samples (the unfolded columns,
+    /// the raw output, their gradients): [`crate::ops::gemm::padded_stride`] of `bs·L`.
+    pub(super) fn row_stride<T>(&self, bs: usize) -> usize {
+        crate::ops::gemm::padded_stride::<T>(bs * self.l())
+    }
+
+    /// Elements a `[rows, ·]` group buffer needs for any `bs` up to [`Self::group`].
+    pub(super) fn group_buffer<T>(&self, rows: usize) -> usize {
+        rows * (self.group() * self.l() + 64 / std::mem::size_of::<T>().max(1))
+    }
+
     /// Samples per gemm.
     pub(super) fn group(&self) -> usize {
         MIN_COLUMNS.div_ceil(self.l()).clamp(1, self.n)

@@ -64,15 +64,15 @@ pub(super) fn forward<T: Float>(g: &Geometry, ep: Epilogue, x: &[T], k: &[T], bi
         (0..g.n.div_ceil(bsz)).map(|_| None).collect()
     };
     out.par_chunks_mut(bsz * out_per).zip(am_chunks.par_iter_mut()).zip(x.par_chunks(bsz * g.in_len())).for_each_init(
-        || (Unfolded::new(g), vec![T::default(); g.o * bsz * l]),
+        || (Unfolded::new(g), vec![T::default(); g.group_buffer::<T>(g.o)]),
         |(unfolded, prod), ((out_g, am_g), x_g)| {
             let bs = x_g.len() / g.in_len();
-            let ld = bs * l;
+            let (ld, stride) = (bs * l, g.row_stride::<T>(bs) as isize);
             let cols = unfolded.fill(g, x_g, bs);
-            matmul((g.o, ld, ckk), prod, (ld as isize, 1), k, (ckk as isize, 1), cols, (ld as isize, 1), false, false);
+            matmul((g.o, ld, ckk), prod, (stride, 1), k, (ckk as isize, 1), cols, (stride, 1), false, false);
             for b in 0..bs {
                 for c in 0..g.o {
-                    let z = &mut prod[c * ld + b * l..][..l];
+                    let z = &mut prod[c * stride as usize + b * l..][..l];
                     if let Some(bias) = bias {
                         z.iter_mut().for_each(|v| *v += bias[c]);
                     }
@@ -113,7 +113,8 @@ pub(super) struct Needs {
 pub(super) type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
 
 /// Writes the gradient of the convolution's raw output for samples `b0..b0 + bs` into `gz`
-/// `[O, bs·L]`, from the output `y`, its gradient `dy` and the pooling positions.
+/// `[O, bs·L]` (rows [`Geometry::row_stride`]`(bs)` apart), from the output `y`, its gradient
+/// `dy` and the pooling positions.
 #[allow(clippy::too_many_arguments)]
 fn output_grad<T: Float>(
     g: &Geometry,
@@ -126,7 +127,7 @@ fn output_grad<T: Float>(
     gz: &mut [T],
 ) {
     let (l, out_len) = (g.l(), ep.out_len(g));
-    let ld = bs * l;
+    let ld = g.row_stride::<T>(bs);
     if ep.pool {
         gz[..g.o * ld].fill(T::default());
     }
@@ -174,36 +175,56 @@ pub(super) fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, ne
         .map(|(part, mut gx_part)| {
             let mut gk = vec![T::default(); if needs.kernel { g.o * ckk } else { 0 }];
             let mut gb = vec![T::default(); if needs.bias { g.o } else { 0 }];
-            let mut gz_buf = vec![T::default(); g.o * bsz * l];
+            let mut gz_buf = vec![T::default(); g.group_buffer::<T>(g.o)];
             let mut unfolded = Unfolded::new(g);
-            let mut gcols = vec![T::default(); if needs.input { ckk * bsz * l } else { 0 }];
+            let mut gcols = vec![T::default(); if needs.input { g.group_buffer::<T>(ckk) } else { 0 }];
             let (s0, s1) = (part * per, ((part + 1) * per).min(g.n));
             for b0 in (s0..s1).step_by(bsz) {
                 let bs = bsz.min(s1 - b0);
-                let ld = bs * l;
-                let ld_i = ld as isize;
+                let (ld, stride) = (bs * l, g.row_stride::<T>(bs));
                 // A single sample with nothing after the convolution: the incoming gradient
-                // already has the [O, L] layout.
-                let gz: &[T] = if bs == 1 && !ep.pool && !ep.relu {
-                    &dy[b0 * g.o * l..(b0 + 1) * g.o * l]
+                // already has the [O, L] layout (rows L apart).
+                let (gz, gz_stride): (&[T], usize) = if bs == 1 && !ep.pool && !ep.relu {
+                    (&dy[b0 * g.o * l..(b0 + 1) * g.o * l], l)
                 } else {
                     output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz_buf);
-                    &gz_buf
+                    (&gz_buf, stride)
                 };
                 if needs.bias {
-                    for (s, row) in gb.iter_mut().zip(gz.chunks_exact(ld)) {
-                        *s += row.iter().fold(T::default(), |a, &v| a + v);
+                    for (c, s) in gb.iter_mut().enumerate() {
+                        *s += gz[c * gz_stride..][..ld].iter().fold(T::default(), |a, &v| a + v);
                     }
                 }
+                let (stride, gz_stride) = (stride as isize, gz_stride as isize);
                 if needs.kernel {
                     let cols = unfolded.fill(g, &x[b0 * g.in_len()..], bs);
                     // gkᵀ(ckk×o) += cols(ckk×ld) · gzᵀ(ld×o), kept transposed: with the output
                     // contiguous along o the gemm packs the small gz, not the unfolded columns.
-                    matmul((ckk, g.o, ld), &mut gk, (g.o as isize, 1), cols, (ld_i, 1), gz, (1, ld_i), true, false);
+                    matmul(
+                        (ckk, g.o, ld),
+                        &mut gk,
+                        (g.o as isize, 1),
+                        cols,
+                        (stride, 1),
+                        gz,
+                        (1, gz_stride),
+                        true,
+                        false,
+                    );
                 }
                 if let Some(gx_part) = gx_part.as_deref_mut() {
                     // cols(ckk×ld) = kᵀ(ckk×o) · gz(o×ld)
-                    matmul((ckk, ld, g.o), &mut gcols, (ld_i, 1), k, (1, ckk as isize), gz, (ld_i, 1), false, false);
+                    matmul(
+                        (ckk, ld, g.o),
+                        &mut gcols,
+                        (stride, 1),
+                        k,
+                        (1, ckk as isize),
+                        gz,
+                        (gz_stride, 1),
+                        false,
+                        false,
+                    );
                     col2im(g, &mut gcols, bs, &mut gx_part[(b0 - s0) * g.in_len()..]);
                 }
             }

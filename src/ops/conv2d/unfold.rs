@@ -15,9 +15,9 @@ fn copy_run<T: Copy>(dst: &mut [T], src: &[T]) {
     d.into_remainder().iter_mut().zip(s.remainder()).for_each(|(d, &v)| *d = v);
 }
 
-/// A per-thread buffer of unfolded samples `[C·KH·KW, bs·L]` (row stride `bs·L`). Positions
-/// that fall on the padding are never written, so the buffer is zero-filled only when its
-/// layout (`bs`) changes.
+/// A per-thread buffer of unfolded samples `[C·KH·KW, bs·L]` (row stride
+/// [`Geometry::row_stride`]). Positions that fall on the padding are never written, so the
+/// buffer is zero-filled only when its layout (`bs`) changes.
 pub(super) struct Unfolded<T> {
     cols: Vec<T>,
     ld: usize,
@@ -25,12 +25,12 @@ pub(super) struct Unfolded<T> {
 
 impl<T: Float> Unfolded<T> {
     pub(super) fn new(g: &Geometry) -> Self {
-        Self { cols: vec![T::default(); g.ckk() * g.group() * g.l()], ld: 0 }
+        Self { cols: vec![T::default(); g.group_buffer::<T>(g.ckk())], ld: 0 }
     }
 
-    /// Unfolds the `bs` samples of `x`.
+    /// Unfolds the `bs` samples of `x` (rows [`Geometry::row_stride`]`(bs)` apart).
     pub(super) fn fill(&mut self, g: &Geometry, x: &[T], bs: usize) -> &[T] {
-        let (l, ld, s) = (g.l(), bs * g.l(), g.stride);
+        let (l, ld, s) = (g.l(), g.row_stride::<T>(bs), g.stride);
         let cols = &mut self.cols[..g.ckk() * ld];
         if self.ld != ld {
             cols.fill(T::default());
@@ -81,11 +81,11 @@ fn zero_padding_columns<T: Float>(run: &mut [T], start: usize, w: usize, dj: isi
     }
 }
 
-/// Folds `cols` `[C·KH·KW, bs·L]` back onto the `bs` samples of `gx`, adding to it (zero on
+/// Folds `cols` `[C·KH·KW, bs·L]` (rows [`Geometry::row_stride`]`(bs)` apart) back onto the `bs` samples of `gx`, adding to it (zero on
 /// entry: each input element gathers the contributions of every kernel position over it).
 /// `cols` is the gemm's output, a scratch buffer: its padding positions are zeroed on the way.
 pub(super) fn col2im<T: Float>(g: &Geometry, cols: &mut [T], bs: usize, gx: &mut [T]) {
-    let (l, ld, s) = (g.l(), bs * g.l(), g.stride);
+    let (l, ld, s) = (g.l(), g.row_stride::<T>(bs), g.stride);
     if g.is_shift() {
         for (b, gx_b) in gx.chunks_exact_mut(g.in_len()).take(bs).enumerate() {
             g.for_each_plane(|row, start, end, offset, dj| {
