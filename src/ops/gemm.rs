@@ -80,7 +80,7 @@ pub fn floor_seconds(calls: &[GemmCall], reps: usize) -> f64 {
 /// ResNet's 16-channel convolution, rows of 4 KiB, ran its forward gemm at half the rate).
 pub fn padded_stride<T>(cols: usize) -> usize {
     let size = std::mem::size_of::<T>().max(1);
-    if (cols * size) % 512 == 0 {
+    if (cols * size).is_multiple_of(512) {
         cols + 64 / size
     } else {
         cols

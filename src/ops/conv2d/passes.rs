@@ -69,6 +69,20 @@ pub(super) fn forward<T: Float>(g: &Geometry, ep: Epilogue, x: &[T], k: &[T], bi
             let bs = x_g.len() / g.in_len();
             let (ld, stride) = (bs * l, g.row_stride::<T>(bs) as isize);
             let cols = unfolded.fill(g, x_g, bs);
+            if bs == 1 && !ep.pool {
+                // One sample: the product's [O, L] layout is the output's, so the gemm writes it
+                // in place (the unfolded rows are the ones whose stride matters).
+                matmul((g.o, l, ckk), out_g, (l as isize, 1), k, (ckk as isize, 1), cols, (stride, 1), false, false);
+                for (c, z) in out_g.chunks_exact_mut(l).enumerate() {
+                    if let Some(bias) = bias {
+                        z.iter_mut().for_each(|v| *v += bias[c]);
+                    }
+                    if ep.relu {
+                        z.iter_mut().for_each(|v| *v = relu(*v));
+                    }
+                }
+                return;
+            }
             matmul((g.o, ld, ckk), prod, (stride, 1), k, (ckk as isize, 1), cols, (stride, 1), false, false);
             for b in 0..bs {
                 for c in 0..g.o {
@@ -155,13 +169,16 @@ fn output_grad<T: Float>(
     }
 }
 
-/// The backward pass over fixed ranges of samples, one per thread, in groups of
-/// [`Geometry::group`] samples.
+/// The backward pass over ranges of samples (four per thread), in groups of [`Geometry::group`]
+/// samples.
 pub(super) fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs) -> Grads<T> {
     let Saved { x, k, y, dy, argmax } = saved;
     let (ckk, l, bsz) = (g.ckk(), g.l(), g.group());
     let groups = g.n.div_ceil(bsz);
-    let per = groups.div_ceil(rayon::current_num_threads().clamp(1, groups)) * bsz;
+    // Four ranges per thread: a thread that the machine's other load slows hands ranges to the
+    // others instead of holding up the pass. Each range sums its own kernel and bias gradient.
+    let ranges = (4 * rayon::current_num_threads()).clamp(1, groups);
+    let per = groups.div_ceil(ranges) * bsz;
     let parts = g.n.div_ceil(per);
     let mut gx = crate::ops::buffer::zeroed::<T>(if needs.input { g.n * g.in_len() } else { 0 });
     let gx_parts: Vec<Option<&mut [T]>> = if needs.input {
