@@ -5,6 +5,7 @@
 //! the same math.
 
 use super::cpu::{f32_slice, fused_ok, grad_f32, slice_of, BLOCK};
+use super::fast_exp::exp_nonpositive;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -15,17 +16,92 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 /// side that keeps it free of cancellation. Straight-line f32 code, so the loops vectorise.
 #[inline(always)]
 pub fn normal_cdf(v: f32) -> f32 {
+    cdf_with(v, exp_nonpositive(-0.5 * v * v))
+}
+
+/// `Φ(v)` given `e = exp(-v²/2)`, which the normal density shares.
+#[inline(always)]
+fn cdf_with(v: f32, e: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152_1, 1.061_405_4];
     let z = v.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + P * z);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let half_erfc = 0.5 * poly * (-z * z).exp();
+    let half_erfc = 0.5 * poly * e;
     if v >= 0.0 {
         1.0 - half_erfc
     } else {
         half_erfc
     }
+}
+
+/// `y = x·Φ(x)` over a block.
+#[inline(always)]
+fn forward_block(y: &mut [f32], x: &[f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = v * normal_cdf(v);
+    }
+}
+
+/// `dx = g·(Φ(x) + x·φ(x))` over a block; one exponential serves the CDF and the density.
+#[inline(always)]
+fn backward_block(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    for ((o, &v), &g) in dx.iter_mut().zip(x).zip(g) {
+        let e = exp_nonpositive(-0.5 * v * v);
+        *o = g * (cdf_with(v, e) + v * FRAC_1_SQRT_2PI * e);
+    }
+}
+
+/// The blocks compiled for AVX2 and FMA, chosen at run time where the CPU has them.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    /// [`super::forward_block`] in AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward_block(y: &mut [f32], x: &[f32]) {
+        super::forward_block(y, x)
+    }
+
+    /// [`super::backward_block`] in AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn backward_block(dx: &mut [f32], x: &[f32], g: &[f32]) {
+        super::backward_block(dx, x, g)
+    }
+}
+
+/// Whether this CPU runs the AVX2 blocks.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn forward(y: &mut [f32], x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2::forward_block(y, x) };
+    }
+    forward_block(y, x)
+}
+
+fn backward(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2::backward_block(dx, x, g) };
+    }
+    backward_block(dx, x, g)
 }
 
 /// Exact GELU, `x·Φ(x)` (Hugging Face's `gelu`).
@@ -47,11 +123,7 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "the input")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK)).for_each(|(y, x)| {
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = v * normal_cdf(v);
-            }
-        });
+        y.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK)).for_each(|(y, x)| forward(y, x));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -60,12 +132,9 @@ impl CustomOp1 for GeluErf {
         let ((xs, xl), (gs, gl)) = (arg.storage_and_layout(), grad.storage_and_layout());
         let (x, g) = (slice_of::<f32>(&xs, xl, "gelu input")?, slice_of::<f32>(&gs, gl, "gelu gradient")?);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK))).for_each(|(dx, (x, g))| {
-            for ((o, &v), &g) in dx.iter_mut().zip(x).zip(g) {
-                let pdf = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
-                *o = g * (normal_cdf(v) + v * pdf);
-            }
-        });
+        dx.par_chunks_mut(BLOCK)
+            .zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK)))
+            .for_each(|(dx, (x, g))| backward(dx, x, g));
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }

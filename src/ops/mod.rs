@@ -18,6 +18,7 @@ pub mod buffer;
 pub mod conv2d;
 pub mod cpu;
 pub mod elementwise;
+pub mod fast_exp;
 pub mod gelu;
 pub mod gemm;
 pub mod half;
