@@ -11,10 +11,12 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 const ROUND: f32 = 12_582_912.0;
 
 /// `eˣ` for `x <= 0`, within 1e-7 relative of the exact value for `x >= -87` (8.0e-8 measured
-/// by the test below against f64); `x` below -87 gives about 1.6e-38 instead of a smaller number or 0.
+/// by the test below against f64); `x` below -87 gives about 1.6e-38 instead of a smaller number or 0,
+/// and NaN gives NaN.
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
-    let x = x.max(-87.0);
+    // Not `max`, which would turn NaN into -87: a NaN goes through as NaN.
+    let x = if x < -87.0 { -87.0 } else { x };
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
@@ -42,5 +44,6 @@ mod tests {
         assert!(worst < 1e-7, "relative error {worst:e}");
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert!(exp_nonpositive(-1e4) < 2e-38 && exp_nonpositive(f32::NEG_INFINITY) >= 0.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 }

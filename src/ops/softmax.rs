@@ -6,6 +6,7 @@
 //! the same math.
 
 use super::cpu::{f32_slice, fused_ok, grad_f32, rows_per_task, slice_of};
+use super::fast_exp::exp_nonpositive;
 use super::half::{in_f32, is_half};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -37,11 +38,10 @@ impl CustomOp1 for SoftmaxLast {
         y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| {
             for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
                 for (o, &v) in out.iter_mut().zip(row) {
-                    *o = (v - max).exp();
-                    sum += *o as f64;
+                    *o = exp_nonpositive(v - max);
                 }
+                let sum: f64 = out.iter().map(|&o| o as f64).sum();
                 let inv = (1.0 / sum) as f32;
                 out.iter_mut().for_each(|o| *o *= inv);
             }
