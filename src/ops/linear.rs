@@ -147,15 +147,31 @@ impl ParamOp for Dense {
             None
         };
         let db = match b {
-            Some(b) if b.track_op() => {
-                let mut sums = vec![0f32; n];
-                for row in dz.chunks_exact(n) {
-                    sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
-                }
-                Some(Tensor::from_vec(sums, n, dev)?)
-            }
+            Some(b) if b.track_op() => Some(Tensor::from_vec(column_sums(dz, n), n, dev)?),
             _ => None,
         };
         Ok((dx, dw, db))
     }
+}
+
+/// The sums of the columns of the row-major `[·, n]` matrix `dz`: partial sums over blocks of
+/// 64 rows in parallel, then added in block order, so the result does not depend on
+/// the number of threads. (Summed on one thread, the bias gradient of ViT's MLP at 112 px held the
+/// other core idle for about a millisecond per layer.)
+fn column_sums(dz: &[f32], n: usize) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = dz
+        .par_chunks(n.max(1) * 64)
+        .map(|block| {
+            let mut sums = vec![0f32; n];
+            for row in block.chunks_exact(n.max(1)) {
+                sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+            }
+            sums
+        })
+        .collect();
+    let mut sums = vec![0f32; n];
+    for p in &partials {
+        sums.iter_mut().zip(p).for_each(|(s, &v)| *s += v);
+    }
+    sums
 }
