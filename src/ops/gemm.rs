@@ -79,12 +79,16 @@ pub fn floor_seconds(calls: &[GemmCall], reps: usize) -> f64 {
 /// a gemm panel fall in the same few sets of the L1 cache and evict each other (on this machine
 /// ResNet's 16-channel convolution, rows of 4 KiB, ran its forward gemm at half the rate).
 pub fn padded_stride<T>(cols: usize) -> usize {
-    let size = std::mem::size_of::<T>().max(1);
-    if (cols * size).is_multiple_of(512) {
-        cols + 64 / size
+    if (cols * std::mem::size_of::<T>()).is_multiple_of(512) {
+        cols + stride_padding::<T>()
     } else {
         cols
     }
+}
+
+/// The most [`padded_stride`] adds: one 64-byte cache line of `T`s.
+pub fn stride_padding<T>() -> usize {
+    64 / std::mem::size_of::<T>().max(1)
 }
 
 /// Element types the gemm path handles.

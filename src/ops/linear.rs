@@ -156,8 +156,8 @@ impl ParamOp for Dense {
 
 /// The sums of the columns of the row-major `[·, n]` matrix `dz`: partial sums over blocks of
 /// 64 rows in parallel, then added in block order, so the result does not depend on
-/// the number of threads. (Summed on one thread, the bias gradient of ViT's MLP at 112 px held the
-/// other core idle for about a millisecond per layer.)
+/// the number of threads. (Summed on one thread, it left the other cores idle during every linear
+/// layer's bias gradient.)
 fn column_sums(dz: &[f32], n: usize) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = dz
         .par_chunks(n.max(1) * 64)

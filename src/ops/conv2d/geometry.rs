@@ -131,7 +131,7 @@ impl Geometry {
 
     /// Elements a `[rows, ·]` group buffer needs for any `bs` up to [`Self::group`].
     pub(super) fn group_buffer<T>(&self, rows: usize) -> usize {
-        rows * (self.group() * self.l() + 64 / std::mem::size_of::<T>().max(1))
+        rows * (self.group() * self.l() + crate::ops::gemm::stride_padding::<T>())
     }
 
     /// Samples per gemm.

@@ -81,8 +81,9 @@ fn zero_padding_columns<T: Float>(run: &mut [T], start: usize, w: usize, dj: isi
     }
 }
 
-/// Folds `cols` `[C·KH·KW, bs·L]` (rows [`Geometry::row_stride`]`(bs)` apart) back onto the `bs` samples of `gx`, adding to it (zero on
-/// entry: each input element gathers the contributions of every kernel position over it).
+/// Folds `cols` `[C·KH·KW, bs·L]` (rows [`Geometry::row_stride`]`(bs)` apart) back onto the
+/// `bs` samples of `gx`, adding to it (zero on entry: each input element gathers the
+/// contributions of every kernel position over it).
 /// `cols` is the gemm's output, a scratch buffer: its padding positions are zeroed on the way.
 pub(super) fn col2im<T: Float>(g: &Geometry, cols: &mut [T], bs: usize, gx: &mut [T]) {
     let (l, ld, s) = (g.l(), g.row_stride::<T>(bs), g.stride);
