@@ -120,14 +120,38 @@ impl EncoderLayer {
         x.reshape((b, n, self.heads, h / self.heads))?.transpose(1, 2)?.contiguous()
     }
 
+    /// The query, key and value projections as one linear layer `[3·hidden, hidden]` (`[q | k |
+    /// v]` rows `[b·n, 3·hidden]`), when all three have biases or none has; the parameters stay
+    /// three tensors, and their gradients come back to each through the concatenation.
+    fn qkv(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dt = x.dtype();
+        let parts = [&self.query, &self.key, &self.value];
+        let w = parts.iter().map(|l| cast_as(l.weight(), dt)).collect::<candle_core::Result<Vec<_>>>()?;
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias()).collect();
+        let b = match biases.len() {
+            0 => None,
+            3 => Some(Tensor::cat(&biases.iter().map(|b| param(b)).collect::<Vec<_>>(), 0)?),
+            _ => return Ok(None),
+        };
+        crate::ops::linear::dense(x, &Tensor::cat(&w, 0)?, b.as_ref(), false).map(Some)
+    }
+
     /// Self-attention over tokens given as rows `[b·n, hidden]` (so every projection is one
-    /// matrix product).
+    /// matrix product): on the CPU in f32, one projection and one fused op
+    /// ([`crate::ops::attention`]) unless the probabilities are dropped out; elsewhere candle's ops.
     fn attention(&self, x: &Tensor, b: usize, n: usize, train: bool) -> candle_core::Result<Tensor> {
         let h = x.dim(1)?;
+        let scale = 1.0 / ((h / self.heads) as f64).sqrt();
+        let dropped = train && self.attn_drop.p() > 0.0;
+        if crate::ops::attention::fused(x) && !dropped {
+            if let Some(qkv) = self.qkv(x)? {
+                let ctx = crate::ops::attention::attention(&qkv, b, self.heads, scale)?;
+                return self.drop.forward_t(&self.attn_out.forward(&ctx)?, train);
+            }
+        }
         let q = self.split_heads(&self.query.forward(x)?, b, n)?;
         let k = self.split_heads(&self.key.forward(x)?, b, n)?;
         let v = self.split_heads(&self.value.forward(x)?, b, n)?;
-        let scale = 1.0 / ((h / self.heads) as f64).sqrt();
         let scores = (crate::ops::bmm::bmm(&q, &k, true)? * scale)?;
         let probs = self.attn_drop.forward_t(&crate::ops::softmax_last(&scores)?, train)?;
         let ctx = crate::ops::bmm::bmm(&probs, &v, false)?.transpose(1, 2)?.contiguous()?.reshape((b * n, h))?;

@@ -47,6 +47,11 @@ impl Linear {
         &self.weight
     }
 
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `x·Wᵀ + b`, followed by a ReLU when `relu`, with the weight cast to `x`'s dtype: one
     /// fused op for f32 on the CPU (see [`crate::ops::linear::dense`]).
     pub fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {

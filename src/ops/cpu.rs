@@ -68,3 +68,16 @@ pub fn slice_of<'a, T: candle_core::WithDType>(
 pub fn grad_f32(grad: &Tensor) -> Result<Tensor> {
     grad.to_dtype(DType::F32)?.contiguous()
 }
+
+/// Whether this CPU runs the kernels compiled for AVX2 and FMA (GELU, softmax rows): checked
+/// at run time, since the binary targets plain x86-64.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}

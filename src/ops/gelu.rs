@@ -74,21 +74,9 @@ mod avx2 {
     }
 }
 
-/// Whether this CPU runs the AVX2 blocks.
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 fn forward(y: &mut [f32], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if super::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked).
         return unsafe { avx2::forward_block(y, x) };
     }
@@ -97,7 +85,7 @@ fn forward(y: &mut [f32], x: &[f32]) {
 
 fn backward(dx: &mut [f32], x: &[f32], g: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if super::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked).
         return unsafe { avx2::backward_block(dx, x, g) };
     }

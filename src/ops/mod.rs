@@ -11,6 +11,7 @@
 //! - gemm operand layouts chosen so that the large operand is read where it lies and the small
 //!   one is packed (the convolution's weight gradient, a linear layer wider than its batch).
 
+pub mod attention;
 pub mod batch_norm;
 pub mod bias;
 pub mod bmm;

@@ -5,6 +5,7 @@
 //! so; elsewhere (other devices and dtypes, second-order gradients) elementary candle ops compute
 //! the same math.
 
+use super::cpu::has_avx2;
 use super::cpu::{f32_slice, fused_ok, grad_f32, rows_per_task, slice_of};
 use super::fast_exp::exp_nonpositive;
 use super::half::{in_f32, is_half};
@@ -36,14 +37,9 @@ impl CustomOp1 for SoftmaxLast {
         let mut y = vec![0f32; x.len()];
         let task = rows_per_task(n) * n;
         y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| {
-            for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for (o, &v) in out.iter_mut().zip(row) {
-                    *o = exp_nonpositive(v - max);
-                }
-                let sum: f64 = out.iter().map(|&o| o as f64).sum();
-                let inv = (1.0 / sum) as f32;
-                out.iter_mut().for_each(|o| *o *= inv);
+            y.copy_from_slice(x);
+            for row in y.chunks_mut(n) {
+                softmax_in_place(row, 1.0);
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -57,13 +53,109 @@ impl CustomOp1 for SoftmaxLast {
         let mut dx = vec![0f32; y.len()];
         let task = rows_per_task(n) * n;
         dx.par_chunks_mut(task).zip(y.par_chunks(task).zip(g.par_chunks(task))).for_each(|(dx, (y, g))| {
-            for ((yr, gr), out) in y.chunks(n).zip(g.chunks(n)).zip(dx.chunks_mut(n)) {
-                let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                for ((o, &a), &b) in out.iter_mut().zip(yr).zip(gr) {
-                    *o = (a as f64 * (b as f64 - dot)) as f32;
-                }
+            dx.copy_from_slice(g);
+            for (out, yr) in dx.chunks_mut(n).zip(y.chunks(n)) {
+                softmax_grad_in_place(out, yr, 1.0);
             }
         });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
+}
+
+/// Lanes of the row kernels' partial maxima and sums: one AVX register of f32.
+const LANES: usize = 8;
+
+/// The largest element of `x` (NaNs ignored, as `f32::max` does; -inf for an empty row).
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    lanes.into_iter().chain(rest.iter().copied()).fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `row` replaced by `softmax(scale·row)`, `scale > 0`: the exponentials and their sum in one
+/// pass (eight partial sums), then the division.
+#[inline(always)]
+fn softmax_block(row: &mut [f32], scale: f32) {
+    let max = max_of(row);
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
+            *v = exp_nonpositive((*v - max) * scale);
+            *s += *v;
+        }
+    }
+    let mut sum = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_nonpositive((*v - max) * scale);
+        sum += *v;
+    }
+    let inv = 1.0 / (sum + sums.iter().sum::<f32>());
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `g` (the gradient of a softmax's output `p = softmax(scale·x)`, one row) replaced by the
+/// gradient of `x`: `scale · p ⊙ (g - Σ p·g)`.
+#[inline(always)]
+fn softmax_grad_block(g: &mut [f32], p: &[f32], scale: f32) {
+    let mut dots = [0f32; LANES];
+    let (gc, pc) = (g.chunks_exact(LANES), p.chunks_exact(LANES));
+    let mut dot: f32 = gc.remainder().iter().zip(pc.remainder()).map(|(&a, &b)| a * b).sum();
+    for (a, b) in gc.zip(pc) {
+        for ((d, &x), &y) in dots.iter_mut().zip(a).zip(b) {
+            *d += x * y;
+        }
+    }
+    dot += dots.iter().sum::<f32>();
+    g.iter_mut().zip(p).for_each(|(a, &b)| *a = scale * b * (*a - dot));
+}
+
+/// The row kernels compiled for AVX2 and FMA, chosen at run time where the CPU has them.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    /// [`super::softmax_block`] in AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_block(row: &mut [f32], scale: f32) {
+        super::softmax_block(row, scale)
+    }
+
+    /// [`super::softmax_grad_block`] in AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_grad_block(g: &mut [f32], p: &[f32], scale: f32) {
+        super::softmax_grad_block(g, p, scale)
+    }
+}
+
+/// One row replaced by `softmax(scale·row)` (`scale > 0`; the attention op folds its
+/// 1/sqrt(d) in here).
+pub fn softmax_in_place(row: &mut [f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2::softmax_block(row, scale) };
+    }
+    softmax_block(row, scale)
+}
+
+/// One row of a softmax's output gradient `g` replaced by its input's, for `p = softmax(scale·x)`.
+pub fn softmax_grad_in_place(g: &mut [f32], p: &[f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2::softmax_grad_block(g, p, scale) };
+    }
+    softmax_grad_block(g, p, scale)
 }

@@ -1,0 +1,146 @@
+//! Multi-head self-attention's core, `softmax(q·kᵀ·scale)·v` per head, as one op over the rows of
+//! the fused query/key/value projection `[b·n, 3·hidden]` (`[q | k | v]`, each head's `d =
+//! hidden/heads` columns in order), giving the context rows `[b·n, hidden]` with the heads side by
+//! side again.
+//!
+//! Composed from candle's ops the same math is fifteen graph nodes per layer (three head splits of
+//! reshape, transpose and copy, the scores, their scaling, the softmax, the context product and its
+//! merge back to rows), each with its own pass over memory and, in the backward pass, a gradient
+//! added into a zero-filled tensor. Here the forward pass reads `q`, `k` and `v` in place through
+//! their strides, keeps the probabilities for the backward pass, and writes each head's context
+//! straight into its columns of the output; the backward pass writes `dq`, `dk` and `dv` into their
+//! columns of one gradient. The batch elements run in parallel, each head's products on one
+//! thread. Elsewhere (other devices and dtypes, second-order gradients) the caller composes
+//! candle's ops.
+
+use super::cpu::{f32_slice, fused_ok, grad_f32, slice_of};
+use super::gemm::matmul;
+use super::softmax::{softmax_grad_in_place, softmax_in_place};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Whether [`attention`] runs fused for `qkv` (f32 on the CPU, first-order gradients).
+pub fn fused(qkv: &Tensor) -> bool {
+    fused_ok(qkv)
+}
+
+/// The context rows `[b·n, hidden]` of self-attention over `qkv` `[b·n, 3·hidden]` with `heads`
+/// heads and `batch` = b sequences of n tokens; the scores are scaled by `scale` (1/sqrt(d) in a
+/// transformer) before the softmax. For the fused path only (see [`fused`]).
+pub fn attention(qkv: &Tensor, batch: usize, heads: usize, scale: f64) -> Result<Tensor> {
+    let (rows, width) = qkv.dims2()?;
+    if batch == 0 || heads == 0 || !rows.is_multiple_of(batch) || !width.is_multiple_of(3 * heads) || rows == 0 {
+        candle_core::bail!("attention: rows [{rows}, {width}] do not split into {batch} sequences of {heads} heads");
+    }
+    if !(scale.is_finite() && scale > 0.0) {
+        candle_core::bail!("attention: the scale of the scores must be positive, got {scale}");
+    }
+    if !fused(qkv) {
+        candle_core::bail!("attention: the fused op takes f32 CPU tensors");
+    }
+    let dims = Dims { batch, n: rows / batch, heads, d: width / (3 * heads) };
+    qkv.contiguous()?.apply_op1(Attention { dims, scale: scale as f32, probs: Mutex::new(None) })
+}
+
+/// The sizes: `batch` sequences of `n` tokens, `heads` heads of width `d`.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    n: usize,
+    heads: usize,
+    d: usize,
+}
+
+impl Dims {
+    /// Token width.
+    fn hidden(&self) -> usize {
+        self.heads * self.d
+    }
+
+    /// Elements of one sequence's rows of the projection.
+    fn qkv_len(&self) -> usize {
+        self.n * 3 * self.hidden()
+    }
+
+    /// Elements of one sequence's probabilities, every head's `n×n`.
+    fn probs_len(&self) -> usize {
+        self.heads * self.n * self.n
+    }
+}
+
+/// The op, holding the forward pass's probabilities `[b, heads, n, n]` for its backward pass.
+struct Attention {
+    dims: Dims,
+    scale: f32,
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "samhost-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s, l, "attention input")?;
+        let Dims { batch, n, d, .. } = self.dims;
+        let (h, w) = (self.dims.hidden(), 3 * self.dims.hidden());
+        let (ni, hi, wi) = (n as isize, h as isize, w as isize);
+        let mut out = vec![0f32; batch * n * h];
+        let mut probs = vec![0f32; batch * self.dims.probs_len()];
+        out.par_chunks_mut(n * h)
+            .zip(probs.par_chunks_mut(self.dims.probs_len()))
+            .zip(qkv.par_chunks(self.dims.qkv_len()))
+            .for_each(|((out, probs), x)| {
+                for (head, p) in probs.chunks_mut(n * n).enumerate() {
+                    let (q, k, v) = (head * d, h + head * d, 2 * h + head * d);
+                    // scores = q·kᵀ: kᵀ's element (c, j) is k[j, c].
+                    matmul((n, n, d), p, (ni, 1), &x[q..], (wi, 1), &x[k..], (1, wi), false, false);
+                    p.chunks_mut(n).for_each(|row| softmax_in_place(row, self.scale));
+                    // context = p·v, into this head's columns of the output rows.
+                    matmul((n, d, n), &mut out[head * d..], (hi, 1), p, (ni, 1), &x[v..], (wi, 1), false, false);
+                }
+            });
+        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        Ok((CpuStorage::F32(out), Shape::from((batch * n, h))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _ctx: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !qkv.track_op() {
+            return Ok(None);
+        }
+        let guard = self.probs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(probs) = guard.as_ref() else {
+            candle_core::bail!("attention: the backward pass ran before the forward pass")
+        };
+        let grad = grad_f32(grad)?;
+        let ((xs, xl), (gs, gl)) = (qkv.storage_and_layout(), grad.storage_and_layout());
+        let x = slice_of::<f32>(&xs, xl, "attention input")?;
+        let g = slice_of::<f32>(&gs, gl, "attention gradient")?;
+        let Dims { n, d, .. } = self.dims;
+        let (h, w) = (self.dims.hidden(), 3 * self.dims.hidden());
+        let (ni, hi, wi) = (n as isize, h as isize, w as isize);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(self.dims.qkv_len())
+            .zip(x.par_chunks(self.dims.qkv_len()))
+            .zip(g.par_chunks(n * h).zip(probs.par_chunks(self.dims.probs_len())))
+            .for_each(|((dx, x), (g, probs))| {
+                let mut ds = vec![0f32; n * n];
+                for (head, p) in probs.chunks(n * n).enumerate() {
+                    let (q, k, v, c) = (head * d, h + head * d, 2 * h + head * d, head * d);
+                    // dp = dctx·vᵀ.
+                    matmul((n, n, d), &mut ds, (ni, 1), &g[c..], (hi, 1), &x[v..], (1, wi), false, false);
+                    // dv = pᵀ·dctx.
+                    matmul((n, d, n), &mut dx[v..], (wi, 1), p, (1, ni), &g[c..], (hi, 1), false, false);
+                    // ds = p ⊙ (dp - rowsum(dp ⊙ p)) · scale, the gradient of the scaled scores.
+                    for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
+                        softmax_grad_in_place(dr, pr, self.scale);
+                    }
+                    // dq = ds·k, dk = dsᵀ·q.
+                    matmul((n, d, n), &mut dx[q..], (wi, 1), &ds, (ni, 1), &x[k..], (wi, 1), false, false);
+                    matmul((n, d, n), &mut dx[k..], (wi, 1), &ds, (1, ni), &x[q..], (wi, 1), false, false);
+                }
+            });
+        Ok(Some(Tensor::from_vec(dx, qkv.shape(), qkv.device())?))
+    }
+}
