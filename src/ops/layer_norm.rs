@@ -1,7 +1,8 @@
 //! Layer normalisation over the last dimension with exact gradients for the input, the weight and
 //! the bias, in parallel blocks of rows (the weight and bias gradients are summed per block and
 //! the blocks added in order, so the result depends only on the thread count). candle's fused
-//! layer norm has no backward pass.
+//! layer norm has no backward pass. Rows are computed in f32 (two passes for the variance, eight
+//! partial sums, AVX2 where the CPU has it); the weight and bias gradients are summed in f64.
 //! The fused path runs for contiguous f32 tensors on the CPU when [`super::cpu::fused_ok`] says
 //! so; elsewhere (other devices and dtypes, second-order gradients) elementary candle ops compute
 //! the same math.
@@ -40,12 +41,137 @@ struct LayerNormOp {
     eps: f64,
 }
 
-/// Mean and 1/std of one row.
-fn row_stats(row: &[f32], eps: f64) -> (f64, f64) {
-    let n = row.len() as f64;
-    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+/// Lanes of the row sums: one AVX register of f32.
+const LANES: usize = 8;
+
+/// `Σ f(x[j], j)` over a row in eight partial sums (so that it vectorises).
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32, usize) -> f32) -> f32 {
+    let mut sums = [0f32; LANES];
+    let full = x.len() / LANES * LANES;
+    for (c, chunk) in x[..full].chunks_exact(LANES).enumerate() {
+        for (l, (s, &v)) in sums.iter_mut().zip(chunk).enumerate() {
+            *s += f(v, c * LANES + l);
+        }
+    }
+    let rest: f32 = x[full..].iter().enumerate().map(|(j, &v)| f(v, full + j)).sum();
+    rest + sums.iter().sum::<f32>()
+}
+
+/// Mean and 1/std of one row, in two passes (the mean, then the squares about it, so a large
+/// mean costs no precision).
+#[inline(always)]
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = lane_sum(row, |v, _| v) / n;
+    let var = lane_sum(row, |v, _| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// One row normalised: `out = (x - mean)·istd·w + b`.
+#[inline(always)]
+fn forward_row(out: &mut [f32], row: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let (mean, is) = row_stats(row, eps);
+    for (((o, &v), &wv), &bv) in out.iter_mut().zip(row).zip(w).zip(b) {
+        *o = (v - mean) * is * wv + bv;
+    }
+}
+
+/// One row's input gradient into `out` and its terms of the weight and bias gradients added
+/// into `dw` and `db` (f64, summed over a block of rows); `xhat` is scratch of the row's length.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_row(
+    out: &mut [f32],
+    row: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+    xhat: &mut [f32],
+    dw: &mut [f64],
+    db: &mut [f64],
+) {
+    let (mean, is) = row_stats(row, eps);
+    let nf = row.len() as f32;
+    for (h, &v) in xhat.iter_mut().zip(row) {
+        *h = (v - mean) * is;
+    }
+    for (((dw, db), &gv), &h) in dw.iter_mut().zip(db.iter_mut()).zip(g).zip(xhat.iter()) {
+        *dw += (gv * h) as f64;
+        *db += gv as f64;
+    }
+    let sum_gw = lane_sum(g, |gv, j| gv * w[j]);
+    let sum_gw_xhat = lane_sum(g, |gv, j| gv * w[j] * xhat[j]);
+    let k = is / nf;
+    for (((o, &gv), &wv), &h) in out.iter_mut().zip(g).zip(w).zip(xhat.iter()) {
+        *o = k * (nf * gv * wv - sum_gw - h * sum_gw_xhat);
+    }
+}
+
+/// The row kernels compiled for AVX2 and FMA, chosen at run time where the CPU has them.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    /// [`super::forward_row`] over rows of `w.len()`, in AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+        super::forward_rows_generic(y, x, w, b, eps)
+    }
+
+    /// [`super::backward_rows_generic`] in AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn backward_rows(
+        dx: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        w: &[f32],
+        eps: f32,
+    ) -> (Vec<f64>, Vec<f64>) {
+        super::backward_rows_generic(dx, x, g, w, eps)
+    }
+}
+
+/// Rows of `w.len()` elements normalised.
+#[inline(always)]
+fn forward_rows_generic(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let n = w.len();
+    for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
+        forward_row(out, row, w, b, eps);
+    }
+}
+
+/// The input gradients of rows of `w.len()` elements, and the block's weight and bias gradients.
+#[inline(always)]
+fn backward_rows_generic(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], eps: f32) -> (Vec<f64>, Vec<f64>) {
+    let n = w.len();
+    let (mut dw, mut db, mut xhat) = (vec![0f64; n], vec![0f64; n], vec![0f32; n]);
+    for ((row, gr), out) in x.chunks(n).zip(g.chunks(n)).zip(dx.chunks_mut(n)) {
+        backward_row(out, row, gr, w, eps, &mut xhat, &mut dw, &mut db);
+    }
+    (dw, db)
+}
+
+fn forward_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2::forward_rows(y, x, w, b, eps) };
+    }
+    forward_rows_generic(y, x, w, b, eps)
+}
+
+fn backward_rows(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], eps: f32) -> (Vec<f64>, Vec<f64>) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2::backward_rows(dx, x, g, w, eps) };
+    }
+    backward_rows_generic(dx, x, g, w, eps)
 }
 
 impl ParamOp for LayerNormOp {
@@ -61,14 +187,8 @@ impl ParamOp for LayerNormOp {
         }
         let mut y = vec![0f32; x.len()];
         let task = rows_per_task(n) * n;
-        y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| {
-            for (row, out) in x.chunks(n).zip(y.chunks_mut(n)) {
-                let (mean, is) = row_stats(row, self.eps);
-                for (((o, &v), &wv), &bv) in out.iter_mut().zip(row).zip(w).zip(b) {
-                    *o = (((v as f64 - mean) * is) * wv as f64 + bv as f64) as f32;
-                }
-            }
-        });
+        let eps = self.eps as f32;
+        y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| forward_rows(y, x, w, b, eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -80,37 +200,16 @@ impl ParamOp for LayerNormOp {
         let gs = slice_of::<f32>(&gs, gl, "layer norm gradient")?;
         let ws = slice_of::<f32>(&wst, wl, "layer norm weight")?;
         let n = ws.len();
-        let nf = n as f64;
         let rows = xs.len() / n.max(1);
         // One block of rows per thread: its input gradient rows and its partial weight and bias
         // gradients, added in block order below.
         let per = rows.div_ceil(rayon::current_num_threads().clamp(1, rows.max(1))).max(1) * n;
         let mut dx = vec![0f32; xs.len()];
+        let eps = self.eps as f32;
         let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
             .par_chunks_mut(per)
             .zip(xs.par_chunks(per).zip(gs.par_chunks(per)))
-            .map(|(dx, (xs, gs))| {
-                let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
-                let mut xhat = vec![0f64; n];
-                for ((row, gr), out) in xs.chunks(n).zip(gs.chunks(n)).zip(dx.chunks_mut(n)) {
-                    let (mean, is) = row_stats(row, self.eps);
-                    let (mut sum_gw, mut sum_gw_xhat) = (0f64, 0f64);
-                    for j in 0..n {
-                        xhat[j] = (row[j] as f64 - mean) * is;
-                        let g = gr[j] as f64;
-                        dw[j] += g * xhat[j];
-                        db[j] += g;
-                        let gw = g * ws[j] as f64;
-                        sum_gw += gw;
-                        sum_gw_xhat += gw * xhat[j];
-                    }
-                    for j in 0..n {
-                        let gw = gr[j] as f64 * ws[j] as f64;
-                        out[j] = (is / nf * (nf * gw - sum_gw - xhat[j] * sum_gw_xhat)) as f32;
-                    }
-                }
-                (dw, db)
-            })
+            .map(|(dx, (xs, gs))| backward_rows(dx, xs, gs, ws, eps))
             .collect();
         let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
         for (pw, pb) in partials {

@@ -444,3 +444,33 @@ fn fused_attention_matches_an_f64_composition() {
     let err = samhost::ops::attention::attention(&x, 3, 2, 0.5).unwrap_err().to_string();
     assert!(err.contains("do not split into 3 sequences"), "{err}");
 }
+
+/// The fused layer norm against the f64 composition of candle's ops at a transformer's widths,
+/// on rows whose mean is far from zero (where a one-pass f32 variance loses its digits): values to
+/// 1e-5 and gradients of the input, weight and bias to 1e-5 relative.
+#[test]
+fn layer_norm_matches_an_f64_composition_at_transformer_widths() {
+    let rng = HostRng::new(12);
+    for (rows, n, offset) in [(700, 384, 20.0), (33, 1024, -5.0), (9, 13, 0.0)] {
+        let case = format!("rows={rows} n={n} offset={offset}");
+        let x = rand(&rng, &[rows, n], DType::F32).affine(1.0, offset).unwrap();
+        let (x, w, b) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&rand(&rng, &[n], DType::F32)).unwrap(),
+            Var::from_tensor(&rand(&rng, &[n], DType::F32)).unwrap(),
+        );
+        let f64_var = |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+        let (x64, w64, b64) = (f64_var(&x), f64_var(&w), f64_var(&b));
+        let ours = samhost::ops::layer_norm::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+        let theirs =
+            samhost::ops::layer_norm::layer_norm_ops(x64.as_tensor(), w64.as_tensor(), b64.as_tensor(), 1e-6).unwrap();
+        assert!(max_rel(&ours, &theirs) < 1e-5, "{case}: values off by {:e}", max_rel(&ours, &theirs));
+        let r = rand(&rng, ours.dims(), DType::F32);
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, a, c) in [("x", &x, &x64), ("weight", &w, &w64), ("bias", &b, &b64)] {
+            let (a, c) = (g1.get(a.as_tensor()).unwrap(), g2.get(c.as_tensor()).unwrap());
+            assert!(max_rel(a, c) < 1e-5, "{case}: gradient of {what} off by {:e}", max_rel(a, c));
+        }
+    }
+}
