@@ -188,7 +188,11 @@ impl EncoderLayer {
         };
         let a = self.attention(&self.ln_before.forward(x)?, b, n, train)?;
         let x = (self.branch(a, s1, b, train)? + x)?;
-        let h = self.act.apply(&self.intermediate.forward(&self.ln_after.forward(&x)?)?)?;
+        let normed = self.ln_after.forward(&x)?;
+        let h = match self.act {
+            Activation::Gelu => self.intermediate.forward_gelu(&normed)?,
+            act => act.apply(&self.intermediate.forward(&normed)?)?,
+        };
         let m = self.drop.forward_t(&self.output.forward(&h)?, train)?;
         self.branch(m, s2, b, train)? + x
     }

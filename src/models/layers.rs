@@ -60,6 +60,16 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `gelu(x·Wᵀ + b)` (exact GELU) as one op for f32 on the CPU (see
+    /// [`crate::ops::linear::dense_act`]).
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(param);
+        let w = cast_as(&self.weight, x.dtype())?;
+        crate::ops::linear::dense_act(x, &w, bias.as_ref(), crate::ops::linear::Act::Gelu)
+    }
+}
+
 impl From<candle_nn::Linear> for Linear {
     fn from(l: candle_nn::Linear) -> Self {
         Self::new(l.weight().clone(), l.bias().cloned())

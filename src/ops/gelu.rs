@@ -74,7 +74,8 @@ mod avx2 {
     }
 }
 
-fn forward(y: &mut [f32], x: &[f32]) {
+/// `y = gelu(x)` over a block (AVX2 where the CPU has it).
+pub(super) fn forward(y: &mut [f32], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked).
@@ -83,7 +84,8 @@ fn forward(y: &mut [f32], x: &[f32]) {
     forward_block(y, x)
 }
 
-fn backward(dx: &mut [f32], x: &[f32], g: &[f32]) {
+/// `dx = g·gelu'(x)` over a block (AVX2 where the CPU has it).
+pub(super) fn backward(dx: &mut [f32], x: &[f32], g: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked).

@@ -7,13 +7,16 @@
 //! does all three: the forward pass adds the bias and clamps in one pass over the gemm's output,
 //! and the backward pass masks the incoming gradient once, then writes `dyᵀ·x`, the bias sums and
 //! (only when the input needs one: not for a data batch) `dy·w`. The parameters' gradients go to
-//! [`super::param_grads`]. Other devices and dtypes use candle.
+//! [`super::param_grads`]. An exact GELU can take the ReLU's place ([`dense_act`]): the op keeps
+//! the pre-activation for its backward pass, so the transformer MLP's activation is no graph node
+//! of its own. Other devices and dtypes use candle.
 
-use super::cpu::{f32_slice, fused_ok, slice_of};
+use super::cpu::{f32_slice, fused_ok, slice_of, BLOCK};
 use super::gemm::{matmul, matmul_new};
 use super::param_op::{self, Grads3, Operand, ParamOp};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// `x·wᵀ` for `x` `[.., K]` and `w` `[N, K]` (PyTorch's linear layer without its bias).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -22,6 +25,23 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `x·wᵀ + b`, then `max(·, 0)` when `relu`, for `x` `[.., K]`, `w` `[N, K]` and `b` `[N]`.
 pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+    dense_act(x, w, b, if relu { Act::Relu } else { Act::None })
+}
+
+/// The activation a dense layer applies to `x·wᵀ + b` in the same op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// None: the affine map alone.
+    None,
+    /// `max(·, 0)`.
+    Relu,
+    /// Exact GELU, `z·Φ(z)` (as [`super::gelu_erf`]).
+    Gelu,
+}
+
+/// `act(x·wᵀ + b)` for `x` `[.., K]`, `w` `[N, K]` and `b` `[N]`: one op on the CPU in f32,
+/// else candle's matmul followed by the separate bias and activation ops.
+pub fn dense_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
     let k = x.dims().last().copied().unwrap_or(0);
     let (n, wk) = w.dims2()?;
     let m = x.elem_count() / k.max(1);
@@ -33,7 +53,11 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<T
             Some(b) => super::bias::add_broadcast(&y, b)?,
             None => y,
         };
-        return if relu { super::relu(&y) } else { Ok(y) };
+        return match act {
+            Act::None => Ok(y),
+            Act::Relu => super::relu(&y),
+            Act::Gelu => super::gelu_erf(&y),
+        };
     }
     let mut out = x.dims().to_vec();
     if let Some(last) = out.last_mut() {
@@ -41,12 +65,16 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Result<T
     }
     let (x, w) = (x.contiguous()?.reshape((m, k))?, w.contiguous()?);
     let b = b.map(Tensor::contiguous).transpose()?;
-    param_op::apply(&x, &w, b.as_ref(), Dense { relu })?.reshape(out)
+    let op = Dense { relu: act == Act::Relu, gelu: act == Act::Gelu, pre: Mutex::new(None) };
+    param_op::apply(&x, &w, b.as_ref(), op)?.reshape(out)
 }
 
-/// `(x [M, K], w [N, K], b [N]?) -> relu?(x·wᵀ + b) [M, N]`.
+/// `(x [M, K], w [N, K], b [N]?) -> act(x·wᵀ + b) [M, N]`.
 struct Dense {
     relu: bool,
+    /// GELU after the bias; the pre-activation is then kept in `pre` for the backward pass.
+    gelu: bool,
+    pre: Mutex<Option<Vec<f32>>>,
 }
 
 /// Rows of the output per parallel task of the epilogue and the masking pass.
@@ -109,7 +137,14 @@ impl ParamOp for Dense {
     fn cpu_fwd(&self, x: Operand, w: Operand, b: Option<Operand>) -> Result<(CpuStorage, Shape)> {
         let ((m, k), (n, _)) = (x.1.shape().dims2()?, w.1.shape().dims2()?);
         let b = b.map(|(s, l)| f32_slice(s, l, "linear bias")).transpose()?;
-        let y = self.forward(f32_slice(x.0, x.1, "linear input")?, f32_slice(w.0, w.1, "linear weight")?, b, (m, n, k));
+        let mut y =
+            self.forward(f32_slice(x.0, x.1, "linear input")?, f32_slice(w.0, w.1, "linear weight")?, b, (m, n, k));
+        if self.gelu {
+            let pre = y;
+            y = vec![0f32; pre.len()];
+            y.par_chunks_mut(BLOCK).zip(pre.par_chunks(BLOCK)).for_each(|(y, z)| super::gelu::forward(y, z));
+            *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -118,9 +153,20 @@ impl ParamOp for Dense {
         let ((m, n), k) = (dy.dims2()?, x.dim(1)?);
         let ((ds, dl), (ys, yl)) = (dy.storage_and_layout(), y.storage_and_layout());
         let (dy_v, y_v) = (slice_of::<f32>(&ds, dl, "linear gradient")?, slice_of::<f32>(&ys, yl, "linear output")?);
-        // The gradient before the ReLU: dy where the output is positive.
+        // The gradient before the activation: for the ReLU, dy where the output is positive.
         let masked;
-        let dz: &[f32] = if self.relu {
+        let dz: &[f32] = if self.gelu {
+            let guard = self.pre.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(pre) = guard.as_ref() else {
+                candle_core::bail!("linear + GELU: the backward pass ran before the forward pass")
+            };
+            let mut v = vec![0f32; dy_v.len()];
+            v.par_chunks_mut(BLOCK)
+                .zip(pre.par_chunks(BLOCK).zip(dy_v.par_chunks(BLOCK)))
+                .for_each(|(d, (z, g))| super::gelu::backward(d, z, g));
+            masked = v;
+            &masked
+        } else if self.relu {
             let mut v = dy_v.to_vec();
             v.par_chunks_mut(n * ROWS_PER_TASK).zip(y_v.par_chunks(n * ROWS_PER_TASK)).for_each(|(d, y)| {
                 d.iter_mut().zip(y).for_each(|(d, &y)| *d = if y > 0.0 { *d } else { 0.0 });

@@ -240,30 +240,34 @@ fn conv2d_block_matches_candle_composition() {
     }
 }
 
-/// The fused linear layer `relu?(x·wᵀ + b)` against candle's matmul, broadcast add and ReLU:
-/// values and all three gradients; a weight used twice gets the sum of both uses, also when
-/// its gradients are handed over to `gradients()`.
+/// The fused linear layer `act(x·wᵀ + b)` (none, ReLU, exact GELU) against candle's matmul,
+/// broadcast add and activation: values and all three gradients; a weight used twice gets the
+/// sum of both uses, also when its gradients are handed over to `gradients()`.
 #[test]
 fn dense_matches_candle_composition() {
-    use samhost::ops::linear::dense;
+    use samhost::ops::linear::{dense, dense_act, Act};
     use samhost::train::grads::gradients;
     let rng = HostRng::new(12);
     // 128 and 150 rows: the bias gradient sums blocks of 64 rows, the last one short in 150.
+    // (4, 6, 5) and (1, 1, 1) are wider than their batch (the transposed forward pass).
+    let acts = [(true, Act::Relu), (true, Act::None), (false, Act::Relu), (true, Act::Gelu), (false, Act::Gelu)];
     for (m, k, n) in [(4, 6, 5), (33, 17, 9), (128, 300, 64), (150, 7, 3), (1, 1, 1)] {
-        for (bias, relu) in [(true, true), (true, false), (false, true)] {
-            let case = format!("{m}x{k} -> {n}, bias {bias} relu {relu}");
+        for (bias, act) in acts {
+            let case = format!("{m}x{k} -> {n}, bias {bias} {act:?}");
             let x = Var::from_tensor(&rand(&rng, &[m, k], DType::F32)).unwrap();
             let w = Var::from_tensor(&rand(&rng, &[n, k], DType::F32)).unwrap();
             let b = Var::from_tensor(&rand(&rng, &[n], DType::F32)).unwrap();
             let bt = bias.then(|| b.as_tensor());
-            let ours = dense(x.as_tensor(), w.as_tensor(), bt, relu).unwrap();
+            let ours = dense_act(x.as_tensor(), w.as_tensor(), bt, act).unwrap();
             let mut theirs = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
             if bias {
                 theirs = theirs.broadcast_add(b.as_tensor()).unwrap();
             }
-            if relu {
-                theirs = theirs.relu().unwrap();
-            }
+            theirs = match act {
+                Act::None => theirs,
+                Act::Relu => theirs.relu().unwrap(),
+                Act::Gelu => theirs.gelu_erf().unwrap(),
+            };
             assert!(max_rel(&ours, &theirs) < 1e-5, "{case}: values");
             let r = rand(&rng, &[m, n], DType::F32);
             let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
