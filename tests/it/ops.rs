@@ -362,8 +362,10 @@ fn batched_matmul_matches_candle() {
 }
 
 /// With `CANDLE_GRAD_DO_NOT_DETACH` set (second-order gradients) every fused op steps aside for
-/// candle's differentiable ones: SAM steps on a cnn (convolution block, linear + ReLU) and a
-/// ResNet (BatchNorm + ReLU, residual sum) run and give the fused path's losses to 1e-4.
+/// candle's differentiable ones: SAM steps on a cnn (convolution block, linear + ReLU), a
+/// ResNet (BatchNorm + ReLU, residual sum) and a ViT (fused attention, linear + GELU, layer norm;
+/// initialised wide enough that the attention scores matter: a 1.2x error in their scale fails
+/// this) run and give the fused path's losses to 1e-4.
 #[test]
 fn second_order_mode_uses_candles_ops_and_agrees() {
     use crate::common::{samhost, stderr, stdout, write};
@@ -374,7 +376,9 @@ fn second_order_mode_uses_candles_ops_and_agrees() {
         r#"
 let shape = [3, 8, 8];
 let d = synthetic(#{ n: 16, classes: 3, shape: shape, seed: 1 });
-for m in [cnn(#{ channels: [4, 6], hidden: 8, classes: 3, input: shape }), resnet(8, 3)] {
+let vt = vit(#{ hidden_size: 8, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 16, image_size: 8,
+                patch_size: 2, num_labels: 3, initializer_range: 0.5 });
+for m in [cnn(#{ channels: [4, 6], hidden: 8, classes: 3, input: shape }), resnet(8, 3), vt] {
     let opt = sgd(m, #{ lr: 0.1, momentum: 0.9 });
     for epoch in 0..3 {
         for b in d.batches(16, #{ seed: 1, epoch: epoch }) {
@@ -396,7 +400,7 @@ for m in [cnn(#{ channels: [4, 6], hidden: 8, classes: 3, input: shape }), resne
         stdout(&o).split_whitespace().filter_map(|v| v.parse().ok()).collect()
     };
     let (fused, plain) = (losses(false), losses(true));
-    assert_eq!(fused.len(), 12, "{fused:?}");
+    assert_eq!(fused.len(), 18, "{fused:?}");
     for (a, b) in fused.iter().zip(&plain) {
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "fused {fused:?} against candle's ops {plain:?}");
     }
