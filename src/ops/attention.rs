@@ -30,7 +30,13 @@ pub fn fused(qkv: &Tensor) -> bool {
 /// transformer) before the softmax. For the fused path only (see [`fused`]).
 pub fn attention(qkv: &Tensor, batch: usize, heads: usize, scale: f64) -> Result<Tensor> {
     let (rows, width) = qkv.dims2()?;
-    if batch == 0 || heads == 0 || !rows.is_multiple_of(batch) || !width.is_multiple_of(3 * heads) || rows == 0 {
+    if batch == 0
+        || heads == 0
+        || !rows.is_multiple_of(batch)
+        || !width.is_multiple_of(3 * heads)
+        || rows == 0
+        || width == 0
+    {
         candle_core::bail!("attention: rows [{rows}, {width}] do not split into {batch} sequences of {heads} heads");
     }
     if !(scale.is_finite() && scale > 0.0) {

@@ -98,26 +98,16 @@ fn planes(x: &[f32], n: usize, c: usize, hw: usize, ch: usize) -> impl Iterator<
     (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
 }
 
-/// `Σ f(a, b, c)` over matching elements of three equally long slices, in eight f32 lanes,
-/// returned in f64 (the lanes let the compiler vectorise the sum).
+/// `Σ f(a, b, c)` in f32 lanes ([`super::lanes::sum3`]), returned in f64 for the sums across planes.
 #[inline]
 fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f64 {
-    let mut acc = [0f32; 8];
-    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
-    let tail: f32 =
-        ca.remainder().iter().zip(cb.remainder()).zip(cc.remainder()).map(|((&x, &y), &z)| f(x, y, z)).sum();
-    for ((x, y), z) in ca.zip(cb).zip(cc) {
-        for l in 0..8 {
-            acc[l] += f(x[l], y[l], z[l]);
-        }
-    }
-    (acc.iter().sum::<f32>() + tail) as f64
+    super::lanes::sum3(a, b, c, f) as f64
 }
 
 /// `Σ f(v)` over a slice, as [`lane_sum3`].
 #[inline]
 fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    lane_sum3(a, a, a, |x, _, _| f(x))
+    super::lanes::sum(a, f) as f64
 }
 
 /// Per channel: the mean and the biased variance (channels in parallel, each summed in a fixed

@@ -9,6 +9,7 @@
 
 use super::cpu::{f32_slice, fused_ok, grad_f32, rows_per_task, slice_of};
 use super::half::{in_f32, is_half};
+use super::lanes;
 use super::param_op::{self, Grads3, Operand, ParamOp};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -41,30 +42,13 @@ struct LayerNormOp {
     eps: f64,
 }
 
-/// Lanes of the row sums: one AVX register of f32.
-const LANES: usize = 8;
-
-/// `Σ f(x[j], j)` over a row in eight partial sums (so that it vectorises).
-#[inline(always)]
-fn lane_sum(x: &[f32], f: impl Fn(f32, usize) -> f32) -> f32 {
-    let mut sums = [0f32; LANES];
-    let full = x.len() / LANES * LANES;
-    for (c, chunk) in x[..full].chunks_exact(LANES).enumerate() {
-        for (l, (s, &v)) in sums.iter_mut().zip(chunk).enumerate() {
-            *s += f(v, c * LANES + l);
-        }
-    }
-    let rest: f32 = x[full..].iter().enumerate().map(|(j, &v)| f(v, full + j)).sum();
-    rest + sums.iter().sum::<f32>()
-}
-
 /// Mean and 1/std of one row, in two passes (the mean, then the squares about it, so a large
 /// mean costs no precision).
 #[inline(always)]
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = lane_sum(row, |v, _| v) / n;
-    let var = lane_sum(row, |v, _| (v - mean) * (v - mean)) / n;
+    let mean = lanes::sum(row, |v| v) / n;
+    let var = lanes::sum(row, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -100,8 +84,8 @@ fn backward_row(
         *dw += (gv * h) as f64;
         *db += gv as f64;
     }
-    let sum_gw = lane_sum(g, |gv, j| gv * w[j]);
-    let sum_gw_xhat = lane_sum(g, |gv, j| gv * w[j] * xhat[j]);
+    let sum_gw = lanes::sum2(g, w, |gv, wv| gv * wv);
+    let sum_gw_xhat = lanes::sum3(g, w, xhat, |gv, wv, h| gv * wv * h);
     let k = is / nf;
     for (((o, &gv), &wv), &h) in out.iter_mut().zip(g).zip(w).zip(xhat.iter()) {
         *o = k * (nf * gv * wv - sum_gw - h * sum_gw_xhat);

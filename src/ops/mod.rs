@@ -25,6 +25,7 @@ pub mod gemm;
 pub mod half;
 pub mod inplace;
 pub mod interpolate;
+pub mod lanes;
 pub mod layer_norm;
 pub mod linear;
 pub mod param_grads;

@@ -9,6 +9,7 @@ use super::cpu::has_avx2;
 use super::cpu::{f32_slice, fused_ok, grad_f32, rows_per_task, slice_of};
 use super::fast_exp::exp_nonpositive;
 use super::half::{in_f32, is_half};
+use super::lanes::{sum2, LANES};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -62,9 +63,6 @@ impl CustomOp1 for SoftmaxLast {
     }
 }
 
-/// Lanes of the row kernels' partial maxima and sums: one AVX register of f32.
-const LANES: usize = 8;
-
 /// The largest element of `x` (NaNs ignored, as `f32::max` does; -inf for an empty row).
 #[inline(always)]
 fn max_of(x: &[f32]) -> f32 {
@@ -105,15 +103,7 @@ fn softmax_block(row: &mut [f32], scale: f32) {
 /// gradient of `x`: `scale · p ⊙ (g - Σ p·g)`.
 #[inline(always)]
 fn softmax_grad_block(g: &mut [f32], p: &[f32], scale: f32) {
-    let mut dots = [0f32; LANES];
-    let (gc, pc) = (g.chunks_exact(LANES), p.chunks_exact(LANES));
-    let mut dot: f32 = gc.remainder().iter().zip(pc.remainder()).map(|(&a, &b)| a * b).sum();
-    for (a, b) in gc.zip(pc) {
-        for ((d, &x), &y) in dots.iter_mut().zip(a).zip(b) {
-            *d += x * y;
-        }
-    }
-    dot += dots.iter().sum::<f32>();
+    let dot = sum2(g, p, |a, b| a * b);
     g.iter_mut().zip(p).for_each(|(a, &b)| *a = scale * b * (*a - dot));
 }
 

@@ -451,6 +451,9 @@ fn fused_attention_matches_an_f64_composition() {
     let x = rand(&rng, &[10, 12], DType::F32);
     let err = samhost::ops::attention::attention(&x, 3, 2, 0.5).unwrap_err().to_string();
     assert!(err.contains("do not split into 3 sequences"), "{err}");
+    let empty = Tensor::zeros((4, 0), DType::F32, &Device::Cpu).unwrap();
+    let err = samhost::ops::attention::attention(&empty, 2, 2, 0.5).unwrap_err().to_string();
+    assert!(err.contains("do not split into 2 sequences"), "{err}");
 }
 
 /// The fused layer norm against the f64 composition of candle's ops at a transformer's widths,
