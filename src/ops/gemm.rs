@@ -40,6 +40,15 @@ pub fn record_calls<R>(f: impl FnOnce() -> R) -> (R, Vec<GemmCall>) {
     (r, calls)
 }
 
+/// Counts `call` in the census of [`record_calls`] (when one runs) without making it: for kernels
+/// that compute a matrix product's worth of work another way (the direct convolution), so the
+/// floor still covers their work at the gemm's rate.
+pub fn record_equivalent(call: GemmCall) {
+    if RECORDING.load(Ordering::Relaxed) {
+        CALLS.lock().unwrap_or_else(|p| p.into_inner()).push(call);
+    }
+}
+
 /// The time this machine's gemm takes for `calls` in f32 (row-major operands with
 /// [`padded_stride`] rows, the median of `reps` runs per distinct shape): products that ran over
 /// the pool are timed so; those that ran on one thread beside others (a convolution's per-sample

@@ -35,6 +35,15 @@ fn conv2d_matches_candle_values_and_gradients() {
         (6, 16, 8, 8, 16, 3, 1, 1),
         (2, 3, 6, 5, 4, 5, 1, 2),
         (2, 3, 6, 6, 4, 3, 1, 2),
+        // The direct kernels (stride 1, widths a multiple of 8): an odd number of 8-position
+        // vectors and 7 or 13 output channels (tiles of 6 with a short last one), 5x5 with
+        // padding 2, 1x1, a non-square image, 3 input channels.
+        (3, 5, 5, 8, 7, 3, 1, 1),
+        (2, 4, 8, 16, 13, 5, 1, 2),
+        (2, 8, 8, 8, 3, 1, 1, 0),
+        (2, 3, 16, 24, 9, 3, 1, 1),
+        // Stride 1 and padding 2 of a 3x3 kernel, widths 8 and 10: left to im2col.
+        (2, 6, 3, 8, 5, 3, 1, 2),
     ];
     for dtype in [DType::F32, DType::F64] {
         for &(n, c, h, w, o, k, s, p) in &shapes {

@@ -22,6 +22,7 @@
 //! sample groups), `unfold.rs` (im2col and col2im), `passes.rs` (the forward and backward passes
 //! on slices), this file (the candle op and the public functions).
 
+mod direct;
 mod geometry;
 mod passes;
 mod unfold;
@@ -74,6 +75,30 @@ impl ConvBlock {
         let (yv, dv) = (slice_of::<T>(&ys, yl, "conv2d output")?, slice_of::<T>(&ds, dl, "conv2d gradient")?);
         Ok(backward(g, self.ep, Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax }, needs))
     }
+
+    /// [`Self::grads`] in f32, by the direct kernels where they apply.
+    fn grads_f32(
+        &self,
+        g: &Geometry,
+        x: &Tensor,
+        k: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        needs: Needs,
+    ) -> Result<Grads<f32>> {
+        if !direct::applies(g) {
+            return self.grads::<f32>(g, x, k, y, dy, needs);
+        }
+        let ((xs, xl), (ks, kl)) = (x.storage_and_layout(), k.storage_and_layout());
+        let ((ys, yl), (ds, dl)) = (y.storage_and_layout(), dy.storage_and_layout());
+        let argmax = self.argmax.lock().map_err(|_| candle_core::Error::Msg("conv2d: poisoned lock".into()))?;
+        if self.ep.pool && argmax.len() != y.elem_count() {
+            candle_core::bail!("conv2d backward: the pooling positions of the forward pass are missing");
+        }
+        let (xv, kv) = (slice_of::<f32>(&xs, xl, "conv2d input")?, slice_of::<f32>(&ks, kl, "conv2d kernel")?);
+        let (yv, dv) = (slice_of::<f32>(&ys, yl, "conv2d output")?, slice_of::<f32>(&ds, dl, "conv2d gradient")?);
+        Ok(direct::backward(g, self.ep, Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax }, needs))
+    }
 }
 
 impl ParamOp for ConvBlock {
@@ -86,7 +111,12 @@ impl ParamOp for ConvBlock {
         }
         let (out, argmax) = match x.0.dtype() {
             DType::F32 => {
-                let (o, a) = forward(&g, self.ep, typed(x)?, typed(k)?, b.map(typed).transpose()?);
+                let (x, k, b) = (typed(x)?, typed(k)?, b.map(typed).transpose()?);
+                let (o, a) = if direct::applies(&g) {
+                    direct::forward(&g, self.ep, x, k, b)
+                } else {
+                    forward(&g, self.ep, x, k, b)
+                };
                 (CpuStorage::F32(o), a)
             }
             DType::F64 => {
@@ -112,7 +142,7 @@ impl ParamOp for ConvBlock {
         }
         let (gx, gk, gb) = match x.dtype() {
             DType::F32 => {
-                let (gx, gk, gb) = self.grads::<f32>(&g, x, k, y, &dy, needs)?;
+                let (gx, gk, gb) = self.grads_f32(&g, x, k, y, &dy, needs)?;
                 (wrap(gx, x.dims(), dev)?, wrap(gk, k.dims(), dev)?, wrap(gb, &[g.o], dev)?)
             }
             DType::F64 => {

@@ -25,7 +25,7 @@ impl Epilogue {
 
 /// `max(v, 0)`.
 #[inline]
-fn relu<T: Float>(v: T) -> T {
+pub(super) fn relu<T: Float>(v: T) -> T {
     if v > T::default() {
         v
     } else {
@@ -35,7 +35,7 @@ fn relu<T: Float>(v: T) -> T {
 
 /// 2x2 max-pooling of one `ho`×`wo` plane into `out` with the window position of each maximum
 /// (0..4, row-major, the first one on ties).
-fn pool_plane<T: Float>(plane: &[T], (ho, wo): (usize, usize), out: &mut [T], argmax: &mut [u8]) {
+pub(super) fn pool_plane<T: Float>(plane: &[T], (ho, wo): (usize, usize), out: &mut [T], argmax: &mut [u8]) {
     let pw = wo / 2;
     for (py, (out_row, am_row)) in out.chunks_exact_mut(pw).zip(argmax.chunks_exact_mut(pw)).take(ho / 2).enumerate() {
         let r0 = &plane[2 * py * wo..][..2 * pw];
@@ -130,7 +130,7 @@ pub(super) type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
 /// `[O, bs·L]` (rows [`Geometry::row_stride`]`(bs)` apart), from the output `y`, its gradient
 /// `dy` and the pooling positions.
 #[allow(clippy::too_many_arguments)]
-fn output_grad<T: Float>(
+pub(super) fn output_grad<T: Float>(
     g: &Geometry,
     ep: Epilogue,
     y: &[T],

@@ -1,0 +1,502 @@
+//! Direct convolution for stride 1 in f32 on AVX2: no unfolded columns, no gemm packing.
+//!
+//! A ResNet's 16- and 32-channel convolutions are too narrow for im2col + gemm: each unfolded
+//! value takes part in only O multiply-adds, so writing the columns, the gemm packing them and
+//! col2im folding the input gradient back cost about as much as the products (the 16-channel
+//! forward product ran at 32-49 GFLOP/s on one core, against 68 for the weight gradient's).
+//! Here each sample's input is copied once into a zero-bordered plane per channel, and the
+//! kernel reads the shifted input rows straight from it: a tile of up to 6 output channels by
+//! 16 output positions (two AVX2 vectors along a row) accumulates `Σ w[o, c, i, j] ·
+//! x[c, y + i, x + j]` over `c, i, j` in twelve registers.
+//!
+//! The input gradient of a stride-1 convolution is itself one: the output gradient padded by
+//! `K - 1 - p`, convolved with the kernel flipped and its channels swapped. The weight gradient
+//! `Σ_positions gz[o, ·] · x[c, · + (i, j)]` runs as 4 output channels by 3 kernel rows of
+//! vector partial sums over the positions of a group of samples, summed across lanes once.
+//!
+//! It applies to stride 1, output and input widths that are multiples of 8 (whole vectors along
+//! a row: CIFAR's 32, 16 and 8), padding below the kernel size, on a CPU with AVX2 and FMA, and
+//! unless `SAMHOST_CONV_DIRECT=0`; every other convolution takes im2col + gemm.
+
+use super::geometry::Geometry;
+use super::passes::{output_grad, pool_plane, relu, Epilogue, Grads, Needs, Saved};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Output channels per forward tile.
+const OB: usize = 6;
+/// Output channels per weight-gradient tile.
+const WO: usize = 4;
+/// Kernel rows `(c, i, j)` per weight-gradient tile.
+const WC: usize = 3;
+
+/// Positions per vector.
+const V: usize = 8;
+
+/// Whether the direct kernels run for this convolution (see the module documentation).
+pub(super) fn applies(g: &Geometry) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled = *ENABLED
+        .get_or_init(|| std::env::var("SAMHOST_CONV_DIRECT").map_or(true, |v| v != "0") && crate::ops::cpu::has_avx2());
+    enabled
+        && cfg!(target_arch = "x86_64")
+        && g.stride == 1
+        && g.wo.is_multiple_of(V)
+        && g.w.is_multiple_of(V)
+        && g.padding < g.kh.min(g.kw)
+}
+
+/// Which pass [`record_gemms`] stands for.
+#[derive(Clone, Copy, PartialEq)]
+enum Pass {
+    Forward,
+    Kernel,
+    Input,
+}
+
+/// Records in the gemm census ([`crate::ops::gemm::record_equivalent`]) the products the im2col
+/// path would make for `pass` over the batch, so the speed benchmark's floor still counts this
+/// work at the gemm's rate on those shapes.
+fn record_gemms(g: &Geometry, pass: Pass) {
+    let (ckk, l, bsz) = (g.ckk(), g.l(), g.group());
+    for b0 in (0..g.n).step_by(bsz) {
+        let cols = bsz.min(g.n - b0) * l;
+        let (m, n, k) = match pass {
+            Pass::Forward => (g.o, cols, ckk),
+            Pass::Kernel => (ckk, g.o, cols),
+            Pass::Input => (ckk, cols, g.o),
+        };
+        crate::ops::gemm::record_equivalent(crate::ops::gemm::GemmCall { m, n, k, parallel: false });
+    }
+}
+
+/// A convolution `[C_in, Hp, Wp] -> [C_out, Ho·Wo]` over zero-bordered planes, stride 1.
+struct Plan {
+    out_ch: usize,
+    /// Offset in the padded input of each kernel row `(c, i, j)`: `(c·Hp + i)·Wp + j`.
+    off: Vec<usize>,
+    /// Offset in the padded input of each output vector's first position `(y, x)`: `y·Wp + x`.
+    bases: Vec<usize>,
+    /// The kernel in tiles of [`OB`] output channels: `[tile][c·i·j][OB]`, zeros past `out_ch`.
+    panels: Vec<f32>,
+    /// Elements of one padded input.
+    in_len: usize,
+    /// Positions of one output plane.
+    l: usize,
+}
+
+impl Plan {
+    /// The plan for `kernel` `[out_ch, in_ch, kh, kw]` over padded planes `hp`×`wp`.
+    fn new(kernel: &[f32], (out_ch, in_ch, kh, kw): (usize, usize, usize, usize), (hp, wp): (usize, usize)) -> Self {
+        let (ho, wo) = (hp + 1 - kh, wp + 1 - kw);
+        let ckk = in_ch * kh * kw;
+        let off =
+            (0..in_ch).flat_map(|c| (0..kh).flat_map(move |i| (0..kw).map(move |j| (c * hp + i) * wp + j))).collect();
+        let bases = (0..ho * wo / V).map(|v| (v * V / wo) * wp + (v * V) % wo).collect();
+        let tiles = out_ch.div_ceil(OB);
+        let mut panels = vec![0f32; tiles * ckk * OB];
+        for o in 0..out_ch {
+            for r in 0..ckk {
+                panels[((o / OB) * ckk + r) * OB + o % OB] = kernel[o * ckk + r];
+            }
+        }
+        Self { out_ch, off, bases, panels, in_len: in_ch * hp * wp, l: ho * wo }
+    }
+
+    /// `out` `[out_ch, Ho·Wo]` = the convolution of one padded input `xp`, plus `bias`, clamped
+    /// at zero when `relu`.
+    fn run(&self, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
+        assert!(xp.len() >= self.in_len && out.len() >= self.out_ch * self.l, "direct conv: buffers too small");
+        assert!(bias.is_none_or(|b| b.len() >= self.out_ch), "direct conv: bias too short");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `applies` checked AVX2 and FMA; every read lies inside `xp` (the last vector's
+        // base plus the last kernel row's offset plus 8 stays inside the padded input: its row
+        // ends Wp = Wo + kw - 1 elements after its start) and every write inside `out`.
+        unsafe {
+            avx2::conv(self, xp, bias, relu, out)
+        }
+    }
+}
+
+/// A zero-bordered copy of `planes` (`ch` planes `h`×`w`, plane `c` at `src[c·plane_stride..]`,
+/// rows `w` apart) into `dst` `[ch, h + 2·pt, w + 2·pl]`: only the interior is written, the
+/// border stays as it was (zero from the allocation).
+fn pad_into(
+    src: &[f32],
+    (ch, h, w): (usize, usize, usize),
+    plane_stride: usize,
+    (pt, pl): (usize, usize),
+    dst: &mut [f32],
+) {
+    let (hp, wp) = (h + 2 * pt, w + 2 * pl);
+    for c in 0..ch {
+        let plane = &src[c * plane_stride..][..h * w];
+        let d = &mut dst[c * hp * wp..][..hp * wp];
+        for (y, row) in plane.chunks_exact(w).enumerate() {
+            d[(y + pt) * wp + pl..][..w].copy_from_slice(row);
+        }
+    }
+}
+
+/// The forward pass: the output `[N, O, ·]` and, when pooling, each window's argmax.
+pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Option<&[f32]>) -> (Vec<f32>, Vec<u8>) {
+    let p = g.padding;
+    let (hp, wp) = (g.h + 2 * p, g.w + 2 * p);
+    let plan = Plan::new(k, (g.o, g.c, g.kh, g.kw), (hp, wp));
+    record_gemms(g, Pass::Forward);
+    let l = g.l();
+    let out_per = g.o * ep.out_len(g);
+    let mut out = crate::ops::buffer::zeroed::<f32>(g.n * out_per);
+    let mut argmax = crate::ops::buffer::zeroed::<u8>(if ep.pool { g.n * out_per } else { 0 });
+    let mut am_chunks: Vec<Option<&mut [u8]>> =
+        if ep.pool { argmax.chunks_mut(out_per).map(Some).collect() } else { (0..g.n).map(|_| None).collect() };
+    out.par_chunks_mut(out_per).zip(am_chunks.par_iter_mut()).zip(x.par_chunks(g.in_len())).for_each_init(
+        || (vec![0f32; plan.in_len], vec![0f32; if ep.pool { g.o * l } else { 0 }]),
+        |(xp, plane), ((out_b, am_b), x_b)| {
+            pad_into(x_b, (g.c, g.h, g.w), g.h * g.w, (p, p), xp);
+            match am_b.as_deref_mut() {
+                None => plan.run(xp, bias, ep.relu, out_b),
+                Some(am) => {
+                    // Pool, then clamp (the order of the im2col path's epilogue).
+                    plan.run(xp, bias, false, plane);
+                    let n = ep.out_len(g);
+                    for (c, z) in plane.chunks_exact(l).enumerate() {
+                        let dst = &mut out_b[c * n..][..n];
+                        pool_plane(z, (g.ho, g.wo), dst, &mut am[c * n..][..n]);
+                        if ep.relu {
+                            dst.iter_mut().for_each(|v| *v = relu(*v));
+                        }
+                    }
+                }
+            }
+        },
+    );
+    (out, argmax)
+}
+
+/// The output gradient of a group: where row `(b, o)` starts and how many elements it has.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    o_stride: usize,
+    b_stride: usize,
+}
+
+impl Rows<'_> {
+    fn row(&self, b: usize, o: usize, l: usize) -> &[f32] {
+        &self.data[b * self.b_stride + o * self.o_stride..][..l]
+    }
+}
+
+/// The backward pass over fixed ranges of samples, one per thread (the same sums on every run
+/// with the same thread count), in groups of [`Geometry::group`] samples for the weight gradient.
+pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Needs) -> Grads<f32> {
+    let Saved { x, k, y, dy, argmax } = saved;
+    let (ckk, l, bsz, p) = (g.ckk(), g.l(), g.group(), g.padding);
+    let (hp, wp) = (g.h + 2 * p, g.w + 2 * p);
+    // The input gradient: the output gradient padded by K - 1 - p, convolved with the kernel
+    // flipped and its channels swapped, `[C, O, kh, kw]`.
+    let (qt, ql) = (g.kh - 1 - p, g.kw - 1 - p);
+    let (ghp, gwp) = (g.ho + 2 * qt, g.wo + 2 * ql);
+    let dx_plan = needs.input.then(|| {
+        let (kh, kw) = (g.kh, g.kw);
+        let mut flipped = vec![0f32; g.c * g.o * kh * kw];
+        for o in 0..g.o {
+            for c in 0..g.c {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        flipped[((c * g.o + o) * kh + i) * kw + j] =
+                            k[((o * g.c + c) * kh + kh - 1 - i) * kw + kw - 1 - j];
+                    }
+                }
+            }
+        }
+        Plan::new(&flipped, (g.c, g.o, kh, kw), (ghp, gwp))
+    });
+    // The offsets of the weight gradient's shifted input rows and output vectors.
+    let wplan = Plan { out_ch: 0, panels: Vec::new(), ..Plan::new(&[], (0, g.c, g.kh, g.kw), (hp, wp)) };
+    for (pass, needed) in [(Pass::Kernel, needs.kernel), (Pass::Input, needs.input)] {
+        if needed {
+            record_gemms(g, pass);
+        }
+    }
+    let groups = g.n.div_ceil(bsz);
+    let per = groups.div_ceil(rayon::current_num_threads().clamp(1, groups)) * bsz;
+    let parts = g.n.div_ceil(per);
+    let mut gx = crate::ops::buffer::zeroed::<f32>(if needs.input { g.n * g.in_len() } else { 0 });
+    let gx_parts: Vec<Option<&mut [f32]>> = if needs.input {
+        gx.chunks_mut(per * g.in_len()).map(Some).collect()
+    } else {
+        (0..parts).map(|_| None).collect()
+    };
+    let direct_gz = !ep.pool && !ep.relu;
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_parts
+        .into_par_iter()
+        .enumerate()
+        .map(|(part, mut gx_part)| {
+            let mut gk = vec![0f32; if needs.kernel { g.o * ckk } else { 0 }];
+            let mut gb = vec![0f32; if needs.bias { g.o } else { 0 }];
+            let mut gz_buf = vec![0f32; if direct_gz { 0 } else { g.group_buffer::<f32>(g.o) }];
+            let mut xps = vec![0f32; if needs.kernel { bsz * wplan.in_len } else { 0 }];
+            let mut gzp = vec![0f32; if needs.input { g.o * ghp * gwp } else { 0 }];
+            let (s0, s1) = (part * per, ((part + 1) * per).min(g.n));
+            for b0 in (s0..s1).step_by(bsz) {
+                let bs = bsz.min(s1 - b0);
+                let rows = if direct_gz {
+                    Rows { data: &dy[b0 * g.o * l..(b0 + bs) * g.o * l], o_stride: l, b_stride: g.o * l }
+                } else {
+                    output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz_buf);
+                    Rows { data: &gz_buf, o_stride: g.row_stride::<f32>(bs), b_stride: l }
+                };
+                if needs.bias {
+                    for b in 0..bs {
+                        for (o, s) in gb.iter_mut().enumerate() {
+                            *s += rows.row(b, o, l).iter().sum::<f32>();
+                        }
+                    }
+                }
+                if needs.kernel {
+                    for b in 0..bs {
+                        let x_b = &x[(b0 + b) * g.in_len()..][..g.in_len()];
+                        pad_into(x_b, (g.c, g.h, g.w), g.h * g.w, (p, p), &mut xps[b * wplan.in_len..]);
+                    }
+                    weight_grad(&wplan, rows, &xps, bs, g.o, &mut gk);
+                }
+                if let (Some(gx_part), Some(plan)) = (gx_part.as_deref_mut(), dx_plan.as_ref()) {
+                    for b in 0..bs {
+                        let src = &rows.data[b * rows.b_stride..];
+                        pad_into(src, (g.o, g.ho, g.wo), rows.o_stride, (qt, ql), &mut gzp);
+                        let dst = &mut gx_part[(b0 - s0 + b) * g.in_len()..][..g.in_len()];
+                        plan.run(&gzp, None, false, dst);
+                    }
+                }
+            }
+            (gk, gb)
+        })
+        .collect();
+    let mut sums = partials.into_iter();
+    let (mut gk, mut gb) = sums.next().unwrap_or_default();
+    for (pk, pb) in sums {
+        gk.iter_mut().zip(&pk).for_each(|(a, &b)| *a += b);
+        gb.iter_mut().zip(&pb).for_each(|(a, &b)| *a += b);
+    }
+    (needs.input.then_some(gx), needs.kernel.then_some(gk), needs.bias.then_some(gb))
+}
+
+/// Adds to `gk` `[O, C·kh·kw]` the weight gradient of a group of `bs` samples: their output
+/// gradient `rows` and their padded inputs `xps` (`plan.in_len` apart).
+fn weight_grad(plan: &Plan, rows: Rows, xps: &[f32], bs: usize, o: usize, gk: &mut [f32]) {
+    let ckk = plan.off.len();
+    assert!(bs > 0 && o > 0 && plan.bases.len() * V == plan.l, "direct conv: empty weight gradient");
+    assert!(
+        rows.data.len() >= (bs - 1) * rows.b_stride + (o - 1) * rows.o_stride + plan.l
+            && xps.len() >= bs * plan.in_len
+            && gk.len() >= o * ckk,
+        "direct conv: weight-gradient buffers too small"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `applies` checked AVX2 and FMA; the asserts above bound every read of `rows` and
+    // `xps` (each padded input's reads stay inside it, as in `Plan::run`) and every write of `gk`.
+    unsafe {
+        avx2::weight_grad(plan, rows, xps, bs, o, gk)
+    }
+}
+
+/// The kernels, compiled for AVX2 and FMA and chosen at run time ([`applies`]).
+#[cfg(target_arch = "x86_64")]
+// Register tiles are indexed by their (constant) row and column: the loops unroll into named
+// registers, which iterator chains over two arrays at once would obscure.
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::{Plan, Rows, OB, V, WC, WO};
+    use std::arch::x86_64::*;
+
+    /// The sum of the eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// One forward tile: `B` output channels (kernel panel `w`, [`OB`] values per kernel row) by
+    /// `NV` vectors of positions, whose padded input starts at `x + base[v]`; written to
+    /// `dst + i·l + pos[v]`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `x + base[v] + off[r] + 8` inside the input, `w` holding `off.len()` rows
+    /// of [`OB`], the destinations inside the output.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const B: usize, const NV: usize>(
+        w: *const f32,
+        off: &[usize],
+        x: *const f32,
+        base: [usize; NV],
+        init: &[f32; OB],
+        relu: bool,
+        dst: *mut f32,
+        (l, pos): (usize, [usize; NV]),
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; B];
+        for i in 0..B {
+            for a in acc[i].iter_mut() {
+                *a = _mm256_set1_ps(init[i]);
+            }
+        }
+        let mut xb = [x; NV];
+        for v in 0..NV {
+            xb[v] = x.add(base[v]);
+        }
+        let mut wr = w;
+        for &d in off {
+            let mut a = [_mm256_setzero_ps(); NV];
+            for v in 0..NV {
+                a[v] = _mm256_loadu_ps(xb[v].add(d));
+            }
+            for i in 0..B {
+                let wv = _mm256_broadcast_ss(&*wr.add(i));
+                for v in 0..NV {
+                    acc[i][v] = _mm256_fmadd_ps(wv, a[v], acc[i][v]);
+                }
+            }
+            wr = wr.add(OB);
+        }
+        let zero = _mm256_setzero_ps();
+        for i in 0..B {
+            for v in 0..NV {
+                let r = if relu { _mm256_max_ps(acc[i][v], zero) } else { acc[i][v] };
+                _mm256_storeu_ps(dst.add(i * l + pos[v]), r);
+            }
+        }
+    }
+
+    /// [`tile`] for `b` (1 to [`OB`]) output channels.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_of<const NV: usize>(
+        b: usize,
+        w: *const f32,
+        off: &[usize],
+        x: *const f32,
+        base: [usize; NV],
+        init: &[f32; OB],
+        relu: bool,
+        dst: *mut f32,
+        at: (usize, [usize; NV]),
+    ) {
+        match b {
+            6 => tile::<6, NV>(w, off, x, base, init, relu, dst, at),
+            5 => tile::<5, NV>(w, off, x, base, init, relu, dst, at),
+            4 => tile::<4, NV>(w, off, x, base, init, relu, dst, at),
+            3 => tile::<3, NV>(w, off, x, base, init, relu, dst, at),
+            2 => tile::<2, NV>(w, off, x, base, init, relu, dst, at),
+            _ => tile::<1, NV>(w, off, x, base, init, relu, dst, at),
+        }
+    }
+
+    /// [`Plan::run`] (its checks done).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `xp` and `out` as large as [`Plan::run`] checks.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn conv(plan: &Plan, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
+        let (ckk, nv, l) = (plan.off.len(), plan.bases.len(), plan.l);
+        let (x, out) = (xp.as_ptr(), out.as_mut_ptr());
+        for t in 0..plan.out_ch.div_ceil(OB) {
+            let o0 = t * OB;
+            let b = (plan.out_ch - o0).min(OB);
+            let w = plan.panels.as_ptr().add(t * ckk * OB);
+            let mut init = [0f32; OB];
+            if let Some(bias) = bias {
+                init[..b].copy_from_slice(&bias[o0..o0 + b]);
+            }
+            let dst = out.add(o0 * l);
+            let mut v = 0;
+            while v + 2 <= nv {
+                let base = [plan.bases[v], plan.bases[v + 1]];
+                tile_of::<2>(b, w, &plan.off, x, base, &init, relu, dst, (l, [v * V, (v + 1) * V]));
+                v += 2;
+            }
+            if v < nv {
+                tile_of::<1>(b, w, &plan.off, x, [plan.bases[v]], &init, relu, dst, (l, [v * V]));
+            }
+        }
+    }
+
+    /// One weight-gradient tile: output channels `o0..o0 + B` by kernel rows `r0..r0 + R`,
+    /// summed over the positions of `bs` samples.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; the bounds [`super::weight_grad`] checks.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn wtile<const B: usize, const R: usize>(
+        plan: &Plan,
+        rows: Rows,
+        xps: &[f32],
+        bs: usize,
+        (o0, r0): (usize, usize),
+        gk: &mut [f32],
+    ) {
+        let ckk = plan.off.len();
+        let mut acc = [[_mm256_setzero_ps(); R]; B];
+        let mut off = [0usize; R];
+        off.copy_from_slice(&plan.off[r0..r0 + R]);
+        for s in 0..bs {
+            let xb = xps.as_ptr().add(s * plan.in_len);
+            let mut g = [rows.data.as_ptr(); B];
+            for i in 0..B {
+                g[i] = rows.data.as_ptr().add(s * rows.b_stride + (o0 + i) * rows.o_stride);
+            }
+            for (v, &base) in plan.bases.iter().enumerate() {
+                let mut xv = [_mm256_setzero_ps(); R];
+                for j in 0..R {
+                    xv[j] = _mm256_loadu_ps(xb.add(base + off[j]));
+                }
+                for i in 0..B {
+                    let gv = _mm256_loadu_ps(g[i].add(v * V));
+                    for j in 0..R {
+                        acc[i][j] = _mm256_fmadd_ps(gv, xv[j], acc[i][j]);
+                    }
+                }
+            }
+        }
+        for i in 0..B {
+            for j in 0..R {
+                gk[(o0 + i) * ckk + r0 + j] += hsum(acc[i][j]);
+            }
+        }
+    }
+
+    /// [`super::weight_grad`] (its checks done).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; the bounds [`super::weight_grad`] checks.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weight_grad(plan: &Plan, rows: Rows, xps: &[f32], bs: usize, o: usize, gk: &mut [f32]) {
+        let ckk = plan.off.len();
+        for o0 in (0..o).step_by(WO) {
+            for r0 in (0..ckk).step_by(WC) {
+                let at = (o0, r0);
+                match ((o - o0).min(WO), (ckk - r0).min(WC)) {
+                    (4, 3) => wtile::<4, 3>(plan, rows, xps, bs, at, gk),
+                    (4, 2) => wtile::<4, 2>(plan, rows, xps, bs, at, gk),
+                    (4, _) => wtile::<4, 1>(plan, rows, xps, bs, at, gk),
+                    (3, 3) => wtile::<3, 3>(plan, rows, xps, bs, at, gk),
+                    (3, 2) => wtile::<3, 2>(plan, rows, xps, bs, at, gk),
+                    (3, _) => wtile::<3, 1>(plan, rows, xps, bs, at, gk),
+                    (2, 3) => wtile::<2, 3>(plan, rows, xps, bs, at, gk),
+                    (2, 2) => wtile::<2, 2>(plan, rows, xps, bs, at, gk),
+                    (2, _) => wtile::<2, 1>(plan, rows, xps, bs, at, gk),
+                    (_, 3) => wtile::<1, 3>(plan, rows, xps, bs, at, gk),
+                    (_, 2) => wtile::<1, 2>(plan, rows, xps, bs, at, gk),
+                    _ => wtile::<1, 1>(plan, rows, xps, bs, at, gk),
+                }
+            }
+        }
+    }
+}
