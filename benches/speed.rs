@@ -31,10 +31,11 @@ use bench_models::{build_on, env_list, median};
 use counting_alloc::{LIVE, PEAK};
 
 /// (name, config name or JSON, image side, batch, steps divisor)
-const MODELS: [(&str, &str, usize, usize, usize); 5] = [
+const MODELS: [(&str, &str, usize, usize, usize); 6] = [
     ("mlp", r#"{"model_type": "mlp", "sizes": [3072, 512, 512, 10]}"#, 32, 128, 1),
     ("cnn", "cnn", 32, 128, 1),
     ("resnet20", "resnet20", 32, 128, 1),
+    ("resnet32", "resnet32", 32, 128, 2),
     ("wrn-16-8", "wrn-16-8", 32, 16, 1),
     ("vit-s16", "vit-s16", 224, 8, 2),
 ];

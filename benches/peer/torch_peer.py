@@ -168,6 +168,7 @@ MODELS = {
     "mlp": (lambda: Mlp([3072, 512, 512, 10]), (3, 32, 32), 128, 10),
     "cnn": (lambda: Cnn(), (3, 32, 32), 128, 10),
     "resnet20": (lambda: CifarResNet(20), (3, 32, 32), 128, 10),
+    "resnet32": (lambda: CifarResNet(32), (3, 32, 32), 128, 5),
     "wrn-16-8": (lambda: WideResNet(16, 8), (3, 32, 32), 16, 10),
     "vit-s16": (lambda: Vit(), (3, 224, 224), 8, 5),
 }

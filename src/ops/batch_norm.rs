@@ -110,17 +110,35 @@ fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     super::lanes::sum(a, f) as f64
 }
 
-/// Per channel: the mean and the biased variance (channels in parallel, each summed in a fixed
-/// order: plane sums in f32 lanes, added in f64).
+/// Per channel: the mean and the biased variance, in one pass over memory (channels in
+/// parallel, each summed in a fixed order). Each plane is summed, then its squared deviations
+/// from its own (f32) mean are summed while it is still in cache, both in f32 lanes; the planes
+/// combine exactly in f64: `Σ(v − μ)² = Σ_p [q_p + 2(μ_p − μ)(s_p − hw·μ_p) + hw·(μ_p − μ)²]`
+/// with `s_p` the plane's sum, `μ_p` its f32 mean and `q_p = Σ(v − μ_p)²`. (Two passes over
+/// the channel, one for the mean and one for the deviations, read every activation twice.)
 fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     let m = (n * hw) as f64;
+    let hw64 = hw as f64;
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mean = planes(x, n, c, hw, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
-            let mu = mean as f32;
-            let var = planes(x, n, c, hw, ch).map(|p| lane_sum(p, |v| (v - mu) * (v - mu))).sum::<f64>() / m;
-            (mean, var)
+            let parts: Vec<(f64, f64, f64)> = planes(x, n, c, hw, ch)
+                .map(|p| {
+                    let s = lane_sum(p, |v| v);
+                    let mu_p = (s / hw64) as f32;
+                    (s, mu_p as f64, lane_sum(p, |v| (v - mu_p) * (v - mu_p)))
+                })
+                .collect();
+            let mean = parts.iter().map(|p| p.0).sum::<f64>() / m;
+            let var = parts
+                .iter()
+                .map(|&(s, mu_p, q)| {
+                    let d = mu_p - mean;
+                    q + 2.0 * d * (s - hw64 * mu_p) + hw64 * d * d
+                })
+                .sum::<f64>()
+                / m;
+            (mean, var.max(0.0))
         })
         .unzip()
 }

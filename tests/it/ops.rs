@@ -494,3 +494,31 @@ fn layer_norm_matches_an_f64_composition_at_transformer_widths() {
         }
     }
 }
+
+/// The fused BatchNorm's batch mean and variance (one pass over memory, planes combined in f64)
+/// against a float64 computation, on planes whose means differ (sample and channel offsets up to
+/// ±40 around 100, unit spread): the variance to 1e-5 relative, the mean to 1e-6.
+#[test]
+fn batch_norm_statistics_match_f64_on_offset_planes() {
+    use samhost::ops::batch_norm::batch_norm_train;
+    let rng = HostRng::new(21);
+    for (n, c, h, w) in [(7, 3, 5, 5), (16, 4, 32, 32), (3, 2, 1, 9)] {
+        let hw = h * w;
+        let noise = rng.normal(n * c * hw, 0.0, 1.0);
+        let offsets = rng.normal(n * c, 0.0, 20.0);
+        let x: Vec<f32> = (0..n * c * hw).map(|i| 100.0 + offsets[i / hw] * 2.0 + noise[i]).collect();
+        let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+        let (ones, zeros) =
+            (Tensor::ones(c, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap());
+        let (_, mean, var) = batch_norm_train(&xt, &ones, &zeros, 1e-5, false).unwrap();
+        let (mean, var) = (mean.to_vec1::<f32>().unwrap(), var.to_vec1::<f32>().unwrap());
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..n).flat_map(|b| x[(b * c + ch) * hw..][..hw].iter().map(|&v| v as f64)).collect();
+            let m = vals.iter().sum::<f64>() / vals.len() as f64;
+            let v = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / vals.len() as f64;
+            let case = format!("{:?} channel {ch}", (n, c, h, w));
+            assert!((mean[ch] as f64 - m).abs() <= 1e-6 * m.abs(), "{case}: mean {} against {m}", mean[ch]);
+            assert!((var[ch] as f64 - v).abs() <= 1e-5 * v, "{case}: variance {} against {v}", var[ch]);
+        }
+    }
+}

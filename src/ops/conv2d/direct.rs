@@ -20,6 +20,7 @@
 
 use super::geometry::Geometry;
 use super::passes::{output_grad, pool_plane, relu, Epilogue, Grads, Needs, Saved};
+use super::unfold::copy_run;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -133,7 +134,7 @@ fn pad_into(
         let plane = &src[c * plane_stride..][..h * w];
         let d = &mut dst[c * hp * wp..][..hp * wp];
         for (y, row) in plane.chunks_exact(w).enumerate() {
-            d[(y + pt) * wp + pl..][..w].copy_from_slice(row);
+            copy_run(&mut d[(y + pt) * wp + pl..][..w], row);
         }
     }
 }

@@ -6,7 +6,7 @@ use crate::ops::gemm::Float;
 /// Copies a short run: whole blocks of 8 as fixed-size copies (kept inline, where
 /// `copy_from_slice` on a run of 8 to 32 values calls `memmove`), then the rest.
 #[inline]
-fn copy_run<T: Copy>(dst: &mut [T], src: &[T]) {
+pub(super) fn copy_run<T: Copy>(dst: &mut [T], src: &[T]) {
     let (mut d, mut s) = (dst.chunks_exact_mut(8), src.chunks_exact(8));
     for (d, s) in (&mut d).zip(&mut s) {
         let block: &[T; 8] = s.try_into().expect("a chunk of 8");
