@@ -42,6 +42,19 @@ fn conv2d_matches_candle_values_and_gradients() {
         (2, 4, 8, 16, 13, 5, 1, 2),
         (2, 8, 8, 8, 3, 1, 1, 0),
         (2, 3, 16, 24, 9, 3, 1, 1),
+        // 20 output (or, for the input gradient, input) channels: tiles of 5 channels, with 5
+        // or 7 vectors of positions per plane (a last tile of one vector).
+        (2, 4, 5, 8, 20, 3, 1, 1),
+        (2, 20, 7, 8, 8, 3, 1, 1),
+        // Strides 2 and 3 (the input split into column phases; the input gradient by im2col;
+        // sizes that candle's own backward pass, the reference, gets right: no output padding),
+        // a strided 1x1, and stride 1 without padding (a direct forward pass, the input
+        // gradient by im2col).
+        (2, 4, 15, 15, 8, 3, 2, 1),
+        (3, 5, 17, 15, 6, 3, 2, 1),
+        (2, 8, 15, 15, 12, 1, 2, 0),
+        (2, 3, 10, 22, 4, 5, 3, 2),
+        (2, 4, 6, 10, 5, 3, 1, 0),
         // Stride 1 and padding 2 of a 3x3 kernel, widths 8 and 10: left to im2col.
         (2, 6, 3, 8, 5, 3, 1, 2),
     ];
@@ -201,6 +214,7 @@ fn conv2d_block_matches_candle_composition() {
         (2, 4, 33, 32, 5, 3, 1, 1),
         (10, 2, 7, 7, 3, 2, 1, 0),
         (3, 4, 16, 16, 8, 3, 1, 1),
+        (3, 4, 32, 32, 8, 3, 2, 1),
     ];
     for dtype in [DType::F32, DType::F64] {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };

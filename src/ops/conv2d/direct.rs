@@ -24,7 +24,10 @@ use super::unfold::copy_run;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
-/// Output channels per forward tile.
+/// Output channels per forward tile at most (by 2 vectors of positions: 12 accumulators). The
+/// channels split into tiles as evenly as possible (16 as 6 + 5 + 5, not 6 + 6 + 4): a tile of
+/// few channels has too few independent sums to keep both FMA units busy. (4 channels by 3
+/// vectors, tried, needs all 16 registers and the compiler spilled one: 30 % slower.)
 const OB: usize = 6;
 /// Output channels per weight-gradient tile.
 const WO: usize = 4;
@@ -34,18 +37,24 @@ const WC: usize = 3;
 /// Positions per vector.
 const V: usize = 8;
 
-/// Whether the direct kernels run for this convolution (see the module documentation).
+/// Whether the direct kernels run for this convolution's forward pass and weight gradient (see
+/// the module documentation).
 pub(super) fn applies(g: &Geometry) -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     let enabled = *ENABLED
         .get_or_init(|| std::env::var("SAMHOST_CONV_DIRECT").map_or(true, |v| v != "0") && crate::ops::cpu::has_avx2());
-    enabled
-        && cfg!(target_arch = "x86_64")
-        && g.stride == 1
-        && g.wo.is_multiple_of(V)
-        && g.w.is_multiple_of(V)
-        && g.padding < g.kh.min(g.kw)
+    enabled && cfg!(target_arch = "x86_64") && (1..=MAX_STRIDE).contains(&g.stride) && g.wo.is_multiple_of(V)
 }
+
+/// Whether the direct kernel also computes the input gradient: stride 1, an input width that is
+/// a multiple of 8, padding below the kernel size (else im2col + gemm does).
+pub(super) fn applies_to_input(g: &Geometry) -> bool {
+    applies(g) && g.stride == 1 && g.w.is_multiple_of(V) && g.padding < g.kh.min(g.kw)
+}
+
+/// The largest stride the direct kernels take (each stride splits the padded input into as many
+/// column phases).
+const MAX_STRIDE: usize = 4;
 
 /// Which pass [`record_gemms`] stands for.
 #[derive(Clone, Copy, PartialEq)]
@@ -78,7 +87,10 @@ struct Plan {
     off: Vec<usize>,
     /// Offset in the padded input of each output vector's first position `(y, x)`: `y·Wp + x`.
     bases: Vec<usize>,
-    /// The kernel in tiles of [`OB`] output channels: `[tile][c·i·j][OB]`, zeros past `out_ch`.
+    /// The tiles of output channels: the first channel and how many (at most [`OB`]).
+    tiles: Vec<(usize, usize)>,
+    /// The kernel, tile after tile: `[c·i·j][b]` for a tile of `b` channels (starting at
+    /// `o0·C·kh·kw`).
     panels: Vec<f32>,
     /// Elements of one padded input.
     in_len: usize,
@@ -87,21 +99,51 @@ struct Plan {
 }
 
 impl Plan {
-    /// The plan for `kernel` `[out_ch, in_ch, kh, kw]` over padded planes `hp`×`wp`.
-    fn new(kernel: &[f32], (out_ch, in_ch, kh, kw): (usize, usize, usize, usize), (hp, wp): (usize, usize)) -> Self {
-        let (ho, wo) = (hp + 1 - kh, wp + 1 - kw);
+    /// The plan for the kernel `[out_ch, in_ch, kh, kw]` whose value at output channel `o` and
+    /// kernel row `r = (c·kh + i)·kw + j` is `weight(o, r)`, over padded planes `hp`×`wp` split
+    /// into `s` column phases ([`pad_into`]) for stride `s`.
+    fn new(
+        weight: impl Fn(usize, usize) -> f32 + Sync,
+        (out_ch, in_ch, kh, kw): (usize, usize, usize, usize),
+        (hp, wp): (usize, usize),
+        s: usize,
+    ) -> Self {
+        let (ho, wo) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
+        let wq = wp.div_ceil(s);
         let ckk = in_ch * kh * kw;
-        let off =
-            (0..in_ch).flat_map(|c| (0..kh).flat_map(move |i| (0..kw).map(move |j| (c * hp + i) * wp + j))).collect();
-        let bases = (0..ho * wo / V).map(|v| (v * V / wo) * wp + (v * V) % wo).collect();
-        let tiles = out_ch.div_ceil(OB);
-        let mut panels = vec![0f32; tiles * ckk * OB];
-        for o in 0..out_ch {
-            for r in 0..ckk {
-                panels[((o / OB) * ckk + r) * OB + o % OB] = kernel[o * ckk + r];
-            }
+        // Input (c, y, x) lies in phase x % s at column x / s.
+        let off: Vec<usize> = (0..in_ch)
+            .flat_map(|c| (0..kh).flat_map(move |i| (0..kw).map(move |j| ((c * s + j % s) * hp + i) * wq + j / s)))
+            .collect();
+        let bases: Vec<usize> = (0..ho * wo / V).map(|v| (v * V / wo) * s * wq + (v * V) % wo).collect();
+        let in_len = in_ch * s * hp * wq;
+        // Every vector read lies inside one padded input: what the kernels' safety rests on.
+        let last = bases.last().copied().unwrap_or(0) + off.iter().copied().max().unwrap_or(0) + V;
+        assert!((ho * wo).is_multiple_of(V) && last <= in_len, "direct conv: a plan reads past its input");
+        let count = out_ch.div_ceil(OB);
+        let tiles: Vec<(usize, usize)> = (0..count)
+            .map(|t| {
+                let (size, extra) = (out_ch / count, out_ch % count);
+                (t * size + t.min(extra), size + usize::from(t < extra))
+            })
+            .collect();
+        let mut panels = vec![0f32; out_ch * ckk];
+        // Packed on the pool: a wide network's kernels are megabytes (WRN-16-8's last 2.4M values).
+        let mut chunks = Vec::with_capacity(count);
+        let mut rest = panels.as_mut_slice();
+        for &(o0, b) in &tiles {
+            let (panel, tail) = rest.split_at_mut(b * ckk);
+            chunks.push((o0, b, panel));
+            rest = tail;
         }
-        Self { out_ch, off, bases, panels, in_len: in_ch * hp * wp, l: ho * wo }
+        chunks.into_par_iter().for_each(|(o0, b, panel)| {
+            for (r, lanes) in panel.chunks_exact_mut(b).enumerate() {
+                for (lane, v) in lanes.iter_mut().enumerate() {
+                    *v = weight(o0 + lane, r);
+                }
+            }
+        });
+        Self { out_ch, off, bases, tiles, panels, in_len, l: ho * wo }
     }
 
     /// `out` `[out_ch, Ho·Wo]` = the convolution of one padded input `xp`, plus `bias`, clamped
@@ -110,9 +152,9 @@ impl Plan {
         assert!(xp.len() >= self.in_len && out.len() >= self.out_ch * self.l, "direct conv: buffers too small");
         assert!(bias.is_none_or(|b| b.len() >= self.out_ch), "direct conv: bias too short");
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `applies` checked AVX2 and FMA; every read lies inside `xp` (the last vector's
-        // base plus the last kernel row's offset plus 8 stays inside the padded input: its row
-        // ends Wp = Wo + kw - 1 elements after its start) and every write inside `out`.
+        // SAFETY: `applies` checked AVX2 and FMA; every read lies inside `xp` (`Plan::new`
+        // checked that the last vector's base plus the largest offset plus 8 is at most
+        // `in_len`) and every write inside `out` (`out_ch` planes of `l`).
         unsafe {
             avx2::conv(self, xp, bias, relu, out)
         }
@@ -121,15 +163,34 @@ impl Plan {
 
 /// A zero-bordered copy of `planes` (`ch` planes `h`×`w`, plane `c` at `src[c·plane_stride..]`,
 /// rows `w` apart) into `dst` `[ch, h + 2·pt, w + 2·pl]`: only the interior is written, the
-/// border stays as it was (zero from the allocation).
+/// border stays as it was (zero from the allocation). For stride `s > 1` each padded plane is
+/// stored as `s` column phases `[s, hp, ceil(wp / s)]` (column `x` in phase `x % s` at `x / s`),
+/// so that a strided row of the input is a contiguous one.
 fn pad_into(
     src: &[f32],
     (ch, h, w): (usize, usize, usize),
     plane_stride: usize,
     (pt, pl): (usize, usize),
+    s: usize,
     dst: &mut [f32],
 ) {
     let (hp, wp) = (h + 2 * pt, w + 2 * pl);
+    if s > 1 {
+        let wq = wp.div_ceil(s);
+        for c in 0..ch {
+            let plane = &src[c * plane_stride..][..h * w];
+            for (y, row) in plane.chunks_exact(w).enumerate() {
+                for phase in 0..s {
+                    // The row's columns x with (x + pl) % s == phase, at (x + pl) / s.
+                    let x0 = (phase + s - pl % s) % s;
+                    let q0 = (x0 + pl) / s;
+                    let d = &mut dst[((c * s + phase) * hp + y + pt) * wq + q0..];
+                    d.iter_mut().zip(row.iter().skip(x0).step_by(s)).for_each(|(d, &v)| *d = v);
+                }
+            }
+        }
+        return;
+    }
     for c in 0..ch {
         let plane = &src[c * plane_stride..][..h * w];
         let d = &mut dst[c * hp * wp..][..hp * wp];
@@ -143,7 +204,7 @@ fn pad_into(
 pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Option<&[f32]>) -> (Vec<f32>, Vec<u8>) {
     let p = g.padding;
     let (hp, wp) = (g.h + 2 * p, g.w + 2 * p);
-    let plan = Plan::new(k, (g.o, g.c, g.kh, g.kw), (hp, wp));
+    let plan = Plan::new(|o, r| k[o * g.ckk() + r], (g.o, g.c, g.kh, g.kw), (hp, wp), g.stride);
     record_gemms(g, Pass::Forward);
     let l = g.l();
     let out_per = g.o * ep.out_len(g);
@@ -154,7 +215,7 @@ pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Op
     out.par_chunks_mut(out_per).zip(am_chunks.par_iter_mut()).zip(x.par_chunks(g.in_len())).for_each_init(
         || (vec![0f32; plan.in_len], vec![0f32; if ep.pool { g.o * l } else { 0 }]),
         |(xp, plane), ((out_b, am_b), x_b)| {
-            pad_into(x_b, (g.c, g.h, g.w), g.h * g.w, (p, p), xp);
+            pad_into(x_b, (g.c, g.h, g.w), g.h * g.w, (p, p), g.stride, xp);
             match am_b.as_deref_mut() {
                 None => plan.run(xp, bias, ep.relu, out_b),
                 Some(am) => {
@@ -195,27 +256,22 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
     let Saved { x, k, y, dy, argmax } = saved;
     let (ckk, l, bsz, p) = (g.ckk(), g.l(), g.group(), g.padding);
     let (hp, wp) = (g.h + 2 * p, g.w + 2 * p);
+    assert!(!needs.input || applies_to_input(g), "direct conv: the input gradient of {g:?}");
     // The input gradient: the output gradient padded by K - 1 - p, convolved with the kernel
     // flipped and its channels swapped, `[C, O, kh, kw]`.
-    let (qt, ql) = (g.kh - 1 - p, g.kw - 1 - p);
+    let (qt, ql) = if needs.input { (g.kh - 1 - p, g.kw - 1 - p) } else { (0, 0) };
     let (ghp, gwp) = (g.ho + 2 * qt, g.wo + 2 * ql);
     let dx_plan = needs.input.then(|| {
         let (kh, kw) = (g.kh, g.kw);
-        let mut flipped = vec![0f32; g.c * g.o * kh * kw];
-        for o in 0..g.o {
-            for c in 0..g.c {
-                for i in 0..kh {
-                    for j in 0..kw {
-                        flipped[((c * g.o + o) * kh + i) * kw + j] =
-                            k[((o * g.c + c) * kh + kh - 1 - i) * kw + kw - 1 - j];
-                    }
-                }
-            }
-        }
-        Plan::new(&flipped, (g.c, g.o, kh, kw), (ghp, gwp))
+        // Output channel c, kernel row (o, i, j): the kernel's (o, c, kh - 1 - i, kw - 1 - j).
+        let flipped = |c: usize, r: usize| {
+            let (o, i, j) = (r / (kh * kw), (r / kw) % kh, r % kw);
+            k[((o * g.c + c) * kh + kh - 1 - i) * kw + kw - 1 - j]
+        };
+        Plan::new(flipped, (g.c, g.o, kh, kw), (ghp, gwp), 1)
     });
     // The offsets of the weight gradient's shifted input rows and output vectors.
-    let wplan = Plan { out_ch: 0, panels: Vec::new(), ..Plan::new(&[], (0, g.c, g.kh, g.kw), (hp, wp)) };
+    let wplan = Plan::new(|_, _| 0.0, (0, g.c, g.kh, g.kw), (hp, wp), g.stride);
     for (pass, needed) in [(Pass::Kernel, needs.kernel), (Pass::Input, needs.input)] {
         if needed {
             record_gemms(g, pass);
@@ -259,14 +315,14 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
                 if needs.kernel {
                     for b in 0..bs {
                         let x_b = &x[(b0 + b) * g.in_len()..][..g.in_len()];
-                        pad_into(x_b, (g.c, g.h, g.w), g.h * g.w, (p, p), &mut xps[b * wplan.in_len..]);
+                        pad_into(x_b, (g.c, g.h, g.w), g.h * g.w, (p, p), g.stride, &mut xps[b * wplan.in_len..]);
                     }
                     weight_grad(&wplan, rows, &xps, bs, g.o, &mut gk);
                 }
                 if let (Some(gx_part), Some(plan)) = (gx_part.as_deref_mut(), dx_plan.as_ref()) {
                     for b in 0..bs {
                         let src = &rows.data[b * rows.b_stride..];
-                        pad_into(src, (g.o, g.ho, g.wo), rows.o_stride, (qt, ql), &mut gzp);
+                        pad_into(src, (g.o, g.ho, g.wo), rows.o_stride, (qt, ql), 1, &mut gzp);
                         let dst = &mut gx_part[(b0 - s0 + b) * g.in_len()..][..g.in_len()];
                         plan.run(&gzp, None, false, dst);
                     }
@@ -278,7 +334,7 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
     let mut sums = partials.into_iter();
     let (mut gk, mut gb) = sums.next().unwrap_or_default();
     for (pk, pb) in sums {
-        gk.iter_mut().zip(&pk).for_each(|(a, &b)| *a += b);
+        gk.par_iter_mut().zip(pk.par_iter()).with_min_len(1 << 14).for_each(|(a, &b)| *a += b);
         gb.iter_mut().zip(&pb).for_each(|(a, &b)| *a += b);
     }
     (needs.input.then_some(gx), needs.kernel.then_some(gk), needs.bias.then_some(gb))
@@ -321,18 +377,18 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
-    /// One forward tile: `B` output channels (kernel panel `w`, [`OB`] values per kernel row) by
+    /// One forward tile: `B` output channels (kernel panel `w`, `pw` values per kernel row) by
     /// `NV` vectors of positions, whose padded input starts at `x + base[v]`; written to
     /// `dst + i·l + pos[v]`.
     ///
     /// # Safety
     /// AVX2 and FMA; `x + base[v] + off[r] + 8` inside the input, `w` holding `off.len()` rows
-    /// of [`OB`], the destinations inside the output.
+    /// of `pw >= B`, the destinations inside the output.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const B: usize, const NV: usize>(
-        w: *const f32,
+        (w, pw): (*const f32, usize),
         off: &[usize],
         x: *const f32,
         base: [usize; NV],
@@ -363,7 +419,7 @@ mod avx2 {
                     acc[i][v] = _mm256_fmadd_ps(wv, a[v], acc[i][v]);
                 }
             }
-            wr = wr.add(OB);
+            wr = wr.add(pw);
         }
         let zero = _mm256_setzero_ps();
         for i in 0..B {
@@ -380,7 +436,7 @@ mod avx2 {
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_of<const NV: usize>(
         b: usize,
-        w: *const f32,
+        w: (*const f32, usize),
         off: &[usize],
         x: *const f32,
         base: [usize; NV],
@@ -407,10 +463,8 @@ mod avx2 {
     pub(super) unsafe fn conv(plan: &Plan, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
         let (ckk, nv, l) = (plan.off.len(), plan.bases.len(), plan.l);
         let (x, out) = (xp.as_ptr(), out.as_mut_ptr());
-        for t in 0..plan.out_ch.div_ceil(OB) {
-            let o0 = t * OB;
-            let b = (plan.out_ch - o0).min(OB);
-            let w = plan.panels.as_ptr().add(t * ckk * OB);
+        for &(o0, b) in &plan.tiles {
+            let w = (plan.panels.as_ptr().add(o0 * ckk), b);
             let mut init = [0f32; OB];
             if let Some(bias) = bias {
                 init[..b].copy_from_slice(&bias[o0..o0 + b]);

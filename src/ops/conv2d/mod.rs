@@ -97,7 +97,14 @@ impl ConvBlock {
         }
         let (xv, kv) = (slice_of::<f32>(&xs, xl, "conv2d input")?, slice_of::<f32>(&ks, kl, "conv2d kernel")?);
         let (yv, dv) = (slice_of::<f32>(&ys, yl, "conv2d output")?, slice_of::<f32>(&ds, dl, "conv2d gradient")?);
-        Ok(direct::backward(g, self.ep, Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax }, needs))
+        let saved = Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax };
+        if !needs.input || direct::applies_to_input(g) {
+            return Ok(direct::backward(g, self.ep, saved, needs));
+        }
+        // A strided convolution: its input gradient by im2col + gemm, the rest directly.
+        let (gx, _, _) = backward(g, self.ep, saved, Needs { input: true, kernel: false, bias: false });
+        let (_, gk, gb) = direct::backward(g, self.ep, saved, Needs { input: false, ..needs });
+        Ok((gx, gk, gb))
     }
 }
 

@@ -107,6 +107,7 @@ pub(super) fn forward<T: Float>(g: &Geometry, ep: Epilogue, x: &[T], k: &[T], bi
 }
 
 /// What the backward pass reads: the operands, the output, its gradient and the pooling positions.
+#[derive(Clone, Copy)]
 pub(super) struct Saved<'a, T> {
     pub(super) x: &'a [T],
     pub(super) k: &'a [T],
