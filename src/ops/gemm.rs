@@ -50,37 +50,44 @@ pub fn record_equivalent(call: GemmCall) {
 }
 
 /// The time this machine's gemm takes for `calls` in f32 (row-major operands with
-/// [`padded_stride`] rows, the median of `reps` runs per distinct shape): products that ran over
-/// the pool are timed so; those that ran on one thread beside others (a convolution's per-sample
-/// products) are timed on one thread and shared out over the pool's threads.
+/// [`padded_stride`] rows): products that ran over the pool are timed so; those that ran on one
+/// thread beside others (a convolution's per-sample products) are timed on one thread and shared
+/// out over the pool's threads. Each distinct shape counts at the fastest of `reps` rounds, a
+/// round timing every shape once in turn: other tenants' load only ever adds time, and a burst of
+/// it then slows one round of every shape instead of every run of a few (the median of 3
+/// consecutive runs per shape moved a ResNet's floor by a third from run to run on a shared VM).
 pub fn floor_seconds(calls: &[GemmCall], reps: usize) -> f64 {
     let mut counts: std::collections::BTreeMap<GemmCall, usize> = Default::default();
     for c in calls {
         *counts.entry(*c).or_default() += 1;
     }
-    let threads = rayon::current_num_threads().max(1) as f64;
-    let mut total = 0.0;
-    for (c, n) in counts {
-        // Row-major operands and result, their rows padded as the convolution pads them.
-        let (ls, rs, ds) = (padded_stride::<f32>(c.k), padded_stride::<f32>(c.n), padded_stride::<f32>(c.n));
-        let lhs: Vec<f32> = (0..c.m * ls).map(|i| (i % 7) as f32 * 0.1).collect();
-        let rhs: Vec<f32> = (0..c.k * rs).map(|i| (i % 5) as f32 * 0.1).collect();
-        let mut out = vec![0f32; c.m * ds];
-        let mut times: Vec<f64> = (0..reps.max(1) + 1)
-            .map(|_| {
-                let t = std::time::Instant::now();
-                let (ls, rs, ds) = (ls as isize, rs as isize, ds as isize);
-                matmul((c.m, c.n, c.k), &mut out, (ds, 1), &lhs, (ls, 1), &rhs, (rs, 1), false, c.parallel);
-                std::hint::black_box(&out);
-                t.elapsed().as_secs_f64()
-            })
-            .skip(1)
-            .collect();
-        times.sort_by(f64::total_cmp);
-        let t = times[times.len() / 2];
-        total += n as f64 * if c.parallel { t } else { t / threads };
+    let shapes: Vec<(GemmCall, usize)> = counts.into_iter().collect();
+    let mut best = vec![f64::INFINITY; shapes.len()];
+    for _ in 0..reps.max(1) {
+        for (t, (c, _)) in best.iter_mut().zip(&shapes) {
+            *t = t.min(time_once(c));
+        }
     }
-    total
+    let threads = rayon::current_num_threads().max(1) as f64;
+    shapes.iter().zip(&best).map(|((c, n), t)| *n as f64 * if c.parallel { *t } else { t / threads }).sum()
+}
+
+/// One timed run of the product `c` (after one untimed run on the same buffers).
+fn time_once(c: &GemmCall) -> f64 {
+    // Row-major operands and result, their rows padded as the convolution pads them.
+    let (ls, rs, ds) = (padded_stride::<f32>(c.k), padded_stride::<f32>(c.n), padded_stride::<f32>(c.n));
+    let lhs: Vec<f32> = (0..c.m * ls).map(|i| (i % 7) as f32 * 0.1).collect();
+    let rhs: Vec<f32> = (0..c.k * rs).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut out = vec![0f32; c.m * ds];
+    let (ls, rs, ds) = (ls as isize, rs as isize, ds as isize);
+    let mut run = || {
+        let t = std::time::Instant::now();
+        matmul((c.m, c.n, c.k), &mut out, (ds, 1), &lhs, (ls, 1), &rhs, (rs, 1), false, c.parallel);
+        std::hint::black_box(&out);
+        t.elapsed().as_secs_f64()
+    };
+    run();
+    run()
 }
 
 /// The row stride for a row-major buffer of `cols` columns: `cols`, plus one cache line when rows

@@ -1,4 +1,4 @@
-//! Direct convolution for stride 1 in f32 on AVX2: no unfolded columns, no gemm packing.
+//! Direct convolution in f32 on AVX2: no unfolded columns, no gemm packing.
 //!
 //! A ResNet's 16- and 32-channel convolutions are too narrow for im2col + gemm: each unfolded
 //! value takes part in only O multiply-adds, so writing the columns, the gemm packing them and
@@ -7,16 +7,20 @@
 //! Here each sample's input is copied once into a zero-bordered plane per channel, and the
 //! kernel reads the shifted input rows straight from it: a tile of up to 6 output channels by
 //! 16 output positions (two AVX2 vectors along a row) accumulates `Σ w[o, c, i, j] ·
-//! x[c, y + i, x + j]` over `c, i, j` in twelve registers.
+//! x[c, y + i, x + j]` over `c, i, j` in twelve registers. For stride `s` the padded plane is
+//! stored as `s` column phases, so that the inputs of 8 neighbouring outputs are again 8
+//! consecutive values.
 //!
 //! The input gradient of a stride-1 convolution is itself one: the output gradient padded by
-//! `K - 1 - p`, convolved with the kernel flipped and its channels swapped. The weight gradient
-//! `Σ_positions gz[o, ·] · x[c, · + (i, j)]` runs as 4 output channels by 3 kernel rows of
-//! vector partial sums over the positions of a group of samples, summed across lanes once.
+//! `K - 1 - p`, convolved with the kernel flipped and its channels swapped. (A strided one's
+//! input gradient stays on im2col + gemm.) The weight gradient `Σ_positions gz[o, ·] ·
+//! x[c, s·· + (i, j)]` runs as 4 output channels by 3 kernel rows of vector partial sums over
+//! the positions of a group of samples, summed across lanes once.
 //!
-//! It applies to stride 1, output and input widths that are multiples of 8 (whole vectors along
-//! a row: CIFAR's 32, 16 and 8), padding below the kernel size, on a CPU with AVX2 and FMA, and
-//! unless `SAMHOST_CONV_DIRECT=0`; every other convolution takes im2col + gemm.
+//! It applies to strides 1 to 4 and output widths that are multiples of 8 (whole vectors along
+//! a row: CIFAR's 32, 16 and 8), on a CPU with AVX2 and FMA, and unless `SAMHOST_CONV_DIRECT=0`
+//! (for comparisons); the input gradient also needs stride 1, an input width that is a multiple
+//! of 8 and padding below the kernel size. Every other convolution takes im2col + gemm.
 
 use super::geometry::Geometry;
 use super::passes::{output_grad, pool_plane, relu, Epilogue, Grads, Needs, Saved};

@@ -1,5 +1,6 @@
-//! 2-D convolution on CPU as im2col + gemm, with an optional fused epilogue (bias, ReLU, 2x2
-//! max-pooling) and its backward pass.
+//! 2-D convolution on CPU as im2col + gemm or, in f32 on AVX2 where the output width is a
+//! multiple of 8, as a direct convolution (`direct.rs`), with an optional fused epilogue (bias,
+//! ReLU, 2x2 max-pooling) and its backward pass.
 //!
 //! candle 0.11 runs CPU conv2d as a direct loop and its backward through `conv_transpose2d` and a
 //! batch-transposed convolution, well below its matmul rate. Here a group of samples is unfolded
@@ -20,7 +21,8 @@
 //!
 //! Files: `geometry.rs` (the shape of a convolution, its runs of valid input positions, the
 //! sample groups), `unfold.rs` (im2col and col2im), `passes.rs` (the forward and backward passes
-//! on slices), this file (the candle op and the public functions).
+//! on slices by im2col + gemm), `direct.rs` (the direct kernels), this file (the candle op, the
+//! choice between the two, and the public functions).
 
 mod direct;
 mod geometry;
