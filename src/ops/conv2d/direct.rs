@@ -23,7 +23,9 @@
 //! of 8 and padding below the kernel size. Every other convolution takes im2col + gemm.
 
 use super::geometry::Geometry;
-use super::passes::{output_grad, pool_plane, relu, Epilogue, Grads, Needs, Saved};
+use super::passes::{
+    input_grad_parts, output_grad, pool_plane, relu, samples_per_thread, sum_partials, Epilogue, Grads, Needs, Saved,
+};
 use super::unfold::copy_run;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -281,15 +283,9 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
             record_gemms(g, pass);
         }
     }
-    let groups = g.n.div_ceil(bsz);
-    let per = groups.div_ceil(rayon::current_num_threads().clamp(1, groups)) * bsz;
-    let parts = g.n.div_ceil(per);
+    let per = samples_per_thread(g);
     let mut gx = crate::ops::buffer::zeroed::<f32>(if needs.input { g.n * g.in_len() } else { 0 });
-    let gx_parts: Vec<Option<&mut [f32]>> = if needs.input {
-        gx.chunks_mut(per * g.in_len()).map(Some).collect()
-    } else {
-        (0..parts).map(|_| None).collect()
-    };
+    let gx_parts = input_grad_parts(g, &mut gx, per);
     let direct_gz = !ep.pool && !ep.relu;
     let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_parts
         .into_par_iter()
@@ -335,12 +331,7 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
             (gk, gb)
         })
         .collect();
-    let mut sums = partials.into_iter();
-    let (mut gk, mut gb) = sums.next().unwrap_or_default();
-    for (pk, pb) in sums {
-        gk.par_iter_mut().zip(pk.par_iter()).with_min_len(1 << 14).for_each(|(a, &b)| *a += b);
-        gb.iter_mut().zip(&pb).for_each(|(a, &b)| *a += b);
-    }
+    let (gk, gb) = sum_partials(partials);
     (needs.input.then_some(gx), needs.kernel.then_some(gk), needs.bias.then_some(gb))
 }
 

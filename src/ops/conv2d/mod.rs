@@ -58,15 +58,16 @@ impl ConvBlock {
         }
     }
 
-    fn grads<T: Float>(
+    /// Runs `f` on the slices the backward pass reads, checked: the operands, the output, its
+    /// gradient and the pooling positions of the forward pass.
+    fn with_saved<T: Float, R>(
         &self,
-        g: &Geometry,
         x: &Tensor,
         k: &Tensor,
         y: &Tensor,
         dy: &Tensor,
-        needs: Needs,
-    ) -> Result<Grads<T>> {
+        f: impl FnOnce(Saved<T>) -> R,
+    ) -> Result<R> {
         let ((xs, xl), (ks, kl)) = (x.storage_and_layout(), k.storage_and_layout());
         let ((ys, yl), (ds, dl)) = (y.storage_and_layout(), dy.storage_and_layout());
         let argmax = self.argmax.lock().map_err(|_| candle_core::Error::Msg("conv2d: poisoned lock".into()))?;
@@ -75,38 +76,30 @@ impl ConvBlock {
         }
         let (xv, kv) = (slice_of::<T>(&xs, xl, "conv2d input")?, slice_of::<T>(&ks, kl, "conv2d kernel")?);
         let (yv, dv) = (slice_of::<T>(&ys, yl, "conv2d output")?, slice_of::<T>(&ds, dl, "conv2d gradient")?);
-        Ok(backward(g, self.ep, Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax }, needs))
+        Ok(f(Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax }))
+    }
+
+    /// The gradients asked for, by im2col + gemm.
+    fn grads<T: Float>(&self, g: &Geometry, ops: [&Tensor; 4], needs: Needs) -> Result<Grads<T>> {
+        let [x, k, y, dy] = ops;
+        self.with_saved(x, k, y, dy, |saved| backward(g, self.ep, saved, needs))
     }
 
     /// [`Self::grads`] in f32, by the direct kernels where they apply.
-    fn grads_f32(
-        &self,
-        g: &Geometry,
-        x: &Tensor,
-        k: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-        needs: Needs,
-    ) -> Result<Grads<f32>> {
+    fn grads_f32(&self, g: &Geometry, ops: [&Tensor; 4], needs: Needs) -> Result<Grads<f32>> {
         if !direct::applies(g) {
-            return self.grads::<f32>(g, x, k, y, dy, needs);
+            return self.grads::<f32>(g, ops, needs);
         }
-        let ((xs, xl), (ks, kl)) = (x.storage_and_layout(), k.storage_and_layout());
-        let ((ys, yl), (ds, dl)) = (y.storage_and_layout(), dy.storage_and_layout());
-        let argmax = self.argmax.lock().map_err(|_| candle_core::Error::Msg("conv2d: poisoned lock".into()))?;
-        if self.ep.pool && argmax.len() != y.elem_count() {
-            candle_core::bail!("conv2d backward: the pooling positions of the forward pass are missing");
-        }
-        let (xv, kv) = (slice_of::<f32>(&xs, xl, "conv2d input")?, slice_of::<f32>(&ks, kl, "conv2d kernel")?);
-        let (yv, dv) = (slice_of::<f32>(&ys, yl, "conv2d output")?, slice_of::<f32>(&ds, dl, "conv2d gradient")?);
-        let saved = Saved { x: xv, k: kv, y: yv, dy: dv, argmax: &argmax };
-        if !needs.input || direct::applies_to_input(g) {
-            return Ok(direct::backward(g, self.ep, saved, needs));
-        }
-        // A strided convolution: its input gradient by im2col + gemm, the rest directly.
-        let (gx, _, _) = backward(g, self.ep, saved, Needs { input: true, kernel: false, bias: false });
-        let (_, gk, gb) = direct::backward(g, self.ep, saved, Needs { input: false, ..needs });
-        Ok((gx, gk, gb))
+        let [x, k, y, dy] = ops;
+        self.with_saved(x, k, y, dy, |saved| {
+            if !needs.input || direct::applies_to_input(g) {
+                return direct::backward(g, self.ep, saved, needs);
+            }
+            // A strided convolution: its input gradient by im2col + gemm, the rest directly.
+            let (gx, _, _) = backward(g, self.ep, saved, Needs { input: true, kernel: false, bias: false });
+            let (_, gk, gb) = direct::backward(g, self.ep, saved, Needs { input: false, ..needs });
+            (gx, gk, gb)
+        })
     }
 }
 
@@ -151,11 +144,11 @@ impl ParamOp for ConvBlock {
         }
         let (gx, gk, gb) = match x.dtype() {
             DType::F32 => {
-                let (gx, gk, gb) = self.grads_f32(&g, x, k, y, &dy, needs)?;
+                let (gx, gk, gb) = self.grads_f32(&g, [x, k, y, &dy], needs)?;
                 (wrap(gx, x.dims(), dev)?, wrap(gk, k.dims(), dev)?, wrap(gb, &[g.o], dev)?)
             }
             DType::F64 => {
-                let (gx, gk, gb) = self.grads::<f64>(&g, x, k, y, &dy, needs)?;
+                let (gx, gk, gb) = self.grads::<f64>(&g, [x, k, y, &dy], needs)?;
                 (wrap(gx, x.dims(), dev)?, wrap(gk, k.dims(), dev)?, wrap(gb, &[g.o], dev)?)
             }
             d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),

@@ -170,21 +170,45 @@ pub(super) fn output_grad<T: Float>(
     }
 }
 
+/// Samples per thread in the backward passes: whole groups ([`Geometry::group`]), the batch
+/// shared over the pool's threads in fixed ranges (so a gradient's sums are the same on every run
+/// with the same thread count).
+pub(super) fn samples_per_thread(g: &Geometry) -> usize {
+    let groups = g.n.div_ceil(g.group());
+    groups.div_ceil(rayon::current_num_threads().clamp(1, groups)) * g.group()
+}
+
+/// The input gradient `gx` (empty when not asked for) cut into one part per range of `per`
+/// samples, or `None` per range when it is empty.
+pub(super) fn input_grad_parts<'a, T>(g: &Geometry, gx: &'a mut [T], per: usize) -> Vec<Option<&'a mut [T]>> {
+    if gx.is_empty() {
+        (0..g.n.div_ceil(per)).map(|_| None).collect()
+    } else {
+        gx.chunks_mut(per * g.in_len()).map(Some).collect()
+    }
+}
+
+/// The kernel and bias gradients summed over the ranges' partial sums, in range order.
+pub(super) fn sum_partials<T: Float>(partials: Vec<(Vec<T>, Vec<T>)>) -> (Vec<T>, Vec<T>) {
+    let mut sums = partials.into_iter();
+    let (mut gk, mut gb) = sums.next().unwrap_or_default();
+    for (pk, pb) in sums {
+        // On the pool: a wide network's kernel gradient is megabytes (WRN-16-8's last 2.4M values).
+        gk.par_iter_mut().zip(pk.par_iter()).with_min_len(1 << 14).for_each(|(a, &b)| *a += b);
+        gb.iter_mut().zip(&pb).for_each(|(a, &b)| *a += b);
+    }
+    (gk, gb)
+}
+
 /// The backward pass over fixed ranges of samples, one per thread, in groups of
 /// [`Geometry::group`] samples. (Four ranges per thread, tried 2026-12-01, made the SGD step
 /// 3-14 % slower in 4 paired runs: each range zero-fills its own buffers.)
 pub(super) fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, needs: Needs) -> Grads<T> {
     let Saved { x, k, y, dy, argmax } = saved;
     let (ckk, l, bsz) = (g.ckk(), g.l(), g.group());
-    let groups = g.n.div_ceil(bsz);
-    let per = groups.div_ceil(rayon::current_num_threads().clamp(1, groups)) * bsz;
-    let parts = g.n.div_ceil(per);
+    let per = samples_per_thread(g);
     let mut gx = crate::ops::buffer::zeroed::<T>(if needs.input { g.n * g.in_len() } else { 0 });
-    let gx_parts: Vec<Option<&mut [T]>> = if needs.input {
-        gx.chunks_mut(per * g.in_len()).map(Some).collect()
-    } else {
-        (0..parts).map(|_| None).collect()
-    };
+    let gx_parts = input_grad_parts(g, &mut gx, per);
     let partials: Vec<(Vec<T>, Vec<T>)> = gx_parts
         .into_par_iter()
         .enumerate()
@@ -247,12 +271,7 @@ pub(super) fn backward<T: Float>(g: &Geometry, ep: Epilogue, saved: Saved<T>, ne
             (gk, gb)
         })
         .collect();
-    let mut sums = partials.into_iter();
-    let (mut gk, mut gb) = sums.next().unwrap_or_default();
-    for (pk, pb) in sums {
-        gk.iter_mut().zip(&pk).for_each(|(a, &b)| *a += b);
-        gb.iter_mut().zip(&pb).for_each(|(a, &b)| *a += b);
-    }
+    let (gk, gb) = sum_partials(partials);
     // gkᵀ [ckk, o] to the kernel's layout [o, ckk].
     let gk = needs.kernel.then(|| (0..g.o * ckk).map(|i| gk[(i % ckk) * g.o + i / ckk]).collect());
     (needs.input.then_some(gx), gk, needs.bias.then_some(gb))
