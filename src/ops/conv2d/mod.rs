@@ -21,7 +21,7 @@
 //!
 //! Files: `geometry.rs` (the shape of a convolution, its runs of valid input positions, the
 //! sample groups), `unfold.rs` (im2col and col2im), `passes.rs` (the forward and backward passes
-//! on slices by im2col + gemm), `direct.rs` (the direct kernels), this file (the candle op, the
+//! on slices by im2col + gemm), `direct.rs` (the direct convolution; its AVX2 kernels in `direct/avx2.rs`), this file (the candle op, the
 //! choice between the two, and the public functions).
 
 mod direct;
