@@ -40,10 +40,10 @@ pub fn record_calls<R>(f: impl FnOnce() -> R) -> (R, Vec<GemmCall>) {
     (r, calls)
 }
 
-/// Counts `call` in the census of [`record_calls`] (when one runs) without making it: for kernels
-/// that compute a matrix product's worth of work another way (the direct convolution), so the
-/// floor still covers their work at the gemm's rate.
-pub fn record_equivalent(call: GemmCall) {
+/// Counts `call` in the census of [`record_calls`] when one runs: every product made here, and
+/// those that kernels computing a matrix product's worth of work another way (the direct
+/// convolution) stand for, so the floor still covers their work at the gemm's rate.
+pub fn record(call: GemmCall) {
     if RECORDING.load(Ordering::Relaxed) {
         CALLS.lock().unwrap_or_else(|p| p.into_inner()).push(call);
     }
@@ -189,9 +189,7 @@ unsafe fn gemm_raw<T: Float>(
     accumulate: bool,
     parallel: bool,
 ) {
-    if RECORDING.load(Ordering::Relaxed) {
-        CALLS.lock().unwrap_or_else(|p| p.into_inner()).push(GemmCall { m, n, k, parallel });
-    }
+    record(GemmCall { m, n, k, parallel });
     // SAFETY: guaranteed by the caller.
     unsafe {
         gemm::gemm(

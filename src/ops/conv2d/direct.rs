@@ -70,7 +70,7 @@ enum Pass {
     Input,
 }
 
-/// Records in the gemm census ([`crate::ops::gemm::record_equivalent`]) the products the im2col
+/// Records in the gemm census ([`crate::ops::gemm::record`]) the products the im2col
 /// path would make for `pass` over the batch, so the speed benchmark's floor still counts this
 /// work at the gemm's rate on those shapes.
 fn record_gemms(g: &Geometry, pass: Pass) {
@@ -82,7 +82,7 @@ fn record_gemms(g: &Geometry, pass: Pass) {
             Pass::Kernel => (ckk, g.o, cols),
             Pass::Input => (ckk, cols, g.o),
         };
-        crate::ops::gemm::record_equivalent(crate::ops::gemm::GemmCall { m, n, k, parallel: false });
+        crate::ops::gemm::record(crate::ops::gemm::GemmCall { m, n, k, parallel: false });
     }
 }
 

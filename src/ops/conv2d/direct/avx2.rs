@@ -18,38 +18,41 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
-/// One forward tile: `B` output channels (kernel panel `w`, `pw` values per kernel row) by
-/// `NV` vectors of positions, whose padded input starts at `x + base[v]`; written to
-/// `dst + i·l + pos[v]`.
+/// What every forward tile of one channel tile shares: its kernel panel (`pw` values per kernel
+/// row), the kernel rows' input offsets, the padded input, the bias per channel, the ReLU, and
+/// where the tile's first channel's output plane (`l` positions) starts.
+struct Tile<'a> {
+    w: *const f32,
+    pw: usize,
+    off: &'a [usize],
+    x: *const f32,
+    init: [f32; OB],
+    relu: bool,
+    dst: *mut f32,
+    l: usize,
+}
+
+/// One forward tile: `B` output channels by `NV` vectors of positions, whose padded input starts
+/// at `t.x + base[v]`; written to `t.dst + i·l + pos[v]`.
 ///
 /// # Safety
-/// AVX2 and FMA; `x + base[v] + off[r] + 8` inside the input, `w` holding `off.len()` rows
+/// AVX2 and FMA; `t.x + base[v] + off[r] + 8` inside the input, `t.w` holding `off.len()` rows
 /// of `pw >= B`, the destinations inside the output.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const B: usize, const NV: usize>(
-    (w, pw): (*const f32, usize),
-    off: &[usize],
-    x: *const f32,
-    base: [usize; NV],
-    init: &[f32; OB],
-    relu: bool,
-    dst: *mut f32,
-    (l, pos): (usize, [usize; NV]),
-) {
+unsafe fn tile<const B: usize, const NV: usize>(t: &Tile, base: [usize; NV], pos: [usize; NV]) {
     let mut acc = [[_mm256_setzero_ps(); NV]; B];
     for i in 0..B {
         for a in acc[i].iter_mut() {
-            *a = _mm256_set1_ps(init[i]);
+            *a = _mm256_set1_ps(t.init[i]);
         }
     }
-    let mut xb = [x; NV];
+    let mut xb = [t.x; NV];
     for v in 0..NV {
-        xb[v] = x.add(base[v]);
+        xb[v] = t.x.add(base[v]);
     }
-    let mut wr = w;
-    for &d in off {
+    let mut wr = t.w;
+    for &d in t.off {
         let mut a = [_mm256_setzero_ps(); NV];
         for v in 0..NV {
             a[v] = _mm256_loadu_ps(xb[v].add(d));
@@ -60,39 +63,28 @@ unsafe fn tile<const B: usize, const NV: usize>(
                 acc[i][v] = _mm256_fmadd_ps(wv, a[v], acc[i][v]);
             }
         }
-        wr = wr.add(pw);
+        wr = wr.add(t.pw);
     }
     let zero = _mm256_setzero_ps();
     for i in 0..B {
         for v in 0..NV {
-            let r = if relu { _mm256_max_ps(acc[i][v], zero) } else { acc[i][v] };
-            _mm256_storeu_ps(dst.add(i * l + pos[v]), r);
+            let r = if t.relu { _mm256_max_ps(acc[i][v], zero) } else { acc[i][v] };
+            _mm256_storeu_ps(t.dst.add(i * t.l + pos[v]), r);
         }
     }
 }
 
-/// [`tile`] for `b` (1 to [`OB`]) output channels.
+/// [`tile`] for the tile's `pw` (1 to [`OB`]) output channels.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_of<const NV: usize>(
-    b: usize,
-    w: (*const f32, usize),
-    off: &[usize],
-    x: *const f32,
-    base: [usize; NV],
-    init: &[f32; OB],
-    relu: bool,
-    dst: *mut f32,
-    at: (usize, [usize; NV]),
-) {
-    match b {
-        6 => tile::<6, NV>(w, off, x, base, init, relu, dst, at),
-        5 => tile::<5, NV>(w, off, x, base, init, relu, dst, at),
-        4 => tile::<4, NV>(w, off, x, base, init, relu, dst, at),
-        3 => tile::<3, NV>(w, off, x, base, init, relu, dst, at),
-        2 => tile::<2, NV>(w, off, x, base, init, relu, dst, at),
-        _ => tile::<1, NV>(w, off, x, base, init, relu, dst, at),
+unsafe fn tile_of<const NV: usize>(t: &Tile, base: [usize; NV], pos: [usize; NV]) {
+    match t.pw {
+        6 => tile::<6, NV>(t, base, pos),
+        5 => tile::<5, NV>(t, base, pos),
+        4 => tile::<4, NV>(t, base, pos),
+        3 => tile::<3, NV>(t, base, pos),
+        2 => tile::<2, NV>(t, base, pos),
+        _ => tile::<1, NV>(t, base, pos),
     }
 }
 
@@ -105,20 +97,19 @@ pub(super) unsafe fn conv(plan: &Plan, xp: &[f32], bias: Option<&[f32]>, relu: b
     let (ckk, nv, l) = (plan.off.len(), plan.bases.len(), plan.l);
     let (x, out) = (xp.as_ptr(), out.as_mut_ptr());
     for &(o0, b) in &plan.tiles {
-        let w = (plan.panels.as_ptr().add(o0 * ckk), b);
         let mut init = [0f32; OB];
         if let Some(bias) = bias {
             init[..b].copy_from_slice(&bias[o0..o0 + b]);
         }
-        let dst = out.add(o0 * l);
+        let w = plan.panels.as_ptr().add(o0 * ckk);
+        let t = Tile { w, pw: b, off: &plan.off, x, init, relu, dst: out.add(o0 * l), l };
         let mut v = 0;
         while v + 2 <= nv {
-            let base = [plan.bases[v], plan.bases[v + 1]];
-            tile_of::<2>(b, w, &plan.off, x, base, &init, relu, dst, (l, [v * V, (v + 1) * V]));
+            tile_of::<2>(&t, [plan.bases[v], plan.bases[v + 1]], [v * V, (v + 1) * V]);
             v += 2;
         }
         if v < nv {
-            tile_of::<1>(b, w, &plan.off, x, [plan.bases[v]], &init, relu, dst, (l, [v * V]));
+            tile_of::<1>(&t, [plan.bases[v]], [v * V]);
         }
     }
 }
