@@ -180,8 +180,51 @@ impl EncoderLayer {
         y.reshape((b, rows, ()))?.broadcast_mul(&mask)?.reshape(y.shape())
     }
 
+    /// The layer as one fused op ([`crate::ops::encoder_layer`]) where it applies: exact GELU,
+    /// no dropout or stochastic depth in this pass.
+    fn fused(&self, x: &Tensor, b: usize, train: bool) -> candle_core::Result<Option<Tensor>> {
+        let dropped = train && (self.attn_drop.p() > 0.0 || self.drop.p() > 0.0 || self.drop_path > 0.0);
+        if self.act != Activation::Gelu || dropped {
+            return Ok(None);
+        }
+        let two = |a: &Tensor, b: &Tensor| [param(a), param(b)];
+        let linear = |l: &Linear| -> Option<[Tensor; 2]> { l.bias().map(|b| two(l.weight(), b)) };
+        let (Some(out), Some(fc1), Some(fc2)) =
+            (linear(&self.attn_out), linear(&self.intermediate), linear(&self.output))
+        else {
+            return Ok(None);
+        };
+        let parts = [&self.query, &self.key, &self.value];
+        let biases: Vec<Tensor> = parts.iter().filter_map(|l| l.bias().map(param)).collect();
+        let qkv_bias = match <[Tensor; 3]>::try_from(biases) {
+            Ok(b) => Some(b),
+            Err(v) if v.is_empty() => None,
+            Err(_) => return Ok(None),
+        };
+        let tensors = crate::ops::encoder_layer::EncoderTensors {
+            ln1: two(self.ln_before.weight(), self.ln_before.bias()),
+            qkv: parts.map(|l| param(l.weight())),
+            qkv_bias,
+            out,
+            ln2: two(self.ln_after.weight(), self.ln_after.bias()),
+            fc1,
+            fc2,
+            scales: self.scales.as_ref().map(|(a, c)| two(a, c)),
+        };
+        crate::ops::encoder_layer::encoder_layer(
+            x,
+            &tensors,
+            b,
+            self.heads,
+            (self.ln_before.eps(), self.ln_after.eps()),
+        )
+    }
+
     /// One encoder layer over rows `[b·n, hidden]`.
     pub fn forward_t(&self, x: &Tensor, b: usize, n: usize, train: bool) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.fused(x, b, train)? {
+            return Ok(y);
+        }
         let (s1, s2) = match &self.scales {
             Some((a, c)) => (Some(a), Some(c)),
             None => (None, None),

@@ -226,6 +226,23 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// The weight `[size]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias `[size]`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::layer_norm(x, &param(&self.weight), &param(&self.bias), self.eps)

@@ -51,16 +51,74 @@ pub fn attention(qkv: &Tensor, batch: usize, heads: usize, scale: f64) -> Result
 
 /// The sizes: `batch` sequences of `n` tokens, `heads` heads of width `d`.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    n: usize,
-    heads: usize,
-    d: usize,
+pub(crate) struct Dims {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub n: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Width of a head.
+    pub d: usize,
 }
 
 impl Dims {
+    /// The context rows `[b·n, hidden]` and the probabilities `[b, heads, n, n]` of attention
+    /// over the projection rows `qkv` `[b·n, 3·hidden]`, scores scaled by `scale`.
+    pub(crate) fn forward(&self, qkv: &[f32], scale: f32) -> (Vec<f32>, Vec<f32>) {
+        let Dims { batch, n, d, .. } = *self;
+        let (h, w) = (self.hidden(), 3 * self.hidden());
+        let (ni, hi, wi) = (n as isize, h as isize, w as isize);
+        let mut out = vec![0f32; batch * n * h];
+        let mut probs = vec![0f32; batch * self.probs_len()];
+        out.par_chunks_mut(n * h)
+            .zip(probs.par_chunks_mut(self.probs_len()))
+            .zip(qkv.par_chunks(self.qkv_len()))
+            .for_each(|((out, probs), x)| {
+                for (head, p) in probs.chunks_mut(n * n).enumerate() {
+                    let (q, k, v) = (head * d, h + head * d, 2 * h + head * d);
+                    // scores = q·kᵀ: kᵀ's element (c, j) is k[j, c].
+                    matmul((n, n, d), p, (ni, 1), &x[q..], (wi, 1), &x[k..], (1, wi), false, false);
+                    p.chunks_mut(n).for_each(|row| softmax_in_place(row, scale));
+                    // context = p·v, into this head's columns of the output rows.
+                    matmul((n, d, n), &mut out[head * d..], (hi, 1), p, (ni, 1), &x[v..], (wi, 1), false, false);
+                }
+            });
+        (out, probs)
+    }
+
+    /// The gradient `[b·n, 3·hidden]` of the projection rows `x` from the context's gradient `g`
+    /// and the forward pass's probabilities.
+    pub(crate) fn backward(&self, x: &[f32], probs: &[f32], g: &[f32], scale: f32) -> Vec<f32> {
+        let Dims { n, d, .. } = *self;
+        let (h, w) = (self.hidden(), 3 * self.hidden());
+        let (ni, hi, wi) = (n as isize, h as isize, w as isize);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(self.qkv_len())
+            .zip(x.par_chunks(self.qkv_len()))
+            .zip(g.par_chunks(n * h).zip(probs.par_chunks(self.probs_len())))
+            .for_each(|((dx, x), (g, probs))| {
+                let mut ds = vec![0f32; n * n];
+                for (head, p) in probs.chunks(n * n).enumerate() {
+                    let (q, k, v, c) = (head * d, h + head * d, 2 * h + head * d, head * d);
+                    // dp = dctx·vᵀ.
+                    matmul((n, n, d), &mut ds, (ni, 1), &g[c..], (hi, 1), &x[v..], (1, wi), false, false);
+                    // dv = pᵀ·dctx.
+                    matmul((n, d, n), &mut dx[v..], (wi, 1), p, (1, ni), &g[c..], (hi, 1), false, false);
+                    // ds = p ⊙ (dp - rowsum(dp ⊙ p)) · scale, the gradient of the scaled scores.
+                    for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
+                        softmax_grad_in_place(dr, pr, scale);
+                    }
+                    // dq = ds·k, dk = dsᵀ·q.
+                    matmul((n, d, n), &mut dx[q..], (wi, 1), &ds, (ni, 1), &x[k..], (wi, 1), false, false);
+                    matmul((n, d, n), &mut dx[k..], (wi, 1), &ds, (1, ni), &x[q..], (wi, 1), false, false);
+                }
+            });
+        dx
+    }
+
     /// Token width.
-    fn hidden(&self) -> usize {
+    pub(crate) fn hidden(&self) -> usize {
         self.heads * self.d
     }
 
@@ -89,26 +147,9 @@ impl CustomOp1 for Attention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_slice(s, l, "attention input")?;
-        let Dims { batch, n, d, .. } = self.dims;
-        let (h, w) = (self.dims.hidden(), 3 * self.dims.hidden());
-        let (ni, hi, wi) = (n as isize, h as isize, w as isize);
-        let mut out = vec![0f32; batch * n * h];
-        let mut probs = vec![0f32; batch * self.dims.probs_len()];
-        out.par_chunks_mut(n * h)
-            .zip(probs.par_chunks_mut(self.dims.probs_len()))
-            .zip(qkv.par_chunks(self.dims.qkv_len()))
-            .for_each(|((out, probs), x)| {
-                for (head, p) in probs.chunks_mut(n * n).enumerate() {
-                    let (q, k, v) = (head * d, h + head * d, 2 * h + head * d);
-                    // scores = q·kᵀ: kᵀ's element (c, j) is k[j, c].
-                    matmul((n, n, d), p, (ni, 1), &x[q..], (wi, 1), &x[k..], (1, wi), false, false);
-                    p.chunks_mut(n).for_each(|row| softmax_in_place(row, self.scale));
-                    // context = p·v, into this head's columns of the output rows.
-                    matmul((n, d, n), &mut out[head * d..], (hi, 1), p, (ni, 1), &x[v..], (wi, 1), false, false);
-                }
-            });
+        let (out, probs) = self.dims.forward(qkv, self.scale);
         *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
-        Ok((CpuStorage::F32(out), Shape::from((batch * n, h))))
+        Ok((CpuStorage::F32(out), Shape::from((self.dims.batch * self.dims.n, self.dims.hidden()))))
     }
 
     fn bwd(&self, qkv: &Tensor, _ctx: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -123,30 +164,7 @@ impl CustomOp1 for Attention {
         let ((xs, xl), (gs, gl)) = (qkv.storage_and_layout(), grad.storage_and_layout());
         let x = slice_of::<f32>(&xs, xl, "attention input")?;
         let g = slice_of::<f32>(&gs, gl, "attention gradient")?;
-        let Dims { n, d, .. } = self.dims;
-        let (h, w) = (self.dims.hidden(), 3 * self.dims.hidden());
-        let (ni, hi, wi) = (n as isize, h as isize, w as isize);
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(self.dims.qkv_len())
-            .zip(x.par_chunks(self.dims.qkv_len()))
-            .zip(g.par_chunks(n * h).zip(probs.par_chunks(self.dims.probs_len())))
-            .for_each(|((dx, x), (g, probs))| {
-                let mut ds = vec![0f32; n * n];
-                for (head, p) in probs.chunks(n * n).enumerate() {
-                    let (q, k, v, c) = (head * d, h + head * d, 2 * h + head * d, head * d);
-                    // dp = dctx·vᵀ.
-                    matmul((n, n, d), &mut ds, (ni, 1), &g[c..], (hi, 1), &x[v..], (1, wi), false, false);
-                    // dv = pᵀ·dctx.
-                    matmul((n, d, n), &mut dx[v..], (wi, 1), p, (1, ni), &g[c..], (hi, 1), false, false);
-                    // ds = p ⊙ (dp - rowsum(dp ⊙ p)) · scale, the gradient of the scaled scores.
-                    for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
-                        softmax_grad_in_place(dr, pr, self.scale);
-                    }
-                    // dq = ds·k, dk = dsᵀ·q.
-                    matmul((n, d, n), &mut dx[q..], (wi, 1), &ds, (ni, 1), &x[k..], (wi, 1), false, false);
-                    matmul((n, d, n), &mut dx[k..], (wi, 1), &ds, (1, ni), &x[q..], (wi, 1), false, false);
-                }
-            });
+        let dx = self.dims.backward(x, probs, g, self.scale);
         Ok(Some(Tensor::from_vec(dx, qkv.shape(), qkv.device())?))
     }
 }

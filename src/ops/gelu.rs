@@ -75,7 +75,7 @@ mod avx2 {
 }
 
 /// `y = gelu(x)` over a block (AVX2 where the CPU has it).
-pub(super) fn forward(y: &mut [f32], x: &[f32]) {
+pub(crate) fn forward(y: &mut [f32], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked).
@@ -85,13 +85,25 @@ pub(super) fn forward(y: &mut [f32], x: &[f32]) {
 }
 
 /// `dx = g·gelu'(x)` over a block (AVX2 where the CPU has it).
-pub(super) fn backward(dx: &mut [f32], x: &[f32], g: &[f32]) {
+pub(crate) fn backward(dx: &mut [f32], x: &[f32], g: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked).
         return unsafe { avx2::backward_block(dx, x, g) };
     }
     backward_block(dx, x, g)
+}
+
+/// `y = gelu(x)` over whole buffers, in parallel blocks.
+pub(crate) fn forward_all(y: &mut [f32], x: &[f32]) {
+    y.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK)).for_each(|(y, x)| forward(y, x));
+}
+
+/// `dx = g·gelu'(x)` over whole buffers, in parallel blocks.
+pub(crate) fn backward_all(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    dx.par_chunks_mut(BLOCK)
+        .zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK)))
+        .for_each(|(dx, (x, g))| backward(dx, x, g));
 }
 
 /// Exact GELU, `x·Φ(x)` (Hugging Face's `gelu`).
@@ -113,7 +125,7 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "the input")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(BLOCK).zip(x.par_chunks(BLOCK)).for_each(|(y, x)| forward(y, x));
+        forward_all(&mut y, x);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -122,9 +134,7 @@ impl CustomOp1 for GeluErf {
         let ((xs, xl), (gs, gl)) = (arg.storage_and_layout(), grad.storage_and_layout());
         let (x, g) = (slice_of::<f32>(&xs, xl, "gelu input")?, slice_of::<f32>(&gs, gl, "gelu gradient")?);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(BLOCK)
-            .zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK)))
-            .for_each(|(dx, (x, g))| backward(dx, x, g));
+        backward_all(&mut dx, x, g);
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }

@@ -158,6 +158,35 @@ fn backward_rows(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], eps: f32) -> (
     backward_rows_generic(dx, x, g, w, eps)
 }
 
+/// Rows `x` of `w.len()` elements normalised into `y` (same length), in parallel blocks of rows.
+pub(crate) fn normalize(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let task = rows_per_task(w.len()) * w.len();
+    y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| forward_rows(y, x, w, b, eps));
+}
+
+/// The input gradient of [`normalize`] into `dx` from the output gradient `g`, and the weight and
+/// bias gradients (each block of rows summed in f64, the blocks added in order: the result
+/// depends on the thread count only).
+pub(crate) fn normalize_backward(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let n = w.len();
+    let rows = x.len() / n.max(1);
+    // One block of rows per thread: its input gradient rows and its partial weight and bias
+    // gradients, added in block order below.
+    let per = rows.div_ceil(rayon::current_num_threads().clamp(1, rows.max(1))).max(1) * n;
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(per)
+        .zip(x.par_chunks(per).zip(g.par_chunks(per)))
+        .map(|(dx, (x, g))| backward_rows(dx, x, g, w, eps))
+        .collect();
+    let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+    for (pw, pb) in partials {
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    (to32(dw), to32(db))
+}
+
 impl ParamOp for LayerNormOp {
     const NAME: &'static str = "fused-layer-norm";
 
@@ -170,9 +199,7 @@ impl ParamOp for LayerNormOp {
             candle_core::bail!("layer norm: input {:?} with weight [{n}] and bias [{}]", l1.shape().dims(), b.len());
         }
         let mut y = vec![0f32; x.len()];
-        let task = rows_per_task(n) * n;
-        let eps = self.eps as f32;
-        y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| forward_rows(y, x, w, b, eps));
+        normalize(&mut y, x, w, b, self.eps as f32);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -184,27 +211,12 @@ impl ParamOp for LayerNormOp {
         let gs = slice_of::<f32>(&gs, gl, "layer norm gradient")?;
         let ws = slice_of::<f32>(&wst, wl, "layer norm weight")?;
         let n = ws.len();
-        let rows = xs.len() / n.max(1);
-        // One block of rows per thread: its input gradient rows and its partial weight and bias
-        // gradients, added in block order below.
-        let per = rows.div_ceil(rayon::current_num_threads().clamp(1, rows.max(1))).max(1) * n;
         let mut dx = vec![0f32; xs.len()];
-        let eps = self.eps as f32;
-        let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
-            .par_chunks_mut(per)
-            .zip(xs.par_chunks(per).zip(gs.par_chunks(per)))
-            .map(|(dx, (xs, gs))| backward_rows(dx, xs, gs, ws, eps))
-            .collect();
-        let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
-        for (pw, pb) in partials {
-            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-        }
+        let (dw, db) = normalize_backward(&mut dx, xs, gs, ws, self.eps as f32);
         let dev = x.device();
-        let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
         let dx = if x.track_op() { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
-        let dw = if weight.track_op() { Some(Tensor::from_vec(to32(dw), n, dev)?) } else { None };
-        let db = if bias.is_some_and(Tensor::track_op) { Some(Tensor::from_vec(to32(db), n, dev)?) } else { None };
+        let dw = if weight.track_op() { Some(Tensor::from_vec(dw, n, dev)?) } else { None };
+        let db = if bias.is_some_and(Tensor::track_op) { Some(Tensor::from_vec(db, n, dev)?) } else { None };
         Ok((dx, dw, db))
     }
 }

@@ -11,7 +11,7 @@
 //! the pre-activation for its backward pass, so the transformer MLP's activation is no graph node
 //! of its own. Other devices and dtypes use candle.
 
-use super::cpu::{f32_slice, fused_ok, slice_of, BLOCK};
+use super::cpu::{f32_slice, fused_ok, slice_of};
 use super::gemm::{matmul, matmul_new};
 use super::param_op::{self, Grads3, Operand, ParamOp};
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
@@ -144,7 +144,7 @@ impl ParamOp for Dense {
         if self.gelu {
             let pre = y;
             y = vec![0f32; pre.len()];
-            y.par_chunks_mut(BLOCK).zip(pre.par_chunks(BLOCK)).for_each(|(y, z)| super::gelu::forward(y, z));
+            super::gelu::forward_all(&mut y, &pre);
             *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
@@ -163,9 +163,7 @@ impl ParamOp for Dense {
                 candle_core::bail!("linear + GELU: the backward pass ran before the forward pass")
             };
             let mut v = vec![0f32; dy_v.len()];
-            v.par_chunks_mut(BLOCK)
-                .zip(pre.par_chunks(BLOCK).zip(dy_v.par_chunks(BLOCK)))
-                .for_each(|(d, (z, g))| super::gelu::backward(d, z, g));
+            super::gelu::backward_all(&mut v, pre, dy_v);
             masked = v;
             &masked
         } else if self.relu {
@@ -206,7 +204,7 @@ impl ParamOp for Dense {
 /// 64 rows in parallel, then added in block order, so the result does not depend on
 /// the number of threads. (Summed on one thread, it left the other cores idle during every linear
 /// layer's bias gradient.)
-fn column_sums(dz: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn column_sums(dz: &[f32], n: usize) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = dz
         .par_chunks(n.max(1) * 64)
         .map(|block| {

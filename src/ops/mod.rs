@@ -19,6 +19,7 @@ pub mod buffer;
 pub mod conv2d;
 pub mod cpu;
 pub mod elementwise;
+pub mod encoder_layer;
 pub mod fast_exp;
 pub mod gelu;
 pub mod gemm;

@@ -18,6 +18,38 @@ thread_local! {
     static CAPTURED: RefCell<Option<HashMap<TensorId, Tensor>>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// How many [`CaptureAhead`] scopes are open on this thread.
+    static AHEAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// While alive, tells the ops built on this thread that the backward pass of what they build
+/// runs inside a [`capture`] (the training code's forward-backward pass): an op may then keep
+/// parameters out of candle's graph and hand all their gradients over through [`deliver`]
+/// (the fused encoder layer, [`super::encoder_layer`]). Outside one, ops put every parameter in
+/// the graph, so a plain `backward()` still sees them.
+pub struct CaptureAhead(());
+
+impl CaptureAhead {
+    /// Opens the scope until the value is dropped.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        AHEAD.with(|a| a.set(a.get() + 1));
+        Self(())
+    }
+}
+
+impl Drop for CaptureAhead {
+    fn drop(&mut self) {
+        AHEAD.with(|a| a.set(a.get().saturating_sub(1)));
+    }
+}
+
+/// Whether a [`CaptureAhead`] scope is open on this thread.
+pub fn capture_ahead() -> bool {
+    AHEAD.with(|a| a.get() > 0)
+}
+
 /// Gradients of variables collected during one backward pass, by tensor id.
 pub type Captured = HashMap<TensorId, Tensor>;
 

@@ -139,6 +139,8 @@ fn grad_pass(
         model.check_labels(labels)?;
     }
     let _scope = no_grad_outside(model, params);
+    // The gradients below come from one capture ([`gradients`]).
+    let _ahead = crate::ops::param_grads::CaptureAhead::new();
     let saved_bn = if opts.update_bn { None } else { Some(model.params().save_buffers()?) };
     let result = (|| -> Result<GradOutput> {
         let logits = model.forward_t(images, opts.train).context("forward pass")?;

@@ -536,3 +536,132 @@ fn batch_norm_statistics_match_f64_on_offset_planes() {
         }
     }
 }
+
+/// One pre-norm encoder layer (ViT's, or DINOv2's with LayerScale) from candle's elementary ops,
+/// in the dtype of its inputs: `p` holds 18 slots in the order of [`encoder_tensors`] (the layer
+/// norms, the query/key/value weights, the output projection, the MLP, then the optional
+/// LayerScale vectors and query/key/value biases).
+fn encoder_reference(x: &Tensor, p: &[Option<Tensor>], b: usize, heads: usize, eps: f64) -> Tensor {
+    let t = |i: usize| p[i].as_ref().unwrap();
+    let lin = |x: &Tensor, w: &Tensor, bias: Option<&Tensor>| {
+        let y = x.matmul(&w.t().unwrap()).unwrap();
+        match bias {
+            Some(bias) => y.broadcast_add(bias).unwrap(),
+            None => y,
+        }
+    };
+    let scaled = |y: Tensor, i: usize| match &p[i] {
+        Some(s) => y.broadcast_mul(s).unwrap(),
+        None => y,
+    };
+    let h = x.dim(1).unwrap();
+    let ln1 = samhost::ops::layer_norm_ops(x, t(0), t(1), eps).unwrap();
+    let qkv: Vec<Tensor> = (0..3).map(|i| lin(&ln1, t(2 + i), p[15 + i].as_ref())).collect();
+    let ctx = attention_reference(&Tensor::cat(&qkv, 1).unwrap(), b, heads, 1.0 / ((h / heads) as f64).sqrt());
+    let x1 = (scaled(lin(&ctx, t(5), Some(t(6))), 13) + x).unwrap();
+    let ln2 = samhost::ops::layer_norm_ops(&x1, t(7), t(8), eps).unwrap();
+    let act = lin(&ln2, t(9), Some(t(10))).gelu_erf().unwrap();
+    (scaled(lin(&act, t(11), Some(t(12))), 14) + x1).unwrap()
+}
+
+/// The layer's tensors from the 18 slots `p` (the order of [`encoder_reference`]).
+fn encoder_tensors(p: &[Option<Tensor>]) -> samhost::ops::encoder_layer::EncoderTensors {
+    let c = |i: usize| p[i].clone().unwrap();
+    samhost::ops::encoder_layer::EncoderTensors {
+        ln1: [c(0), c(1)],
+        qkv: [c(2), c(3), c(4)],
+        qkv_bias: p[15].is_some().then(|| [c(15), c(16), c(17)]),
+        out: [c(5), c(6)],
+        ln2: [c(7), c(8)],
+        fc1: [c(9), c(10)],
+        fc2: [c(11), c(12)],
+        scales: p[13].is_some().then(|| [c(13), c(14)]),
+    }
+}
+
+/// Random tensors of one encoder layer (hidden `h`, MLP width `inter`) in 18 slots: weights
+/// scaled by 1/sqrt(fan-in), layer-norm weights around 1, biases of 0.1, LayerScale around 0.5.
+fn encoder_params(rng: &HostRng, h: usize, inter: usize, scales: bool, qkv_bias: bool) -> Vec<Option<Var>> {
+    let w = |o: usize, i: usize| rand(rng, &[o, i], DType::F32).affine(1.0 / (i as f64).sqrt(), 0.0).unwrap();
+    let v = |n: usize, mean: f64, std: f64| rand(rng, &[n], DType::F32).affine(std, mean).unwrap();
+    let mut p = vec![v(h, 1.0, 0.3), v(h, 0.0, 0.1), w(h, h), w(h, h), w(h, h), w(h, h), v(h, 0.0, 0.1)];
+    p.extend([v(h, 1.0, 0.3), v(h, 0.0, 0.1), w(inter, h), v(inter, 0.0, 0.1), w(h, inter), v(h, 0.0, 0.1)]);
+    let mut slots: Vec<Option<Tensor>> = p.into_iter().map(Some).collect();
+    slots.extend((0..2).map(|_| scales.then(|| v(h, 0.5, 0.2))));
+    slots.extend((0..3).map(|_| qkv_bias.then(|| v(h, 0.0, 0.1))));
+    slots.into_iter().map(|t| t.map(|t| Var::from_tensor(&t).unwrap())).collect()
+}
+
+/// The fused encoder layer against the f64 composition of candle's ops: the output and the
+/// gradients of the input and of every tensor to 1e-5 relative (of the largest magnitude), with
+/// and without query/key/value biases and LayerScale, from one head of width 4 to ViT-S's 6
+/// heads of 64; then with the first layer norm and the attention frozen (detached) and the input
+/// data: those get no gradient, the rest the same. Where a trainable parameter's gradient could
+/// not be collected (no forward-backward pass of the training code), the op declines.
+#[test]
+fn fused_encoder_layer_matches_an_f64_composition() {
+    use samhost::ops::encoder_layer::encoder_layer;
+    use samhost::ops::param_grads::CaptureAhead;
+    let rng = HostRng::new(14);
+    for (b, n, heads, h, inter, scales, qkv_bias) in [
+        (2, 5, 1, 4, 8, false, true),
+        (3, 17, 2, 16, 40, true, false),
+        (2, 65, 6, 384, 1536, false, true),
+        (2, 9, 3, 24, 48, true, true),
+    ] {
+        let case = format!("b={b} n={n} heads={heads} hidden={h} mlp={inter} scales={scales} qkv_bias={qkv_bias}");
+        let eps = 1e-6;
+        let x = Var::from_tensor(&rand(&rng, &[b * n, h], DType::F32)).unwrap();
+        let p = encoder_params(&rng, h, inter, scales, qkv_bias);
+        let to64 = |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+        let (x64, p64): (Var, Vec<Option<Var>>) = (to64(&x), p.iter().map(|v| v.as_ref().map(to64)).collect());
+        let tensors: Vec<Option<Tensor>> = p.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect();
+        let t64: Vec<Option<Tensor>> = p64.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect();
+        let theirs = encoder_reference(x64.as_tensor(), &t64, b, heads, eps);
+        let r = rand(&rng, theirs.dims(), DType::F32);
+        let g64 = (&theirs * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        // Without a collecting pass ahead, trainable parameters keep the op out.
+        assert!(encoder_layer(x.as_tensor(), &encoder_tensors(&tensors), b, heads, (eps, eps)).unwrap().is_none());
+        let ahead = CaptureAhead::new();
+        let ours = encoder_layer(x.as_tensor(), &encoder_tensors(&tensors), b, heads, (eps, eps)).unwrap().unwrap();
+        assert!(max_rel(&ours, &theirs) < 1e-5, "{case}: values off by {:e}", max_rel(&ours, &theirs));
+        let loss = (&ours * &r).unwrap().sum_all().unwrap();
+        // Slot 0 is the input, slot i + 1 the tensor at position i.
+        let mut named: Vec<(usize, Var, &Var)> = vec![(0, x.clone(), &x64)];
+        named.extend(
+            p.iter().zip(&p64).enumerate().filter_map(|(i, (v, v64))| Some((i + 1, v.clone()?, v64.as_ref()?))),
+        );
+        let vars: Vec<(String, Var)> = named.iter().map(|(i, v, _)| (format!("slot {i}"), v.clone())).collect();
+        let largest = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        // The key bias's gradient is zero (a constant added to every score of a row), so each
+        // gradient is compared relative to at least a hundredth of the largest gradient.
+        let floor = named.iter().map(|(_, _, v)| largest(g64.get(v.as_tensor()).unwrap())).fold(0.0, f64::max) * 1e-2;
+        let off = |got: &Tensor, want: &Tensor| {
+            let diff = (got.to_dtype(DType::F64).unwrap() - want).unwrap();
+            largest(&diff) / largest(want).max(floor)
+        };
+        let grads = samhost::train::grads::gradients(&loss, &vars).unwrap();
+        for ((i, _, v64), got) in named.iter().zip(&grads) {
+            let err = off(got, g64.get(v64.as_tensor()).unwrap());
+            assert!(err < 1e-5, "{case}: gradient of slot {i} off by {err:e}");
+        }
+        // Frozen: the first layer norm and the query/key/value tensors detached, the input data.
+        let frozen = |i: usize| !(5..15).contains(&i);
+        let mixed: Vec<Option<Tensor>> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.as_ref().map(|t| if frozen(i) { t.detach() } else { t.clone() }))
+            .collect();
+        let ours =
+            encoder_layer(&x.as_tensor().detach(), &encoder_tensors(&mixed), b, heads, (eps, eps)).unwrap().unwrap();
+        let loss = (&ours * &r).unwrap().sum_all().unwrap();
+        let grads = samhost::train::grads::gradients(&loss, &vars).unwrap();
+        drop(ahead);
+        for ((i, _, v64), got) in named.iter().zip(&grads) {
+            let want = g64.get(v64.as_tensor()).unwrap();
+            let want = if *i == 0 || frozen(i - 1) { want.zeros_like().unwrap() } else { want.clone() };
+            let err = off(got, &want);
+            assert!(err < 1e-5, "{case}, frozen: gradient of slot {i} off by {err:e}");
+        }
+    }
+}
