@@ -349,23 +349,10 @@ impl EncoderOp {
         let upper_opt = [S1, Q_B, Q_B + 1, Q_B + 2];
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; SLOTS];
         let mut dx = None;
-        // The MLP branch, through its LayerScale first.
-        let dmlp_owned;
-        let dmlp: &[f32] = match &s.branches {
-            Some((_, mlp)) => {
-                let (d, ds) = scale_backward(g, w[S2], mlp);
-                grads[S2] = self.tracks(S2).then_some(ds);
-                dmlp_owned = d;
-                &dmlp_owned
-            }
-            None => g,
-        };
-        if self.tracks(FC2_W) {
-            grads[FC2_W] = Some(matmul_new((h, inter, m), dmlp, (1, hi), &s.act, (ii, 1), true));
-        }
-        if self.tracks(FC2_B) {
-            grads[FC2_B] = Some(column_sums(dmlp, h));
-        }
+        // The MLP branch.
+        let mlp = s.branches.as_ref().map(|(_, mlp)| &mlp[..]);
+        let dmlp = self.branch_backward(g, mlp, &w, (S2, FC2_W), &s.act, &mut grads);
+        let dmlp = &dmlp[..];
         if below(FC2_W, &upper_opt) {
             let dact = matmul_new((m, inter, h), dmlp, (hi, 1), w[FC2_W], (ii, 1), true);
             let mut dz = vec![0f32; m * inter];
@@ -410,6 +397,39 @@ impl EncoderOp {
         Ok((dx, anchor_grad))
     }
 
+    /// A residual branch's last linear layer backwards from the residual stream's gradient `g`:
+    /// through the LayerScale at position `scale` when the layer has one (`branch` is then the
+    /// branch's output before it), then the gradients of the weight at position `weight` (whose
+    /// input rows are `input`) and of the bias after it. Returns the gradient of the layer's
+    /// output.
+    fn branch_backward<'g>(
+        &self,
+        g: &'g [f32],
+        branch: Option<&[f32]>,
+        w: &[&[f32]],
+        (scale, weight): (usize, usize),
+        input: &[f32],
+        grads: &mut [Option<Vec<f32>>],
+    ) -> std::borrow::Cow<'g, [f32]> {
+        let d = match branch {
+            Some(branch) => {
+                let (d, ds) = scale_backward(g, w[scale], branch);
+                grads[scale] = self.tracks(scale).then_some(ds);
+                std::borrow::Cow::Owned(d)
+            }
+            None => std::borrow::Cow::Borrowed(g),
+        };
+        let h = self.dims.hidden();
+        let (m, k) = (g.len() / h, input.len() / (g.len() / h).max(1));
+        if self.tracks(weight) {
+            grads[weight] = Some(matmul_new((h, k, m), &d, (1, h as isize), input, (k as isize, 1), true));
+        }
+        if self.tracks(weight + 1) {
+            grads[weight + 1] = Some(column_sums(&d, h));
+        }
+        d
+    }
+
     /// The attention branch's backward pass from `dx1`, the gradient of the residual stream
     /// after it: its parameters' gradients into `grads`, the layer input's into `dx`.
     #[allow(clippy::too_many_arguments)]
@@ -426,22 +446,9 @@ impl EncoderOp {
         let h = self.dims.hidden();
         let m = x.len() / h;
         let (hi, h3) = (h as isize, 3 * h as isize);
-        let da_owned;
-        let da: &[f32] = match &s.branches {
-            Some((a, _)) => {
-                let (d, ds) = scale_backward(dx1, w[S1], a);
-                grads[S1] = self.tracks(S1).then_some(ds);
-                da_owned = d;
-                &da_owned
-            }
-            None => dx1,
-        };
-        if self.tracks(OUT_W) {
-            grads[OUT_W] = Some(matmul_new((h, h, m), da, (1, hi), &s.ctx, (hi, 1), true));
-        }
-        if self.tracks(OUT_B) {
-            grads[OUT_B] = Some(column_sums(da, h));
-        }
+        let a = s.branches.as_ref().map(|(a, _)| &a[..]);
+        let da = self.branch_backward(dx1, a, w, (S1, OUT_W), &s.ctx, grads);
+        let da = &da[..];
         let qkv_ids = [Q_W, Q_W + 1, Q_W + 2, Q_B, Q_B + 1, Q_B + 2];
         if !(x_tr || self.tracks(LN1_W) || self.tracks(LN1_B) || qkv_ids.iter().any(|&i| self.tracks(i))) {
             return Ok(());
