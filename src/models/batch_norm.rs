@@ -76,14 +76,26 @@ impl BatchNorm2d {
         }
         let (weight, bias) = (param(&self.weight), param(&self.bias));
         let (y, mean, var) = batch_norm_train(x, &weight, &bias, self.eps, relu)?;
+        self.update_running(&mean, &var, m)?;
+        Ok(y)
+    }
+
+    /// Moves the running statistics towards a training batch's mean and biased variance per
+    /// channel over `m` values each (the variance stored unbiased, as PyTorch).
+    pub fn update_running(&self, mean: &Tensor, var: &Tensor, m: usize) -> Result<()> {
         let k = self.momentum;
         let unbiased = m as f64 / (m as f64 - 1.0);
         let rm = ((self.running_mean.as_tensor() * (1.0 - k))? + (mean.detach().to_dtype(DType::F32)? * k)?)?;
         let rv =
             ((self.running_var.as_tensor() * (1.0 - k))? + (var.detach().to_dtype(DType::F32)? * (k * unbiased))?)?;
         self.running_mean.set(&rm.to_dtype(self.running_mean.dtype())?)?;
-        self.running_var.set(&rv.to_dtype(self.running_var.dtype())?)?;
-        Ok(y)
+        self.running_var.set(&rv.to_dtype(self.running_var.dtype())?)
+    }
+
+    /// The weight and the bias as this pass reads them (frozen ones detached), and `eps`: what a
+    /// fused op that normalises in training mode takes ([`crate::ops::res_block`]).
+    pub fn train_params(&self) -> ([Tensor; 2], f64) {
+        ([param(&self.weight), param(&self.bias)], self.eps)
     }
 
     /// Training mode from elementary ops, without updating the running statistics: the

@@ -6,8 +6,10 @@
 use super::layers::{
     batch_norm, bn, bn_relu, conv_no_bias, global_avg_pool, linear_scheme, subsample2, BatchNorm2d, Conv, Linear,
 };
+use super::no_grad::param;
 use super::registry::ArchConfig;
 use super::Network;
+use crate::ops::res_block::{res_block_train, BlockSkip, BlockTensors};
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -74,6 +76,7 @@ struct Block {
     conv2: Conv,
     bn2: BatchNorm2d,
     skip: Skip,
+    stride: usize,
 }
 
 impl Block {
@@ -96,10 +99,15 @@ impl Block {
                 },
             }
         };
-        Ok(Self { conv1, bn1, conv2, bn2, skip })
+        Ok(Self { conv1, bn1, conv2, bn2, skip, stride })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train {
+            if let Some(y) = self.forward_fused(x)? {
+                return Ok(y);
+            }
+        }
         let h = bn_relu(&self.bn1, &self.conv1.forward(x)?, train)?;
         let h = bn(&self.bn2, &self.conv2.forward(&h)?, train)?;
         let s = match &self.skip {
@@ -108,6 +116,39 @@ impl Block {
             Skip::Conv { conv, bn: norm } => bn(norm, &conv.forward(x)?, train)?,
         };
         crate::ops::add_relu(&h, &s)
+    }
+
+    /// The block in training mode as one op ([`res_block_train`]) with the running statistics
+    /// moved, or `None` where that op does not apply.
+    fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (bn1, eps1) = self.bn1.train_params();
+        let (bn2, eps2) = self.bn2.train_params();
+        let skip = match &self.skip {
+            Skip::Identity => BlockSkip::Identity,
+            Skip::Pad { left, right } => BlockSkip::Pad { left: *left, right: *right },
+            Skip::Conv { conv, bn } => {
+                let (bn, eps) = bn.train_params();
+                BlockSkip::Conv { kernel: param(conv.weight()), bn, eps }
+            }
+        };
+        let tensors = BlockTensors {
+            conv1: param(self.conv1.weight()),
+            bn1,
+            conv2: param(self.conv2.weight()),
+            bn2,
+            eps: (eps1, eps2),
+            stride: self.stride,
+            skip,
+        };
+        let Some(out) = res_block_train(x, &tensors)? else { return Ok(None) };
+        let mut norms = vec![&self.bn1, &self.bn2];
+        if let Skip::Conv { bn, .. } = &self.skip {
+            norms.push(bn);
+        }
+        for (norm, (mean, var)) in norms.into_iter().zip(&out.stats) {
+            norm.update_running(mean, var, out.count)?;
+        }
+        Ok(Some(out.y))
     }
 }
 

@@ -75,14 +75,133 @@ pub fn batch_norm_eval(
     xr.broadcast_mul(&scale)?.broadcast_add(&shift)?.reshape((n, c, h, w))
 }
 
-/// Batch statistics per channel, filled by the forward pass (mean and biased variance for the
-/// running statistics, mean and 1/sqrt(var + eps) for the backward pass).
+/// Batch statistics per channel from a training-mode forward pass: the mean and biased variance
+/// (for the running statistics) and, in f64, the mean and 1/sqrt(var + eps) for the backward pass.
 #[derive(Debug, Default)]
-struct Stats {
-    mean: Vec<f32>,
-    var: Vec<f32>,
+pub(crate) struct Stats {
+    /// The mean per channel.
+    pub(crate) mean: Vec<f32>,
+    /// The biased variance per channel.
+    pub(crate) var: Vec<f32>,
     mean64: Vec<f64>,
     invstd: Vec<f64>,
+}
+
+/// The layout of an `[N, C, H, W]` tensor: `n` samples of `c` planes of `hw` values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Planes {
+    /// Samples.
+    pub(crate) n: usize,
+    /// Channels.
+    pub(crate) c: usize,
+    /// Values per plane (H·W).
+    pub(crate) hw: usize,
+}
+
+impl Planes {
+    /// The layout of `dims` `[N, C, H, W]`.
+    pub(crate) fn of(dims: &[usize]) -> Result<Self> {
+        match dims {
+            &[n, c, h, w] => Ok(Self { n, c, hw: h * w }),
+            _ => candle_core::bail!("batch norm: expected [N, C, H, W], got {dims:?}"),
+        }
+    }
+}
+
+/// `y = relu?((x - mean) / sqrt(var + eps) * weight + bias + residual?)` with the batch's
+/// statistics (the residual, when given, has `x`'s layout), and those statistics.
+pub(crate) fn normalize_train(
+    x: &[f32],
+    p: Planes,
+    (weight, bias): (&[f32], &[f32]),
+    eps: f64,
+    relu: bool,
+    residual: Option<&[f32]>,
+) -> (Vec<f32>, Stats) {
+    let Planes { n, c, hw } = p;
+    let (mean, var) = channel_stats(x, n, c, hw);
+    let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let affine: Vec<(f32, f32)> = (0..c)
+        .map(|ch| {
+            let scale = weight[ch] as f64 * invstd[ch];
+            (scale as f32, (bias[ch] as f64 - mean[ch] * scale) as f32)
+        })
+        .collect();
+    let mut y = super::buffer::zeroed::<f32>(x.len());
+    let residual = residual.unwrap_or(&[]);
+    let apply = |(plane, (out, inp)): (usize, (&mut [f32], &[f32]))| {
+        let (scale, shift) = affine[plane % c];
+        let act = |v: f32| if relu { v.max(0.0) } else { v };
+        if residual.is_empty() {
+            out.iter_mut().zip(inp).for_each(|(o, &v)| *o = act(v * scale + shift));
+        } else {
+            let r = &residual[plane * hw..][..hw];
+            out.iter_mut().zip(inp.iter().zip(r)).for_each(|(o, (&v, &r))| *o = act(v * scale + shift + r));
+        }
+    };
+    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(apply);
+    let stats = Stats {
+        mean: mean.iter().map(|&v| v as f32).collect(),
+        var: var.iter().map(|&v| v as f32).collect(),
+        mean64: mean,
+        invstd,
+    };
+    (y, stats)
+}
+
+/// Gradients of [`normalize_train`] from the output's gradient `g`, gated by `mask > 0` where a
+/// ReLU followed (`mask` the ReLU's output, of `x`'s layout): the input's (when `need_dx`), and
+/// the weight's and the bias's per channel.
+pub(crate) fn normalize_backward(
+    x: &[f32],
+    g: &[f32],
+    mask: Option<&[f32]>,
+    p: Planes,
+    weight: &[f32],
+    stats: &Stats,
+    need_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let Planes { n, c, hw } = p;
+    let m = (n * hw) as f64;
+    let (mean, invstd) = (&stats.mean64, &stats.invstd);
+    let (relu, ys) = match mask {
+        Some(y) => (true, y),
+        None => (false, g),
+    };
+    // The gradient before the ReLU.
+    let gz = move |g: f32, y: f32| if !relu || y > 0.0 { g } else { 0.0 };
+    // Per channel: Σdz and Σ(dz·xhat).
+    let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
+            let (mut db, mut dw) = (0f64, 0f64);
+            for ((gp, xp), yp) in planes(g, n, c, hw, ch).zip(planes(x, n, c, hw, ch)).zip(planes(ys, n, c, hw, ch)) {
+                db += lane_sum3(gp, yp, yp, |g, y, _| gz(g, y));
+                dw += lane_sum3(gp, yp, xp, |g, y, x| gz(g, y) * (x - mu) * is);
+            }
+            (db, dw)
+        })
+        .unzip();
+    // dx = w·invstd/m · (m·dz − Σdz − xhat·Σ(dz·xhat))
+    let dx = need_dx.then(|| {
+        let mut dx = super::buffer::zeroed::<f32>(x.len());
+        dx.par_chunks_mut(hw).zip(g.par_chunks(hw).zip(x.par_chunks(hw).zip(ys.par_chunks(hw)))).enumerate().for_each(
+            |(plane, (out, (gp, (xp, yp))))| {
+                let ch = plane % c;
+                let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
+                let k = (weight[ch] as f64 * invstd[ch] / m) as f32;
+                let (a, b) = ((m * k as f64) as f32, k * db[ch] as f32);
+                let cx = k * dw[ch] as f32;
+                for (o, ((&g, &x), &y)) in out.iter_mut().zip(gp.iter().zip(xp).zip(yp)) {
+                    *o = a * gz(g, y) - b - (x - mu) * is * cx;
+                }
+            },
+        );
+        dx
+    });
+    let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    (dx, to32(dw), to32(db))
 }
 
 /// `y = relu?((x - mean) / sqrt(var + eps) * weight + bias)` over `[N, C, H, W]` with the batch's
@@ -148,97 +267,35 @@ impl ParamOp for FusedBatchNorm {
 
     fn cpu_fwd(&self, (s1, l1): Operand, (s2, l2): Operand, b: Option<Operand>) -> Result<(CpuStorage, Shape)> {
         let Some((s3, l3)) = b else { candle_core::bail!("fused-batch-norm: the bias is missing") };
-        let (n, c, h, w) = l1.shape().dims4()?;
-        let hw = h * w;
+        let p = Planes::of(l1.shape().dims())?;
         let x = f32_slice(s1, l1, "the input")?;
         let weight = f32_slice(s2, l2, "the weight")?;
         let bias = f32_slice(s3, l3, "the bias")?;
-        let (mean, var) = channel_stats(x, n, c, hw);
-        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let affine: Vec<(f32, f32)> = (0..c)
-            .map(|ch| {
-                let scale = weight[ch] as f64 * invstd[ch];
-                (scale as f32, (bias[ch] as f64 - mean[ch] * scale) as f32)
-            })
-            .collect();
-        let mut y = super::buffer::zeroed::<f32>(x.len());
-        let relu = self.relu;
-        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (out, inp))| {
-            let (scale, shift) = affine[plane % c];
-            if relu {
-                out.iter_mut().zip(inp).for_each(|(o, &v)| *o = (v * scale + shift).max(0.0));
-            } else {
-                out.iter_mut().zip(inp).for_each(|(o, &v)| *o = v * scale + shift);
-            }
-        });
-        let mut s =
-            self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
-        s.mean = mean.iter().map(|&v| v as f32).collect();
-        s.var = var.iter().map(|&v| v as f32).collect();
-        s.mean64 = mean;
-        s.invstd = invstd;
+        let (y, stats) = normalize_train(x, p, (weight, bias), self.eps, self.relu, None);
+        *self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))? = stats;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, grad: &Tensor) -> Result<Grads3> {
-        let (n, c, h, w) = x.dims4()?;
-        let hw = h * w;
-        let m = (n * hw) as f64;
+        let p = Planes::of(x.dims())?;
         let grad = grad_f32(grad)?;
         let stats =
             self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm statistics lock poisoned".into()))?;
-        if stats.invstd.len() != c {
+        if stats.invstd.len() != p.c {
             candle_core::bail!("batch norm backward: the statistics of the forward pass are missing");
         }
-        let (mean, invstd) = (&stats.mean64, &stats.invstd);
         let ((xs, xl), (gs, gl), (ys, yl), (ws, wl)) =
             (x.storage_and_layout(), grad.storage_and_layout(), y.storage_and_layout(), weight.storage_and_layout());
         let xs = slice_of::<f32>(&xs, xl, "batch norm input")?;
         let gs = slice_of::<f32>(&gs, gl, "batch norm gradient")?;
         let ys = slice_of::<f32>(&ys, yl, "batch norm output")?;
         let ws = slice_of::<f32>(&ws, wl, "batch norm weight")?;
-        let relu = self.relu;
-        // The gradient before the ReLU.
-        let gz = move |g: f32, y: f32| if !relu || y > 0.0 { g } else { 0.0 };
-        // Per channel: Σdz and Σ(dz·xhat).
-        let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
-                let (mut db, mut dw) = (0f64, 0f64);
-                for ((gp, xp), yp) in
-                    planes(gs, n, c, hw, ch).zip(planes(xs, n, c, hw, ch)).zip(planes(ys, n, c, hw, ch))
-                {
-                    db += lane_sum3(gp, yp, yp, |g, y, _| gz(g, y));
-                    dw += lane_sum3(gp, yp, xp, |g, y, x| gz(g, y) * (x - mu) * is);
-                }
-                (db, dw)
-            })
-            .unzip();
-        // dx = w·invstd/m · (m·dz − Σdz − xhat·Σ(dz·xhat))
-        let dx = if x.track_op() {
-            let mut dx = super::buffer::zeroed::<f32>(xs.len());
-            dx.par_chunks_mut(hw)
-                .zip(gs.par_chunks(hw).zip(xs.par_chunks(hw).zip(ys.par_chunks(hw))))
-                .enumerate()
-                .for_each(|(plane, (out, (gp, (xp, yp))))| {
-                    let ch = plane % c;
-                    let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
-                    let k = (ws[ch] as f64 * invstd[ch] / m) as f32;
-                    let (a, b) = ((m * k as f64) as f32, k * db[ch] as f32);
-                    let cx = k * dw[ch] as f32;
-                    for (o, ((&g, &x), &y)) in out.iter_mut().zip(gp.iter().zip(xp).zip(yp)) {
-                        *o = a * gz(g, y) - b - (x - mu) * is * cx;
-                    }
-                });
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-        } else {
-            None
-        };
+        let mask = self.relu.then_some(ys);
+        let (dx, dw, db) = normalize_backward(xs, gs, mask, p, ws, &stats, x.track_op());
         let dev = x.device();
-        let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        let dw = if weight.track_op() { Some(Tensor::from_vec(to32(dw), c, dev)?) } else { None };
-        let db = if bias.is_some_and(Tensor::track_op) { Some(Tensor::from_vec(to32(db), c, dev)?) } else { None };
+        let dx = dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev)).transpose()?;
+        let dw = if weight.track_op() { Some(Tensor::from_vec(dw, p.c, dev)?) } else { None };
+        let db = if bias.is_some_and(Tensor::track_op) { Some(Tensor::from_vec(db, p.c, dev)?) } else { None };
         Ok((dx, dw, db))
     }
 }

@@ -32,6 +32,7 @@ pub mod linear;
 pub mod param_grads;
 pub mod param_op;
 pub mod pointwise;
+pub mod res_block;
 pub mod softmax;
 pub mod sum_squares;
 

@@ -16,6 +16,7 @@ mod optim;
 mod precision;
 mod reference;
 mod reliability;
+mod res_block;
 mod runs;
 mod sam;
 mod sam_family;

@@ -87,19 +87,67 @@ impl ConvBlock {
 
     /// [`Self::grads`] in f32, by the direct kernels where they apply.
     fn grads_f32(&self, g: &Geometry, ops: [&Tensor; 4], needs: Needs) -> Result<Grads<f32>> {
-        if !direct::applies(g) {
-            return self.grads::<f32>(g, ops, needs);
-        }
         let [x, k, y, dy] = ops;
-        self.with_saved(x, k, y, dy, |saved| {
-            if !needs.input || direct::applies_to_input(g) {
-                return direct::backward(g, self.ep, saved, needs);
-            }
-            // A strided convolution: its input gradient by im2col + gemm, the rest directly.
-            let (gx, _, _) = backward(g, self.ep, saved, Needs { input: true, kernel: false, bias: false });
-            let (_, gk, gb) = direct::backward(g, self.ep, saved, Needs { input: false, ..needs });
-            (gx, gk, gb)
-        })
+        self.with_saved(x, k, y, dy, |saved| backward_f32(g, self.ep, saved, needs))
+    }
+}
+
+/// The forward pass in f32: by the direct kernels where they apply, else im2col + gemm.
+fn forward_f32(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], b: Option<&[f32]>) -> (Vec<f32>, Vec<u8>) {
+    if direct::applies(g) {
+        direct::forward(g, ep, x, k, b)
+    } else {
+        forward(g, ep, x, k, b)
+    }
+}
+
+/// The backward pass in f32: by the direct kernels where they apply, else im2col + gemm.
+fn backward_f32(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Needs) -> Grads<f32> {
+    if !direct::applies(g) {
+        return backward(g, ep, saved, needs);
+    }
+    if !needs.input || direct::applies_to_input(g) {
+        return direct::backward(g, ep, saved, needs);
+    }
+    // A strided convolution: its input gradient by im2col + gemm, the rest directly.
+    let (gx, _, _) = backward(g, ep, saved, Needs { input: true, kernel: false, bias: false });
+    let (_, gk, gb) = direct::backward(g, ep, saved, Needs { input: false, ..needs });
+    (gx, gk, gb)
+}
+
+/// A convolution without bias or epilogue on contiguous f32 CPU slices, for ops that fuse
+/// several layers around it ([`super::res_block`]): the same kernels as [`conv2d`].
+pub(crate) struct SliceConv {
+    g: Geometry,
+}
+
+impl SliceConv {
+    /// The convolution of an input `x_dims` `[N, C, H, W]` with a kernel `k_dims` `[O, C, KH, KW]`.
+    pub(crate) fn new(x_dims: &[usize], k_dims: &[usize], stride: usize, padding: usize) -> Result<Self> {
+        Ok(Self { g: Geometry::new(x_dims, k_dims, stride, padding)? })
+    }
+
+    /// The output's dimensions `[N, O, Ho, Wo]`.
+    pub(crate) fn out_dims(&self) -> [usize; 4] {
+        [self.g.n, self.g.o, self.g.ho, self.g.wo]
+    }
+
+    /// The output.
+    pub(crate) fn forward(&self, x: &[f32], k: &[f32]) -> Vec<f32> {
+        forward_f32(&self.g, Epilogue::NONE, x, k, None).0
+    }
+
+    /// The gradients of the input (when `input`) and of the kernel (when `kernel`) from the
+    /// output `y` and its gradient `dy`.
+    pub(crate) fn backward(
+        &self,
+        [x, k, y, dy]: [&[f32]; 4],
+        input: bool,
+        kernel: bool,
+    ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+        let saved = Saved { x, k, y, dy, argmax: &[] };
+        let (gx, gk, _) = backward_f32(&self.g, Epilogue::NONE, saved, Needs { input, kernel, bias: false });
+        (gx, gk)
     }
 }
 
@@ -114,11 +162,7 @@ impl ParamOp for ConvBlock {
         let (out, argmax) = match x.0.dtype() {
             DType::F32 => {
                 let (x, k, b) = (typed(x)?, typed(k)?, b.map(typed).transpose()?);
-                let (o, a) = if direct::applies(&g) {
-                    direct::forward(&g, self.ep, x, k, b)
-                } else {
-                    forward(&g, self.ep, x, k, b)
-                };
+                let (o, a) = forward_f32(&g, self.ep, x, k, b);
                 (CpuStorage::F32(o), a)
             }
             DType::F64 => {

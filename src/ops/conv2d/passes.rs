@@ -13,6 +13,9 @@ pub(super) struct Epilogue {
 }
 
 impl Epilogue {
+    /// Nothing after the convolution.
+    pub(super) const NONE: Self = Self { relu: false, pool: false };
+
     /// Output positions per channel: Ho·Wo, or (Ho/2)·(Wo/2) after pooling.
     pub(super) fn out_len(&self, g: &Geometry) -> usize {
         if self.pool {

@@ -1,0 +1,173 @@
+//! The fused residual block (`ops::res_block`) against an f64 composition of candle's own ops
+//! (candle's convolution, BatchNorm from elementary ops, its ReLU and padding): the output, the
+//! batch statistics, and the gradients of the input and of every tensor, to 1e-5 relative.
+
+use candle_core::{DType, Device, Tensor, Var};
+use samhost::ops::param_grads::CaptureAhead;
+use samhost::ops::res_block::{res_block_train, BlockSkip, BlockTensors};
+use samhost::rng::HostRng;
+
+fn rand(rng: &HostRng, dims: &[usize], scale: f64, mean: f64) -> Tensor {
+    let n = dims.iter().product();
+    Tensor::from_vec(rng.normal(n, mean, scale), dims, &Device::Cpu).unwrap()
+}
+
+/// The largest magnitude in `t`.
+fn largest(t: &Tensor) -> f64 {
+    t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// The largest difference relative to the largest magnitude of `want` (at least `floor`).
+fn off(got: &Tensor, want: &Tensor, floor: f64) -> f64 {
+    let diff = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap()).unwrap();
+    largest(&diff) / largest(want).max(floor).max(1e-12)
+}
+
+/// Training-mode BatchNorm in f64 from elementary ops: the output and the biased variance.
+fn bn_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> (Tensor, Tensor, Tensor) {
+    let c = x.dim(1).unwrap();
+    let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+    let centred = x.broadcast_sub(&mean).unwrap();
+    let var = centred.sqr().unwrap().mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+    let y = centred
+        .broadcast_div(&(var.clone() + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&w.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+        .unwrap();
+    (y, mean.flatten_all().unwrap(), var.flatten_all().unwrap())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Identity,
+    Pad,
+    Conv,
+}
+
+/// The block composed in f64: the output and the statistics of each BatchNorm.
+fn block_reference(x: &Tensor, p: &[Tensor], stride: usize, kind: Kind, eps: f64) -> (Tensor, Vec<(Tensor, Tensor)>) {
+    let c1 = x.conv2d(&p[0], 1, stride, 1, 1).unwrap();
+    let (a1, m1, v1) = bn_reference(&c1, &p[1], &p[2], eps);
+    let a1 = a1.relu().unwrap();
+    let c2 = a1.conv2d(&p[3], 1, 1, 1, 1).unwrap();
+    let (b2, m2, v2) = bn_reference(&c2, &p[4], &p[5], eps);
+    let mut stats = vec![(m1, v1), (m2, v2)];
+    let skip = match kind {
+        Kind::Identity => x.clone(),
+        Kind::Pad => {
+            let (n, c, h, w) = x.dims4().unwrap();
+            let xp = x.pad_with_zeros(2, 0, h % 2).unwrap().pad_with_zeros(3, 0, w % 2).unwrap();
+            let (h2, w2) = (h.div_ceil(2), w.div_ceil(2));
+            let sub = xp.reshape((n, c, h2, 2, w2, 2)).unwrap().narrow(3, 0, 1).unwrap().narrow(5, 0, 1).unwrap();
+            let sub = sub.reshape((n, c, h2, w2)).unwrap();
+            let extra = p[3].dim(0).unwrap() - c;
+            sub.pad_with_zeros(1, extra / 2, extra - extra / 2).unwrap()
+        }
+        Kind::Conv => {
+            let cs = x.conv2d(&p[6], 0, stride, 1, 1).unwrap();
+            let (s, m, v) = bn_reference(&cs, &p[7], &p[8], eps);
+            stats.push((m, v));
+            s
+        }
+    };
+    ((b2 + skip).unwrap().relu().unwrap(), stats)
+}
+
+/// The block's tensors `[conv1, bn1 w, bn1 b, conv2, bn2 w, bn2 b, (proj, proj bn w, b)]`.
+fn tensors(p: &[Tensor], stride: usize, kind: Kind, c: usize, o: usize, eps: f64) -> BlockTensors {
+    let skip = match kind {
+        Kind::Identity => BlockSkip::Identity,
+        Kind::Pad => BlockSkip::Pad { left: (o - c) / 2, right: o - c - (o - c) / 2 },
+        Kind::Conv => BlockSkip::Conv { kernel: p[6].clone(), bn: [p[7].clone(), p[8].clone()], eps },
+    };
+    BlockTensors {
+        conv1: p[0].clone(),
+        bn1: [p[1].clone(), p[2].clone()],
+        conv2: p[3].clone(),
+        bn2: [p[4].clone(), p[5].clone()],
+        eps: (eps, eps),
+        stride,
+        skip,
+    }
+}
+
+/// Random shapes through the direct kernels (widths a multiple of 8) and im2col (others), the
+/// identity, option A (also on an odd size) and option B: the fused block's output, statistics
+/// and gradients against the f64 composition; then with the first convolution and BatchNorm
+/// frozen and the input data (those get no gradient, the rest the same). Outside the training
+/// code's forward-backward pass, trainable tensors keep the op out.
+#[test]
+fn fused_residual_block_matches_an_f64_composition() {
+    let rng = HostRng::new(21);
+    let eps = 1e-5;
+    // (n, c, o, h, w, stride, skip)
+    for (n, c, o, h, w, stride, kind) in [
+        (3, 4, 4, 6, 5, 1, Kind::Identity),
+        (2, 16, 16, 8, 16, 1, Kind::Identity),
+        (2, 4, 8, 9, 7, 2, Kind::Pad),
+        (3, 16, 32, 16, 16, 2, Kind::Pad),
+        (2, 3, 6, 8, 8, 2, Kind::Conv),
+        (2, 8, 16, 16, 16, 2, Kind::Conv),
+    ] {
+        let case = format!("n={n} c={c} o={o} {h}x{w} stride={stride} {kind:?}");
+        let x = Var::from_tensor(&rand(&rng, &[n, c, h, w], 1.0, 0.0)).unwrap();
+        let k = |o: usize, c: usize, s: usize| rand(&rng, &[o, c, s, s], (2.0 / (c * s * s) as f64).sqrt(), 0.0);
+        let mut p = vec![k(o, c, 3), rand(&rng, &[o], 0.3, 1.0), rand(&rng, &[o], 0.2, 0.1)];
+        p.extend([k(o, o, 3), rand(&rng, &[o], 0.3, 1.0), rand(&rng, &[o], 0.2, 0.1)]);
+        if matches!(kind, Kind::Conv) {
+            p.extend([k(o, c, 1), rand(&rng, &[o], 0.3, 1.0), rand(&rng, &[o], 0.2, 0.1)]);
+        }
+        let vars: Vec<Var> = p.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let to64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
+        let (x64, p64): (Var, Vec<Var>) = (to64(x.as_tensor()), p.iter().map(to64).collect());
+        let t64: Vec<Tensor> = p64.iter().map(|v| v.as_tensor().clone()).collect();
+        let (want, want_stats) = block_reference(x64.as_tensor(), &t64, stride, kind, eps);
+        let r = rand(&rng, want.dims(), 1.0, 0.0);
+        let g64 = (&want * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        let live: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        assert!(
+            res_block_train(x.as_tensor(), &tensors(&live, stride, kind, c, o, eps)).unwrap().is_none(),
+            "{case}: no collecting pass ahead, so the op declines"
+        );
+        let ahead = CaptureAhead::new();
+        let got = res_block_train(x.as_tensor(), &tensors(&live, stride, kind, c, o, eps)).unwrap().unwrap();
+        assert!(off(&got.y, &want, 0.0) < 1e-5, "{case}: output off by {:e}", off(&got.y, &want, 0.0));
+        assert_eq!(got.count, n * want.dim(2).unwrap() * want.dim(3).unwrap());
+        assert_eq!(got.stats.len(), want_stats.len());
+        for (i, ((m, v), (wm, wv))) in got.stats.iter().zip(&want_stats).enumerate() {
+            assert!(off(m, wm, 1e-2) < 1e-5 && off(v, wv, 0.0) < 1e-5, "{case}: statistics of BatchNorm {i}");
+        }
+        let named: Vec<(String, Var)> = std::iter::once(x.clone())
+            .chain(vars.iter().cloned())
+            .enumerate()
+            .map(|(i, v)| (format!("slot {i}"), v))
+            .collect();
+        let want_grads: Vec<Tensor> =
+            std::iter::once(&x64).chain(&p64).map(|v| g64.get(v.as_tensor()).unwrap().clone()).collect();
+        let loss = (&got.y * &r).unwrap().sum_all().unwrap();
+        let grads = samhost::train::grads::gradients(&loss, &named).unwrap();
+        for (i, (g, want)) in grads.iter().zip(&want_grads).enumerate() {
+            // A BatchNorm bias before a ReLU may get a gradient near zero: at least a hundredth
+            // of the input gradient's scale.
+            let floor = 1e-2 * largest(&want_grads[0]);
+            let e = off(g, want, floor);
+            assert!(e < 1e-5, "{case}: gradient of slot {i} off by {e:e}");
+        }
+        // Frozen: the first convolution and BatchNorm detached, the input data.
+        let frozen = |i: usize| i < 3;
+        let mixed: Vec<Tensor> =
+            live.iter().enumerate().map(|(i, t)| if frozen(i) { t.detach() } else { t.clone() }).collect();
+        let got = res_block_train(&x.as_tensor().detach(), &tensors(&mixed, stride, kind, c, o, eps)).unwrap().unwrap();
+        let loss = (&got.y * &r).unwrap().sum_all().unwrap();
+        let grads = samhost::train::grads::gradients(&loss, &named).unwrap();
+        drop(ahead);
+        for (i, (g, want)) in grads.iter().zip(&want_grads).enumerate() {
+            let want = if i == 0 || frozen(i - 1) { want.zeros_like().unwrap() } else { want.clone() };
+            let floor = 1e-2 * largest(&want_grads[4]);
+            let e = off(g, &want, floor);
+            assert!(e < 1e-5, "{case}, frozen: gradient of slot {i} off by {e:e}");
+        }
+    }
+}
