@@ -145,8 +145,8 @@ impl Block {
         if let Skip::Conv { bn, .. } = &self.skip {
             norms.push(bn);
         }
-        for (norm, (mean, var)) in norms.into_iter().zip(&out.stats) {
-            norm.update_running(mean, var, out.count)?;
+        for ((norm, (mean, var)), &m) in norms.into_iter().zip(&out.stats).zip(&out.count) {
+            norm.update_running(mean, var, m)?;
         }
         Ok(Some(out.y))
     }

@@ -7,8 +7,10 @@
 use super::layers::{
     batch_norm, bn_relu, conv_no_bias, global_avg_pool, linear_init, BatchNorm2d, Conv, Dropout, Linear,
 };
+use super::no_grad::param;
 use super::registry::ArchConfig;
 use super::Network;
+use crate::ops::res_block::{preact_block_train, PreActTensors};
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
@@ -67,6 +69,7 @@ struct Block {
     conv2: Conv,
     shortcut: Option<Conv>,
     dropout: Dropout,
+    stride: usize,
 }
 
 impl Block {
@@ -83,10 +86,16 @@ impl Block {
             conv2: conv_no_bias(c_out, c_out, 3, 1, 1, true, vb.pp("conv2"))?,
             shortcut,
             dropout,
+            stride,
         })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train && self.dropout.p() == 0.0 {
+            if let Some(y) = self.forward_fused(x)? {
+                return Ok(y);
+            }
+        }
         let a = bn_relu(&self.bn1, x, train)?;
         let h = bn_relu(&self.bn2, &self.conv1.forward(&a)?, train)?;
         let h = self.conv2.forward(&self.dropout.forward_t(&h, train)?)?;
@@ -95,6 +104,27 @@ impl Block {
             None => h + x,
             Some(conv) => h + conv.forward(&a)?,
         }
+    }
+
+    /// The block in training mode without dropout as one op ([`preact_block_train`]) with the
+    /// running statistics moved, or `None` where that op does not apply.
+    fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (bn1, eps1) = self.bn1.train_params();
+        let (bn2, eps2) = self.bn2.train_params();
+        let tensors = PreActTensors {
+            bn1,
+            conv1: param(self.conv1.weight()),
+            bn2,
+            conv2: param(self.conv2.weight()),
+            shortcut: self.shortcut.as_ref().map(|c| param(c.weight())),
+            eps: (eps1, eps2),
+            stride: self.stride,
+        };
+        let Some(out) = preact_block_train(x, &tensors)? else { return Ok(None) };
+        for ((norm, (mean, var)), &m) in [&self.bn1, &self.bn2].into_iter().zip(&out.stats).zip(&out.count) {
+            norm.update_running(mean, var, m)?;
+        }
+        Ok(Some(out.y))
     }
 }
 

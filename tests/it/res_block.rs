@@ -1,10 +1,12 @@
-//! The fused residual block (`ops::res_block`) against an f64 composition of candle's own ops
+//! The fused residual blocks (`ops::res_block`, post- and pre-activation) against an f64 composition of candle's own ops
 //! (candle's convolution, BatchNorm from elementary ops, its ReLU and padding): the output, the
 //! batch statistics, and the gradients of the input and of every tensor, to 1e-5 relative.
 
 use candle_core::{DType, Device, Tensor, Var};
 use samhost::ops::param_grads::CaptureAhead;
-use samhost::ops::res_block::{res_block_train, BlockSkip, BlockTensors};
+use samhost::ops::res_block::{
+    preact_block_train, res_block_train, BlockOutput, BlockSkip, BlockTensors, PreActTensors,
+};
 use samhost::rng::HostRng;
 
 fn rand(rng: &HostRng, dims: &[usize], scale: f64, mean: f64) -> Tensor {
@@ -93,11 +95,84 @@ fn tensors(p: &[Tensor], stride: usize, kind: Kind, c: usize, o: usize, eps: f64
     }
 }
 
-/// Random shapes through the direct kernels (widths a multiple of 8) and im2col (others), the
-/// identity, option A (also on an odd size) and option B: the fused block's output, statistics
-/// and gradients against the f64 composition; then with the first convolution and BatchNorm
-/// frozen and the input data (those get no gradient, the rest the same). Outside the training
-/// code's forward-backward pass, trainable tensors keep the op out.
+/// A block's parameters and how each side computes it: the fused op on f32 tensors (`None` where
+/// it declines), the f64 composition (output and statistics).
+struct Case<'a> {
+    name: String,
+    x: Var,
+    params: Vec<Tensor>,
+    fused: &'a dyn Fn(&Tensor, &[Tensor]) -> Option<BlockOutput>,
+    reference: &'a dyn Fn(&Tensor, &[Tensor]) -> (Tensor, Vec<(Tensor, Tensor)>),
+    /// The values per channel of each statistic.
+    counts: Vec<usize>,
+}
+
+/// The fused op's output, statistics and gradients against the f64 composition, to 1e-5
+/// relative; then with the first three tensors frozen (detached) and the input data: those get
+/// no gradient, the rest the same. Outside the training code's forward-backward pass, trainable
+/// tensors keep the op out.
+fn check(rng: &HostRng, case: Case) {
+    let Case { name, x, params, fused, reference, counts } = case;
+    let vars: Vec<Var> = params.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let to64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
+    let (x64, p64): (Var, Vec<Var>) = (to64(x.as_tensor()), params.iter().map(to64).collect());
+    let t64: Vec<Tensor> = p64.iter().map(|v| v.as_tensor().clone()).collect();
+    let (want, want_stats) = reference(x64.as_tensor(), &t64);
+    let r = rand(rng, want.dims(), 1.0, 0.0);
+    let g64 = (&want * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let live: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    assert!(fused(x.as_tensor(), &live).is_none(), "{name}: no collecting pass ahead, so the op declines");
+    let ahead = CaptureAhead::new();
+    let got = fused(x.as_tensor(), &live).unwrap();
+    assert!(off(&got.y, &want, 0.0) < 1e-5, "{name}: output off by {:e}", off(&got.y, &want, 0.0));
+    assert_eq!(got.count, counts, "{name}: values per statistic");
+    assert_eq!(got.stats.len(), want_stats.len());
+    for (i, ((m, v), (wm, wv))) in got.stats.iter().zip(&want_stats).enumerate() {
+        assert!(off(m, wm, 1e-2) < 1e-5 && off(v, wv, 0.0) < 1e-5, "{name}: statistics of BatchNorm {i}");
+    }
+    let named: Vec<(String, Var)> = std::iter::once(x.clone())
+        .chain(vars.iter().cloned())
+        .enumerate()
+        .map(|(i, v)| (format!("slot {i}"), v))
+        .collect();
+    let want_grads: Vec<Tensor> =
+        std::iter::once(&x64).chain(&p64).map(|v| g64.get(v.as_tensor()).unwrap().clone()).collect();
+    // A BatchNorm bias before a ReLU may get a gradient near zero: each gradient is compared
+    // relative to at least a hundredth of the largest one.
+    let floor = 1e-2 * want_grads.iter().map(largest).fold(0.0, f64::max);
+    let loss = (&got.y * &r).unwrap().sum_all().unwrap();
+    let grads = samhost::train::grads::gradients(&loss, &named).unwrap();
+    for (i, (g, want)) in grads.iter().zip(&want_grads).enumerate() {
+        let e = off(g, want, floor);
+        assert!(e < 1e-5, "{name}: gradient of slot {i} off by {e:e}");
+    }
+    // Frozen: the first three tensors detached, the input data.
+    let frozen = |i: usize| i < 3;
+    let mixed: Vec<Tensor> =
+        live.iter().enumerate().map(|(i, t)| if frozen(i) { t.detach() } else { t.clone() }).collect();
+    let got = fused(&x.as_tensor().detach(), &mixed).unwrap();
+    let loss = (&got.y * &r).unwrap().sum_all().unwrap();
+    let grads = samhost::train::grads::gradients(&loss, &named).unwrap();
+    drop(ahead);
+    for (i, (g, want)) in grads.iter().zip(&want_grads).enumerate() {
+        let want = if i == 0 || frozen(i - 1) { want.zeros_like().unwrap() } else { want.clone() };
+        let e = off(g, &want, floor);
+        assert!(e < 1e-5, "{name}, frozen: gradient of slot {i} off by {e:e}");
+    }
+}
+
+/// A He-normal kernel `[o, c, s, s]`.
+fn kernel(rng: &HostRng, o: usize, c: usize, s: usize) -> Tensor {
+    rand(rng, &[o, c, s, s], (2.0 / (c * s * s) as f64).sqrt(), 0.0)
+}
+
+/// A BatchNorm's weight (around 1) and bias (around 0.1) of `c` channels.
+fn norm(rng: &HostRng, c: usize) -> [Tensor; 2] {
+    [rand(rng, &[c], 0.3, 1.0), rand(rng, &[c], 0.2, 0.1)]
+}
+
+/// The post-activation block (ResNet) on shapes through the direct kernels (widths a multiple of
+/// 8) and im2col (others), with the identity, option A (also on an odd size) and option B.
 #[test]
 fn fused_residual_block_matches_an_f64_composition() {
     let rng = HostRng::new(21);
@@ -111,63 +186,89 @@ fn fused_residual_block_matches_an_f64_composition() {
         (2, 3, 6, 8, 8, 2, Kind::Conv),
         (2, 8, 16, 16, 16, 2, Kind::Conv),
     ] {
-        let case = format!("n={n} c={c} o={o} {h}x{w} stride={stride} {kind:?}");
-        let x = Var::from_tensor(&rand(&rng, &[n, c, h, w], 1.0, 0.0)).unwrap();
-        let k = |o: usize, c: usize, s: usize| rand(&rng, &[o, c, s, s], (2.0 / (c * s * s) as f64).sqrt(), 0.0);
-        let mut p = vec![k(o, c, 3), rand(&rng, &[o], 0.3, 1.0), rand(&rng, &[o], 0.2, 0.1)];
-        p.extend([k(o, o, 3), rand(&rng, &[o], 0.3, 1.0), rand(&rng, &[o], 0.2, 0.1)]);
+        let mut params = vec![kernel(&rng, o, c, 3)];
+        params.extend(norm(&rng, o));
+        params.push(kernel(&rng, o, o, 3));
+        params.extend(norm(&rng, o));
         if matches!(kind, Kind::Conv) {
-            p.extend([k(o, c, 1), rand(&rng, &[o], 0.3, 1.0), rand(&rng, &[o], 0.2, 0.1)]);
+            params.push(kernel(&rng, o, c, 1));
+            params.extend(norm(&rng, o));
         }
-        let vars: Vec<Var> = p.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
-        let to64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
-        let (x64, p64): (Var, Vec<Var>) = (to64(x.as_tensor()), p.iter().map(to64).collect());
-        let t64: Vec<Tensor> = p64.iter().map(|v| v.as_tensor().clone()).collect();
-        let (want, want_stats) = block_reference(x64.as_tensor(), &t64, stride, kind, eps);
-        let r = rand(&rng, want.dims(), 1.0, 0.0);
-        let g64 = (&want * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
-        let live: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        assert!(
-            res_block_train(x.as_tensor(), &tensors(&live, stride, kind, c, o, eps)).unwrap().is_none(),
-            "{case}: no collecting pass ahead, so the op declines"
+        let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let stats = if matches!(kind, Kind::Conv) { 3 } else { 2 };
+        let fused = |x: &Tensor, p: &[Tensor]| res_block_train(x, &tensors(p, stride, kind, c, o, eps)).unwrap();
+        let reference = |x: &Tensor, p: &[Tensor]| block_reference(x, p, stride, kind, eps);
+        check(
+            &rng,
+            Case {
+                name: format!("post-activation n={n} c={c} o={o} {h}x{w} stride={stride} {kind:?}"),
+                x: Var::from_tensor(&rand(&rng, &[n, c, h, w], 1.0, 0.0)).unwrap(),
+                params,
+                fused: &fused,
+                reference: &reference,
+                counts: vec![n * ho * wo; stats],
+            },
         );
-        let ahead = CaptureAhead::new();
-        let got = res_block_train(x.as_tensor(), &tensors(&live, stride, kind, c, o, eps)).unwrap().unwrap();
-        assert!(off(&got.y, &want, 0.0) < 1e-5, "{case}: output off by {:e}", off(&got.y, &want, 0.0));
-        assert_eq!(got.count, n * want.dim(2).unwrap() * want.dim(3).unwrap());
-        assert_eq!(got.stats.len(), want_stats.len());
-        for (i, ((m, v), (wm, wv))) in got.stats.iter().zip(&want_stats).enumerate() {
-            assert!(off(m, wm, 1e-2) < 1e-5 && off(v, wv, 0.0) < 1e-5, "{case}: statistics of BatchNorm {i}");
+    }
+}
+
+/// The pre-activation block (WideResNet) composed in f64: the output and the statistics of its
+/// two BatchNorms.
+fn preact_reference(x: &Tensor, p: &[Tensor], stride: usize, eps: f64) -> (Tensor, Vec<(Tensor, Tensor)>) {
+    let (a, m1, v1) = bn_reference(x, &p[0], &p[1], eps);
+    let a = a.relu().unwrap();
+    let c1 = a.conv2d(&p[2], 1, stride, 1, 1).unwrap();
+    let (a2, m2, v2) = bn_reference(&c1, &p[3], &p[4], eps);
+    let c2 = a2.relu().unwrap().conv2d(&p[5], 1, 1, 1, 1).unwrap();
+    let skip = match p.get(6) {
+        Some(k) => a.conv2d(k, 0, stride, 1, 1).unwrap(),
+        None => x.clone(),
+    };
+    ((c2 + skip).unwrap(), vec![(m1, v1), (m2, v2)])
+}
+
+/// The pre-activation block (WideResNet, no dropout) with the identity and the 1x1 shortcut, on
+/// shapes through the direct kernels and im2col.
+#[test]
+fn fused_preactivation_block_matches_an_f64_composition() {
+    let rng = HostRng::new(22);
+    let eps = 1e-5;
+    // (n, c, o, h, w, stride)
+    for (n, c, o, h, w, stride) in
+        [(3, 4, 4, 6, 5, 1), (2, 16, 16, 8, 16, 1), (2, 3, 6, 9, 7, 2), (2, 8, 16, 16, 16, 2), (2, 4, 8, 8, 8, 1)]
+    {
+        let shortcut = stride != 1 || c != o;
+        let mut params = norm(&rng, c).to_vec();
+        params.push(kernel(&rng, o, c, 3));
+        params.extend(norm(&rng, o));
+        params.push(kernel(&rng, o, o, 3));
+        if shortcut {
+            params.push(kernel(&rng, o, c, 1));
         }
-        let named: Vec<(String, Var)> = std::iter::once(x.clone())
-            .chain(vars.iter().cloned())
-            .enumerate()
-            .map(|(i, v)| (format!("slot {i}"), v))
-            .collect();
-        let want_grads: Vec<Tensor> =
-            std::iter::once(&x64).chain(&p64).map(|v| g64.get(v.as_tensor()).unwrap().clone()).collect();
-        let loss = (&got.y * &r).unwrap().sum_all().unwrap();
-        let grads = samhost::train::grads::gradients(&loss, &named).unwrap();
-        for (i, (g, want)) in grads.iter().zip(&want_grads).enumerate() {
-            // A BatchNorm bias before a ReLU may get a gradient near zero: at least a hundredth
-            // of the input gradient's scale.
-            let floor = 1e-2 * largest(&want_grads[0]);
-            let e = off(g, want, floor);
-            assert!(e < 1e-5, "{case}: gradient of slot {i} off by {e:e}");
-        }
-        // Frozen: the first convolution and BatchNorm detached, the input data.
-        let frozen = |i: usize| i < 3;
-        let mixed: Vec<Tensor> =
-            live.iter().enumerate().map(|(i, t)| if frozen(i) { t.detach() } else { t.clone() }).collect();
-        let got = res_block_train(&x.as_tensor().detach(), &tensors(&mixed, stride, kind, c, o, eps)).unwrap().unwrap();
-        let loss = (&got.y * &r).unwrap().sum_all().unwrap();
-        let grads = samhost::train::grads::gradients(&loss, &named).unwrap();
-        drop(ahead);
-        for (i, (g, want)) in grads.iter().zip(&want_grads).enumerate() {
-            let want = if i == 0 || frozen(i - 1) { want.zeros_like().unwrap() } else { want.clone() };
-            let floor = 1e-2 * largest(&want_grads[4]);
-            let e = off(g, &want, floor);
-            assert!(e < 1e-5, "{case}, frozen: gradient of slot {i} off by {e:e}");
-        }
+        let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let fused = |x: &Tensor, p: &[Tensor]| {
+            let t = PreActTensors {
+                bn1: [p[0].clone(), p[1].clone()],
+                conv1: p[2].clone(),
+                bn2: [p[3].clone(), p[4].clone()],
+                conv2: p[5].clone(),
+                shortcut: p.get(6).cloned(),
+                eps: (eps, eps),
+                stride,
+            };
+            preact_block_train(x, &t).unwrap()
+        };
+        let reference = |x: &Tensor, p: &[Tensor]| preact_reference(x, p, stride, eps);
+        check(
+            &rng,
+            Case {
+                name: format!("pre-activation n={n} c={c} o={o} {h}x{w} stride={stride}"),
+                x: Var::from_tensor(&rand(&rng, &[n, c, h, w], 1.0, 0.0)).unwrap(),
+                params,
+                fused: &fused,
+                reference: &reference,
+                counts: vec![n * h * w, n * ho * wo],
+            },
+        );
     }
 }
