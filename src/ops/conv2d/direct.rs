@@ -102,6 +102,9 @@ struct Plan {
     in_len: usize,
     /// Positions of one output plane.
     l: usize,
+    /// Whether the forward tile runs on AVX-512: the CPU has it ([`has_avx512`]) and every
+    /// vector has its neighbour in the same row ([`avx512::lanes`]).
+    wide: bool,
 }
 
 impl Plan {
@@ -149,7 +152,12 @@ impl Plan {
                 }
             }
         });
-        Self { out_ch, off, bases, tiles, panels, in_len, l: ho * wo }
+        let mut plan = Self { out_ch, off, bases, tiles, panels, in_len, l: ho * wo, wide: false };
+        #[cfg(target_arch = "x86_64")]
+        {
+            plan.wide = has_avx512() && avx512::lanes(&plan).iter().all(avx512::Lanes::full);
+        }
+        plan
     }
 
     /// `out` `[out_ch, Ho·Wo]` = the convolution of one padded input `xp`, plus `bias`, clamped
@@ -161,8 +169,14 @@ impl Plan {
         // SAFETY: `applies` checked AVX2 and FMA; every read lies inside `xp` (`Plan::new`
         // checked that the last vector's base plus the largest offset plus 8 is at most
         // `in_len`) and every write inside `out` (`out_ch` planes of `l`).
+        // With AVX-512 (`has_avx512`) a paired vector reads its neighbour's 8 positions, also
+        // inside `xp` and `out`.
         unsafe {
-            avx2::conv(self, xp, bias, relu, out)
+            if self.wide {
+                avx512::conv(self, xp, bias, relu, out)
+            } else {
+                avx2::conv(self, xp, bias, relu, out)
+            }
         }
     }
 }
@@ -354,6 +368,23 @@ fn weight_grad(plan: &Plan, rows: Rows, xps: &[f32], bs: usize, o: usize, gk: &m
     }
 }
 
+/// Whether the AVX-512 kernels run: a CPU with AVX-512F, unless `SAMHOST_AVX512=0` (for
+/// comparisons; read once per process).
+fn has_avx512() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let detected = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let detected = false;
+        detected && std::env::var("SAMHOST_AVX512").map_or(true, |v| v != "0")
+    })
+}
+
 /// The kernels, compiled for AVX2 and FMA and chosen at run time ([`applies`]).
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+
+/// The forward tile for AVX-512F, chosen at run time ([`Plan::wide`]).
+#[cfg(target_arch = "x86_64")]
+mod avx512;
