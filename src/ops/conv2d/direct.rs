@@ -363,8 +363,14 @@ fn weight_grad(plan: &Plan, rows: Rows, xps: &[f32], bs: usize, o: usize, gk: &m
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `applies` checked AVX2 and FMA; the asserts above bound every read of `rows` and
     // `xps` (each padded input's reads stay inside it, as in `Plan::run`) and every write of `gk`.
+    // On AVX-512 (`plan.wide`) every vector pairs with its neighbour, whose 8 positions the
+    // plan's check covers too.
     unsafe {
-        avx2::weight_grad(plan, rows, xps, bs, o, gk)
+        if plan.wide {
+            avx512::weight_grad(plan, rows, xps, bs, o, gk)
+        } else {
+            avx2::weight_grad(plan, rows, xps, bs, o, gk)
+        }
     }
 }
 
@@ -385,6 +391,6 @@ fn has_avx512() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
-/// The forward tile for AVX-512F, chosen at run time ([`Plan::wide`]).
+/// The forward and weight-gradient tiles for AVX-512F, chosen at run time ([`Plan::wide`]).
 #[cfg(target_arch = "x86_64")]
 mod avx512;
