@@ -49,7 +49,7 @@ enum Kind {
 }
 
 /// The block composed in f64: the output and the statistics of each BatchNorm.
-fn block_reference(x: &Tensor, p: &[Tensor], stride: usize, kind: Kind, eps: f64) -> (Tensor, Vec<(Tensor, Tensor)>) {
+fn block_reference(x: &Tensor, p: &[Tensor], stride: usize, kind: Kind, eps: f64) -> Composed {
     let c1 = x.conv2d(&p[0], 1, stride, 1, 1).unwrap();
     let (a1, m1, v1) = bn_reference(&c1, &p[1], &p[2], eps);
     let a1 = a1.relu().unwrap();
@@ -95,6 +95,9 @@ fn tensors(p: &[Tensor], stride: usize, kind: Kind, c: usize, o: usize, eps: f64
     }
 }
 
+/// A block's output and the (mean, biased variance) of each of its BatchNorms.
+type Composed = (Tensor, Vec<(Tensor, Tensor)>);
+
 /// A block's parameters and how each side computes it: the fused op on f32 tensors (`None` where
 /// it declines), the f64 composition (output and statistics).
 struct Case<'a> {
@@ -102,7 +105,7 @@ struct Case<'a> {
     x: Var,
     params: Vec<Tensor>,
     fused: &'a dyn Fn(&Tensor, &[Tensor]) -> Option<BlockOutput>,
-    reference: &'a dyn Fn(&Tensor, &[Tensor]) -> (Tensor, Vec<(Tensor, Tensor)>),
+    reference: &'a dyn Fn(&Tensor, &[Tensor]) -> Composed,
     /// The values per channel of each statistic.
     counts: Vec<usize>,
 }
@@ -214,7 +217,7 @@ fn fused_residual_block_matches_an_f64_composition() {
 
 /// The pre-activation block (WideResNet) composed in f64: the output and the statistics of its
 /// two BatchNorms.
-fn preact_reference(x: &Tensor, p: &[Tensor], stride: usize, eps: f64) -> (Tensor, Vec<(Tensor, Tensor)>) {
+fn preact_reference(x: &Tensor, p: &[Tensor], stride: usize, eps: f64) -> Composed {
     let (a, m1, v1) = bn_reference(x, &p[0], &p[1], eps);
     let a = a.relu().unwrap();
     let c1 = a.conv2d(&p[2], 1, stride, 1, 1).unwrap();

@@ -58,6 +58,10 @@ struct Saved {
     acts: Vec<Vec<f32>>,
 }
 
+/// The input's gradient (when asked for) and one gradient per tensor slot (`None` where none is
+/// computed).
+type FormGrads = (Option<Vec<f32>>, Vec<Option<Vec<f32>>>);
+
 /// One form's math on slices.
 trait Form: Send + Sync + 'static {
     /// Names of the tensor slots, for errors.
@@ -84,7 +88,7 @@ trait Form: Send + Sync + 'static {
         saved: &Saved,
         need_x: bool,
         tracks: &dyn Fn(usize) -> bool,
-    ) -> Result<(Option<Vec<f32>>, Vec<Option<Vec<f32>>>)>;
+    ) -> Result<FormGrads>;
 }
 
 /// Whether the fused block may run: not when `SAMHOST_FUSED_BLOCK=0` (for comparisons with the

@@ -2,7 +2,7 @@
 //! `out = relu(bn2(conv2(relu(bn1(conv1(x))))) + skip(x))`; its statistics are those of `bn1`,
 //! `bn2` and (option B) the projection's BatchNorm.
 
-use super::{add_into, admissible, run, BlockOutput, Form, Saved};
+use super::{add_into, admissible, run, BlockOutput, Form, FormGrads, Saved};
 use crate::ops::batch_norm::{normalize_backward, normalize_train, Planes};
 use crate::ops::conv2d::SliceConv;
 use crate::ops::cpu::BLOCK;
@@ -271,7 +271,7 @@ impl Form for Post {
         saved: &Saved,
         need_x: bool,
         tracks: &dyn Fn(usize) -> bool,
-    ) -> Result<(Option<Vec<f32>>, Vec<Option<Vec<f32>>>)> {
+    ) -> Result<FormGrads> {
         let geo = &self.geometry;
         let planes = Planes::of(&geo.out)?;
         let [c1, a1, c2] = [0, 1, 2].map(|i| saved.acts.get(i).map_or(&[][..], |v| &v[..]));

@@ -3,7 +3,7 @@
 //! block changes shape, a strided 1x1 convolution of `a`; its statistics are those of `bn1` and
 //! `bn2`.
 
-use super::{add_into, admissible, run, BlockOutput, Form, Saved};
+use super::{add_into, admissible, run, BlockOutput, Form, FormGrads, Saved};
 use crate::ops::batch_norm::{normalize_backward, normalize_train, Planes};
 use crate::ops::conv2d::SliceConv;
 use candle_core::{Result, Tensor};
@@ -152,7 +152,7 @@ impl Form for Pre {
         saved: &Saved,
         need_x: bool,
         tracks: &dyn Fn(usize) -> bool,
-    ) -> Result<(Option<Vec<f32>>, Vec<Option<Vec<f32>>>)> {
+    ) -> Result<FormGrads> {
         let (inp, mid) = (Planes::of(&self.input)?, Planes::of(&self.out)?);
         let [a, c1, a2] = [0, 1, 2].map(|i| saved.acts.get(i).map_or(&[][..], |v| &v[..]));
         if a2.is_empty() || saved.stats.len() < 2 {
