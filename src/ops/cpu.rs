@@ -81,3 +81,27 @@ pub fn has_avx2() -> bool {
         false
     }
 }
+
+/// `dst += src`, in parallel blocks of [`BLOCK`] elements.
+pub fn add_into(dst: &mut [f32], src: &[f32]) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(BLOCK)
+        .zip(src.par_chunks(BLOCK))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d += s));
+}
+
+/// The f32 elements of the tensors an op reads under `guards` (from `storage_and_layout`; an
+/// empty slice for an absent optional one), each named by `names` in errors.
+pub fn named_slices<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
+    guards: &'a [Option<(G, &Layout)>],
+    names: &[&str],
+) -> Result<Vec<&'a [f32]>> {
+    guards
+        .iter()
+        .zip(names)
+        .map(|(g, what)| match g {
+            Some((s, l)) => slice_of::<f32>(s, l, what),
+            None => Ok(&[][..]),
+        })
+        .collect()
+}

@@ -25,7 +25,7 @@
 //! do so everywhere.
 
 use super::attention::Dims;
-use super::cpu::{f32_slice, fused_ok, grad_f32, rows_per_task, slice_of, BLOCK};
+use super::cpu::{add_into, f32_slice, fused_ok, grad_f32, named_slices, rows_per_task, slice_of, BLOCK};
 use super::gemm::matmul_new;
 use super::linear::column_sums;
 use super::param_grads::{capture_ahead, deliver};
@@ -266,35 +266,15 @@ fn mul_into(y: &mut [f32], a: &[f32]) {
     y.par_chunks_mut(BLOCK).zip(a.par_chunks(BLOCK)).for_each(|(y, a)| y.iter_mut().zip(a).for_each(|(y, &a)| *y *= a));
 }
 
-/// `y += a`, in parallel blocks.
-fn add_into(y: &mut [f32], a: &[f32]) {
-    y.par_chunks_mut(BLOCK).zip(a.par_chunks(BLOCK)).for_each(|(y, a)| y.iter_mut().zip(a).for_each(|(y, &a)| *y += a));
-}
-
 impl EncoderOp {
     /// Whether the tensor at `i` takes a gradient in this pass.
     fn tracks(&self, i: usize) -> bool {
         self.p[i].as_ref().is_some_and(Tensor::track_op)
     }
 
-    /// The layer's tensors' elements (an empty slice for an absent optional one), read under
-    /// `guards` (from `storage_and_layout`).
-    fn slices<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
-        guards: &'a [Option<(G, &Layout)>],
-    ) -> Result<Vec<&'a [f32]>> {
-        guards
-            .iter()
-            .zip(NAMES)
-            .map(|(g, what)| match g {
-                Some((s, l)) => slice_of::<f32>(s, l, what),
-                None => Ok(&[][..]),
-            })
-            .collect()
-    }
-
     fn forward(&self, x: &[f32]) -> Result<(Vec<f32>, Shape)> {
         let guards: Vec<_> = self.p.iter().map(|t| t.as_ref().map(Tensor::storage_and_layout)).collect();
-        let w = Self::slices(&guards)?;
+        let w = named_slices(&guards, &NAMES)?;
         let h = self.dims.hidden();
         let (m, inter) = (x.len() / h, w[FC1_B].len());
         let (scaled, hi, ii) = (!w[S1].is_empty(), h as isize, inter as isize);
@@ -338,7 +318,7 @@ impl EncoderOp {
         let (xv, g) =
             (slice_of::<f32>(&xs, xl, "encoder layer input")?, slice_of::<f32>(&gs, gl, "encoder layer gradient")?);
         let guards: Vec<_> = self.p.iter().map(|t| t.as_ref().map(Tensor::storage_and_layout)).collect();
-        let w = Self::slices(&guards)?;
+        let w = named_slices(&guards, &NAMES)?;
         let h = self.dims.hidden();
         let (m, inter) = (xv.len() / h, w[FC1_B].len());
         let (hi, ii) = (h as isize, inter as isize);

@@ -35,7 +35,7 @@ pub use post::{res_block_train, BlockSkip, BlockTensors};
 pub use pre::{preact_block_train, PreActTensors};
 
 use super::batch_norm::Stats;
-use super::cpu::{f32_slice, fused_ok, grad_f32, slice_of};
+use super::cpu::{f32_slice, fused_ok, grad_f32, named_slices, slice_of};
 use super::param_grads::{capture_ahead, deliver};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
@@ -153,24 +153,9 @@ struct BlockOp<F> {
 }
 
 impl<F: Form> BlockOp<F> {
-    /// The block's tensors' elements (an empty slice for absent ones), read under `guards`.
-    fn slices<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
-        &self,
-        guards: &'a [Option<(G, &Layout)>],
-    ) -> Result<Vec<&'a [f32]>> {
-        guards
-            .iter()
-            .zip(self.form.names())
-            .map(|(g, what)| match g {
-                Some((s, l)) => slice_of::<f32>(s, l, what),
-                None => Ok(&[][..]),
-            })
-            .collect()
-    }
-
     fn forward(&self, x: &[f32]) -> Result<(Vec<f32>, Shape)> {
         let guards: Vec<_> = self.p.iter().map(|t| t.as_ref().map(Tensor::storage_and_layout)).collect();
-        let w = self.slices(&guards)?;
+        let w = named_slices(&guards, self.form.names())?;
         let (out, saved) = self.form.forward(x, &w, self.keep)?;
         *self.saved.lock().map_err(|_| poisoned())? = Some(saved);
         Ok((out, Shape::from(self.form.out_dims().to_vec())))
@@ -190,7 +175,7 @@ impl<F: Form> BlockOp<F> {
         let g = slice_of::<f32>(&gs, gl, "residual block gradient")?;
         let outv = slice_of::<f32>(&os, ol, "residual block output")?;
         let guards: Vec<_> = self.p.iter().map(|t| t.as_ref().map(Tensor::storage_and_layout)).collect();
-        let w = self.slices(&guards)?;
+        let w = named_slices(&guards, self.form.names())?;
         let tracks = |i: usize| self.p.get(i).and_then(Option::as_ref).is_some_and(Tensor::track_op);
         let (dx, grads) = self.form.backward(xv, outv, g, &w, saved, x.track_op(), &tracks)?;
         drop(guards);
@@ -248,11 +233,4 @@ impl<F: Form> CustomOp2 for BlockOp<F> {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         self.backward(x, out, grad)
     }
-}
-
-/// `dst += src`, in parallel blocks.
-fn add_into(dst: &mut [f32], src: &[f32]) {
-    use rayon::prelude::*;
-    let b = super::cpu::BLOCK;
-    dst.par_chunks_mut(b).zip(src.par_chunks(b)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d += s));
 }

@@ -2,10 +2,10 @@
 //! `out = relu(bn2(conv2(relu(bn1(conv1(x))))) + skip(x))`; its statistics are those of `bn1`,
 //! `bn2` and (option B) the projection's BatchNorm.
 
-use super::{add_into, admissible, run, BlockOutput, Form, FormGrads, Saved};
+use super::{admissible, run, BlockOutput, Form, FormGrads, Saved};
 use crate::ops::batch_norm::{normalize_backward, normalize_train, Planes};
 use crate::ops::conv2d::SliceConv;
-use crate::ops::cpu::BLOCK;
+use crate::ops::cpu::{add_into, BLOCK};
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 

@@ -3,9 +3,10 @@
 //! block changes shape, a strided 1x1 convolution of `a`; its statistics are those of `bn1` and
 //! `bn2`.
 
-use super::{add_into, admissible, run, BlockOutput, Form, FormGrads, Saved};
+use super::{admissible, run, BlockOutput, Form, FormGrads, Saved};
 use crate::ops::batch_norm::{normalize_backward, normalize_train, Planes};
 use crate::ops::conv2d::SliceConv;
+use crate::ops::cpu::add_into;
 use candle_core::{Result, Tensor};
 
 /// The tensors and settings of one pre-activation block as this pass reads them (frozen ones
