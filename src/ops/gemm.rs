@@ -129,6 +129,7 @@ pub fn matmul_new<T: Float>(
     parallel: bool,
 ) -> Vec<T> {
     check_operands((m, n, k), lhs, lhs_strides, rhs, rhs_strides);
+    record(GemmCall { m, n, k, parallel });
     let mut dst = Vec::with_capacity(m * n);
     let out = dst.spare_capacity_mut()[..m * n].as_mut_ptr().cast::<T>();
     // SAFETY: the operands lie inside their slices (checked); the destination is the vector's
@@ -165,6 +166,39 @@ pub fn matmul<T: Float>(
     accumulate: bool,
     parallel: bool,
 ) {
+    record(GemmCall { m: mnk.0, n: mnk.1, k: mnk.2, parallel });
+    matmul_uncounted_on(mnk, dst, dst_strides, lhs, lhs_strides, rhs, rhs_strides, accumulate, parallel)
+}
+
+/// [`matmul`] on one thread, not counted in the census: for kernels that record the products
+/// their work stands for instead (Winograd's convolution counts the im2col products).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_uncounted<T: Float>(
+    mnk: (usize, usize, usize),
+    dst: &mut [T],
+    dst_strides: (isize, isize),
+    lhs: &[T],
+    lhs_strides: (isize, isize),
+    rhs: &[T],
+    rhs_strides: (isize, isize),
+    accumulate: bool,
+) {
+    matmul_uncounted_on(mnk, dst, dst_strides, lhs, lhs_strides, rhs, rhs_strides, accumulate, false)
+}
+
+/// The checked product behind [`matmul`] and [`matmul_uncounted`].
+#[allow(clippy::too_many_arguments)]
+fn matmul_uncounted_on<T: Float>(
+    mnk: (usize, usize, usize),
+    dst: &mut [T],
+    dst_strides: (isize, isize),
+    lhs: &[T],
+    lhs_strides: (isize, isize),
+    rhs: &[T],
+    rhs_strides: (isize, isize),
+    accumulate: bool,
+    parallel: bool,
+) {
     check_operands(mnk, lhs, lhs_strides, rhs, rhs_strides);
     assert!(dst.len() > span(mnk.0, mnk.1, dst_strides.0, dst_strides.1), "gemm: output buffer too small");
     // SAFETY: the asserts above check that each strided matrix lies inside its slice; gemm only
@@ -189,7 +223,6 @@ unsafe fn gemm_raw<T: Float>(
     accumulate: bool,
     parallel: bool,
 ) {
-    record(GemmCall { m, n, k, parallel });
     // SAFETY: guaranteed by the caller.
     unsafe {
         gemm::gemm(

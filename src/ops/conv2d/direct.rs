@@ -24,7 +24,7 @@
 
 use super::geometry::Geometry;
 use super::passes::{
-    input_grad_parts, output_grad, pool_plane, relu, samples_per_thread, sum_partials, Epilogue, Grads, Needs, Saved,
+    input_grad_parts, output_grad, pool_planes, samples_per_thread, sum_partials, Epilogue, Grads, Needs, Saved,
 };
 use super::unfold::copy_run;
 use rayon::prelude::*;
@@ -64,7 +64,7 @@ const MAX_STRIDE: usize = 4;
 
 /// Which pass [`record_gemms`] stands for.
 #[derive(Clone, Copy, PartialEq)]
-enum Pass {
+pub(super) enum Pass {
     Forward,
     Kernel,
     Input,
@@ -73,7 +73,7 @@ enum Pass {
 /// Records in the gemm census ([`crate::ops::gemm::record`]) the products the im2col
 /// path would make for `pass` over the batch, so the speed benchmark's floor still counts this
 /// work at the gemm's rate on those shapes.
-fn record_gemms(g: &Geometry, pass: Pass) {
+pub(super) fn record_gemms(g: &Geometry, pass: Pass) {
     let (ckk, l, bsz) = (g.ckk(), g.l(), g.group());
     for b0 in (0..g.n).step_by(bsz) {
         let cols = bsz.min(g.n - b0) * l;
@@ -239,16 +239,8 @@ pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Op
             match am_b.as_deref_mut() {
                 None => plan.run(xp, bias, ep.relu, out_b),
                 Some(am) => {
-                    // Pool, then clamp (the order of the im2col path's epilogue).
                     plan.run(xp, bias, false, plane);
-                    let n = ep.out_len(g);
-                    for (c, z) in plane.chunks_exact(l).enumerate() {
-                        let dst = &mut out_b[c * n..][..n];
-                        pool_plane(z, (g.ho, g.wo), dst, &mut am[c * n..][..n]);
-                        if ep.relu {
-                            dst.iter_mut().for_each(|v| *v = relu(*v));
-                        }
-                    }
+                    pool_planes(g, ep, plane, out_b, am);
                 }
             }
         },
@@ -258,14 +250,14 @@ pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Op
 
 /// The output gradient of a group: where row `(b, o)` starts and how many elements it has.
 #[derive(Clone, Copy)]
-struct Rows<'a> {
-    data: &'a [f32],
-    o_stride: usize,
-    b_stride: usize,
+pub(super) struct Rows<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) o_stride: usize,
+    pub(super) b_stride: usize,
 }
 
 impl Rows<'_> {
-    fn row(&self, b: usize, o: usize, l: usize) -> &[f32] {
+    pub(super) fn row(&self, b: usize, o: usize, l: usize) -> &[f32] {
         &self.data[b * self.b_stride + o * self.o_stride..][..l]
     }
 }

@@ -21,13 +21,15 @@
 //!
 //! Files: `geometry.rs` (the shape of a convolution, its runs of valid input positions, the
 //! sample groups), `unfold.rs` (im2col and col2im), `passes.rs` (the forward and backward passes
-//! on slices by im2col + gemm), `direct.rs` (the direct convolution; its AVX2 kernels in `direct/avx2.rs`), this file (the candle op, the
+//! on slices by im2col + gemm), `direct.rs` (the direct convolution; its AVX2 kernels in `direct/avx2.rs`),
+//! `winograd.rs` (F(2x2, 3x3) for wide 3x3 convolutions of stride 1), this file (the candle op, the
 //! choice between the two, and the public functions).
 
 mod direct;
 mod geometry;
 mod passes;
 mod unfold;
+mod winograd;
 
 pub use geometry::MIN_COLUMNS;
 
@@ -92,17 +94,24 @@ impl ConvBlock {
     }
 }
 
-/// The forward pass in f32: by the direct kernels where they apply, else im2col + gemm.
+/// The forward pass in f32: by Winograd's F(2x2, 3x3) or the direct kernels where they apply,
+/// else im2col + gemm.
 fn forward_f32(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], b: Option<&[f32]>) -> (Vec<f32>, Vec<u8>) {
-    if direct::applies(g) {
+    if winograd::applies(g) {
+        winograd::forward(g, ep, x, k, b)
+    } else if direct::applies(g) {
         direct::forward(g, ep, x, k, b)
     } else {
         forward(g, ep, x, k, b)
     }
 }
 
-/// The backward pass in f32: by the direct kernels where they apply, else im2col + gemm.
+/// The backward pass in f32: by Winograd's F(2x2, 3x3) or the direct kernels where they apply,
+/// else im2col + gemm.
 fn backward_f32(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Needs) -> Grads<f32> {
+    if winograd::applies(g) {
+        return winograd::backward(g, ep, saved, needs);
+    }
     if !direct::applies(g) {
         return backward(g, ep, saved, needs);
     }

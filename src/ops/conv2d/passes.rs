@@ -55,6 +55,20 @@ pub(super) fn pool_plane<T: Float>(plane: &[T], (ho, wo): (usize, usize), out: &
     }
 }
 
+/// The pooling epilogue of one sample: 2x2 max-pooling of its raw output `planes` `[O, Ho·Wo]`
+/// into `out` `[O, ·]` with each window's argmax, then the ReLU if there is one (pool, then
+/// clamp: the order of the im2col path's epilogue).
+pub(super) fn pool_planes(g: &Geometry, ep: Epilogue, planes: &[f32], out: &mut [f32], argmax: &mut [u8]) {
+    let n = ep.out_len(g);
+    for (c, z) in planes.chunks_exact(g.l()).enumerate().take(g.o) {
+        let dst = &mut out[c * n..][..n];
+        pool_plane(z, (g.ho, g.wo), dst, &mut argmax[c * n..][..n]);
+        if ep.relu {
+            dst.iter_mut().for_each(|v| *v = relu(*v));
+        }
+    }
+}
+
 /// The forward pass: the output `[N, O, ·]` and, when pooling, each window's argmax.
 pub(super) fn forward<T: Float>(g: &Geometry, ep: Epilogue, x: &[T], k: &[T], bias: Option<&[T]>) -> (Vec<T>, Vec<u8>) {
     let (ckk, l, bsz) = (g.ckk(), g.l(), g.group());
