@@ -34,10 +34,9 @@ const MIN_CHANNELS: usize = 64;
 /// that many tiles; never more samples than a thread's share of the batch).
 const MIN_TILES: usize = 256;
 
-/// The input transform `Bᵀ` (rows) of F(2x2, 3x3).
-const BT: [[f32; 4]; 4] = [[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]];
-/// The output transform `Aᵀ`.
-const AT: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
+// The transforms of F(2x2, 3x3): `Bᵀ` = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+// and `Aᵀ` = [[1, 1, 1, 0], [0, 1, -1, -1]], written out in the functions below (`bt`, the sums
+// in `output_transform`), and `G`:
 /// The kernel transform `G`.
 const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
 
@@ -130,35 +129,115 @@ fn kernel_transform_grad(du: &[f32], o: usize, c: usize) -> Vec<f32> {
     gk
 }
 
-/// `dst[k] = Σ_t coef[t] · src[t][k]` (the transforms' coefficients are 0, ±1 and ±½).
+/// `dst[k] = sa·a[k] + sb·b[k]`; with literal coefficients ±1 the products fold away.
 #[inline(always)]
-fn combine<const N: usize>(dst: &mut [f32], coef: [f32; N], src: [&[f32]; N]) {
+fn set2(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32])) {
     let n = dst.len();
-    let src = src.map(|s| &s[..n]);
-    for (k, d) in dst.iter_mut().enumerate() {
-        let mut s = 0f32;
-        for t in 0..N {
-            if coef[t] != 0.0 {
-                s += coef[t] * src[t][k];
-            }
-        }
-        *d = s;
+    for ((d, &a), &b) in dst.iter_mut().zip(&a[..n]).zip(&b[..n]) {
+        *d = sa * a + sb * b;
+    }
+}
+
+/// `dst[k] = sa·a[k] + sb·b[k] + sc·c[k]`.
+#[inline(always)]
+fn set3(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32]), (sc, c): (f32, &[f32])) {
+    let n = dst.len();
+    for (((d, &a), &b), &c) in dst.iter_mut().zip(&a[..n]).zip(&b[..n]).zip(&c[..n]) {
+        *d = sa * a + sb * b + sc * c;
+    }
+}
+
+/// `dst[k] = s·a[k]`.
+#[inline(always)]
+fn set1(dst: &mut [f32], (s, a): (f32, &[f32])) {
+    let n = dst.len();
+    for (d, &a) in dst.iter_mut().zip(&a[..n]) {
+        *d = s * a;
+    }
+}
+
+/// `dst[k] += sa·a[k] + sb·b[k] + sc·c[k]`.
+#[inline(always)]
+fn add3(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32]), (sc, c): (f32, &[f32])) {
+    let n = dst.len();
+    for (((d, &a), &b), &c) in dst.iter_mut().zip(&a[..n]).zip(&b[..n]).zip(&c[..n]) {
+        *d += sa * a + sb * b + sc * c;
+    }
+}
+
+/// `dst[k] += s·a[k]`.
+#[inline(always)]
+fn add1(dst: &mut [f32], (s, a): (f32, &[f32])) {
+    let n = dst.len();
+    for (d, &a) in dst.iter_mut().zip(&a[..n]) {
+        *d += s * a;
+    }
+}
+
+/// `Bᵀ` applied along one axis: `out[i] = Σ_a Bᵀ[i][a] d[a]` for the four slices `d` (written
+/// out: `d0 - d2`, `d1 + d2`, `d2 - d1`, `d1 - d3`).
+#[inline(always)]
+fn bt(out: [&mut [f32]; 4], d: [&[f32]; 4]) {
+    let [o0, o1, o2, o3] = out;
+    set2(o0, (1.0, d[0]), (-1.0, d[2]));
+    set2(o1, (1.0, d[1]), (1.0, d[2]));
+    set2(o2, (1.0, d[2]), (-1.0, d[1]));
+    set2(o3, (1.0, d[1]), (-1.0, d[3]));
+}
+
+/// One channel's padded plane `(H + 2)×(W + 2)` as four parity planes `[row parity, column
+/// parity, H/2 + 1, W/2 + 1]`: padded `(R, X)` at `[R % 2][X % 2][R / 2][X / 2]`. Row `2ty + a` of
+/// tile row `ty`'s patches is then row `ty + a / 2` of parity `a % 2`, so each patch row over all
+/// tiles is one contiguous run.
+struct Parity {
+    /// Rows and columns of each parity plane.
+    rows: usize,
+    cols: usize,
+}
+
+impl Parity {
+    fn new(t: &Tiling) -> Self {
+        Self { rows: t.th + 1, cols: t.tw + 1 }
+    }
+
+    fn len(&self) -> usize {
+        4 * self.rows * self.cols
+    }
+
+    /// Where parity plane `(rp, cp)` starts.
+    fn plane(&self, rp: usize, cp: usize) -> usize {
+        (rp * 2 + cp) * self.rows * self.cols
+    }
+
+    /// Patch row `a` of every tile row, for column parity `cp`: `th` rows of `cols`.
+    fn patch_rows(&self, a: usize, cp: usize) -> std::ops::Range<usize> {
+        let at = self.plane(a % 2, cp) + (a / 2) * self.cols;
+        at..at + (self.rows - 1) * self.cols
+    }
+
+    /// Input row `y`'s runs in the planes: the one holding its even columns (padded column
+    /// `x + 1` odd, at `x / 2`) and the one holding its odd ones (at `(x + 1) / 2`, from 1).
+    fn input_row(&self, y: usize) -> (usize, usize) {
+        let (rp, r) = ((y + 1) % 2, (y + 1) / 2);
+        (self.plane(rp, 1) + r * self.cols, self.plane(rp, 0) + r * self.cols + 1)
     }
 }
 
 /// Per-thread buffers.
 struct Scratch {
-    /// One channel's zero-bordered plane as two column phases `[2, H + 2, W/2 + 1]` (even and
-    /// odd padded columns), whose border stays zero.
-    phases: Vec<f32>,
-    /// Rows of the transforms: 16 arrays of one sample's tiles (or of a padded row).
+    /// One channel's parity planes ([`Parity`]) for the input transform; their zero border stays
+    /// zero.
+    planes: Vec<f32>,
+    /// The same for the input gradient (border included).
+    grad_planes: Vec<f32>,
+    /// The transforms' intermediate rows.
     rows: Vec<f32>,
 }
 
 impl Scratch {
-    fn new(g: &Geometry, t: &Tiling) -> Self {
-        let wq = t.tw + 1;
-        Self { phases: vec![0f32; 2 * (g.h + 2) * wq], rows: vec![0f32; 32 * t.tiles().max(wq)] }
+    fn new(t: &Tiling) -> Self {
+        let p = Parity::new(t);
+        Self { planes: vec![0f32; p.len()], grad_planes: vec![0f32; p.len()], rows: vec![0f32; 16 * t.tiles().max(p.rows * p.cols)] }
     }
 }
 
@@ -166,37 +245,36 @@ impl Scratch {
 /// sample `b`, channel `c` and tile `t`, `Bᵀ d B` at column `b·tiles + t`.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 fn input_transform(g: &Geometry, t: &Tiling, x: &[f32], bs: usize, ld: usize, v: &mut [f32], s: &mut Scratch) {
-    let (h, w, tw, wq) = (g.h, g.w, t.tw, t.tw + 1);
-    let rows_of = |p: usize, r: usize| (p * (h + 2) + r) * wq;
+    let (w, tw, p) = (g.w, t.tw, Parity::new(t));
+    let span = t.th * p.cols;
     for b in 0..bs {
         for c in 0..g.c {
-            let plane = &x[(b * g.c + c) * h * w..][..h * w];
-            // Padded column x + 1: even ones (phase 0) at (x + 1) / 2 hold the odd x.
+            let plane = &x[(b * g.c + c) * g.h * w..][..g.h * w];
             for (y, row) in plane.chunks_exact(w).enumerate() {
-                let r = y + 1;
-                let even = &mut s.phases[rows_of(0, r) + 1..][..tw];
-                even.iter_mut().zip(row.iter().skip(1).step_by(2)).for_each(|(d, &v)| *d = v);
-                let odd = &mut s.phases[rows_of(1, r)..][..tw];
-                odd.iter_mut().zip(row.iter().step_by(2)).for_each(|(d, &v)| *d = v);
-            }
-            for ty in 0..t.th {
-                // Bᵀ over the patch rows 2ty..2ty+4, for both phases: rows [i][p] of wq.
-                let (tr, _) = s.rows.split_at_mut(8 * wq);
-                for i in 0..4 {
-                    for p in 0..2 {
-                        let src = [0, 1, 2, 3].map(|a| &s.phases[rows_of(p, 2 * ty + a)..][..wq]);
-                        combine(&mut tr[(i * 2 + p) * wq..][..wq], BT[i], src);
-                    }
+                let (even, odd) = p.input_row(y);
+                for (q, pair) in row.chunks_exact(2).enumerate() {
+                    s.planes[even + q] = pair[0];
+                    s.planes[odd + q] = pair[1];
                 }
-                // · B over the patch columns: 2tx, 2tx + 1, 2tx + 2, 2tx + 3 are phase 0 at tx,
-                // phase 1 at tx, phase 0 at tx + 1, phase 1 at tx + 1.
+            }
+            // Bᵀ down the patch rows, for both column parities: tr[i·2 + cp], `th` rows of `cols`.
+            let tr = &mut s.rows[..8 * span];
+            for cp in 0..2 {
+                let d = [0, 1, 2, 3].map(|a| &s.planes[p.patch_rows(a, cp)]);
+                let mut it = tr.chunks_exact_mut(span).skip(cp).step_by(2);
+                let out = [(); 4].map(|()| it.next().unwrap_or_default());
+                bt(out, d);
+            }
+            // · B along the patch columns 2tx..2tx + 4: parity 0 at tx, parity 1 at tx, parity
+            // 0 at tx + 1, parity 1 at tx + 1.
+            for ty in 0..t.th {
                 let col = b * t.tiles() + ty * tw;
                 for i in 0..4 {
-                    let (e, o) = (&tr[i * 2 * wq..][..wq], &tr[(i * 2 + 1) * wq..][..wq]);
-                    for j in 0..4 {
-                        let dst = &mut v[((i * 4 + j) * g.c + c) * ld + col..][..tw];
-                        combine(dst, BT[j], [e, o, &e[1..], &o[1..]]);
-                    }
+                    let e = &tr[(i * 2) * span + ty * p.cols..][..p.cols];
+                    let o = &tr[(i * 2 + 1) * span + ty * p.cols..][..p.cols];
+                    let mut it = v[(i * 4 * g.c + c) * ld + col..].chunks_mut(g.c * ld);
+                    let out = [(); 4].map(|()| it.next().map_or(&mut [][..], |d| &mut d[..tw]));
+                    bt(out, [&e[..tw], &o[..tw], &e[1..], &o[1..]]);
                 }
             }
         }
@@ -219,19 +297,19 @@ fn output_transform(
 ) {
     let (n, tw, w) = (t.tiles(), t.tw, g.w);
     for o in 0..g.o {
-        let at = |xi: usize| &m[(xi * g.o + o) * ld + b * n..][..n];
+        let mm: [&[f32]; 16] = std::array::from_fn(|xi| &m[(xi * g.o + o) * ld + b * n..][..n]);
         let (sa, ya) = s.rows.split_at_mut(8 * n);
-        // Aᵀ over rows: sa[a][j] = Σ_i Aᵀ[a][i] M_ij; then ya[a][c] = Σ_j Aᵀ[c][j] sa[a][j].
-        for a in 0..2 {
-            for j in 0..4 {
-                combine(&mut sa[(a * 4 + j) * n..][..n], AT[a], [0, 1, 2, 3].map(|i| at(i * 4 + j)));
-            }
+        // Aᵀ down: sa[a·4 + j] = Σ_i Aᵀ[a][i] M_ij; then across: ya[a·2 + c] = Σ_j Aᵀ[c][j] sa[a·4 + j].
+        for j in 0..4 {
+            let (s0, s1) = sa.split_at_mut(4 * n);
+            set3(&mut s0[j * n..][..n], (1.0, mm[j]), (1.0, mm[4 + j]), (1.0, mm[8 + j]));
+            set3(&mut s1[j * n..][..n], (1.0, mm[4 + j]), (-1.0, mm[8 + j]), (-1.0, mm[12 + j]));
         }
         for a in 0..2 {
-            for c in 0..2 {
-                let src = [0, 1, 2, 3].map(|j| &sa[(a * 4 + j) * n..][..n]);
-                combine(&mut ya[(a * 2 + c) * n..][..n], AT[c], src);
-            }
+            let r = |j: usize| &sa[(a * 4 + j) * n..][..n];
+            let (y0, y1) = ya[a * 2 * n..].split_at_mut(n);
+            set3(y0, (1.0, r(0)), (1.0, r(1)), (1.0, r(2)));
+            set3(&mut y1[..n], (1.0, r(1)), (-1.0, r(2)), (-1.0, r(3)));
         }
         let add = bias.map_or(0.0, |bias| bias[o]);
         let plane = &mut out[o * g.h * w..][..g.h * w];
@@ -256,71 +334,82 @@ fn output_transform_grad(g: &Geometry, t: &Tiling, rows: Rows, b: usize, ld: usi
     for o in 0..g.o {
         let plane = rows.row(b, o, l);
         let (gab, pa) = s.rows.split_at_mut(4 * n);
-        // gab[a][c]: the output gradient at tile position (a, c), over the tiles.
+        // gab[a·2 + c]: the output gradient at tile position (a, c), over the tiles.
         for ty in 0..t.th {
             for a in 0..2 {
                 let row = &plane[(2 * ty + a) * w..][..w];
-                let (g0, rest) = gab[(a * 2) * n + ty * tw..].split_at_mut(n);
-                let g1 = &mut rest[..tw];
-                for ((pair, d0), d1) in row.chunks_exact(2).zip(g0[..tw].iter_mut()).zip(g1.iter_mut()) {
+                let (g0, g1) = gab[(a * 2) * n..].split_at_mut(n);
+                let (g0, g1) = (&mut g0[ty * tw..][..tw], &mut g1[ty * tw..][..tw]);
+                for ((pair, d0), d1) in row.chunks_exact(2).zip(g0.iter_mut()).zip(g1.iter_mut()) {
                     *d0 = pair[0];
                     *d1 = pair[1];
                 }
             }
         }
-        // pa[a][j] = Σ_c Aᵀ[c][j] gab[a][c]; then dM_ij = Σ_a Aᵀ[a][i] pa[a][j].
+        // Across: pa[a·4 + j] = Σ_c Aᵀ[c][j] gab[a·2 + c] = (g0, g0 + g1, g0 - g1, -g1).
         for a in 0..2 {
-            for j in 0..4 {
-                let src = [&gab[(a * 2) * n..][..n], &gab[(a * 2 + 1) * n..][..n]];
-                combine(&mut pa[(a * 4 + j) * n..][..n], [AT[0][j], AT[1][j]], src);
-            }
+            let (g0, g1) = (&gab[(a * 2) * n..][..n], &gab[(a * 2 + 1) * n..][..n]);
+            let mut it = pa[a * 4 * n..].chunks_exact_mut(n);
+            let [p0, p1, p2, p3] = [(); 4].map(|()| it.next().unwrap_or_default());
+            set1(p0, (1.0, g0));
+            set2(p1, (1.0, g0), (1.0, g1));
+            set2(p2, (1.0, g0), (-1.0, g1));
+            set1(p3, (-1.0, g1));
         }
-        for i in 0..4 {
-            for j in 0..4 {
-                let src = [&pa[j * n..][..n], &pa[(4 + j) * n..][..n]];
-                combine(&mut dm[((i * 4 + j) * g.o + o) * ld + b * n..][..n], [AT[0][i], AT[1][i]], src);
-            }
+        // Down: dM_ij = Σ_a Aᵀ[a][i] pa[a·4 + j] = (p0, p0 + p1, p0 - p1, -p1).
+        for j in 0..4 {
+            let (p0, p1) = (&pa[j * n..][..n], &pa[(4 + j) * n..][..n]);
+            let mut it = dm[(j * g.o + o) * ld + b * n..].chunks_mut(4 * g.o * ld);
+            let [d0, d1, d2, d3] = [(); 4].map(|()| it.next().map_or(&mut [][..], |d| &mut d[..n]));
+            set1(d0, (1.0, p0));
+            set2(d1, (1.0, p0), (1.0, p1));
+            set2(d2, (1.0, p0), (-1.0, p1));
+            set1(d3, (-1.0, p1));
         }
     }
 }
 
-/// Adds to sample `b`'s input gradient `gx` `[C, H, W]` the gradient of its patches from that of
-/// the transformed input, `dV` `[16, C, ld]`: `B dV Bᵀ` per tile, summed where patches overlap.
+/// Writes sample `b`'s input gradient `gx` `[C, H, W]` from that of the transformed input,
+/// `dV` `[16, C, ld]`: the adjoint of [`input_transform`], `B dV Bᵀ` per tile, summed where
+/// patches overlap.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 fn input_transform_grad(g: &Geometry, t: &Tiling, dv: &[f32], ld: usize, b: usize, gx: &mut [f32], s: &mut Scratch) {
-    let (n, tw, h, w) = (t.tiles(), t.tw, g.h, g.w);
+    let (n, tw, w, p) = (t.tiles(), t.tw, g.w, Parity::new(t));
+    let span = t.th * p.cols;
     for c in 0..g.c {
-        let at = |xi: usize| &dv[(xi * g.c + c) * ld + b * n..][..n];
-        let (q, dd) = s.rows.split_at_mut(16 * n);
-        // q[i][bb] = Σ_j Bᵀ[j][bb] dV_ij; then dd[a][bb] = Σ_i Bᵀ[i][a] q[i][bb].
-        for i in 0..4 {
-            for bb in 0..4 {
-                let coef = [BT[0][bb], BT[1][bb], BT[2][bb], BT[3][bb]];
-                combine(&mut q[(i * 4 + bb) * n..][..n], coef, [0, 1, 2, 3].map(|j| at(i * 4 + j)));
-            }
-        }
-        for a in 0..4 {
-            for bb in 0..4 {
-                let coef = [BT[0][a], BT[1][a], BT[2][a], BT[3][a]];
-                let src = [0, 1, 2, 3].map(|i| &q[(i * 4 + bb) * n..][..n]);
-                combine(&mut dd[(a * 4 + bb) * n..][..n], coef, src);
-            }
-        }
-        // Patch position (a, bb) of tile (ty, tx) is input (2ty + a - 1, 2tx + bb - 1).
-        let plane = &mut gx[c * h * w..][..h * w];
+        let dvc: [&[f32]; 16] = std::array::from_fn(|xi| &dv[(xi * g.c + c) * ld + b * n..][..n]);
+        // Across, adjoint: the gradient of tr[i·2 + cp] (see `input_transform`), per tile row.
+        let tr = &mut s.rows[..8 * span];
         for ty in 0..t.th {
-            for a in 0..4 {
-                let Some(y) = (2 * ty + a).checked_sub(1).filter(|&y| y < h) else { continue };
-                let row = &mut plane[y * w..][..w];
-                for bb in 0..4 {
-                    let src = &dd[(a * 4 + bb) * n + ty * tw..][..tw];
-                    // Column 2tx + bb - 1 for tx in 0..tw, inside 0..w.
-                    let tx0 = usize::from(bb == 0);
-                    let tx1 = if bb == 3 { tw - 1 } else { tw };
-                    for tx in tx0..tx1 {
-                        row[2 * tx + bb - 1] += src[tx];
-                    }
-                }
+            for i in 0..4 {
+                let d = [0, 1, 2, 3].map(|j| &dvc[i * 4 + j][ty * tw..][..tw]);
+                let (e, o) = tr[(i * 2) * span + ty * p.cols..].split_at_mut(span);
+                let (e, o) = (&mut e[..p.cols], &mut o[..p.cols]);
+                // e[tx] from V_i0; e[tx + 1] from -V_i0 + V_i1 + V_i2; o[tx] from V_i1 - V_i2 +
+                // V_i3; o[tx + 1] from -V_i3.
+                e[..tw].copy_from_slice(d[0]);
+                e[tw] = 0.0;
+                add3(&mut e[1..], (-1.0, d[0]), (1.0, d[1]), (1.0, d[2]));
+                set3(&mut o[..tw], (1.0, d[1]), (-1.0, d[2]), (1.0, d[3]));
+                o[tw] = 0.0;
+                add1(&mut o[1..], (-1.0, d[3]));
+            }
+        }
+        // Down, adjoint: patch row a of every tile row gets Σ_i Bᵀ[i][a] tr[i·2 + cp].
+        s.grad_planes.fill(0.0);
+        for cp in 0..2 {
+            let d: [&[f32]; 4] = std::array::from_fn(|i| &tr[(i * 2 + cp) * span..][..span]);
+            add1(&mut s.grad_planes[p.patch_rows(0, cp)], (1.0, d[0]));
+            add3(&mut s.grad_planes[p.patch_rows(1, cp)], (1.0, d[1]), (-1.0, d[2]), (1.0, d[3]));
+            add3(&mut s.grad_planes[p.patch_rows(2, cp)], (-1.0, d[0]), (1.0, d[1]), (1.0, d[2]));
+            add1(&mut s.grad_planes[p.patch_rows(3, cp)], (-1.0, d[3]));
+        }
+        let plane = &mut gx[c * g.h * w..][..g.h * w];
+        for (y, row) in plane.chunks_exact_mut(w).enumerate() {
+            let (even, odd) = p.input_row(y);
+            for (q, pair) in row.chunks_exact_mut(2).enumerate() {
+                pair[0] = s.grad_planes[even + q];
+                pair[1] = s.grad_planes[odd + q];
             }
         }
     }
@@ -369,7 +458,7 @@ pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Op
         .for_each_init(
             || {
                 let planes = vec![0f32; if ep.pool { g.o * l } else { 0 }];
-                (Scratch::new(g, &t), vec![0f32; t.buffer(g.c)], vec![0f32; t.buffer(g.o)], planes)
+                (Scratch::new(&t), vec![0f32; t.buffer(g.c)], vec![0f32; t.buffer(g.o)], planes)
             },
             |(s, v, m, planes), ((out_g, am_g), x_g)| {
                 let bs = x_g.len() / g.in_len();
@@ -416,7 +505,7 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
             let mut du = vec![0f32; if needs.kernel { 16 * g.o * g.c } else { 0 }];
             let mut gb = vec![0f32; if needs.bias { g.o } else { 0 }];
             let mut gz_buf = vec![0f32; if direct_gz { 0 } else { g.o * (t.group * l + stride_padding::<f32>()) }];
-            let mut s = Scratch::new(g, &t);
+            let mut s = Scratch::new(&t);
             let mut dm = vec![0f32; t.buffer(g.o)];
             let mut v = vec![0f32; if needs.kernel || needs.input { t.buffer(g.c) } else { 0 }];
             let (s0, s1) = (part * t.per, ((part + 1) * t.per).min(g.n));
