@@ -21,9 +21,10 @@
 
 use super::direct::{record_gemms, Pass, Rows};
 use super::geometry::Geometry;
-use super::passes::{input_grad_parts, output_grad, pool_planes, relu, sum_partials, Epilogue, Grads, Needs, Saved};
+use super::passes::{output_grad, pool_planes, relu, Epilogue, Grads, Needs, Saved};
 use crate::ops::gemm::{matmul_uncounted, padded_stride, stride_padding};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 /// Input and output channels from which this path runs: below, the 16 products are too narrow
@@ -31,8 +32,12 @@ use std::sync::OnceLock;
 const MIN_CHANNELS: usize = 64;
 
 /// Tiles one group's products span at least (fewer samples per group where one sample has
-/// that many tiles; never more samples than a thread's share of the batch).
+/// that many tiles).
 const MIN_TILES: usize = 256;
+
+/// Tiles times channels of one `[16, channels, tiles]` buffer at most (4 MiB), unless one
+/// sample has more: the group then has fewer samples than [`MIN_TILES`] asks for.
+const MAX_BUFFER: usize = 1 << 16;
 
 // The transforms of F(2x2, 3x3): `Bᵀ` = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
 // and `Aᵀ` = [[1, 1, 1, 0], [0, 1, -1, -1]], written out in the functions below (`bt`, the sums
@@ -63,16 +68,15 @@ struct Tiling {
     tw: usize,
     /// Samples per group (one set of 16 products).
     group: usize,
-    /// Samples per thread (fixed ranges: the same sums on every run with the same thread count).
-    per: usize,
 }
 
 impl Tiling {
     fn new(g: &Geometry) -> Self {
         let (th, tw) = (g.h / 2, g.w / 2);
-        let per = g.n.div_ceil(rayon::current_num_threads().clamp(1, g.n));
-        let group = MIN_TILES.div_ceil(th * tw).clamp(1, per);
-        Self { th, tw, group, per }
+        let tiles = th * tw;
+        let fits = MAX_BUFFER / (tiles * g.c.max(g.o));
+        let group = MIN_TILES.div_ceil(tiles).min(fits).clamp(1, g.n);
+        Self { th, tw, group }
     }
 
     /// Tiles per sample.
@@ -237,18 +241,33 @@ struct Scratch {
 impl Scratch {
     fn new(t: &Tiling) -> Self {
         let p = Parity::new(t);
-        Self { planes: vec![0f32; p.len()], grad_planes: vec![0f32; p.len()], rows: vec![0f32; 16 * t.tiles().max(p.rows * p.cols)] }
+        Self {
+            planes: vec![0f32; p.len()],
+            grad_planes: vec![0f32; p.len()],
+            rows: vec![0f32; 16 * t.tiles().max(p.rows * p.cols)],
+        }
     }
 }
 
-/// Writes the transformed input `V` `[16, C, ld]` of the `bs` samples `x` (`[bs, C, H, W]`): for
-/// sample `b`, channel `c` and tile `t`, `Bᵀ d B` at column `b·tiles + t`.
+/// Writes the transformed input `V` of channels `cs` of the `bs` samples `x` (`[bs, C, H, W]`)
+/// into `v`, the rows `cs` of each of the 16 blocks `[C, ld]`: for sample `b`, channel `c` and
+/// tile `t`, `Bᵀ d B` at row `c - cs.start`, column `b·tiles + t`.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-fn input_transform(g: &Geometry, t: &Tiling, x: &[f32], bs: usize, ld: usize, v: &mut [f32], s: &mut Scratch) {
+#[allow(clippy::too_many_arguments)]
+fn input_transform(
+    g: &Geometry,
+    t: &Tiling,
+    x: &[f32],
+    bs: usize,
+    cs: Range<usize>,
+    ld: usize,
+    v: &mut [&mut [f32]],
+    s: &mut Scratch,
+) {
     let (w, tw, p) = (g.w, t.tw, Parity::new(t));
     let span = t.th * p.cols;
     for b in 0..bs {
-        for c in 0..g.c {
+        for c in cs.clone() {
             let plane = &x[(b * g.c + c) * g.h * w..][..g.h * w];
             for (y, row) in plane.chunks_exact(w).enumerate() {
                 let (even, odd) = p.input_row(y);
@@ -272,9 +291,11 @@ fn input_transform(g: &Geometry, t: &Tiling, x: &[f32], bs: usize, ld: usize, v:
                 for i in 0..4 {
                     let e = &tr[(i * 2) * span + ty * p.cols..][..p.cols];
                     let o = &tr[(i * 2 + 1) * span + ty * p.cols..][..p.cols];
-                    let mut it = v[(i * 4 * g.c + c) * ld + col..].chunks_mut(g.c * ld);
-                    let out = [(); 4].map(|()| it.next().map_or(&mut [][..], |d| &mut d[..tw]));
-                    bt(out, [&e[..tw], &o[..tw], &e[1..], &o[1..]]);
+                    let at = (c - cs.start) * ld + col;
+                    if let [d0, d1, d2, d3] = &mut v[i * 4..i * 4 + 4] {
+                        let out = [d0, d1, d2, d3].map(|d| &mut d[at..at + tw]);
+                        bt(out, [&e[..tw], &o[..tw], &e[1..], &o[1..]]);
+                    }
                 }
             }
         }
@@ -326,12 +347,23 @@ fn output_transform(
     }
 }
 
-/// Writes the gradient of the transformed products, `dM = A dY Aᵀ` `[16, O, ld]` at columns
-/// `b·tiles..`, from sample `b`'s output gradient `rows`.
+/// Writes the gradient of the transformed products, `dM = A dY Aᵀ`, of channels `os` of the
+/// `bs` samples' output gradient `rows` into `dm`, the rows `os` of each of the 16 blocks
+/// `[O, ld]` (sample `b` at columns `b·tiles..`).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-fn output_transform_grad(g: &Geometry, t: &Tiling, rows: Rows, b: usize, ld: usize, dm: &mut [f32], s: &mut Scratch) {
+#[allow(clippy::too_many_arguments)]
+fn output_transform_grad(
+    g: &Geometry,
+    t: &Tiling,
+    rows: Rows,
+    bs: usize,
+    os: Range<usize>,
+    ld: usize,
+    dm: &mut [&mut [f32]],
+    s: &mut Scratch,
+) {
     let (n, tw, w, l) = (t.tiles(), t.tw, g.w, g.l());
-    for o in 0..g.o {
+    for (b, o) in (0..bs).flat_map(|b| os.clone().map(move |o| (b, o))) {
         let plane = rows.row(b, o, l);
         let (gab, pa) = s.rows.split_at_mut(4 * n);
         // gab[a·2 + c]: the output gradient at tile position (a, c), over the tiles.
@@ -359,12 +391,16 @@ fn output_transform_grad(g: &Geometry, t: &Tiling, rows: Rows, b: usize, ld: usi
         // Down: dM_ij = Σ_a Aᵀ[a][i] pa[a·4 + j] = (p0, p0 + p1, p0 - p1, -p1).
         for j in 0..4 {
             let (p0, p1) = (&pa[j * n..][..n], &pa[(4 + j) * n..][..n]);
-            let mut it = dm[(j * g.o + o) * ld + b * n..].chunks_mut(4 * g.o * ld);
-            let [d0, d1, d2, d3] = [(); 4].map(|()| it.next().map_or(&mut [][..], |d| &mut d[..n]));
-            set1(d0, (1.0, p0));
-            set2(d1, (1.0, p0), (1.0, p1));
-            set2(d2, (1.0, p0), (-1.0, p1));
-            set1(d3, (-1.0, p1));
+            let at = (o - os.start) * ld + b * n;
+            for i in 0..4 {
+                let d = &mut dm[i * 4 + j][at..at + n];
+                match i {
+                    0 => set1(d, (1.0, p0)),
+                    1 => set2(d, (1.0, p0), (1.0, p1)),
+                    2 => set2(d, (1.0, p0), (-1.0, p1)),
+                    _ => set1(d, (-1.0, p1)),
+                }
+            }
         }
     }
 }
@@ -415,31 +451,49 @@ fn input_transform_grad(g: &Geometry, t: &Tiling, dv: &[f32], ld: usize, b: usiz
     }
 }
 
-/// The 16 products of one group: `dst_ξ [m, n] (+)= lhs_ξ · rhs_ξ` for ξ in 0..16, each operand
-/// `(slice, elements between ξ's, row stride, column stride)`.
+/// Cuts the 16 blocks `[rows, ld]` of a `[16, rows, ld]` buffer into ranges of rows, for the
+/// threads of a transform: per range, its rows and the 16 blocks' parts.
+fn row_parts(buf: &mut [f32], rows: usize, ld: usize) -> Vec<(Range<usize>, Vec<&mut [f32]>)> {
+    let per = rows.div_ceil(4 * rayon::current_num_threads()).max(8);
+    let mut parts: Vec<(Range<usize>, Vec<&mut [f32]>)> =
+        (0..rows.div_ceil(per)).map(|p| (p * per..((p + 1) * per).min(rows), Vec::with_capacity(16))).collect();
+    for block in buf.chunks_mut(rows * ld).take(16) {
+        for ((_, blocks), chunk) in parts.iter_mut().zip(block.chunks_mut(per * ld)) {
+            blocks.push(chunk);
+        }
+    }
+    parts
+}
+
+/// For each ξ in 0..16, on the pool: `dst_ξ [m, n] (+)= lhs_ξ · rhs_ξ`, each operand `(slice,
+/// elements between ξ's, row and column strides)`.
 fn products(
     (m, n, k): (usize, usize, usize),
     (dst, dst_step, dst_rs): (&mut [f32], usize, usize),
-    (lhs, lhs_step, lhs_strides): (&[f32], usize, (usize, usize)),
-    (rhs, rhs_step, rhs_strides): (&[f32], usize, (usize, usize)),
+    (lhs, lhs_step, (lr, lc)): (&[f32], usize, (usize, usize)),
+    (rhs, rhs_step, (rr, rc)): (&[f32], usize, (usize, usize)),
     accumulate: bool,
 ) {
-    let st = |(r, c): (usize, usize)| (r as isize, c as isize);
-    for xi in 0..16 {
-        matmul_uncounted(
-            (m, n, k),
-            &mut dst[xi * dst_step..],
-            (dst_rs as isize, 1),
-            &lhs[xi * lhs_step..],
-            st(lhs_strides),
-            &rhs[xi * rhs_step..],
-            st(rhs_strides),
-            accumulate,
-        );
-    }
+    dst[..16 * dst_step].par_chunks_mut(dst_step).enumerate().for_each(|(xi, d)| {
+        let (l, r) = (&lhs[xi * lhs_step..], &rhs[xi * rhs_step..]);
+        let (ls, rs) = ((lr as isize, lc as isize), (rr as isize, rc as isize));
+        matmul_uncounted((m, n, k), d, (dst_rs as isize, 1), l, ls, r, rs, accumulate);
+    });
 }
 
-/// The forward pass: the output `[N, O, ·]` and, when pooling, each window's argmax.
+/// Writes the transformed input of samples `x` (`bs` of them) into `v` `[16, C, ld]`, channels
+/// shared over the pool.
+fn transform_inputs(g: &Geometry, t: &Tiling, x: &[f32], bs: usize, ld: usize, v: &mut [f32]) {
+    row_parts(v, g.c, ld).into_par_iter().for_each_init(
+        || Scratch::new(t),
+        // SAFETY: `applies` checked AVX2 and FMA (the transforms' target features).
+        |s, (cs, mut blocks)| unsafe { input_transform(g, t, x, bs, cs, ld, &mut blocks, s) },
+    );
+}
+
+/// The forward pass: the output `[N, O, ·]` and, when pooling, each window's argmax. Groups of
+/// samples in turn; in each, the input transform over channels, the 16 products and the output
+/// transform over samples each share the pool.
 pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Option<&[f32]>) -> (Vec<f32>, Vec<u8>) {
     let t = Tiling::new(g);
     let u = kernel_transform(k, g.o, g.c);
@@ -447,44 +501,39 @@ pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Op
     let (l, out_per) = (g.l(), g.o * ep.out_len(g));
     let mut out = crate::ops::buffer::zeroed::<f32>(g.n * out_per);
     let mut argmax = crate::ops::buffer::zeroed::<u8>(if ep.pool { g.n * out_per } else { 0 });
-    let mut am_chunks: Vec<Option<&mut [u8]>> = if ep.pool {
-        argmax.chunks_mut(t.group * out_per).map(Some).collect()
-    } else {
-        (0..g.n.div_ceil(t.group)).map(|_| None).collect()
-    };
-    out.par_chunks_mut(t.group * out_per)
-        .zip(am_chunks.par_iter_mut())
-        .zip(x.par_chunks(t.group * g.in_len()))
-        .for_each_init(
-            || {
-                let planes = vec![0f32; if ep.pool { g.o * l } else { 0 }];
-                (Scratch::new(&t), vec![0f32; t.buffer(g.c)], vec![0f32; t.buffer(g.o)], planes)
-            },
-            |(s, v, m, planes), ((out_g, am_g), x_g)| {
-                let bs = x_g.len() / g.in_len();
-                let ld = t.ld(bs);
-                // SAFETY: `applies` checked AVX2 and FMA (the transforms' target features).
-                unsafe { input_transform(g, &t, x_g, bs, ld, v, s) };
-                let cols = bs * t.tiles();
-                products((g.o, cols, g.c), (m, g.o * ld, ld), (&u, g.o * g.c, (g.c, 1)), (v, g.c * ld, (ld, 1)), false);
-                for b in 0..bs {
-                    let out_b = &mut out_g[b * out_per..][..out_per];
-                    let am_b = am_g.as_deref_mut().map(|am| &mut am[b * out_per..][..out_per]);
-                    let dst = if ep.pool { &mut planes[..] } else { &mut *out_b };
-                    // SAFETY: as above.
-                    unsafe { output_transform(g, &t, m, ld, b, bias, dst, s) };
-                    match am_b {
-                        Some(am) => pool_planes(g, ep, planes, out_b, am),
-                        None if ep.relu => out_b.iter_mut().for_each(|v| *v = relu(*v)),
-                        None => {}
-                    }
+    let (mut v, mut m) = (vec![0f32; t.buffer(g.c)], vec![0f32; t.buffer(g.o)]);
+    for b0 in (0..g.n).step_by(t.group) {
+        let bs = t.group.min(g.n - b0);
+        let (ld, cols) = (t.ld(bs), bs * t.tiles());
+        transform_inputs(g, &t, &x[b0 * g.in_len()..], bs, ld, &mut v);
+        products((g.o, cols, g.c), (&mut m, g.o * ld, ld), (&u, g.o * g.c, (g.c, 1)), (&v, g.c * ld, (ld, 1)), false);
+        let outs = out[b0 * out_per..(b0 + bs) * out_per].par_chunks_mut(out_per);
+        let ams: Vec<Option<&mut [u8]>> = if ep.pool {
+            argmax[b0 * out_per..(b0 + bs) * out_per].chunks_mut(out_per).map(Some).collect()
+        } else {
+            (0..bs).map(|_| None).collect()
+        };
+        outs.zip(ams).enumerate().for_each_init(
+            || (Scratch::new(&t), vec![0f32; if ep.pool { g.o * l } else { 0 }]),
+            |(s, planes), (b, (out_b, am_b))| {
+                let dst = if ep.pool { &mut planes[..] } else { &mut *out_b };
+                // SAFETY: `applies` checked AVX2 and FMA.
+                unsafe { output_transform(g, &t, &m, ld, b, bias, dst, s) };
+                match am_b {
+                    Some(am) => pool_planes(g, ep, planes, out_b, am),
+                    None if ep.relu => out_b.iter_mut().for_each(|v| *v = relu(*v)),
+                    None => {}
                 }
             },
         );
+    }
     (out, argmax)
 }
 
-/// The backward pass over fixed ranges of samples, one per thread, in groups.
+/// The backward pass, by groups of samples as the forward pass: per group the output gradient's
+/// transform (over channels), the kernel gradient's and the input gradient's 16 products (over
+/// ξ: each ξ's kernel gradient sums over the groups in order, the same sums for any thread
+/// count), and the input gradient's transform (over samples).
 pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Needs) -> Grads<f32> {
     let Saved { x, k, y, dy, argmax } = saved;
     let t = Tiling::new(g);
@@ -496,64 +545,52 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
         }
     }
     let mut gx = crate::ops::buffer::zeroed::<f32>(if needs.input { g.n * g.in_len() } else { 0 });
-    let gx_parts = input_grad_parts(g, &mut gx, t.per);
+    let mut du = vec![0f32; if needs.kernel { 16 * g.o * g.c } else { 0 }];
+    let mut gb = vec![0f32; if needs.bias { g.o } else { 0 }];
     let direct_gz = !ep.pool && !ep.relu;
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_parts
-        .into_par_iter()
-        .enumerate()
-        .map(|(part, mut gx_part)| {
-            let mut du = vec![0f32; if needs.kernel { 16 * g.o * g.c } else { 0 }];
-            let mut gb = vec![0f32; if needs.bias { g.o } else { 0 }];
-            let mut gz_buf = vec![0f32; if direct_gz { 0 } else { g.o * (t.group * l + stride_padding::<f32>()) }];
-            let mut s = Scratch::new(&t);
-            let mut dm = vec![0f32; t.buffer(g.o)];
-            let mut v = vec![0f32; if needs.kernel || needs.input { t.buffer(g.c) } else { 0 }];
-            let (s0, s1) = (part * t.per, ((part + 1) * t.per).min(g.n));
-            for b0 in (s0..s1).step_by(t.group) {
-                let bs = t.group.min(s1 - b0);
-                let (ld, cols) = (t.ld(bs), bs * t.tiles());
-                let rows = if direct_gz {
-                    Rows { data: &dy[b0 * g.o * l..(b0 + bs) * g.o * l], o_stride: l, b_stride: g.o * l }
-                } else {
-                    output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz_buf);
-                    Rows { data: &gz_buf, o_stride: g.row_stride::<f32>(bs), b_stride: l }
-                };
-                if needs.bias {
-                    for b in 0..bs {
-                        for (o, s) in gb.iter_mut().enumerate() {
-                            *s += rows.row(b, o, l).iter().sum::<f32>();
-                        }
-                    }
-                }
-                if !(needs.kernel || needs.input) {
-                    continue;
-                }
-                for b in 0..bs {
-                    // SAFETY: `applies` checked AVX2 and FMA.
-                    unsafe { output_transform_grad(g, &t, rows, b, ld, &mut dm, &mut s) };
-                }
-                if needs.kernel {
-                    // SAFETY: as above.
-                    unsafe { input_transform(g, &t, &x[b0 * g.in_len()..], bs, ld, &mut v, &mut s) };
-                    // dU_ξ [O, C] += dM_ξ [O, T] · V_ξᵀ [T, C]
-                    let (dmv, vv) = ((&dm[..], g.o * ld, (ld, 1)), (&v[..], g.c * ld, (1, ld)));
-                    products((g.o, g.c, cols), (&mut du, g.o * g.c, g.c), dmv, vv, true);
-                }
-                if let Some(gx_part) = gx_part.as_deref_mut() {
-                    // dV_ξ [C, T] = U_ξᵀ [C, O] · dM_ξ [O, T]
-                    let (uv, dmv) = ((&u[..], g.o * g.c, (1, g.c)), (&dm[..], g.o * ld, (ld, 1)));
-                    products((g.c, cols, g.o), (&mut v, g.c * ld, ld), uv, dmv, false);
-                    for b in 0..bs {
-                        let dst = &mut gx_part[(b0 - s0 + b) * g.in_len()..][..g.in_len()];
-                        // SAFETY: as above.
-                        unsafe { input_transform_grad(g, &t, &v, ld, b, dst, &mut s) };
-                    }
-                }
+    let mut gz_buf = vec![0f32; if direct_gz { 0 } else { g.o * (t.group * l + stride_padding::<f32>()) }];
+    let weights = needs.kernel || needs.input;
+    let mut dm = vec![0f32; if weights { t.buffer(g.o) } else { 0 }];
+    let mut v = vec![0f32; if weights { t.buffer(g.c) } else { 0 }];
+    for b0 in (0..g.n).step_by(t.group) {
+        let bs = t.group.min(g.n - b0);
+        let (ld, cols) = (t.ld(bs), bs * t.tiles());
+        let rows = if direct_gz {
+            Rows { data: &dy[b0 * g.o * l..(b0 + bs) * g.o * l], o_stride: l, b_stride: g.o * l }
+        } else {
+            output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz_buf);
+            Rows { data: &gz_buf, o_stride: g.row_stride::<f32>(bs), b_stride: l }
+        };
+        for b in 0..bs {
+            for (o, s) in gb.iter_mut().enumerate() {
+                *s += rows.row(b, o, l).iter().sum::<f32>();
             }
-            (du, gb)
-        })
-        .collect();
-    let (du, gb) = sum_partials(partials);
+        }
+        if !weights {
+            continue;
+        }
+        row_parts(&mut dm, g.o, ld).into_par_iter().for_each_init(
+            || Scratch::new(&t),
+            // SAFETY: `applies` checked AVX2 and FMA.
+            |s, (os, mut blocks)| unsafe { output_transform_grad(g, &t, rows, bs, os, ld, &mut blocks, s) },
+        );
+        if needs.kernel {
+            transform_inputs(g, &t, &x[b0 * g.in_len()..], bs, ld, &mut v);
+            // dU_ξ [O, C] += dM_ξ [O, T] · V_ξᵀ [T, C]
+            let (dmv, vv) = ((&dm[..], g.o * ld, (ld, 1)), (&v[..], g.c * ld, (1, ld)));
+            products((g.o, g.c, cols), (&mut du, g.o * g.c, g.c), dmv, vv, true);
+        }
+        if needs.input {
+            // dV_ξ [C, T] = U_ξᵀ [C, O] · dM_ξ [O, T]
+            let (uv, dmv) = ((&u[..], g.o * g.c, (1, g.c)), (&dm[..], g.o * ld, (ld, 1)));
+            products((g.c, cols, g.o), (&mut v, g.c * ld, ld), uv, dmv, false);
+            gx[b0 * g.in_len()..(b0 + bs) * g.in_len()].par_chunks_mut(g.in_len()).enumerate().for_each_init(
+                || Scratch::new(&t),
+                // SAFETY: `applies` checked AVX2 and FMA.
+                |s, (b, gx_b)| unsafe { input_transform_grad(g, &t, &v, ld, b, gx_b, s) },
+            );
+        }
+    }
     let gk = needs.kernel.then(|| kernel_transform_grad(&du, g.o, g.c));
     (needs.input.then_some(gx), gk, needs.bias.then_some(gb))
 }
