@@ -57,13 +57,13 @@ fn conv2d_matches_candle_values_and_gradients() {
         (2, 4, 6, 10, 5, 3, 1, 0),
         // Stride 1 and padding 2 of a 3x3 kernel, widths 8 and 10: left to im2col.
         (2, 6, 3, 8, 5, 3, 1, 2),
-        // Winograd's F(2x2, 3x3) (3x3, stride 1, padding 1, even sides, 64 channels and more):
-        // square, non-square with an odd number of tile columns, 4x4 (one tile row per patch
-        // border on both sides), and 9 samples split over groups and threads.
-        (2, 64, 8, 8, 64, 3, 1, 1),
-        (3, 64, 6, 10, 72, 3, 1, 1),
-        (2, 80, 4, 4, 64, 3, 1, 1),
-        (9, 64, 16, 16, 96, 3, 1, 1),
+        // Winograd's F(2x2, 3x3) (3x3, stride 1, padding 1, even sides, 128 channels and more):
+        // square, non-square with an odd number of tile columns, 4x4, and 9 samples in groups
+        // of 4 (a short last one).
+        (2, 128, 8, 8, 128, 3, 1, 1),
+        (3, 128, 6, 10, 136, 3, 1, 1),
+        (2, 144, 4, 4, 128, 3, 1, 1),
+        (9, 128, 16, 16, 128, 3, 1, 1),
     ];
     for dtype in [DType::F32, DType::F64] {
         for &(n, c, h, w, o, k, s, p) in &shapes {
@@ -222,8 +222,8 @@ fn conv2d_block_matches_candle_composition() {
         (10, 2, 7, 7, 3, 2, 1, 0),
         (3, 4, 16, 16, 8, 3, 1, 1),
         (3, 4, 32, 32, 8, 3, 2, 1),
-        // Winograd's F(2x2, 3x3): 64 channels, the epilogue on its output transform.
-        (5, 64, 8, 8, 64, 3, 1, 1),
+        // Winograd's F(2x2, 3x3): 128 channels, the epilogue on its output transform.
+        (5, 128, 8, 8, 128, 3, 1, 1),
     ];
     for dtype in [DType::F32, DType::F64] {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
