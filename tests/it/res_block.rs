@@ -231,15 +231,21 @@ fn preact_reference(x: &Tensor, p: &[Tensor], stride: usize, eps: f64) -> Compos
 }
 
 /// The pre-activation block (WideResNet, no dropout) with the identity and the 1x1 shortcut, on
-/// shapes through the direct kernels and im2col.
+/// shapes through the direct kernels, im2col and (128 channels) Winograd's F(2x2, 3x3).
 #[test]
 fn fused_preactivation_block_matches_an_f64_composition() {
     let rng = HostRng::new(22);
     let eps = 1e-5;
     // (n, c, o, h, w, stride)
-    for (n, c, o, h, w, stride) in
-        [(3, 4, 4, 6, 5, 1), (2, 16, 16, 8, 16, 1), (2, 3, 6, 9, 7, 2), (2, 8, 16, 16, 16, 2), (2, 4, 8, 8, 8, 1)]
-    {
+    for (n, c, o, h, w, stride) in [
+        (3, 4, 4, 6, 5, 1),
+        (2, 16, 16, 8, 16, 1),
+        (2, 3, 6, 9, 7, 2),
+        (2, 8, 16, 16, 16, 2),
+        (2, 4, 8, 8, 8, 1),
+        (2, 128, 128, 8, 8, 1),
+        (3, 64, 128, 16, 16, 2),
+    ] {
         let shortcut = stride != 1 || c != o;
         let mut params = norm(&rng, c).to_vec();
         params.push(kernel(&rng, o, c, 3));
