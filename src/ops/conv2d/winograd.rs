@@ -223,7 +223,7 @@ impl Parity {
     /// Input row `y`'s runs in the planes: the one holding its even columns (padded column
     /// `x + 1` odd, at `x / 2`) and the one holding its odd ones (at `(x + 1) / 2`, from 1).
     fn input_row(&self, y: usize) -> (usize, usize) {
-        let (rp, r) = ((y + 1) % 2, (y + 1) / 2);
+        let (rp, r) = ((y + 1) % 2, y.div_ceil(2));
         (self.plane(rp, 1) + r * self.cols, self.plane(rp, 0) + r * self.cols + 1)
     }
 }
