@@ -12,7 +12,8 @@
 //! The floor: the matrix products one SGD step makes (every gemm call through `ops::gemm`,
 //! recorded during a step) timed alone on this machine at their shapes, so "x floor" says how far
 //! the step is from what the gemm allows; with the step's GFLOP (2·m·n·k summed) and the gemm's
-//! rate over them (each shape the fastest of 5 rounds over all shapes). The direct convolution makes no gemm calls;
+//! rate over them (each shape the fastest of 5 rounds over all shapes). The direct convolution makes no gemm calls
+//! (and Winograd's makes fewer, uncounted);
 //! it records the products im2col + gemm would make for the same work, so its layers count at
 //! the gemm's rate on those shapes (and "x floor" can fall below 1 where it beats them). Products
 //! candle makes itself (outside samhost's ops) are not counted.
