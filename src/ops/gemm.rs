@@ -167,35 +167,17 @@ pub fn matmul<T: Float>(
     parallel: bool,
 ) {
     record(GemmCall { m: mnk.0, n: mnk.1, k: mnk.2, parallel });
-    matmul_uncounted_on(mnk, dst, dst_strides, lhs, lhs_strides, rhs, rhs_strides, accumulate, parallel)
+    matmul_uncounted(mnk, (dst, dst_strides), (lhs, lhs_strides), (rhs, rhs_strides), accumulate, parallel)
 }
 
-/// [`matmul`] on one thread, not counted in the census: for kernels that record the products
-/// their work stands for instead (Winograd's convolution counts the im2col products).
-#[allow(clippy::too_many_arguments)]
+/// [`matmul`] without counting it in the census: for kernels that record the products their work
+/// stands for instead (Winograd's convolution counts the im2col products). Each operand with its
+/// row and column strides.
 pub fn matmul_uncounted<T: Float>(
     mnk: (usize, usize, usize),
-    dst: &mut [T],
-    dst_strides: (isize, isize),
-    lhs: &[T],
-    lhs_strides: (isize, isize),
-    rhs: &[T],
-    rhs_strides: (isize, isize),
-    accumulate: bool,
-) {
-    matmul_uncounted_on(mnk, dst, dst_strides, lhs, lhs_strides, rhs, rhs_strides, accumulate, false)
-}
-
-/// The checked product behind [`matmul`] and [`matmul_uncounted`].
-#[allow(clippy::too_many_arguments)]
-fn matmul_uncounted_on<T: Float>(
-    mnk: (usize, usize, usize),
-    dst: &mut [T],
-    dst_strides: (isize, isize),
-    lhs: &[T],
-    lhs_strides: (isize, isize),
-    rhs: &[T],
-    rhs_strides: (isize, isize),
+    (dst, dst_strides): (&mut [T], (isize, isize)),
+    (lhs, lhs_strides): (&[T], (isize, isize)),
+    (rhs, rhs_strides): (&[T], (isize, isize)),
     accumulate: bool,
     parallel: bool,
 ) {

@@ -143,39 +143,22 @@ fn set2(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32])) {
     }
 }
 
-/// `dst[k] = sa·a[k] + sb·b[k] + sc·c[k]`.
+/// `dst[k] = sa·a[k] + sb·b[k] + sc·c[k]`, or `+=` that when `ADD`.
 #[inline(always)]
-fn set3(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32]), (sc, c): (f32, &[f32])) {
+fn lin3<const ADD: bool>(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32]), (sc, c): (f32, &[f32])) {
     let n = dst.len();
     for (((d, &a), &b), &c) in dst.iter_mut().zip(&a[..n]).zip(&b[..n]).zip(&c[..n]) {
-        *d = sa * a + sb * b + sc * c;
+        let v = sa * a + sb * b + sc * c;
+        *d = if ADD { *d + v } else { v };
     }
 }
 
-/// `dst[k] = s·a[k]`.
+/// `dst[k] = s·a[k]`, or `+=` that when `ADD`.
 #[inline(always)]
-fn set1(dst: &mut [f32], (s, a): (f32, &[f32])) {
+fn lin1<const ADD: bool>(dst: &mut [f32], (s, a): (f32, &[f32])) {
     let n = dst.len();
     for (d, &a) in dst.iter_mut().zip(&a[..n]) {
-        *d = s * a;
-    }
-}
-
-/// `dst[k] += sa·a[k] + sb·b[k] + sc·c[k]`.
-#[inline(always)]
-fn add3(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32]), (sc, c): (f32, &[f32])) {
-    let n = dst.len();
-    for (((d, &a), &b), &c) in dst.iter_mut().zip(&a[..n]).zip(&b[..n]).zip(&c[..n]) {
-        *d += sa * a + sb * b + sc * c;
-    }
-}
-
-/// `dst[k] += s·a[k]`.
-#[inline(always)]
-fn add1(dst: &mut [f32], (s, a): (f32, &[f32])) {
-    let n = dst.len();
-    for (d, &a) in dst.iter_mut().zip(&a[..n]) {
-        *d += s * a;
+        *d = if ADD { *d + s * a } else { s * a };
     }
 }
 
@@ -324,14 +307,14 @@ fn output_transform(
         // Aᵀ down: sa[a·4 + j] = Σ_i Aᵀ[a][i] M_ij; then across: ya[a·2 + c] = Σ_j Aᵀ[c][j] sa[a·4 + j].
         for j in 0..4 {
             let (s0, s1) = sa.split_at_mut(4 * n);
-            set3(&mut s0[j * n..][..n], (1.0, mm[j]), (1.0, mm[4 + j]), (1.0, mm[8 + j]));
-            set3(&mut s1[j * n..][..n], (1.0, mm[4 + j]), (-1.0, mm[8 + j]), (-1.0, mm[12 + j]));
+            lin3::<false>(&mut s0[j * n..][..n], (1.0, mm[j]), (1.0, mm[4 + j]), (1.0, mm[8 + j]));
+            lin3::<false>(&mut s1[j * n..][..n], (1.0, mm[4 + j]), (-1.0, mm[8 + j]), (-1.0, mm[12 + j]));
         }
         for a in 0..2 {
             let r = |j: usize| &sa[(a * 4 + j) * n..][..n];
             let (y0, y1) = ya[a * 2 * n..].split_at_mut(n);
-            set3(y0, (1.0, r(0)), (1.0, r(1)), (1.0, r(2)));
-            set3(&mut y1[..n], (1.0, r(1)), (-1.0, r(2)), (-1.0, r(3)));
+            lin3::<false>(y0, (1.0, r(0)), (1.0, r(1)), (1.0, r(2)));
+            lin3::<false>(&mut y1[..n], (1.0, r(1)), (-1.0, r(2)), (-1.0, r(3)));
         }
         let add = bias.map_or(0.0, |bias| bias[o]);
         let plane = &mut out[o * g.h * w..][..g.h * w];
@@ -384,10 +367,10 @@ fn output_transform_grad(
             let (g0, g1) = (&gab[(a * 2) * n..][..n], &gab[(a * 2 + 1) * n..][..n]);
             let mut it = pa[a * 4 * n..].chunks_exact_mut(n);
             let [p0, p1, p2, p3] = [(); 4].map(|()| it.next().unwrap_or_default());
-            set1(p0, (1.0, g0));
+            lin1::<false>(p0, (1.0, g0));
             set2(p1, (1.0, g0), (1.0, g1));
             set2(p2, (1.0, g0), (-1.0, g1));
-            set1(p3, (-1.0, g1));
+            lin1::<false>(p3, (-1.0, g1));
         }
         // Down: dM_ij = Σ_a Aᵀ[a][i] pa[a·4 + j] = (p0, p0 + p1, p0 - p1, -p1).
         for j in 0..4 {
@@ -396,10 +379,10 @@ fn output_transform_grad(
             for i in 0..4 {
                 let d = &mut dm[i * 4 + j][at..at + n];
                 match i {
-                    0 => set1(d, (1.0, p0)),
+                    0 => lin1::<false>(d, (1.0, p0)),
                     1 => set2(d, (1.0, p0), (1.0, p1)),
                     2 => set2(d, (1.0, p0), (-1.0, p1)),
-                    _ => set1(d, (-1.0, p1)),
+                    _ => lin1::<false>(d, (-1.0, p1)),
                 }
             }
         }
@@ -426,20 +409,20 @@ fn input_transform_grad(g: &Geometry, t: &Tiling, dv: &[f32], ld: usize, b: usiz
                 // V_i3; o[tx + 1] from -V_i3.
                 e[..tw].copy_from_slice(d[0]);
                 e[tw] = 0.0;
-                add3(&mut e[1..], (-1.0, d[0]), (1.0, d[1]), (1.0, d[2]));
-                set3(&mut o[..tw], (1.0, d[1]), (-1.0, d[2]), (1.0, d[3]));
+                lin3::<true>(&mut e[1..], (-1.0, d[0]), (1.0, d[1]), (1.0, d[2]));
+                lin3::<false>(&mut o[..tw], (1.0, d[1]), (-1.0, d[2]), (1.0, d[3]));
                 o[tw] = 0.0;
-                add1(&mut o[1..], (-1.0, d[3]));
+                lin1::<true>(&mut o[1..], (-1.0, d[3]));
             }
         }
         // Down, adjoint: patch row a of every tile row gets Σ_i Bᵀ[i][a] tr[i·2 + cp].
         s.grad_planes.fill(0.0);
         for cp in 0..2 {
             let d: [&[f32]; 4] = std::array::from_fn(|i| &tr[(i * 2 + cp) * span..][..span]);
-            add1(&mut s.grad_planes[p.patch_rows(0, cp)], (1.0, d[0]));
-            add3(&mut s.grad_planes[p.patch_rows(1, cp)], (1.0, d[1]), (-1.0, d[2]), (1.0, d[3]));
-            add3(&mut s.grad_planes[p.patch_rows(2, cp)], (-1.0, d[0]), (1.0, d[1]), (1.0, d[2]));
-            add1(&mut s.grad_planes[p.patch_rows(3, cp)], (-1.0, d[3]));
+            lin1::<true>(&mut s.grad_planes[p.patch_rows(0, cp)], (1.0, d[0]));
+            lin3::<true>(&mut s.grad_planes[p.patch_rows(1, cp)], (1.0, d[1]), (-1.0, d[2]), (1.0, d[3]));
+            lin3::<true>(&mut s.grad_planes[p.patch_rows(2, cp)], (-1.0, d[0]), (1.0, d[1]), (1.0, d[2]));
+            lin1::<true>(&mut s.grad_planes[p.patch_rows(3, cp)], (-1.0, d[3]));
         }
         let plane = &mut gx[c * g.h * w..][..g.h * w];
         for (y, row) in plane.chunks_exact_mut(w).enumerate() {
@@ -478,7 +461,7 @@ fn products(
     dst[..16 * dst_step].par_chunks_mut(dst_step).enumerate().for_each(|(xi, d)| {
         let (l, r) = (&lhs[xi * lhs_step..], &rhs[xi * rhs_step..]);
         let (ls, rs) = ((lr as isize, lc as isize), (rr as isize, rc as isize));
-        matmul_uncounted((m, n, k), d, (dst_rs as isize, 1), l, ls, r, rs, accumulate);
+        matmul_uncounted((m, n, k), (d, (dst_rs as isize, 1)), (l, ls), (r, rs), accumulate, false);
     });
 }
 
