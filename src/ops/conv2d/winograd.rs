@@ -28,8 +28,9 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 /// Input and output channels from which this path runs: below, the 16 products are too narrow
-/// for the gemm's rate to make up for the transforms (ResNet-20's 64-channel layers at 8x8, batch
-/// 128, made the SGD step 5-14 % slower than the direct kernels on this path, December 2026).
+/// for the gemm's rate to make up for the transforms (ResNet-20 at batch 128 with its 64-channel
+/// 8x8 layers on this path ran no faster in paired runs, December 2026). `SAMHOST_WINOGRAD_MIN`
+/// sets another threshold for comparisons.
 const MIN_CHANNELS: usize = 128;
 
 /// Tiles one group's products span at least (fewer samples per group where one sample has
@@ -47,7 +48,7 @@ const MAX_BUFFER: usize = 1 << 16;
 const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
 
 /// Whether this path runs for the convolution: 3x3, stride 1, padding 1, an even height and
-/// width, at least [`MIN_CHANNELS`] input and output channels, a CPU with AVX2 and FMA, and
+/// width, at least [`min_channels`] input and output channels, a CPU with AVX2 and FMA, and
 /// unless `SAMHOST_WINOGRAD=0`.
 pub(super) fn applies(g: &Geometry) -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
@@ -57,8 +58,13 @@ pub(super) fn applies(g: &Geometry) -> bool {
         && (g.kh, g.kw, g.stride, g.padding) == (3, 3, 1, 1)
         && g.h.is_multiple_of(2)
         && g.w.is_multiple_of(2)
-        && g.c >= MIN_CHANNELS
-        && g.o >= MIN_CHANNELS
+        && g.c.min(g.o) >= min_channels()
+}
+
+/// [`MIN_CHANNELS`], or `SAMHOST_WINOGRAD_MIN` where set (for comparisons; read once).
+fn min_channels() -> usize {
+    static MIN: OnceLock<usize> = OnceLock::new();
+    *MIN.get_or_init(|| std::env::var("SAMHOST_WINOGRAD_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(MIN_CHANNELS))
 }
 
 /// How the tiles of one convolution are laid out.
