@@ -6,8 +6,9 @@
 //! `cargo bench --bench speed` runs every model with 1 and 2 threads (each thread count in a child
 //! process with `RAYON_NUM_THREADS` set, since the thread pools are sized once per process).
 //! `SAMHOST_BENCH_MODELS=mlp,cnn` picks models; `SAMHOST_BENCH_STEPS` sets the timed steps
-//! (default 10; the ViT uses half); train and SAM steps alternate, and the medians are reported
-//! after a warm-up step of each.
+//! (default 10; the ViT and ResNet-32 use half, WRN-16-8 at batch 128 (`wrn-b128`) a fifth, at
+//! least 3); train and SAM steps alternate, and the medians are reported after a warm-up step of
+//! each.
 //!
 //! The floor: the matrix products one SGD step makes (every gemm call through `ops::gemm`,
 //! recorded during a step) timed alone on this machine at their shapes, so "x floor" says how far
@@ -35,12 +36,13 @@ use bench_models::{build_on, env_list, median};
 use counting_alloc::{LIVE, PEAK};
 
 /// (name, config name or JSON, image side, batch, steps divisor)
-const MODELS: [(&str, &str, usize, usize, usize); 6] = [
+const MODELS: [(&str, &str, usize, usize, usize); 7] = [
     ("mlp", r#"{"model_type": "mlp", "sizes": [3072, 512, 512, 10]}"#, 32, 128, 1),
     ("cnn", "cnn", 32, 128, 1),
     ("resnet20", "resnet20", 32, 128, 1),
     ("resnet32", "resnet32", 32, 128, 2),
     ("wrn-16-8", "wrn-16-8", 32, 16, 1),
+    ("wrn-b128", "wrn-16-8", 32, 128, 5),
     ("vit-s16", "vit-s16", 224, 8, 2),
 ];
 

@@ -170,6 +170,7 @@ MODELS = {
     "resnet20": (lambda: CifarResNet(20), (3, 32, 32), 128, 10),
     "resnet32": (lambda: CifarResNet(32), (3, 32, 32), 128, 5),
     "wrn-16-8": (lambda: WideResNet(16, 8), (3, 32, 32), 16, 10),
+    "wrn-b128": (lambda: WideResNet(16, 8), (3, 32, 32), 128, 3),
     "vit-s16": (lambda: Vit(), (3, 224, 224), 8, 5),
 }
 
