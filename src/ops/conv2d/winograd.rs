@@ -209,11 +209,18 @@ impl Parity {
         at..at + (self.rows - 1) * self.cols
     }
 
-    /// Input row `y`'s runs in the planes: the one holding its even columns (padded column
-    /// `x + 1` odd, at `x / 2`) and the one holding its odd ones (at `(x + 1) / 2`, from 1).
-    fn input_row(&self, y: usize) -> (usize, usize) {
-        let (rp, r) = ((y + 1) % 2, y.div_ceil(2));
-        (self.plane(rp, 1) + r * self.cols, self.plane(rp, 0) + r * self.cols + 1)
+    /// Input row `y`'s runs of `W/2` in `planes`: the one holding its even columns (padded
+    /// column `x + 1` odd, at `x / 2`) and the one holding its odd ones (at `(x + 1) / 2`, from 1).
+    fn input_row<'a>(&self, planes: &'a mut [f32], y: usize) -> (&'a mut [f32], &'a mut [f32]) {
+        let (rp, r, n) = ((y + 1) % 2, y.div_ceil(2), self.cols - 1);
+        let (odd_part, even_part) = planes.split_at_mut(self.plane(rp, 1));
+        (&mut even_part[r * self.cols..][..n], &mut odd_part[self.plane(rp, 0) + r * self.cols + 1..][..n])
+    }
+
+    /// The four patch rows ([`Self::patch_rows`]) of column parity `cp`.
+    fn patch_rows_of<'a>(&self, planes: &'a [f32], cp: usize) -> [&'a [f32]; 4] {
+        let at = |a: usize| &planes[self.patch_rows(a, cp)];
+        [at(0), at(1), at(2), at(3)]
     }
 }
 
@@ -260,19 +267,21 @@ fn input_transform(
         for c in cs.clone() {
             let plane = &x[(b * g.c + c) * g.h * w..][..g.h * w];
             for (y, row) in plane.chunks_exact(w).enumerate() {
-                let (even, odd) = p.input_row(y);
-                for (q, pair) in row.chunks_exact(2).enumerate() {
-                    s.planes[even + q] = pair[0];
-                    s.planes[odd + q] = pair[1];
+                let (even, odd) = p.input_row(&mut s.planes, y);
+                for ((pair, e), o) in row.chunks_exact(2).zip(even.iter_mut()).zip(odd.iter_mut()) {
+                    *e = pair[0];
+                    *o = pair[1];
                 }
             }
             // Bᵀ down the patch rows, for both column parities: tr[i·2 + cp], `th` rows of `cols`.
             let tr = &mut s.rows[..8 * span];
             for cp in 0..2 {
-                let d = [0, 1, 2, 3].map(|a| &s.planes[p.patch_rows(a, cp)]);
-                let mut it = tr.chunks_exact_mut(span).skip(cp).step_by(2);
-                let out = [(); 4].map(|()| it.next().unwrap_or_default());
-                bt(out, d);
+                let (t0, rest) = tr.split_at_mut(2 * span);
+                let (t1, rest) = rest.split_at_mut(2 * span);
+                let (t2, t3) = rest.split_at_mut(2 * span);
+                let at = cp * span..(cp + 1) * span;
+                let out = [&mut t0[at.clone()], &mut t1[at.clone()], &mut t2[at.clone()], &mut t3[at]];
+                bt(out, p.patch_rows_of(&s.planes, cp));
             }
             // · B along the patch columns 2tx..2tx + 4: parity 0 at tx, parity 1 at tx, parity
             // 0 at tx + 1, parity 1 at tx + 1.
@@ -283,7 +292,8 @@ fn input_transform(
                     let o = &tr[(i * 2 + 1) * span + ty * p.cols..][..p.cols];
                     let at = (c - cs.start) * ld + col;
                     if let [d0, d1, d2, d3] = &mut v[i * 4..i * 4 + 4] {
-                        let out = [d0, d1, d2, d3].map(|d| &mut d[at..at + tw]);
+                        let r = at..at + tw;
+                        let out = [&mut d0[r.clone()], &mut d1[r.clone()], &mut d2[r.clone()], &mut d3[r]];
                         bt(out, [&e[..tw], &o[..tw], &e[1..], &o[1..]]);
                     }
                 }
@@ -408,7 +418,13 @@ fn input_transform_grad(g: &Geometry, t: &Tiling, dv: &[f32], ld: usize, b: usiz
         let tr = &mut s.rows[..8 * span];
         for ty in 0..t.th {
             for i in 0..4 {
-                let d = [0, 1, 2, 3].map(|j| &dvc[i * 4 + j][ty * tw..][..tw]);
+                let r = ty * tw..(ty + 1) * tw;
+                let d = [
+                    &dvc[i * 4][r.clone()],
+                    &dvc[i * 4 + 1][r.clone()],
+                    &dvc[i * 4 + 2][r.clone()],
+                    &dvc[i * 4 + 3][r],
+                ];
                 let (e, o) = tr[(i * 2) * span + ty * p.cols..].split_at_mut(span);
                 let (e, o) = (&mut e[..p.cols], &mut o[..p.cols]);
                 // e[tx] from V_i0; e[tx + 1] from -V_i0 + V_i1 + V_i2; o[tx] from V_i1 - V_i2 +
@@ -424,7 +440,8 @@ fn input_transform_grad(g: &Geometry, t: &Tiling, dv: &[f32], ld: usize, b: usiz
         // Down, adjoint: patch row a of every tile row gets Σ_i Bᵀ[i][a] tr[i·2 + cp].
         s.grad_planes.fill(0.0);
         for cp in 0..2 {
-            let d: [&[f32]; 4] = std::array::from_fn(|i| &tr[(i * 2 + cp) * span..][..span]);
+            let row = |i: usize| &tr[(i * 2 + cp) * span..][..span];
+            let d = [row(0), row(1), row(2), row(3)];
             lin1::<true>(&mut s.grad_planes[p.patch_rows(0, cp)], (1.0, d[0]));
             lin3::<true>(&mut s.grad_planes[p.patch_rows(1, cp)], (1.0, d[1]), (-1.0, d[2]), (1.0, d[3]));
             lin3::<true>(&mut s.grad_planes[p.patch_rows(2, cp)], (-1.0, d[0]), (1.0, d[1]), (1.0, d[2]));
@@ -432,10 +449,10 @@ fn input_transform_grad(g: &Geometry, t: &Tiling, dv: &[f32], ld: usize, b: usiz
         }
         let plane = &mut gx[c * g.h * w..][..g.h * w];
         for (y, row) in plane.chunks_exact_mut(w).enumerate() {
-            let (even, odd) = p.input_row(y);
-            for (q, pair) in row.chunks_exact_mut(2).enumerate() {
-                pair[0] = s.grad_planes[even + q];
-                pair[1] = s.grad_planes[odd + q];
+            let (even, odd) = p.input_row(&mut s.grad_planes, y);
+            for ((pair, e), o) in row.chunks_exact_mut(2).zip(even.iter()).zip(odd.iter()) {
+                pair[0] = *e;
+                pair[1] = *o;
             }
         }
     }
