@@ -256,16 +256,44 @@ pub(super) struct Rows<'a> {
     pub(super) b_stride: usize,
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
+    /// The gradient of the raw convolution output of samples `b0..b0 + bs`: the incoming
+    /// gradient itself when nothing follows the convolution, else written into `buf` (at least
+    /// `O` rows of [`Geometry::row_stride`]`(bs)`) by [`output_grad`].
+    pub(super) fn of_group(
+        g: &Geometry,
+        ep: Epilogue,
+        saved: Saved<'a, f32>,
+        (b0, bs): (usize, usize),
+        buf: &'a mut [f32],
+    ) -> Self {
+        let l = g.l();
+        if !ep.pool && !ep.relu {
+            return Rows { data: &saved.dy[b0 * g.o * l..(b0 + bs) * g.o * l], o_stride: l, b_stride: g.o * l };
+        }
+        output_grad(g, ep, saved.y, saved.dy, saved.argmax, b0, bs, buf);
+        Rows { data: buf, o_stride: g.row_stride::<f32>(bs), b_stride: l }
+    }
+
     pub(super) fn row(&self, b: usize, o: usize, l: usize) -> &[f32] {
         &self.data[b * self.b_stride + o * self.o_stride..][..l]
+    }
+
+    /// Adds each channel's sum over `bs` samples of `l` positions to `gb` (the bias gradient;
+    /// nothing when `gb` is empty).
+    pub(super) fn add_sums(&self, bs: usize, l: usize, gb: &mut [f32]) {
+        for b in 0..bs {
+            for (o, s) in gb.iter_mut().enumerate() {
+                *s += self.row(b, o, l).iter().sum::<f32>();
+            }
+        }
     }
 }
 
 /// The backward pass over fixed ranges of samples, one per thread (the same sums on every run
 /// with the same thread count), in groups of [`Geometry::group`] samples for the weight gradient.
 pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Needs) -> Grads<f32> {
-    let Saved { x, k, y, dy, argmax } = saved;
+    let (x, k) = (saved.x, saved.k);
     let (ckk, l, bsz, p) = (g.ckk(), g.l(), g.group(), g.padding);
     let (hp, wp) = (g.h + 2 * p, g.w + 2 * p);
     assert!(!needs.input || applies_to_input(g), "direct conv: the input gradient of {g:?}");
@@ -305,19 +333,8 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
             let (s0, s1) = (part * per, ((part + 1) * per).min(g.n));
             for b0 in (s0..s1).step_by(bsz) {
                 let bs = bsz.min(s1 - b0);
-                let rows = if direct_gz {
-                    Rows { data: &dy[b0 * g.o * l..(b0 + bs) * g.o * l], o_stride: l, b_stride: g.o * l }
-                } else {
-                    output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz_buf);
-                    Rows { data: &gz_buf, o_stride: g.row_stride::<f32>(bs), b_stride: l }
-                };
-                if needs.bias {
-                    for b in 0..bs {
-                        for (o, s) in gb.iter_mut().enumerate() {
-                            *s += rows.row(b, o, l).iter().sum::<f32>();
-                        }
-                    }
-                }
+                let rows = Rows::of_group(g, ep, saved, (b0, bs), &mut gz_buf);
+                rows.add_sums(bs, l, &mut gb);
                 if needs.kernel {
                     for b in 0..bs {
                         let x_b = &x[(b0 + b) * g.in_len()..][..g.in_len()];

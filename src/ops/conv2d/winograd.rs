@@ -21,7 +21,7 @@
 
 use super::direct::{record_gemms, Pass, Rows};
 use super::geometry::Geometry;
-use super::passes::{output_grad, pool_planes, relu, Epilogue, Grads, Needs, Saved};
+use super::passes::{pool_planes, relu, Epilogue, Grads, Needs, Saved};
 use crate::ops::gemm::{matmul_uncounted, padded_stride, stride_padding};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -142,7 +142,7 @@ fn kernel_transform_grad(du: &[f32], o: usize, c: usize) -> Vec<f32> {
 
 /// `dst[k] = sa·a[k] + sb·b[k]`; with literal coefficients ±1 the products fold away.
 #[inline(always)]
-fn set2(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32])) {
+fn lin2(dst: &mut [f32], (sa, a): (f32, &[f32]), (sb, b): (f32, &[f32])) {
     let n = dst.len();
     for ((d, &a), &b) in dst.iter_mut().zip(&a[..n]).zip(&b[..n]) {
         *d = sa * a + sb * b;
@@ -173,10 +173,10 @@ fn lin1<const ADD: bool>(dst: &mut [f32], (s, a): (f32, &[f32])) {
 #[inline(always)]
 fn bt(out: [&mut [f32]; 4], d: [&[f32]; 4]) {
     let [o0, o1, o2, o3] = out;
-    set2(o0, (1.0, d[0]), (-1.0, d[2]));
-    set2(o1, (1.0, d[1]), (1.0, d[2]));
-    set2(o2, (1.0, d[2]), (-1.0, d[1]));
-    set2(o3, (1.0, d[1]), (-1.0, d[3]));
+    lin2(o0, (1.0, d[0]), (-1.0, d[2]));
+    lin2(o1, (1.0, d[1]), (1.0, d[2]));
+    lin2(o2, (1.0, d[2]), (-1.0, d[1]));
+    lin2(o3, (1.0, d[1]), (-1.0, d[3]));
 }
 
 /// One channel's padded plane `(H + 2)×(W + 2)` as four parity planes `[row parity, column
@@ -381,11 +381,12 @@ fn output_transform_grad(
         // Across: pa[a·4 + j] = Σ_c Aᵀ[c][j] gab[a·2 + c] = (g0, g0 + g1, g0 - g1, -g1).
         for a in 0..2 {
             let (g0, g1) = (&gab[(a * 2) * n..][..n], &gab[(a * 2 + 1) * n..][..n]);
-            let mut it = pa[a * 4 * n..].chunks_exact_mut(n);
-            let [p0, p1, p2, p3] = [(); 4].map(|()| it.next().unwrap_or_default());
+            let (p0, rest) = pa[a * 4 * n..].split_at_mut(n);
+            let (p1, rest) = rest.split_at_mut(n);
+            let (p2, p3) = rest[..2 * n].split_at_mut(n);
             lin1::<false>(p0, (1.0, g0));
-            set2(p1, (1.0, g0), (1.0, g1));
-            set2(p2, (1.0, g0), (-1.0, g1));
+            lin2(p1, (1.0, g0), (1.0, g1));
+            lin2(p2, (1.0, g0), (-1.0, g1));
             lin1::<false>(p3, (-1.0, g1));
         }
         // Down: dM_ij = Σ_a Aᵀ[a][i] pa[a·4 + j] = (p0, p0 + p1, p0 - p1, -p1).
@@ -396,8 +397,8 @@ fn output_transform_grad(
                 let d = &mut dm[i * 4 + j][at..at + n];
                 match i {
                     0 => lin1::<false>(d, (1.0, p0)),
-                    1 => set2(d, (1.0, p0), (1.0, p1)),
-                    2 => set2(d, (1.0, p0), (-1.0, p1)),
+                    1 => lin2(d, (1.0, p0), (1.0, p1)),
+                    2 => lin2(d, (1.0, p0), (-1.0, p1)),
                     _ => lin1::<false>(d, (-1.0, p1)),
                 }
             }
@@ -542,7 +543,7 @@ pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Op
 /// ξ: each ξ's kernel gradient sums over the groups in order, the same sums for any thread
 /// count), and the input gradient's transform (over samples).
 pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Needs) -> Grads<f32> {
-    let Saved { x, k, y, dy, argmax } = saved;
+    let (x, k) = (saved.x, saved.k);
     let t = Tiling::new(g);
     let l = g.l();
     let u = if needs.input { kernel_transform(k, g.o, g.c) } else { Vec::new() };
@@ -562,17 +563,8 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
     for b0 in (0..g.n).step_by(t.group) {
         let bs = t.group.min(g.n - b0);
         let (ld, cols) = (t.ld(bs), bs * t.tiles());
-        let rows = if direct_gz {
-            Rows { data: &dy[b0 * g.o * l..(b0 + bs) * g.o * l], o_stride: l, b_stride: g.o * l }
-        } else {
-            output_grad(g, ep, y, dy, argmax, b0, bs, &mut gz_buf);
-            Rows { data: &gz_buf, o_stride: g.row_stride::<f32>(bs), b_stride: l }
-        };
-        for b in 0..bs {
-            for (o, s) in gb.iter_mut().enumerate() {
-                *s += rows.row(b, o, l).iter().sum::<f32>();
-            }
-        }
+        let rows = Rows::of_group(g, ep, saved, (b0, bs), &mut gz_buf);
+        rows.add_sums(bs, l, &mut gb);
         if !weights {
             continue;
         }
