@@ -18,6 +18,7 @@ pub mod pretrained;
 pub mod registry;
 pub mod resnet;
 pub mod shapes;
+pub mod trunk_cache;
 pub mod vit;
 pub mod wide_resnet;
 

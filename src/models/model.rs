@@ -2,6 +2,7 @@
 
 use super::params::Params;
 use super::precision::Precision;
+use super::trunk_cache::{TrunkCache, TrunkCacheScope};
 use crate::rng::{HostRng, RngState};
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
@@ -23,6 +24,20 @@ pub trait Network: Send + Sync {
     fn dropout_rng(&self) -> Option<HostRng> {
         None
     }
+
+    /// The input of the classification head for a batch `x` (the trunk's output: everything the
+    /// network computes before its last linear layer, whose parameters [`Model::head`] names), for
+    /// networks split so; `None` for others. `forward_t` is `head_t(features_t(x))`.
+    fn features_t(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let _ = (x, train);
+        Ok(None)
+    }
+
+    /// The classification head applied to the output of [`Network::features_t`].
+    fn head_t(&self, features: &Tensor) -> Result<Tensor> {
+        let _ = features;
+        candle_core::bail!("this network has no separate classification head")
+    }
 }
 
 /// A model: a network, its parameters, whether it is in training mode and the precision it
@@ -42,6 +57,8 @@ pub struct Model {
     head: Option<(String, usize)>,
     /// The checkpoint's image preprocessing (`preprocessor_config.json`), if it had one.
     preprocess: Option<Arc<super::preprocess::Preprocessing>>,
+    /// The trunk outputs kept while a step reuses them ([`Model::reuse_trunk`]).
+    trunk_cache: Arc<Mutex<Option<TrunkCache>>>,
 }
 
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
@@ -62,6 +79,7 @@ impl Model {
             training: Arc::new(AtomicBool::new(true)),
             precision: Arc::new(AtomicU8::new(0)),
             saved: Arc::new(Mutex::new(BTreeMap::new())),
+            trunk_cache: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -197,14 +215,56 @@ impl Model {
         self.forward_t(x, self.is_training())
     }
 
-    /// Forward pass in an explicit mode, in the model's precision; the logits are f32.
+    /// Forward pass in an explicit mode, in the model's precision; the logits are f32. Inside
+    /// [`Model::reuse_trunk`]'s scope a batch the trunk has already seen in this mode goes
+    /// through the head alone.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let precision = self.precision();
-        if !precision.is_mixed() {
-            return self.net.forward_t(x, train);
+        let cached = self.trunk_cache_lock().as_ref().map(|c| c.get(x.id(), train));
+        let y = match cached {
+            None => self.net.forward_t(&precision.cast(x)?, train)?,
+            Some(Some((features, rng_after))) => {
+                // The trunk drew its dropout masks here before: the generator moves on as if it had.
+                if let (Some((rng, _)), Some(state)) = (&self.dropout, rng_after) {
+                    rng.restore(&state).map_err(candle_core::Error::wrap)?;
+                }
+                self.net.head_t(&features)?
+            }
+            Some(None) => match self.net.features_t(&precision.cast(x)?, train)? {
+                Some(features) => {
+                    let features = features.detach();
+                    if let Some(cache) = self.trunk_cache_lock().as_mut() {
+                        cache.insert(x.id(), train, features.clone(), self.dropout_state());
+                    }
+                    self.net.head_t(&features)?
+                }
+                None => self.net.forward_t(&precision.cast(x)?, train)?,
+            },
+        };
+        if precision.is_mixed() {
+            y.to_dtype(DType::F32)
+        } else {
+            Ok(y)
         }
-        let y = self.net.forward_t(&x.to_dtype(precision.dtype())?, train)?;
-        y.to_dtype(DType::F32)
+    }
+
+    fn trunk_cache_lock(&self) -> std::sync::MutexGuard<'_, Option<TrunkCache>> {
+        self.trunk_cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A scope in which the trunk's output for each batch is computed once and reused by later
+    /// forward passes over the same batch tensor in the same mode, when every parameter in
+    /// `params` (those the passes differentiate and perturb) lies in the classification head: a
+    /// linear probe's SAM step then runs the frozen trunk once, not at `w` and again at `w + e`,
+    /// for the same result (the trunk's weights are the same in both passes, and its dropout
+    /// masks too, [`Model::begin_gradient`]). `None` (no reuse) when a parameter of `params` lies
+    /// outside the head, the model has no head, or the trunk's output is kept already.
+    pub fn reuse_trunk(&self, params: &[(String, Var)]) -> Option<TrunkCacheScope> {
+        let (prefix, _) = self.head.as_ref()?;
+        if params.is_empty() || !params.iter().all(|(n, _)| n.starts_with(prefix.as_str())) {
+            return None;
+        }
+        TrunkCacheScope::open(&self.trunk_cache)
     }
 
     /// Moves parameters in place, `w ← w + scale·e` for every named tensor of `e` (any

@@ -42,6 +42,15 @@ impl Precision {
     pub fn is_mixed(self) -> bool {
         self != Self::F32
     }
+
+    /// `x` in the activations' type (under f32 the tensor itself, no copy).
+    pub fn cast(self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        if self.is_mixed() {
+            x.to_dtype(self.dtype())
+        } else {
+            Ok(x.clone())
+        }
+    }
 }
 
 impl FromStr for Precision {

@@ -235,6 +235,13 @@ impl Vit {
         &self.cfg
     }
 
+    /// The classifier's input: the final layer norm of the `[CLS]` token, `[N, hidden]`.
+    fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (t, b, n) = self.backbone.forward_t(x, train)?;
+        let cls = t.reshape((b, n, ()))?.narrow(1, 0, 1)?.squeeze(1)?;
+        self.layernorm.forward(&cls)
+    }
+
     /// Patch embeddings `[N, patches, hidden]`: a convolution with stride equal to its kernel,
     /// computed as a matrix product over the unfolded patches.
     pub fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -244,9 +251,15 @@ impl Vit {
 
 impl Network for Vit {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (t, b, n) = self.backbone.forward_t(x, train)?;
-        let cls = t.reshape((b, n, ()))?.narrow(1, 0, 1)?.squeeze(1)?;
-        self.classifier.forward(&self.layernorm.forward(&cls)?)
+        self.classifier.forward(&self.features(x, train)?)
+    }
+
+    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
+        self.features(x, train).map(Some)
+    }
+
+    fn head_t(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.classifier.forward(features)
     }
 
     fn config(&self) -> serde_json::Value {

@@ -168,8 +168,9 @@ impl WideResNet {
     }
 }
 
-impl Network for WideResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl WideResNet {
+    /// The classifier's input: the final BatchNorm and ReLU averaged over space, `[N, 64·k]`.
+    fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
             candle_core::bail!("wide_resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
@@ -178,7 +179,21 @@ impl Network for WideResNet {
             h = block.forward_t(&h, train)?;
         }
         let h = bn_relu(&self.bn1, &h, train)?;
-        self.fc.forward(&global_avg_pool(&h)?)
+        global_avg_pool(&h)
+    }
+}
+
+impl Network for WideResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.fc.forward(&self.features(x, train)?)
+    }
+
+    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
+        self.features(x, train).map(Some)
+    }
+
+    fn head_t(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.fc.forward(features)
     }
 
     fn config(&self) -> serde_json::Value {

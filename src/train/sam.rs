@@ -387,6 +387,8 @@ fn sam_family_step(
         chunks.iter().map(|c| c.iter().map(|(x, _)| x.dim(0)).sum()).collect::<candle_core::Result<_>>()?;
     let total_n = sizes.iter().sum::<usize>().max(1) as f64;
     let esam = cfg.variant == Variant::Esam;
+    // A linear probe's frozen trunk gives the same features at w and at w + e: computed once.
+    let _trunk = model.reuse_trunk(params);
     let (mut norm_sum, mut sharp_sum) = (0.0, 0.0);
     let mut firsts = Vec::with_capacity(chunks.len());
     let mut total: Option<TensorSet> = None;

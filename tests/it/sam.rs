@@ -696,3 +696,80 @@ fn a_step_in_the_models_mode_keeps_frozen_statistics() {
         assert_ne!(stats(&m), s0, "the default mode trains the statistics");
     }
 }
+
+/// A linear probe's SAM step runs the frozen trunk once: its pass at `w + e` reuses the features
+/// of the pass at `w` (the trunk's weights and dropout masks are the same in both). Checked
+/// against the step composed by hand from two full gradient passes (`grad_of`, `perturb`,
+/// `restore`, the SGD update): weights, running statistics, dropout generator and losses equal
+/// bit for bit, over two steps, for a ViT with dropout, DINOv2, a CIFAR ResNet (BatchNorm), a
+/// WideResNet with dropout and the cnn; and the step's matrix products (the gemm census) are
+/// those of one forward pass of the trunk, where the composed step makes two.
+#[test]
+fn a_probe_sam_step_runs_the_frozen_trunk_once() {
+    use samhost::models::registry::{build_model, ArchConfig};
+    use samhost::ops::gemm::record_calls;
+    use samhost::train::grads::{grad_of, GradOptions};
+    let configs = [
+        serde_json::json!({"model_type": "vit", "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+                           "intermediate_size": 16, "image_size": 4, "patch_size": 2, "num_channels": 1,
+                           "num_labels": 3, "hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.1}),
+        serde_json::json!({"model_type": "dinov2", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "mlp_ratio": 2, "image_size": 4, "patch_size": 2, "num_channels": 1, "num_labels": 3}),
+        serde_json::json!({"model_type": "cifar_resnet", "depth": 8, "num_labels": 3, "num_channels": 1}),
+        serde_json::json!({"model_type": "wide_resnet", "depth": 10, "widen_factor": 1, "num_labels": 3,
+                           "num_channels": 1, "dropout": 0.3}),
+        serde_json::json!({"model_type": "cnn", "input": [1, 4, 4], "channels": [4], "hidden": 6, "num_labels": 3}),
+    ];
+    let xs = Tensor::from_vec(HostRng::new(9).normal(6 * 16, 0.0, 1.0), (6, 1, 4, 4), &Device::Cpu).unwrap();
+    let ys = Tensor::from_vec(vec![0u32, 1, 2, 0, 1, 2], 6, &Device::Cpu).unwrap();
+    let cfg_sam = sam(0.5);
+    let values = |m: &Model| -> Vec<(String, Vec<f32>)> {
+        m.params()
+            .all()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+            .collect()
+    };
+    for c in configs {
+        let cfg = ArchConfig::from_json(&c, true).unwrap();
+        let (a, b) = (
+            build_model(&cfg, &HostRng::new(5), &Device::Cpu).unwrap(),
+            build_model(&cfg, &HostRng::new(5), &Device::Cpu).unwrap(),
+        );
+        let head = cfg.head_prefix();
+        for m in [&a, &b] {
+            let all: Vec<String> = m.params().trainable().into_iter().map(|(n, _)| n).collect();
+            for n in all.iter().filter(|n| !n.starts_with(&head)) {
+                m.params().freeze(n);
+            }
+        }
+        let params = b.params().trainable();
+        assert!(!params.is_empty() && params.iter().all(|(n, _)| n.starts_with(&head)), "{c}: the head alone trains");
+        let (mut oa, mut ob) = (sgd(0.1, 0.0, false, 0.0), sgd(0.1, 0.0, false, 0.0));
+        for step in 0..2 {
+            let (sa, calls_a) = record_calls(|| sam_step(&a, &mut oa, &xs, &ys, &LossFn::default(), &cfg_sam).unwrap());
+            // The same step composed from two full passes.
+            let ((first, second), calls_b) = record_calls(|| {
+                let first = grad_of(&b, &params, &xs, &ys, &LossFn::default(), GradOptions::default()).unwrap();
+                let norm = first.grads.norm().unwrap();
+                b.perturb(&first.grads, cfg_sam.rho / (norm + cfg_sam.eps)).unwrap();
+                let saved = b.params().save_buffers().unwrap();
+                let second = grad_of(&b, &params, &xs, &ys, &LossFn::default(), GradOptions::default()).unwrap();
+                b.restore().unwrap();
+                b.params().restore_buffers(&saved).unwrap();
+                ob.step_set(&b, &second.grads).unwrap();
+                (first, second)
+            });
+            assert_eq!((sa.loss, sa.sharp_loss), (first.loss, second.loss), "{c}: step {step}: losses");
+            assert_eq!(values(&a), values(&b), "{c}: step {step}: weights and running statistics");
+            assert_eq!(a.dropout_state(), b.dropout_state(), "{c}: step {step}: as many masks drawn");
+            let flops = |calls: &[samhost::ops::gemm::GemmCall]| calls.iter().map(|k| k.flops()).sum::<f64>();
+            let (fa, fb) = (flops(&calls_a), flops(&calls_b));
+            if c["model_type"] != "cnn" {
+                // The trunk dominates (the cnn's head is as large as its convolution).
+                assert!(fa < 0.6 * fb, "{c}: step {step}: {fa} flops in the probe step against {fb} composed");
+            }
+            assert!(fa < fb, "{c}: step {step}: the trunk ran twice ({fa} against {fb} flops)");
+        }
+    }
+}
