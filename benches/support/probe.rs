@@ -3,8 +3,10 @@
 //! hidden 384, 12 layers, 6 heads) on 56x56 images, batch 32; part of `cargo bench --bench sam`
 //! (`SAMHOST_BENCH_PART=probe` alone; `SAMHOST_BENCH_PROBE_SIZE=112` for another image size,
 //! `SAMHOST_BENCH_PROBE_BATCH=8` for another batch).
-//! Target (issue 15): a probe SAM step <= 2.2 forward passes. Ranges are min-max over 3 rounds,
-//! each the median of 3 timings.
+//! Target (issue 15): a probe SAM step <= 2.2 forward passes. The probe step runs the frozen trunk
+//! once (its pass at `w + e` reuses the features of the pass at `w`, `Model::reuse_trunk`), so it
+//! costs about one forward pass; PyTorch's SAM loop (`benches/peer/vit_sam.py`) runs it twice.
+//! Ranges are min-max over 3 rounds, each the median of 3 timings.
 
 use super::bench_models::median;
 use candle_core::{Device, Tensor};
