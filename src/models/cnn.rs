@@ -104,25 +104,15 @@ impl Cnn {
     }
 }
 
-impl Cnn {
+impl Network for Cnn {
     /// The classifier's input: the hidden fully connected layer's activations, `[N, hidden]`.
-    fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+    fn features_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Option<Tensor>> {
         super::layers::check_input("cnn", x, &self.cfg.input)?;
         let mut h = x.clone();
         for conv in &self.convs {
             h = conv.forward_block(&h, true, true)?;
         }
-        self.fc.forward_act(&h.flatten_from(1)?, true)
-    }
-}
-
-impl Network for Cnn {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.classifier.forward(&self.features(x, train)?)
-    }
-
-    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
-        self.features(x, train).map(Some)
+        self.fc.forward_act(&h.flatten_from(1)?, true).map(Some)
     }
 
     fn head_t(&self, features: &Tensor) -> candle_core::Result<Tensor> {

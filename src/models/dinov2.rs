@@ -233,25 +233,17 @@ impl Dinov2 {
         let classifier = dense(2 * h, cfg.classes().unwrap_or(0), true, std, vb.pp("classifier"))?;
         Ok(Self { drop_rng: random.then_some(drop_rng), cfg: cfg.clone(), backbone, layernorm, classifier })
     }
+}
 
+impl Network for Dinov2 {
     /// The classifier's input, as transformers' `Dinov2ForImageClassification` builds it: the
     /// final layer norm's `[CLS]` token beside the mean of its patch tokens, `[N, 2·hidden]`.
-    fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
         let (t, b, n) = self.backbone.forward_t(x, train)?;
         let t = self.layernorm.forward(&t)?.reshape((b, n, ()))?;
         let cls = t.narrow(1, 0, 1)?.squeeze(1)?;
         let mean = t.narrow(1, 1, n - 1)?.mean(1)?;
-        Tensor::cat(&[&cls, &mean], D::Minus1)
-    }
-}
-
-impl Network for Dinov2 {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.classifier.forward(&self.features(x, train)?)
-    }
-
-    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
-        self.features(x, train).map(Some)
+        Tensor::cat(&[&cls, &mean], D::Minus1).map(Some)
     }
 
     fn head_t(&self, features: &Tensor) -> candle_core::Result<Tensor> {

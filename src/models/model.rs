@@ -12,8 +12,14 @@ use std::sync::{Arc, Mutex};
 /// An architecture: the forward computation over parameters held in a [`Params`].
 pub trait Network: Send + Sync {
     /// The logits for a batch `x`; `train` selects training behaviour (BatchNorm batch statistics
-    /// and running-statistic updates, dropout).
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+    /// and running-statistic updates, dropout). By default the head over the trunk's features
+    /// ([`Network::features_t`], [`Network::head_t`]); networks not split so compute it here.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self.features_t(x, train)? {
+            Some(features) => self.head_t(&features),
+            None => candle_core::bail!("this network defines neither forward_t nor features_t"),
+        }
+    }
 
     /// The architecture's configuration as JSON (Hugging Face field names where they exist), so a
     /// saved model can be rebuilt.
@@ -27,7 +33,7 @@ pub trait Network: Send + Sync {
 
     /// The input of the classification head for a batch `x` (the trunk's output: everything the
     /// network computes before its last linear layer, whose parameters [`Model::head`] names), for
-    /// networks split so; `None` for others. `forward_t` is `head_t(features_t(x))`.
+    /// networks split so; `None` for others.
     fn features_t(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
         let _ = (x, train);
         Ok(None)

@@ -186,9 +186,9 @@ impl ResNet {
     }
 }
 
-impl ResNet {
+impl Network for ResNet {
     /// The classifier's input: the last stage's feature maps averaged over space, `[N, 64]`.
-    fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
         if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
             candle_core::bail!("resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
@@ -196,17 +196,7 @@ impl ResNet {
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
-        global_avg_pool(&h)
-    }
-}
-
-impl Network for ResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.linear.forward(&self.features(x, train)?)
-    }
-
-    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
-        self.features(x, train).map(Some)
+        global_avg_pool(&h).map(Some)
     }
 
     fn head_t(&self, features: &Tensor) -> candle_core::Result<Tensor> {

@@ -235,13 +235,6 @@ impl Vit {
         &self.cfg
     }
 
-    /// The classifier's input: the final layer norm of the `[CLS]` token, `[N, hidden]`.
-    fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (t, b, n) = self.backbone.forward_t(x, train)?;
-        let cls = t.reshape((b, n, ()))?.narrow(1, 0, 1)?.squeeze(1)?;
-        self.layernorm.forward(&cls)
-    }
-
     /// Patch embeddings `[N, patches, hidden]`: a convolution with stride equal to its kernel,
     /// computed as a matrix product over the unfolded patches.
     pub fn embed_patches(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -250,12 +243,11 @@ impl Vit {
 }
 
 impl Network for Vit {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.classifier.forward(&self.features(x, train)?)
-    }
-
+    /// The classifier's input: the final layer norm of the `[CLS]` token, `[N, hidden]`.
     fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
-        self.features(x, train).map(Some)
+        let (t, b, n) = self.backbone.forward_t(x, train)?;
+        let cls = t.reshape((b, n, ()))?.narrow(1, 0, 1)?.squeeze(1)?;
+        self.layernorm.forward(&cls).map(Some)
     }
 
     fn head_t(&self, features: &Tensor) -> candle_core::Result<Tensor> {

@@ -168,9 +168,9 @@ impl WideResNet {
     }
 }
 
-impl WideResNet {
+impl Network for WideResNet {
     /// The classifier's input: the final BatchNorm and ReLU averaged over space, `[N, 64·k]`.
-    fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
         if x.rank() != 4 || x.dim(1)? != self.cfg.num_channels {
             candle_core::bail!("wide_resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
@@ -179,17 +179,7 @@ impl WideResNet {
             h = block.forward_t(&h, train)?;
         }
         let h = bn_relu(&self.bn1, &h, train)?;
-        global_avg_pool(&h)
-    }
-}
-
-impl Network for WideResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.fc.forward(&self.features(x, train)?)
-    }
-
-    fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
-        self.features(x, train).map(Some)
+        global_avg_pool(&h).map(Some)
     }
 
     fn head_t(&self, features: &Tensor) -> candle_core::Result<Tensor> {
