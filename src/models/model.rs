@@ -263,8 +263,10 @@ impl Model {
     /// `params` (those the passes differentiate and perturb) lies in the classification head: a
     /// linear probe's SAM step then runs the frozen trunk once, not at `w` and again at `w + e`,
     /// for the same result (the trunk's weights are the same in both passes, and its dropout
-    /// masks too, [`Model::begin_gradient`]). `None` (no reuse) when a parameter of `params` lies
-    /// outside the head, the model has no head, or the trunk's output is kept already.
+    /// masks too, [`Model::begin_gradient`]; ESAM's selection pass at `w + e` also sees the first
+    /// pass's features). The scope assumes the trunk's weights stay as they are while it lives.
+    /// `None` (no reuse) when a parameter of `params` lies outside the head, the model has no
+    /// head, or the trunk's output is kept already.
     pub fn reuse_trunk(&self, params: &[(String, Var)]) -> Option<TrunkCacheScope> {
         let (prefix, _) = self.head.as_ref()?;
         if params.is_empty() || !params.iter().all(|(n, _)| n.starts_with(prefix.as_str())) {

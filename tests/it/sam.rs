@@ -702,8 +702,10 @@ fn a_step_in_the_models_mode_keeps_frozen_statistics() {
 /// against the step composed by hand from two full gradient passes (`grad_of`, `perturb`,
 /// `restore`, the SGD update): weights, running statistics, dropout generator and losses equal
 /// bit for bit, over two steps, for a ViT with dropout and DINOv2 (in f32 and bf16), a CIFAR
-/// ResNet (BatchNorm), a WideResNet with dropout and the cnn; and the step's matrix products (the gemm census) are
-/// those of one forward pass of the trunk, where the composed step makes two.
+/// ResNet (BatchNorm), a WideResNet with dropout and the cnn. That the reuse engages is checked
+/// directly in every precision (a trunk weight moved inside the scope leaves the logits as they
+/// were) and, in f32, by the step's matrix products (the gemm census): those of one forward pass
+/// of the trunk, where the composed step makes two.
 #[test]
 fn a_probe_sam_step_runs_the_frozen_trunk_once() {
     use samhost::models::registry::{build_model, ArchConfig};
@@ -745,6 +747,7 @@ fn a_probe_sam_step_runs_the_frozen_trunk_once() {
             build_model(&cfg, &HostRng::new(5), &Device::Cpu).unwrap(),
             build_model(&cfg, &HostRng::new(5), &Device::Cpu).unwrap(),
         );
+        let kind = c["model_type"].as_str().unwrap_or_default().to_string();
         let c = format!("{c} in {precision}");
         let head = cfg.head_prefix();
         for m in [&a, &b] {
@@ -756,6 +759,22 @@ fn a_probe_sam_step_runs_the_frozen_trunk_once() {
         }
         let params = b.params().trainable();
         assert!(!params.is_empty() && params.iter().all(|(n, _)| n.starts_with(&head)), "{c}: the head alone trains");
+        // The reuse engages in this precision: inside the scope a moved trunk weight does not
+        // reach the logits of a batch the trunk has seen; outside it, it does.
+        {
+            let trunk =
+                a.params().all().into_iter().find(|(n, _)| !n.starts_with(&head) && !samhost::models::is_buffer(n));
+            let (name, w) = trunk.expect("a trunk parameter");
+            let logits = |m: &Model| m.forward_t(&xs, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let shift = samhost::train::TensorSet::from_pairs([(name.clone(), w.as_tensor().ones_like().unwrap())]);
+            let scope = a.reuse_trunk(&params).expect("the scope opens for a head-only step");
+            let before = logits(&a);
+            a.perturb(&shift, 1.0).unwrap();
+            assert_eq!(logits(&a), before, "{c}: `{name}` moved, the trunk's kept features serve");
+            drop(scope);
+            assert_ne!(logits(&a), before, "{c}: outside the scope the moved `{name}` counts");
+            a.restore().unwrap();
+        }
         let (mut oa, mut ob) = (sgd(0.1, 0.0, false, 0.0), sgd(0.1, 0.0, false, 0.0));
         for step in 0..2 {
             let (sa, calls_a) = record_calls(|| sam_step(&a, &mut oa, &xs, &ys, &LossFn::default(), &cfg_sam).unwrap());
@@ -780,7 +799,7 @@ fn a_probe_sam_step_runs_the_frozen_trunk_once() {
             }
             let flops = |calls: &[samhost::ops::gemm::GemmCall]| calls.iter().map(|k| k.flops()).sum::<f64>();
             let (fa, fb) = (flops(&calls_a), flops(&calls_b));
-            if !c.contains("\"cnn\"") {
+            if kind != "cnn" {
                 // The trunk dominates (the cnn's head is as large as its convolution).
                 assert!(fa < 0.6 * fb, "{c}: step {step}: {fa} flops in the probe step against {fb} composed");
             }
