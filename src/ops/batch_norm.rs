@@ -127,19 +127,19 @@ pub(crate) fn normalize_train(
             (scale as f32, (bias[ch] as f64 - mean[ch] * scale) as f32)
         })
         .collect();
-    let mut y = super::buffer::zeroed::<f32>(x.len());
     let residual = residual.unwrap_or(&[]);
-    let apply = |(plane, (out, inp)): (usize, (&mut [f32], &[f32]))| {
-        let (scale, shift) = affine[plane % c];
-        let act = |v: f32| if relu { v.max(0.0) } else { v };
-        if residual.is_empty() {
-            out.iter_mut().zip(inp).for_each(|(o, &v)| *o = act(v * scale + shift));
-        } else {
-            let r = &residual[plane * hw..][..hw];
-            out.iter_mut().zip(inp.iter().zip(r)).for_each(|(o, (&v, &r))| *o = act(v * scale + shift + r));
-        }
+    let act = move |v: f32| if relu { v.max(0.0) } else { v };
+    let y = if residual.is_empty() {
+        super::buffer::par_from_chunks(x.len(), hw, |r| {
+            let (scale, shift) = affine[r.start / hw % c];
+            x[r].iter().map(move |&v| act(v * scale + shift))
+        })
+    } else {
+        super::buffer::par_from_chunks(x.len(), hw, |r| {
+            let (scale, shift) = affine[r.start / hw % c];
+            x[r.clone()].iter().zip(&residual[r]).map(move |(&v, &r)| act(v * scale + shift + r))
+        })
     };
-    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(apply);
     let stats = Stats {
         mean: mean.iter().map(|&v| v as f32).collect(),
         var: var.iter().map(|&v| v as f32).collect(),
@@ -185,20 +185,15 @@ pub(crate) fn normalize_backward(
         .unzip();
     // dx = w·invstd/m · (m·dz − Σdz − xhat·Σ(dz·xhat))
     let dx = need_dx.then(|| {
-        let mut dx = super::buffer::zeroed::<f32>(x.len());
-        dx.par_chunks_mut(hw).zip(g.par_chunks(hw).zip(x.par_chunks(hw).zip(ys.par_chunks(hw)))).enumerate().for_each(
-            |(plane, (out, (gp, (xp, yp))))| {
-                let ch = plane % c;
-                let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
-                let k = (weight[ch] as f64 * invstd[ch] / m) as f32;
-                let (a, b) = ((m * k as f64) as f32, k * db[ch] as f32);
-                let cx = k * dw[ch] as f32;
-                for (o, ((&g, &x), &y)) in out.iter_mut().zip(gp.iter().zip(xp).zip(yp)) {
-                    *o = a * gz(g, y) - b - (x - mu) * is * cx;
-                }
-            },
-        );
-        dx
+        super::buffer::par_from_chunks(x.len(), hw, |r| {
+            let ch = r.start / hw % c;
+            let (mu, is) = (mean[ch] as f32, invstd[ch] as f32);
+            let k = (weight[ch] as f64 * invstd[ch] / m) as f32;
+            let (a, b) = ((m * k as f64) as f32, k * db[ch] as f32);
+            let cx = k * dw[ch] as f32;
+            let (gp, xp, yp) = (&g[r.clone()], &x[r.clone()], &ys[r]);
+            gp.iter().zip(xp).zip(yp).map(move |((&g, &x), &y)| a * gz(g, y) - b - (x - mu) * is * cx)
+        })
     });
     let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
     (dx, to32(dw), to32(db))

@@ -10,6 +10,15 @@ use super::half::{in_f32, is_half};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// Elements per parallel task of the element-wise passes.
+const CHUNK: usize = 1 << 16;
+
+/// `n` values written in chunks of [`CHUNK`] on the pool, the chunk of elements `r` from
+/// `values(r)` ([`super::buffer::par_from_chunks`]: no zero fill first).
+fn par_map<I: Iterator<Item = f32>>(n: usize, values: impl Fn(std::ops::Range<usize>) -> I + Sync) -> Vec<f32> {
+    super::buffer::par_from_chunks(n, CHUNK, values)
+}
+
 /// `max(x, 0)` element-wise.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     if fused_ok(x) {
@@ -28,10 +37,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
-        let mut y = super::buffer::zeroed::<f32>(x.len());
-        y.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(y, x)| {
-            y.iter_mut().zip(x).for_each(|(y, &v)| *y = v.max(0.0));
-        });
+        let y = par_map(x.len(), |r| x[r].iter().map(|&v| v.max(0.0)));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -50,10 +56,10 @@ impl CustomOp2 for ReluGrad {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
-        let mut dx = super::buffer::zeroed::<f32>(y.len());
-        dx.par_chunks_mut(1 << 16).zip(y.par_chunks(1 << 16).zip(g.par_chunks(1 << 16))).for_each(|(dx, (y, g))| {
-            dx.iter_mut().zip(y.iter().zip(g)).for_each(|(d, (&y, &g))| *d = if y > 0.0 { g } else { 0.0 });
-        });
+        if g.len() != y.len() {
+            candle_core::bail!("relu backward: gradient of {} values for {}", g.len(), y.len());
+        }
+        let dx = par_map(y.len(), |r| y[r.clone()].iter().zip(&g[r]).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -77,10 +83,10 @@ impl CustomOp2 for AddRelu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
-        let mut y = super::buffer::zeroed::<f32>(a.len());
-        y.par_chunks_mut(1 << 16).zip(a.par_chunks(1 << 16).zip(b.par_chunks(1 << 16))).for_each(|(y, (a, b))| {
-            y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (&a, &b))| *y = (a + b).max(0.0));
-        });
+        if a.len() != b.len() {
+            candle_core::bail!("add-relu: operands of {} and {} values", a.len(), b.len());
+        }
+        let y = par_map(a.len(), |r| a[r.clone()].iter().zip(&b[r]).map(|(&a, &b)| (a + b).max(0.0)));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -28,6 +28,7 @@ use super::passes::{
 };
 use super::unfold::copy_run;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Output channels per forward tile at most (by 2 vectors of positions: 12 accumulators). The
@@ -163,12 +164,31 @@ impl Plan {
     /// `out` `[out_ch, Ho·Wo]` = the convolution of one padded input `xp`, plus `bias`, clamped
     /// at zero when `relu`.
     fn run(&self, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
-        assert!(xp.len() >= self.in_len && out.len() >= self.out_ch * self.l, "direct conv: buffers too small");
+        assert!(out.len() >= self.out_ch * self.l, "direct conv: buffers too small");
+        // SAFETY: `out` holds the `out_ch · l` values written.
+        unsafe { self.run_raw(xp, bias, relu, out.as_mut_ptr()) }
+    }
+
+    /// [`Plan::run`] into memory not yet written: every one of the first `out_ch · l` values of
+    /// `out` is written (the tiles cover every output channel, and their vectors every
+    /// position: `Plan::new` checked that `l` is whole vectors).
+    fn run_uninit(&self, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [MaybeUninit<f32>]) {
+        assert!(out.len() >= self.out_ch * self.l, "direct conv: buffers too small");
+        // SAFETY: `out` holds the `out_ch · l` values written (`MaybeUninit<f32>` has `f32`'s layout).
+        unsafe { self.run_raw(xp, bias, relu, out.as_mut_ptr().cast::<f32>()) }
+    }
+
+    /// The checks on `xp` and `bias`, and the kernel.
+    ///
+    /// # Safety
+    /// `out` valid for writes of `out_ch · l` values.
+    unsafe fn run_raw(&self, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: *mut f32) {
+        assert!(xp.len() >= self.in_len, "direct conv: buffers too small");
         assert!(bias.is_none_or(|b| b.len() >= self.out_ch), "direct conv: bias too short");
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `applies` checked AVX2 and FMA; every read lies inside `xp` (`Plan::new`
         // checked that the last vector's base plus the largest offset plus 8 is at most
-        // `in_len`) and every write inside `out` (`out_ch` planes of `l`).
+        // `in_len`) and every write inside `out` (`out_ch` planes of `l`, the caller's promise).
         // With AVX-512 (`has_avx512`) a paired vector reads its neighbour's 8 positions, also
         // inside `xp` and `out`.
         unsafe {
@@ -228,6 +248,22 @@ pub(super) fn forward(g: &Geometry, ep: Epilogue, x: &[f32], k: &[f32], bias: Op
     record_gemms(g, Pass::Forward);
     let l = g.l();
     let out_per = g.o * ep.out_len(g);
+    assert!(x.len() == g.n * g.in_len() && k.len() >= g.o * g.ckk(), "direct conv: operands too small");
+    if !ep.pool {
+        // Every output value is the kernel's: the planes are written once, not zero-filled first.
+        let mut out = Vec::with_capacity(g.n * out_per);
+        out.spare_capacity_mut()[..g.n * out_per].par_chunks_mut(out_per).zip(x.par_chunks(g.in_len())).for_each_init(
+            || vec![0f32; plan.in_len],
+            |xp, (out_b, x_b)| {
+                pad_into(x_b, (g.c, g.h, g.w), g.h * g.w, (p, p), g.stride, xp);
+                plan.run_uninit(xp, bias, ep.relu, out_b);
+            },
+        );
+        // SAFETY: `run_uninit` wrote each sample's `out_per = O·l` values (`x` has `n` samples:
+        // the caller's geometry is the input's).
+        unsafe { out.set_len(g.n * out_per) };
+        return (out, Vec::new());
+    }
     let mut out = crate::ops::buffer::zeroed::<f32>(g.n * out_per);
     let mut argmax = crate::ops::buffer::zeroed::<u8>(if ep.pool { g.n * out_per } else { 0 });
     let mut am_chunks: Vec<Option<&mut [u8]>> =
@@ -318,8 +354,11 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
         }
     }
     let per = samples_per_thread(g);
-    let mut gx = crate::ops::buffer::zeroed::<f32>(if needs.input { g.n * g.in_len() } else { 0 });
-    let gx_parts = input_grad_parts(g, &mut gx, per);
+    assert!(x.len() == g.n * g.in_len(), "direct conv: input too small");
+    // The input gradient is written sample by sample below, each value once: not zero-filled.
+    let gx_len = if needs.input { g.n * g.in_len() } else { 0 };
+    let mut gx: Vec<f32> = Vec::with_capacity(gx_len);
+    let gx_parts = input_grad_parts(g, &mut gx.spare_capacity_mut()[..gx_len], per);
     let direct_gz = !ep.pool && !ep.relu;
     let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_parts
         .into_par_iter()
@@ -347,13 +386,16 @@ pub(super) fn backward(g: &Geometry, ep: Epilogue, saved: Saved<f32>, needs: Nee
                         let src = &rows.data[b * rows.b_stride..];
                         pad_into(src, (g.o, g.ho, g.wo), rows.o_stride, (qt, ql), 1, &mut gzp);
                         let dst = &mut gx_part[(b0 - s0 + b) * g.in_len()..][..g.in_len()];
-                        plan.run(&gzp, None, false, dst);
+                        plan.run_uninit(&gzp, None, false, dst);
                     }
                 }
             }
             (gk, gb)
         })
         .collect();
+    // SAFETY: every sample's input gradient (`in_len` values) was written above: the parts
+    // cover the samples `0..n` in ranges of `per`, each range every sample of it.
+    unsafe { gx.set_len(gx_len) };
     let (gk, gb) = sum_partials(partials);
     (needs.input.then_some(gx), needs.kernel.then_some(gk), needs.bias.then_some(gb))
 }

@@ -169,14 +169,12 @@ struct Post {
     eps: [f64; 3],
 }
 
-/// `dst[i] += src[i]` where `gate[i] > 0`, in parallel blocks.
+/// `dst[i] += src[i]` where `gate[i] > 0`, in parallel blocks. (Written as a select, not a
+/// conditional add, so that it vectorises: the conditional store did not, and took 5 % of a
+/// ResNet-20 step.)
 fn add_gated(dst: &mut [f32], src: &[f32], gate: &[f32]) {
     dst.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK).zip(gate.par_chunks(BLOCK))).for_each(|(d, (s, g))| {
-        d.iter_mut().zip(s.iter().zip(g)).for_each(|(d, (&s, &g))| {
-            if g > 0.0 {
-                *d += s
-            }
-        })
+        d.iter_mut().zip(s.iter().zip(g)).for_each(|(d, (&s, &g))| *d += if g > 0.0 { s } else { 0.0 })
     });
 }
 

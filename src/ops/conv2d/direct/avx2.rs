@@ -91,11 +91,12 @@ unsafe fn tile_of<const NV: usize>(t: &Tile, base: [usize; NV], pos: [usize; NV]
 /// [`Plan::run`] (its checks done).
 ///
 /// # Safety
-/// AVX2 and FMA; `xp` and `out` as large as [`Plan::run`] checks.
+/// AVX2 and FMA; `xp` as large as [`Plan::run`] checks, `out` valid for writes of
+/// `plan.out_ch · plan.l` values.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn conv(plan: &Plan, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
+pub(super) unsafe fn conv(plan: &Plan, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: *mut f32) {
     let (ckk, nv, l) = (plan.off.len(), plan.bases.len(), plan.l);
-    let (x, out) = (xp.as_ptr(), out.as_mut_ptr());
+    let x = xp.as_ptr();
     for &(o0, b) in &plan.tiles {
         let mut init = [0f32; OB];
         if let Some(bias) = bias {

@@ -116,12 +116,13 @@ unsafe fn tile_of<const NV: usize>(t: &Tile, lanes: [Lanes; NV]) {
 /// [`Plan::run`] (its checks done).
 ///
 /// # Safety
-/// AVX-512F; `xp` and `out` as large as [`Plan::run`] checks.
+/// AVX-512F; `xp` as large as [`Plan::run`] checks, `out` valid for writes of
+/// `plan.out_ch · plan.l` values.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn conv(plan: &Plan, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
+pub(super) unsafe fn conv(plan: &Plan, xp: &[f32], bias: Option<&[f32]>, relu: bool, out: *mut f32) {
     let (ckk, l) = (plan.off.len(), plan.l);
     let vectors = lanes(plan);
-    let (x, out) = (xp.as_ptr(), out.as_mut_ptr());
+    let x = xp.as_ptr();
     for &(o0, b) in &plan.tiles {
         let mut init = [0f32; OB];
         if let Some(bias) = bias {
