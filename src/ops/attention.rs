@@ -69,8 +69,8 @@ impl Dims {
         let Dims { batch, n, d, .. } = *self;
         let (h, w) = (self.hidden(), 3 * self.hidden());
         let (ni, hi, wi) = (n as isize, h as isize, w as isize);
-        let mut out = vec![0f32; batch * n * h];
-        let mut probs = vec![0f32; batch * self.probs_len()];
+        let mut out = super::buffer::zeroed::<f32>(batch * n * h);
+        let mut probs = super::buffer::zeroed::<f32>(batch * self.probs_len());
         out.par_chunks_mut(n * h)
             .zip(probs.par_chunks_mut(self.probs_len()))
             .zip(qkv.par_chunks(self.qkv_len()))
@@ -93,7 +93,7 @@ impl Dims {
         let Dims { n, d, .. } = *self;
         let (h, w) = (self.hidden(), 3 * self.hidden());
         let (ni, hi, wi) = (n as isize, h as isize, w as isize);
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = super::buffer::zeroed::<f32>(x.len());
         dx.par_chunks_mut(self.qkv_len())
             .zip(x.par_chunks(self.qkv_len()))
             .zip(g.par_chunks(n * h).zip(probs.par_chunks(self.probs_len())))

@@ -64,7 +64,7 @@ impl Bmm {
 /// `f(i, block)` for every batch element in parallel, each writing its `len`-element block of
 /// the result.
 fn per_batch(batch: usize, len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; batch * len];
+    let mut out = super::buffer::zeroed::<f32>(batch * len);
     out.par_chunks_mut(len.max(1)).enumerate().for_each(|(i, o)| f(i, o));
     out
 }

@@ -278,7 +278,7 @@ impl EncoderOp {
         let h = self.dims.hidden();
         let (m, inter) = (x.len() / h, w[FC1_B].len());
         let (scaled, hi, ii) = (!w[S1].is_empty(), h as isize, inter as isize);
-        let mut ln1 = vec![0f32; m * h];
+        let mut ln1 = super::buffer::zeroed::<f32>(m * h);
         super::layer_norm::normalize(&mut ln1, x, w[LN1_W], w[LN1_B], self.eps.0);
         let wqkv: Vec<f32> = w[Q_W..Q_W + 3].concat();
         let mut qkv = matmul_new((m, 3 * h, h), &ln1, (hi, 1), &wqkv, (1, hi), true);
@@ -289,11 +289,11 @@ impl EncoderOp {
         let mut a = matmul_new((m, h, h), &ctx, (hi, 1), w[OUT_W], (1, hi), true);
         add_bias(&mut a, w[OUT_B]);
         let x1 = branch_sum(&a, scaled.then_some(w[S1]), x);
-        let mut ln2 = vec![0f32; m * h];
+        let mut ln2 = super::buffer::zeroed::<f32>(m * h);
         super::layer_norm::normalize(&mut ln2, &x1, w[LN2_W], w[LN2_B], self.eps.1);
         let mut z = matmul_new((m, inter, h), &ln2, (hi, 1), w[FC1_W], (1, hi), true);
         add_bias(&mut z, w[FC1_B]);
-        let mut act = vec![0f32; m * inter];
+        let mut act = super::buffer::zeroed::<f32>(m * inter);
         super::gelu::forward_all(&mut act, &z);
         let mut mlp = matmul_new((m, h, inter), &act, (ii, 1), w[FC2_W], (1, ii), true);
         add_bias(&mut mlp, w[FC2_B]);
@@ -335,7 +335,7 @@ impl EncoderOp {
         let dmlp = &dmlp[..];
         if below(FC2_W, &upper_opt) {
             let dact = matmul_new((m, inter, h), dmlp, (hi, 1), w[FC2_W], (ii, 1), true);
-            let mut dz = vec![0f32; m * inter];
+            let mut dz = super::buffer::zeroed::<f32>(m * inter);
             super::gelu::backward_all(&mut dz, &s.z, &dact);
             drop(dact);
             if self.tracks(FC1_W) {
@@ -349,7 +349,7 @@ impl EncoderOp {
                 drop(dz);
                 // The residual stream's gradient after the attention branch: through the second
                 // layer norm, plus the skip connection's.
-                let mut dx1 = vec![0f32; m * h];
+                let mut dx1 = super::buffer::zeroed::<f32>(m * h);
                 let (dw, db) = super::layer_norm::normalize_backward(&mut dx1, &s.x1, &dln2, w[LN2_W], self.eps.1);
                 drop(dln2);
                 add_into(&mut dx1, g);
@@ -451,7 +451,7 @@ impl EncoderOp {
         if x_tr || self.tracks(LN1_W) || self.tracks(LN1_B) {
             let dln1 = matmul_new((m, h, 3 * h), &dqkv, (h3, 1), &s.wqkv, (hi, 1), true);
             drop(dqkv);
-            let mut d = vec![0f32; m * h];
+            let mut d = super::buffer::zeroed::<f32>(m * h);
             let (dw, db) = super::layer_norm::normalize_backward(&mut d, x, &dln1, w[LN1_W], self.eps.0);
             (grads[LN1_W], grads[LN1_B]) = (self.tracks(LN1_W).then_some(dw), self.tracks(LN1_B).then_some(db));
             if x_tr {

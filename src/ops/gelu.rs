@@ -124,7 +124,7 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "the input")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::buffer::zeroed::<f32>(x.len());
         forward_all(&mut y, x);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -133,7 +133,7 @@ impl CustomOp1 for GeluErf {
         let grad = grad_f32(grad)?;
         let ((xs, xl), (gs, gl)) = (arg.storage_and_layout(), grad.storage_and_layout());
         let (x, g) = (slice_of::<f32>(&xs, xl, "gelu input")?, slice_of::<f32>(&gs, gl, "gelu gradient")?);
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = super::buffer::zeroed::<f32>(x.len());
         backward_all(&mut dx, x, g);
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

@@ -198,7 +198,7 @@ impl ParamOp for LayerNormOp {
         if l1.shape().dims().last() != Some(&n) || b.len() != n {
             candle_core::bail!("layer norm: input {:?} with weight [{n}] and bias [{}]", l1.shape().dims(), b.len());
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::buffer::zeroed::<f32>(x.len());
         normalize(&mut y, x, w, b, self.eps as f32);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -211,7 +211,7 @@ impl ParamOp for LayerNormOp {
         let gs = slice_of::<f32>(&gs, gl, "layer norm gradient")?;
         let ws = slice_of::<f32>(&wst, wl, "layer norm weight")?;
         let n = ws.len();
-        let mut dx = vec![0f32; xs.len()];
+        let mut dx = super::buffer::zeroed::<f32>(xs.len());
         let (dw, db) = normalize_backward(&mut dx, xs, gs, ws, self.eps as f32);
         let dev = x.device();
         let dx = if x.track_op() { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };

@@ -115,10 +115,10 @@ impl Dense {
         b: Option<&[f32]>,
         (m, n, k): (usize, usize, usize),
     ) -> Vec<f32> {
-        let mut yt = vec![0f32; m * n];
+        let mut yt = super::buffer::zeroed::<f32>(m * n);
         // y(m×n) with element (i, j) at yt[j·m + i].
         matmul((m, n, k), &mut yt, (1, m as isize), x, (k as isize, 1), w, (1, k as isize), false, true);
-        let mut y = vec![0f32; m * n];
+        let mut y = super::buffer::zeroed::<f32>(m * n);
         let relu = self.relu;
         y.par_chunks_mut(n * ROWS_PER_TASK).enumerate().for_each(|(task, rows)| {
             for (r, row) in rows.chunks_mut(n).enumerate() {
@@ -143,7 +143,7 @@ impl ParamOp for Dense {
             self.forward(f32_slice(x.0, x.1, "linear input")?, f32_slice(w.0, w.1, "linear weight")?, b, (m, n, k));
         if self.gelu {
             let pre = y;
-            y = vec![0f32; pre.len()];
+            y = super::buffer::zeroed::<f32>(pre.len());
             super::gelu::forward_all(&mut y, &pre);
             *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
         }
@@ -162,7 +162,7 @@ impl ParamOp for Dense {
             let Some(pre) = guard.as_ref() else {
                 candle_core::bail!("linear + GELU: the backward pass ran before the forward pass")
             };
-            let mut v = vec![0f32; dy_v.len()];
+            let mut v = super::buffer::zeroed::<f32>(dy_v.len());
             super::gelu::backward_all(&mut v, pre, dy_v);
             masked = v;
             &masked

@@ -35,7 +35,7 @@ impl CustomOp1 for SoftmaxLast {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "the input")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::buffer::zeroed::<f32>(x.len());
         let task = rows_per_task(n) * n;
         y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| {
             y.copy_from_slice(x);
@@ -51,7 +51,7 @@ impl CustomOp1 for SoftmaxLast {
         let ((ys, yl), (gs, gl)) = (res.storage_and_layout(), grad.storage_and_layout());
         let (y, g) = (slice_of::<f32>(&ys, yl, "softmax output")?, slice_of::<f32>(&gs, gl, "softmax gradient")?);
         let n = arg.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = super::buffer::zeroed::<f32>(y.len());
         let task = rows_per_task(n) * n;
         dx.par_chunks_mut(task).zip(y.par_chunks(task).zip(g.par_chunks(task))).for_each(|(dx, (y, g))| {
             dx.copy_from_slice(g);
