@@ -9,7 +9,7 @@ use super::layers::{
 use super::no_grad::param;
 use super::registry::ArchConfig;
 use super::Network;
-use crate::ops::res_block::{res_block_train, BlockSkip, BlockTensors};
+use crate::ops::res_block::{res_block_train, res_chain_train, BlockOutput, BlockSkip, BlockTensors};
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -121,6 +121,13 @@ impl Block {
     /// The block in training mode as one op ([`res_block_train`]) with the running statistics
     /// moved, or `None` where that op does not apply.
     fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(out) = res_block_train(x, &self.fused_tensors())? else { return Ok(None) };
+        update_running(self.norms(), &out)?;
+        Ok(Some(out.y))
+    }
+
+    /// The block's tensors as the fused op reads them.
+    fn fused_tensors(&self) -> BlockTensors {
         let (bn1, eps1) = self.bn1.train_params();
         let (bn2, eps2) = self.bn2.train_params();
         let skip = match &self.skip {
@@ -131,7 +138,7 @@ impl Block {
                 BlockSkip::Conv { kernel: param(conv.weight()), bn, eps }
             }
         };
-        let tensors = BlockTensors {
+        BlockTensors {
             conv1: param(self.conv1.weight()),
             bn1,
             conv2: param(self.conv2.weight()),
@@ -139,17 +146,25 @@ impl Block {
             eps: (eps1, eps2),
             stride: self.stride,
             skip,
-        };
-        let Some(out) = res_block_train(x, &tensors)? else { return Ok(None) };
+        }
+    }
+
+    /// The block's BatchNorms in the order of the fused op's statistics.
+    fn norms(&self) -> Vec<&BatchNorm2d> {
         let mut norms = vec![&self.bn1, &self.bn2];
         if let Skip::Conv { bn, .. } = &self.skip {
             norms.push(bn);
         }
-        for ((norm, (mean, var)), &m) in norms.into_iter().zip(&out.stats).zip(&out.count) {
-            norm.update_running(mean, var, m)?;
-        }
-        Ok(Some(out.y))
+        norms
     }
+}
+
+/// Moves the running statistics of `norms` by the batch statistics of a fused op's output.
+fn update_running<'a>(norms: impl IntoIterator<Item = &'a BatchNorm2d>, out: &BlockOutput) -> candle_core::Result<()> {
+    for ((norm, (mean, var)), &m) in norms.into_iter().zip(&out.stats).zip(&out.count) {
+        norm.update_running(mean, var, m)?;
+    }
+    Ok(())
 }
 
 /// A CIFAR ResNet.
@@ -186,6 +201,17 @@ impl ResNet {
     }
 }
 
+impl ResNet {
+    /// Every block in training mode as one op ([`res_chain_train`]) with the running statistics
+    /// moved, or `None` where that op does not apply.
+    fn blocks_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let tensors: Vec<BlockTensors> = self.blocks.iter().map(Block::fused_tensors).collect();
+        let Some(out) = res_chain_train(x, &tensors)? else { return Ok(None) };
+        update_running(self.blocks.iter().flat_map(Block::norms), &out)?;
+        Ok(Some(out.y))
+    }
+}
+
 impl Network for ResNet {
     /// The classifier's input: the last stage's feature maps averaged over space, `[N, 64]`.
     fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
@@ -193,8 +219,16 @@ impl Network for ResNet {
             candle_core::bail!("resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
         let mut h = bn_relu(&self.bn1, &self.conv1.forward(x)?, train)?;
-        for block in &self.blocks {
-            h = block.forward_t(&h, train)?;
+        // In training, the blocks as one op where it applies (no activation gradient between
+        // them goes through candle's gradient store), else one by one.
+        let fused = if train { self.blocks_fused(&h)? } else { None };
+        match fused {
+            Some(y) => h = y,
+            None => {
+                for block in &self.blocks {
+                    h = block.forward_t(&h, train)?;
+                }
+            }
         }
         global_avg_pool(&h).map(Some)
     }

@@ -77,7 +77,7 @@ pub fn batch_norm_eval(
 
 /// Batch statistics per channel from a training-mode forward pass: the mean and biased variance
 /// (for the running statistics) and, in f64, the mean and 1/sqrt(var + eps) for the backward pass.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Stats {
     /// The mean per channel.
     pub(crate) mean: Vec<f32>,

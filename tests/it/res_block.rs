@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use samhost::ops::param_grads::CaptureAhead;
 use samhost::ops::res_block::{
-    preact_block_train, res_block_train, BlockOutput, BlockSkip, BlockTensors, PreActTensors,
+    preact_block_train, res_block_train, res_chain_train, BlockOutput, BlockSkip, BlockTensors, PreActTensors,
 };
 use samhost::rng::HostRng;
 
@@ -213,6 +213,70 @@ fn fused_residual_block_matches_an_f64_composition() {
             },
         );
     }
+}
+
+/// Consecutive post-activation blocks as one op (a ResNet's trunk in training): the identity, option
+/// A and option B in turn, against the same blocks composed in f64 one after the other; with the
+/// first block's convolution and BatchNorm frozen, the gradient still reaches the input through
+/// it. Fewer than two blocks make it decline.
+#[test]
+fn a_chain_of_blocks_matches_the_blocks_composed_in_turn() {
+    let rng = HostRng::new(22);
+    let eps = 1e-5;
+    // (c, o, stride, skip) per block, on 2 images of 16x16.
+    let blocks =
+        [(16, 16, 1, Kind::Identity), (16, 32, 2, Kind::Pad), (32, 64, 2, Kind::Conv), (64, 64, 1, Kind::Identity)];
+    let mut params = Vec::new();
+    let mut lens = Vec::new();
+    for &(c, o, _, kind) in &blocks {
+        let start = params.len();
+        params.push(kernel(&rng, o, c, 3));
+        params.extend(norm(&rng, o));
+        params.push(kernel(&rng, o, o, 3));
+        params.extend(norm(&rng, o));
+        if matches!(kind, Kind::Conv) {
+            params.push(kernel(&rng, o, c, 1));
+            params.extend(norm(&rng, o));
+        }
+        lens.push(params.len() - start);
+    }
+    let split = |p: &[Tensor]| {
+        let mut at = 0;
+        lens.iter()
+            .map(|&l| {
+                at += l;
+                p[at - l..at].to_vec()
+            })
+            .collect::<Vec<_>>()
+    };
+    let fused = |x: &Tensor, p: &[Tensor]| {
+        let ts: Vec<BlockTensors> =
+            split(p).iter().zip(&blocks).map(|(bp, &(c, o, s, kind))| tensors(bp, s, kind, c, o, eps)).collect();
+        assert!(res_chain_train(x, &ts[..1]).unwrap().is_none(), "one block is no chain");
+        res_chain_train(x, &ts).unwrap()
+    };
+    let reference = |x: &Tensor, p: &[Tensor]| {
+        let mut h = x.clone();
+        let mut stats = Vec::new();
+        for (bp, &(_, _, s, kind)) in split(p).iter().zip(&blocks) {
+            let (y, st) = block_reference(&h, bp, s, kind, eps);
+            h = y;
+            stats.extend(st);
+        }
+        (h, stats)
+    };
+    let counts: Vec<usize> = [2 * 16 * 16; 2].into_iter().chain([2 * 8 * 8; 2]).chain([2 * 4 * 4; 5]).collect();
+    check(
+        &rng,
+        Case {
+            name: "a chain of 4 post-activation blocks".into(),
+            x: Var::from_tensor(&rand(&rng, &[2, 16, 16, 16], 1.0, 0.0)).unwrap(),
+            params,
+            fused: &fused,
+            reference: &reference,
+            counts,
+        },
+    );
 }
 
 /// The pre-activation block (WideResNet) composed in f64: the output and the statistics of its

@@ -28,10 +28,11 @@
 //! block from the single ops, which compute the same; `SAMHOST_FUSED_BLOCK=0` makes it do so
 //! everywhere. The batch statistics are returned for the caller to move the running statistics.
 
+mod chain;
 mod post;
 mod pre;
 
-pub use post::{res_block_train, BlockSkip, BlockTensors};
+pub use post::{res_block_train, res_chain_train, BlockSkip, BlockTensors};
 pub use pre::{preact_block_train, PreActTensors};
 
 use super::batch_norm::Stats;
@@ -52,10 +53,12 @@ pub struct BlockOutput {
 }
 
 /// What the forward pass keeps: the statistics always (for the running statistics), the
-/// activations when a backward pass may follow.
+/// activations when a backward pass may follow, and (a chain of blocks) each block's own.
+#[derive(Default)]
 struct Saved {
     stats: Vec<Stats>,
     acts: Vec<Vec<f32>>,
+    inner: Vec<Saved>,
 }
 
 /// The input's gradient (when asked for) and one gradient per tensor slot (`None` where none is
@@ -65,7 +68,7 @@ type FormGrads = (Option<Vec<f32>>, Vec<Option<Vec<f32>>>);
 /// One form's math on slices.
 trait Form: Send + Sync + 'static {
     /// Names of the tensor slots, for errors.
-    fn names(&self) -> &'static [&'static str];
+    fn names(&self) -> &[&'static str];
 
     /// The output's dimensions.
     fn out_dims(&self) -> [usize; 4];
@@ -96,6 +99,13 @@ trait Form: Send + Sync + 'static {
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("SAMHOST_FUSED_BLOCK").map_or(true, |v| v != "0"))
+}
+
+/// Whether consecutive blocks may run as one op ([`chain`]): not when `SAMHOST_FUSED_CHAIN=0`
+/// (for comparisons with one op per block; read once per process).
+fn chain_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("SAMHOST_FUSED_CHAIN").map_or(true, |v| v != "0"))
 }
 
 /// Whether the op may run on `x` with the tensors `p` (before the form checks their shapes).
@@ -165,7 +175,7 @@ impl<F: Form> BlockOp<F> {
     /// except the anchor's, returned second.
     fn backward(&self, x: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().map_err(|_| poisoned())?;
-        let Some(saved) = guard.as_ref().filter(|s| !s.acts.is_empty()) else {
+        let Some(saved) = guard.as_ref().filter(|s| !s.acts.is_empty() || !s.inner.is_empty()) else {
             candle_core::bail!("residual block: the backward pass ran without the forward pass's activations")
         };
         let grad = grad_f32(grad)?;

@@ -88,21 +88,48 @@ enum Skip {
 /// The block in training mode as one op, or `None` where it does not apply (see the module
 /// documentation) and the caller composes the block.
 pub fn res_block_train(x: &Tensor, t: &BlockTensors) -> Result<Option<BlockOutput>> {
-    let (skip, skip_eps, mut extra) = match &t.skip {
-        BlockSkip::Identity => (Skip::Identity, 0.0, vec![None; 3]),
-        BlockSkip::Pad { left, .. } => (Skip::Pad { left: *left }, 0.0, vec![None; 3]),
-        BlockSkip::Conv { kernel, bn, eps } => {
-            (Skip::Conv, *eps, vec![Some(kernel.clone()), Some(bn[0].clone()), Some(bn[1].clone())])
-        }
-    };
-    let mut p: Vec<Option<Tensor>> =
-        [&t.conv1, &t.bn1[0], &t.bn1[1], &t.conv2, &t.bn2[0], &t.bn2[1]].into_iter().map(|t| Some(t.clone())).collect();
-    p.append(&mut extra);
+    let p = tensor_list(t);
     if !admissible(x, &p) {
         return Ok(None);
     }
-    let Some(geometry) = Geometry::new(x.dims(), &p, t.stride, skip, &t.skip)? else { return Ok(None) };
-    run(x, p, Post { geometry, skip, eps: [t.eps.0, t.eps.1, skip_eps] })
+    let Some(form) = Post::new(x.dims(), &p, t)? else { return Ok(None) };
+    run(x, p, form)
+}
+
+/// Consecutive blocks in training mode as one op (a network's residual trunk, [`super::chain`]):
+/// the last block's output and every block's statistics in block order, or `None` where the
+/// fused block does not apply to one of them (or fewer than two are given), and the caller runs
+/// them one by one. `SAMHOST_FUSED_CHAIN=0` makes it decline (for comparisons).
+pub fn res_chain_train(x: &Tensor, blocks: &[BlockTensors]) -> Result<Option<BlockOutput>> {
+    if blocks.len() < 2 || !super::chain_enabled() {
+        return Ok(None);
+    }
+    let lists: Vec<Vec<Option<Tensor>>> = blocks.iter().map(tensor_list).collect();
+    let p: Vec<Option<Tensor>> = lists.iter().flatten().cloned().collect();
+    if !admissible(x, &p) {
+        return Ok(None);
+    }
+    let mut dims = x.dims().to_vec();
+    let mut forms = Vec::with_capacity(blocks.len());
+    for (t, list) in blocks.iter().zip(&lists) {
+        let Some(form) = Post::new(&dims, list, t)? else { return Ok(None) };
+        dims = form.out_dims().to_vec();
+        forms.push((form, list.len()));
+    }
+    run(x, p, super::chain::Chain::new(forms)?)
+}
+
+/// The block's tensors at their positions in the op's list.
+fn tensor_list(t: &BlockTensors) -> Vec<Option<Tensor>> {
+    let extra = match &t.skip {
+        BlockSkip::Conv { kernel, bn, .. } => [Some(kernel.clone()), Some(bn[0].clone()), Some(bn[1].clone())],
+        _ => [None, None, None],
+    };
+    [&t.conv1, &t.bn1[0], &t.bn1[1], &t.conv2, &t.bn2[0], &t.bn2[1]]
+        .into_iter()
+        .map(|t| Some(t.clone()))
+        .chain(extra)
+        .collect()
 }
 
 /// The block's shapes: its input, its output and its convolutions.
@@ -179,6 +206,18 @@ fn add_gated(dst: &mut [f32], src: &[f32], gate: &[f32]) {
 }
 
 impl Post {
+    /// The form for an input of dimensions `x` and the tensors `p` ([`tensor_list`]), or `None`
+    /// where they do not make the block this op computes.
+    fn new(x: &[usize], p: &[Option<Tensor>], t: &BlockTensors) -> Result<Option<Self>> {
+        let (skip, skip_eps) = match &t.skip {
+            BlockSkip::Identity => (Skip::Identity, 0.0),
+            BlockSkip::Pad { left, .. } => (Skip::Pad { left: *left }, 0.0),
+            BlockSkip::Conv { eps, .. } => (Skip::Conv, *eps),
+        };
+        let Some(geometry) = Geometry::new(x, p, t.stride, skip, &t.skip)? else { return Ok(None) };
+        Ok(Some(Self { geometry, skip, eps: [t.eps.0, t.eps.1, skip_eps] }))
+    }
+
     /// Option A's skip: the input subsampled by 2 into channels `left..left + C` of an
     /// output-shaped tensor, zeros elsewhere.
     fn padded_skip(&self, x: &[f32], left: usize) -> Vec<f32> {
@@ -219,7 +258,7 @@ impl Post {
 }
 
 impl Form for Post {
-    fn names(&self) -> &'static [&'static str] {
+    fn names(&self) -> &[&'static str] {
         &NAMES
     }
 
@@ -257,7 +296,7 @@ impl Form for Post {
                 acts.push(cs);
             }
         }
-        Ok((out, Saved { stats, acts }))
+        Ok((out, Saved { stats, acts, inner: Vec::new() }))
     }
 
     fn backward(

@@ -117,7 +117,7 @@ impl Pre {
 }
 
 impl Form for Pre {
-    fn names(&self) -> &'static [&'static str] {
+    fn names(&self) -> &[&'static str] {
         &NAMES
     }
 
@@ -141,7 +141,7 @@ impl Form for Pre {
             Some(s) => add_into(&mut out, &s.forward(&a, w[SHORTCUT])),
         }
         let acts = if keep { vec![a, c1, a2] } else { Vec::new() };
-        Ok((out, Saved { stats: vec![s1, s2], acts }))
+        Ok((out, Saved { stats: vec![s1, s2], acts, inner: Vec::new() }))
     }
 
     fn backward(
