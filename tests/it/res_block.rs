@@ -174,6 +174,20 @@ fn norm(rng: &HostRng, c: usize) -> [Tensor; 2] {
     [rand(rng, &[c], 0.3, 1.0), rand(rng, &[c], 0.2, 0.1)]
 }
 
+/// A post-activation block's tensors in the op's order: both 3x3 kernels with their BatchNorms,
+/// and option B's 1x1 kernel with its BatchNorm.
+fn post_params(rng: &HostRng, c: usize, o: usize, kind: Kind) -> Vec<Tensor> {
+    let mut params = vec![kernel(rng, o, c, 3)];
+    params.extend(norm(rng, o));
+    params.push(kernel(rng, o, o, 3));
+    params.extend(norm(rng, o));
+    if matches!(kind, Kind::Conv) {
+        params.push(kernel(rng, o, c, 1));
+        params.extend(norm(rng, o));
+    }
+    params
+}
+
 /// The post-activation block (ResNet) on shapes through the direct kernels (widths a multiple of
 /// 8) and im2col (others), with the identity, option A (also on an odd size) and option B.
 #[test]
@@ -189,14 +203,7 @@ fn fused_residual_block_matches_an_f64_composition() {
         (2, 3, 6, 8, 8, 2, Kind::Conv),
         (2, 8, 16, 16, 16, 2, Kind::Conv),
     ] {
-        let mut params = vec![kernel(&rng, o, c, 3)];
-        params.extend(norm(&rng, o));
-        params.push(kernel(&rng, o, o, 3));
-        params.extend(norm(&rng, o));
-        if matches!(kind, Kind::Conv) {
-            params.push(kernel(&rng, o, c, 1));
-            params.extend(norm(&rng, o));
-        }
+        let params = post_params(&rng, c, o, kind);
         let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
         let stats = if matches!(kind, Kind::Conv) { 3 } else { 2 };
         let fused = |x: &Tensor, p: &[Tensor]| res_block_train(x, &tensors(p, stride, kind, c, o, eps)).unwrap();
@@ -229,16 +236,9 @@ fn a_chain_of_blocks_matches_the_blocks_composed_in_turn() {
     let mut params = Vec::new();
     let mut lens = Vec::new();
     for &(c, o, _, kind) in &blocks {
-        let start = params.len();
-        params.push(kernel(&rng, o, c, 3));
-        params.extend(norm(&rng, o));
-        params.push(kernel(&rng, o, o, 3));
-        params.extend(norm(&rng, o));
-        if matches!(kind, Kind::Conv) {
-            params.push(kernel(&rng, o, c, 1));
-            params.extend(norm(&rng, o));
-        }
-        lens.push(params.len() - start);
+        let block = post_params(&rng, c, o, kind);
+        lens.push(block.len());
+        params.extend(block);
     }
     let split = |p: &[Tensor]| {
         let mut at = 0;

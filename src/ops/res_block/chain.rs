@@ -6,7 +6,7 @@
 //! memset on the calling thread and an add over three arrays per block, while the pool's
 //! threads wait. In a chain only the first block's input gradient goes to candle.
 
-use super::{Form, FormGrads, Saved};
+use super::{Form, FormGrads, Pass, Saved};
 use candle_core::Result;
 use std::borrow::Cow;
 
@@ -76,16 +76,7 @@ impl<F: Form> Form for Chain<F> {
         Ok((out, Saved { stats, acts: between, inner }))
     }
 
-    fn backward(
-        &self,
-        x: &[f32],
-        out: &[f32],
-        g: &[f32],
-        w: &[&[f32]],
-        saved: &Saved,
-        need_x: bool,
-        tracks: &dyn Fn(usize) -> bool,
-    ) -> Result<FormGrads> {
+    fn backward(&self, Pass { x, out, g, w, saved, need_x, tracks }: Pass) -> Result<FormGrads> {
         let n = self.forms.len();
         if saved.inner.len() != n || saved.acts.len() + 1 != n {
             candle_core::bail!("residual chain: the forward pass's activations are missing");
@@ -99,8 +90,16 @@ impl<F: Form> Form for Chain<F> {
             let input = if i == 0 { x } else { &saved.acts[i - 1][..] };
             let output = if i + 1 == n { out } else { &saved.acts[i][..] };
             let block_tracks = |j: usize| tracks(base + j);
-            let (dx, block_grads) =
-                self.forms[i].backward(input, output, &g_cur, self.of(i, w), &saved.inner[i], below, &block_tracks)?;
+            let pass = Pass {
+                x: input,
+                out: output,
+                g: &g_cur,
+                w: self.of(i, w),
+                saved: &saved.inner[i],
+                need_x: below,
+                tracks: &block_tracks,
+            };
+            let (dx, block_grads) = self.forms[i].backward(pass)?;
             for (j, grad) in block_grads.into_iter().enumerate() {
                 grads[base + j] = grad;
             }

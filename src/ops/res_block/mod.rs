@@ -79,19 +79,22 @@ trait Form: Send + Sync + 'static {
     /// The output, and what the backward pass needs (the activations only when `keep`).
     fn forward(&self, x: &[f32], w: &[&[f32]], keep: bool) -> Result<(Vec<f32>, Saved)>;
 
-    /// The input's gradient (when `need_x`) and the gradients of the tensors that `tracks`, from
-    /// the output `out` and its gradient `g`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &self,
-        x: &[f32],
-        out: &[f32],
-        g: &[f32],
-        w: &[&[f32]],
-        saved: &Saved,
-        need_x: bool,
-        tracks: &dyn Fn(usize) -> bool,
-    ) -> Result<FormGrads>;
+    /// The input's gradient (when `pass.need_x`) and the gradients of the tensors that
+    /// `pass.tracks`, from the output and its gradient.
+    fn backward(&self, pass: Pass) -> Result<FormGrads>;
+}
+
+/// What a form's backward pass reads: the input `x`, the output `out` and its gradient `g`, the
+/// tensors `w`, what the forward pass kept, whether the input's gradient is wanted, and which
+/// tensors take a gradient.
+struct Pass<'a> {
+    x: &'a [f32],
+    out: &'a [f32],
+    g: &'a [f32],
+    w: &'a [&'a [f32]],
+    saved: &'a Saved,
+    need_x: bool,
+    tracks: &'a dyn Fn(usize) -> bool,
 }
 
 /// Whether the fused block may run: not when `SAMHOST_FUSED_BLOCK=0` (for comparisons with the
@@ -187,7 +190,8 @@ impl<F: Form> BlockOp<F> {
         let guards: Vec<_> = self.p.iter().map(|t| t.as_ref().map(Tensor::storage_and_layout)).collect();
         let w = named_slices(&guards, self.form.names())?;
         let tracks = |i: usize| self.p.get(i).and_then(Option::as_ref).is_some_and(Tensor::track_op);
-        let (dx, grads) = self.form.backward(xv, outv, g, &w, saved, x.track_op(), &tracks)?;
+        let pass = Pass { x: xv, out: outv, g, w: &w, saved, need_x: x.track_op(), tracks: &tracks };
+        let (dx, grads) = self.form.backward(pass)?;
         drop(guards);
         let dev = x.device();
         let mut anchor_grad = None;

@@ -2,7 +2,7 @@
 //! `out = relu(bn2(conv2(relu(bn1(conv1(x))))) + skip(x))`; its statistics are those of `bn1`,
 //! `bn2` and (option B) the projection's BatchNorm.
 
-use super::{admissible, run, BlockOutput, Form, FormGrads, Saved};
+use super::{admissible, run, BlockOutput, Form, FormGrads, Pass, Saved};
 use crate::ops::batch_norm::{normalize_backward, normalize_train, Planes};
 use crate::ops::conv2d::SliceConv;
 use crate::ops::cpu::{add_into, BLOCK};
@@ -299,16 +299,7 @@ impl Form for Post {
         Ok((out, Saved { stats, acts, inner: Vec::new() }))
     }
 
-    fn backward(
-        &self,
-        xv: &[f32],
-        out: &[f32],
-        g: &[f32],
-        w: &[&[f32]],
-        saved: &Saved,
-        need_x: bool,
-        tracks: &dyn Fn(usize) -> bool,
-    ) -> Result<FormGrads> {
+    fn backward(&self, Pass { x: xv, out, g, w, saved, need_x, tracks }: Pass) -> Result<FormGrads> {
         let geo = &self.geometry;
         let planes = Planes::of(&geo.out)?;
         let [c1, a1, c2] = [0, 1, 2].map(|i| saved.acts.get(i).map_or(&[][..], |v| &v[..]));

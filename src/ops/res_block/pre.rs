@@ -3,7 +3,7 @@
 //! block changes shape, a strided 1x1 convolution of `a`; its statistics are those of `bn1` and
 //! `bn2`.
 
-use super::{admissible, run, BlockOutput, Form, FormGrads, Saved};
+use super::{admissible, run, BlockOutput, Form, FormGrads, Pass, Saved};
 use crate::ops::batch_norm::{normalize_backward, normalize_train, Planes};
 use crate::ops::conv2d::SliceConv;
 use crate::ops::cpu::add_into;
@@ -144,16 +144,7 @@ impl Form for Pre {
         Ok((out, Saved { stats: vec![s1, s2], acts, inner: Vec::new() }))
     }
 
-    fn backward(
-        &self,
-        x: &[f32],
-        out: &[f32],
-        g: &[f32],
-        w: &[&[f32]],
-        saved: &Saved,
-        need_x: bool,
-        tracks: &dyn Fn(usize) -> bool,
-    ) -> Result<FormGrads> {
+    fn backward(&self, Pass { x, out, g, w, saved, need_x, tracks }: Pass) -> Result<FormGrads> {
         let (inp, mid) = (Planes::of(&self.input)?, Planes::of(&self.out)?);
         let [a, c1, a2] = [0, 1, 2].map(|i| saved.acts.get(i).map_or(&[][..], |v| &v[..]));
         if a2.is_empty() || saved.stats.len() < 2 {
