@@ -199,9 +199,7 @@ impl ResNet {
         let linear = linear_scheme(64, cfg.num_labels, super::init::InitScheme::He, vb.pp("linear"))?;
         Ok(Self { cfg: cfg.clone(), conv1, bn1, blocks, linear })
     }
-}
 
-impl ResNet {
     /// Every block in training mode as one op ([`res_chain_train`]) with the running statistics
     /// moved, or `None` where that op does not apply.
     fn blocks_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {

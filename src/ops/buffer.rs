@@ -30,7 +30,7 @@ pub fn zeroed<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
 /// order. Nothing is written twice and nothing is zero-filled first.
 ///
 /// # Panics
-/// When `values(i)` yields fewer values than its chunk has elements (a kernel's bug, not a
+/// When `values(range)` yields fewer values than `range` has elements (a kernel's bug, not a
 /// user's input).
 pub fn par_from_chunks<T, I>(n: usize, chunk: usize, values: impl Fn(Range<usize>) -> I + Sync) -> Vec<T>
 where

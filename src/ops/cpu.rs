@@ -69,6 +69,12 @@ pub fn grad_f32(grad: &Tensor) -> Result<Tensor> {
     grad.to_dtype(DType::F32)?.contiguous()
 }
 
+/// Whether the comparison switch `var` (`SAMHOST_FUSED_BLOCK`, `SAMHOST_WINOGRAD`, ...) leaves its
+/// kernel on: unset, or set to anything but `0`. Callers read it once per process.
+pub fn env_switch(var: &str) -> bool {
+    std::env::var(var).map_or(true, |v| v != "0")
+}
+
 /// Whether this CPU runs the kernels compiled for AVX2 and FMA (GELU, softmax rows): checked
 /// at run time, since the binary targets plain x86-64.
 pub fn has_avx2() -> bool {

@@ -171,7 +171,7 @@ pub fn encoder_layer(
 /// composed layer; read once per process).
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("SAMHOST_FUSED_ENCODER").map_or(true, |v| v != "0"))
+    *ENABLED.get_or_init(|| crate::ops::cpu::env_switch("SAMHOST_FUSED_ENCODER"))
 }
 
 /// The shape the tensor at `index` must have.

@@ -48,8 +48,8 @@ const V: usize = 8;
 /// the module documentation).
 pub(super) fn applies(g: &Geometry) -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    let enabled = *ENABLED
-        .get_or_init(|| std::env::var("SAMHOST_CONV_DIRECT").map_or(true, |v| v != "0") && crate::ops::cpu::has_avx2());
+    let enabled =
+        *ENABLED.get_or_init(|| crate::ops::cpu::env_switch("SAMHOST_CONV_DIRECT") && crate::ops::cpu::has_avx2());
     enabled && cfg!(target_arch = "x86_64") && (1..=MAX_STRIDE).contains(&g.stride) && g.wo.is_multiple_of(V)
 }
 
@@ -434,7 +434,7 @@ fn has_avx512() -> bool {
         let detected = std::arch::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
         let detected = false;
-        detected && std::env::var("SAMHOST_AVX512").map_or(true, |v| v != "0")
+        detected && crate::ops::cpu::env_switch("SAMHOST_AVX512")
     })
 }
 

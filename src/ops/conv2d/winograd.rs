@@ -52,8 +52,8 @@ const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0
 /// unless `SAMHOST_WINOGRAD=0`.
 pub(super) fn applies(g: &Geometry) -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    let enabled = *ENABLED
-        .get_or_init(|| std::env::var("SAMHOST_WINOGRAD").map_or(true, |v| v != "0") && crate::ops::cpu::has_avx2());
+    let enabled =
+        *ENABLED.get_or_init(|| crate::ops::cpu::env_switch("SAMHOST_WINOGRAD") && crate::ops::cpu::has_avx2());
     enabled
         && (g.kh, g.kw, g.stride, g.padding) == (3, 3, 1, 1)
         && g.h.is_multiple_of(2)

@@ -54,7 +54,6 @@ pub struct BlockOutput {
 
 /// What the forward pass keeps: the statistics always (for the running statistics), the
 /// activations when a backward pass may follow, and (a chain of blocks) each block's own.
-#[derive(Default)]
 struct Saved {
     stats: Vec<Stats>,
     acts: Vec<Vec<f32>>,
@@ -101,14 +100,14 @@ struct Pass<'a> {
 /// composed block; read once per process).
 fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("SAMHOST_FUSED_BLOCK").map_or(true, |v| v != "0"))
+    *ENABLED.get_or_init(|| crate::ops::cpu::env_switch("SAMHOST_FUSED_BLOCK"))
 }
 
 /// Whether consecutive blocks may run as one op ([`chain`]): not when `SAMHOST_FUSED_CHAIN=0`
 /// (for comparisons with one op per block; read once per process).
 fn chain_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("SAMHOST_FUSED_CHAIN").map_or(true, |v| v != "0"))
+    *ENABLED.get_or_init(|| crate::ops::cpu::env_switch("SAMHOST_FUSED_CHAIN"))
 }
 
 /// Whether the op may run on `x` with the tensors `p` (before the form checks their shapes).
@@ -178,7 +177,7 @@ impl<F: Form> BlockOp<F> {
     /// except the anchor's, returned second.
     fn backward(&self, x: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().map_err(|_| poisoned())?;
-        let Some(saved) = guard.as_ref().filter(|s| !s.acts.is_empty() || !s.inner.is_empty()) else {
+        let Some(saved) = guard.as_ref().filter(|s| !s.acts.is_empty()) else {
             candle_core::bail!("residual block: the backward pass ran without the forward pass's activations")
         };
         let grad = grad_f32(grad)?;
