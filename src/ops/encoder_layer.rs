@@ -193,7 +193,7 @@ struct Saved {
     wqkv: Vec<f32>,
     /// The projection rows `[M, 3H]`.
     qkv: Vec<f32>,
-    /// The attention probabilities `[b, heads, n, n]`.
+    /// The attention probabilities `[b, heads, n, n]` (rows of `Dims::stride` values).
     probs: Vec<f32>,
     /// The attention context `[M, H]`.
     ctx: Vec<f32>,
