@@ -5,6 +5,7 @@
 use super::no_grad::param;
 use crate::ops::batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_ops};
 use crate::ops::half::{in_f32, is_half};
+use crate::ops::res_block::BlockOutput;
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
@@ -114,4 +115,13 @@ impl BatchNorm2d {
             self.eps,
         )
     }
+}
+
+/// Moves the running statistics of `norms` by the batch statistics of a fused residual op's
+/// output (`ops::res_block`), one statistic per BatchNorm in order.
+pub fn update_running<'a>(norms: impl IntoIterator<Item = &'a BatchNorm2d>, out: &BlockOutput) -> Result<()> {
+    for ((norm, (mean, var)), &m) in norms.into_iter().zip(&out.stats).zip(&out.count) {
+        norm.update_running(mean, var, m)?;
+    }
+    Ok(())
 }

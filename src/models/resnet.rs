@@ -3,13 +3,14 @@
 //! and a linear classifier. Tensor names follow the common PyTorch implementation
 //! (`conv1`, `bn1`, `layer1.0.conv1`, ..., `linear`).
 
+use super::batch_norm::update_running;
 use super::layers::{
     batch_norm, bn, bn_relu, conv_no_bias, global_avg_pool, linear_scheme, subsample2, BatchNorm2d, Conv, Linear,
 };
 use super::no_grad::param;
 use super::registry::ArchConfig;
 use super::Network;
-use crate::ops::res_block::{res_block_train, res_chain_train, BlockOutput, BlockSkip, BlockTensors};
+use crate::ops::res_block::{res_block_train, res_chain_train, BlockSkip, BlockTensors};
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -157,14 +158,6 @@ impl Block {
         }
         norms
     }
-}
-
-/// Moves the running statistics of `norms` by the batch statistics of a fused op's output.
-fn update_running<'a>(norms: impl IntoIterator<Item = &'a BatchNorm2d>, out: &BlockOutput) -> candle_core::Result<()> {
-    for ((norm, (mean, var)), &m) in norms.into_iter().zip(&out.stats).zip(&out.count) {
-        norm.update_running(mean, var, m)?;
-    }
-    Ok(())
 }
 
 /// A CIFAR ResNet.

@@ -4,13 +4,14 @@
 //! Tensor names follow the common PyTorch implementation (`conv1`, `block1.layer.0.bn1`,
 //! `block1.layer.0.convShortcut`, ..., `bn1`, `fc`).
 
+use super::batch_norm::update_running;
 use super::layers::{
     batch_norm, bn_relu, conv_no_bias, global_avg_pool, linear_init, BatchNorm2d, Conv, Dropout, Linear,
 };
 use super::no_grad::param;
 use super::registry::ArchConfig;
 use super::Network;
-use crate::ops::res_block::{preact_block_train, PreActTensors};
+use crate::ops::res_block::{preact_block_train, preact_chain_train, PreActTensors};
 use crate::rng::HostRng;
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
@@ -109,9 +110,16 @@ impl Block {
     /// The block in training mode without dropout as one op ([`preact_block_train`]) with the
     /// running statistics moved, or `None` where that op does not apply.
     fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(out) = preact_block_train(x, &self.fused_tensors())? else { return Ok(None) };
+        update_running(self.norms(), &out)?;
+        Ok(Some(out.y))
+    }
+
+    /// The tensors and settings the fused op reads.
+    fn fused_tensors(&self) -> PreActTensors {
         let (bn1, eps1) = self.bn1.train_params();
         let (bn2, eps2) = self.bn2.train_params();
-        let tensors = PreActTensors {
+        PreActTensors {
             bn1,
             conv1: param(self.conv1.weight()),
             bn2,
@@ -119,12 +127,12 @@ impl Block {
             shortcut: self.shortcut.as_ref().map(|c| param(c.weight())),
             eps: (eps1, eps2),
             stride: self.stride,
-        };
-        let Some(out) = preact_block_train(x, &tensors)? else { return Ok(None) };
-        for ((norm, (mean, var)), &m) in [&self.bn1, &self.bn2].into_iter().zip(&out.stats).zip(&out.count) {
-            norm.update_running(mean, var, m)?;
         }
-        Ok(Some(out.y))
+    }
+
+    /// The block's BatchNorms in the order of the fused op's statistics.
+    fn norms(&self) -> [&BatchNorm2d; 2] {
+        [&self.bn1, &self.bn2]
     }
 }
 
@@ -168,6 +176,17 @@ impl WideResNet {
     }
 }
 
+impl WideResNet {
+    /// Every block in training mode as one op ([`preact_chain_train`]) with the running
+    /// statistics moved, or `None` where that op does not apply.
+    fn blocks_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let tensors: Vec<PreActTensors> = self.blocks.iter().map(Block::fused_tensors).collect();
+        let Some(out) = preact_chain_train(x, &tensors)? else { return Ok(None) };
+        update_running(self.blocks.iter().flat_map(Block::norms), &out)?;
+        Ok(Some(out.y))
+    }
+}
+
 impl Network for WideResNet {
     /// The classifier's input: the final BatchNorm and ReLU averaged over space, `[N, 64·k]`.
     fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
@@ -175,8 +194,16 @@ impl Network for WideResNet {
             candle_core::bail!("wide_resnet expects images [N, {}, H, W], got {:?}", self.cfg.num_channels, x.dims());
         }
         let mut h = self.conv1.forward(x)?;
-        for block in &self.blocks {
-            h = block.forward_t(&h, train)?;
+        // In training without dropout, the blocks as one op where it applies (no activation
+        // gradient between them goes through candle's gradient store), else one by one.
+        let fused = if train && self.cfg.dropout == 0.0 { self.blocks_fused(&h)? } else { None };
+        match fused {
+            Some(y) => h = y,
+            None => {
+                for block in &self.blocks {
+                    h = block.forward_t(&h, train)?;
+                }
+            }
         }
         let h = bn_relu(&self.bn1, &h, train)?;
         global_avg_pool(&h).map(Some)

@@ -5,7 +5,8 @@
 use candle_core::{DType, Device, Tensor, Var};
 use samhost::ops::param_grads::CaptureAhead;
 use samhost::ops::res_block::{
-    preact_block_train, res_block_train, res_chain_train, BlockOutput, BlockSkip, BlockTensors, PreActTensors,
+    preact_block_train, preact_chain_train, res_block_train, res_chain_train, BlockOutput, BlockSkip, BlockTensors,
+    PreActTensors,
 };
 use samhost::rng::HostRng;
 
@@ -222,6 +223,17 @@ fn fused_residual_block_matches_an_f64_composition() {
     }
 }
 
+/// The consecutive blocks' tensors, `lens[i]` for block `i`, out of one list.
+fn split_blocks(p: &[Tensor], lens: &[usize]) -> Vec<Vec<Tensor>> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&l| {
+            at += l;
+            p[at - l..at].to_vec()
+        })
+        .collect()
+}
+
 /// Consecutive post-activation blocks as one op (a ResNet's trunk in training): the identity, option
 /// A and option B in turn, against the same blocks composed in f64 one after the other; with the
 /// first block's convolution and BatchNorm frozen, the gradient still reaches the input through
@@ -240,15 +252,7 @@ fn a_chain_of_blocks_matches_the_blocks_composed_in_turn() {
         lens.push(block.len());
         params.extend(block);
     }
-    let split = |p: &[Tensor]| {
-        let mut at = 0;
-        lens.iter()
-            .map(|&l| {
-                at += l;
-                p[at - l..at].to_vec()
-            })
-            .collect::<Vec<_>>()
-    };
+    let split = |p: &[Tensor]| split_blocks(p, &lens);
     let fused = |x: &Tensor, p: &[Tensor]| {
         let ts: Vec<BlockTensors> =
             split(p).iter().zip(&blocks).map(|(bp, &(c, o, s, kind))| tensors(bp, s, kind, c, o, eps)).collect();
@@ -294,6 +298,32 @@ fn preact_reference(x: &Tensor, p: &[Tensor], stride: usize, eps: f64) -> Compos
     ((c2 + skip).unwrap(), vec![(m1, v1), (m2, v2)])
 }
 
+/// A pre-activation block's tensors in the op's order: the first BatchNorm, the first kernel,
+/// the second BatchNorm and kernel, and the 1x1 shortcut where the block changes shape.
+fn pre_params(rng: &HostRng, c: usize, o: usize, stride: usize) -> Vec<Tensor> {
+    let mut params = norm(rng, c).to_vec();
+    params.push(kernel(rng, o, c, 3));
+    params.extend(norm(rng, o));
+    params.push(kernel(rng, o, o, 3));
+    if stride != 1 || c != o {
+        params.push(kernel(rng, o, c, 1));
+    }
+    params
+}
+
+/// The fused op's view of a pre-activation block's tensors `p` (as [`pre_params`] orders them).
+fn pre_tensors(p: &[Tensor], stride: usize, eps: f64) -> PreActTensors {
+    PreActTensors {
+        bn1: [p[0].clone(), p[1].clone()],
+        conv1: p[2].clone(),
+        bn2: [p[3].clone(), p[4].clone()],
+        conv2: p[5].clone(),
+        shortcut: p.get(6).cloned(),
+        eps: (eps, eps),
+        stride,
+    }
+}
+
 /// The pre-activation block (WideResNet, no dropout) with the identity and the 1x1 shortcut, on
 /// shapes through the direct kernels, im2col and (128 channels) Winograd's F(2x2, 3x3).
 #[test]
@@ -310,27 +340,9 @@ fn fused_preactivation_block_matches_an_f64_composition() {
         (2, 128, 128, 8, 8, 1),
         (3, 64, 128, 16, 16, 2),
     ] {
-        let shortcut = stride != 1 || c != o;
-        let mut params = norm(&rng, c).to_vec();
-        params.push(kernel(&rng, o, c, 3));
-        params.extend(norm(&rng, o));
-        params.push(kernel(&rng, o, o, 3));
-        if shortcut {
-            params.push(kernel(&rng, o, c, 1));
-        }
+        let params = pre_params(&rng, c, o, stride);
         let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-        let fused = |x: &Tensor, p: &[Tensor]| {
-            let t = PreActTensors {
-                bn1: [p[0].clone(), p[1].clone()],
-                conv1: p[2].clone(),
-                bn2: [p[3].clone(), p[4].clone()],
-                conv2: p[5].clone(),
-                shortcut: p.get(6).cloned(),
-                eps: (eps, eps),
-                stride,
-            };
-            preact_block_train(x, &t).unwrap()
-        };
+        let fused = |x: &Tensor, p: &[Tensor]| preact_block_train(x, &pre_tensors(p, stride, eps)).unwrap();
         let reference = |x: &Tensor, p: &[Tensor]| preact_reference(x, p, stride, eps);
         check(
             &rng,
@@ -344,4 +356,50 @@ fn fused_preactivation_block_matches_an_f64_composition() {
             },
         );
     }
+}
+
+/// Consecutive pre-activation blocks as one op (a WideResNet's blocks in training): shortcut
+/// and identity blocks, strided and not, against the same blocks composed in f64 one after the
+/// other, frozen tensors included. Fewer than two blocks make it decline.
+#[test]
+fn a_chain_of_preactivation_blocks_matches_the_blocks_composed_in_turn() {
+    let rng = HostRng::new(23);
+    let eps = 1e-5;
+    // (c, o, stride) per block, on 2 images of 8x8.
+    let blocks = [(16, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1)];
+    let mut params = Vec::new();
+    let mut lens = Vec::new();
+    for &(c, o, stride) in &blocks {
+        let block = pre_params(&rng, c, o, stride);
+        lens.push(block.len());
+        params.extend(block);
+    }
+    let fused = |x: &Tensor, p: &[Tensor]| {
+        let ts: Vec<PreActTensors> =
+            split_blocks(p, &lens).iter().zip(&blocks).map(|(bp, &(_, _, s))| pre_tensors(bp, s, eps)).collect();
+        assert!(preact_chain_train(x, &ts[..1]).unwrap().is_none(), "one block is no chain");
+        preact_chain_train(x, &ts).unwrap()
+    };
+    let reference = |x: &Tensor, p: &[Tensor]| {
+        let mut h = x.clone();
+        let mut stats = Vec::new();
+        for (bp, &(_, _, s)) in split_blocks(p, &lens).iter().zip(&blocks) {
+            let (y, st) = preact_reference(&h, bp, s, eps);
+            h = y;
+            stats.extend(st);
+        }
+        (h, stats)
+    };
+    let counts: Vec<usize> = [2 * 8 * 8; 5].into_iter().chain([2 * 4 * 4; 3]).collect();
+    check(
+        &rng,
+        Case {
+            name: "a chain of 4 pre-activation blocks".into(),
+            x: Var::from_tensor(&rand(&rng, &[2, 16, 8, 8], 1.0, 0.0)).unwrap(),
+            params,
+            fused: &fused,
+            reference: &reference,
+            counts,
+        },
+    );
 }

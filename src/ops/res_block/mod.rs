@@ -33,7 +33,7 @@ mod post;
 mod pre;
 
 pub use post::{res_block_train, res_chain_train, BlockSkip, BlockTensors};
-pub use pre::{preact_block_train, PreActTensors};
+pub use pre::{preact_block_train, preact_chain_train, PreActTensors};
 
 use super::batch_norm::Stats;
 use super::cpu::{f32_slice, fused_ok, grad_f32, named_slices, slice_of};

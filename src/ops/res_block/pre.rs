@@ -52,16 +52,44 @@ const NAMES: [&str; 7] = [
 /// The pre-activation block in training mode as one op, or `None` where it does not apply (see
 /// the module documentation) and the caller composes the block.
 pub fn preact_block_train(x: &Tensor, t: &PreActTensors) -> Result<Option<BlockOutput>> {
-    let p: Vec<Option<Tensor>> = [&t.bn1[0], &t.bn1[1], &t.conv1, &t.bn2[0], &t.bn2[1], &t.conv2]
-        .into_iter()
-        .map(|t| Some(t.clone()))
-        .chain(std::iter::once(t.shortcut.clone()))
-        .collect();
+    let p = tensor_list(t);
     if !admissible(x, &p) {
         return Ok(None);
     }
     let Some(form) = Pre::new(x.dims(), &p, t.stride, [t.eps.0, t.eps.1])? else { return Ok(None) };
     run(x, p, form)
+}
+
+/// Consecutive pre-activation blocks in training mode as one op (a WideResNet's blocks,
+/// [`super::chain`]): the last block's output and every block's statistics in block order, or
+/// `None` where the fused block does not apply to one of them (or fewer than two are given), and
+/// the caller runs them one by one. `SAMHOST_FUSED_CHAIN=0` makes it decline (for comparisons).
+pub fn preact_chain_train(x: &Tensor, blocks: &[PreActTensors]) -> Result<Option<BlockOutput>> {
+    if blocks.len() < 2 || !super::chain_enabled() {
+        return Ok(None);
+    }
+    let lists: Vec<Vec<Option<Tensor>>> = blocks.iter().map(tensor_list).collect();
+    let p: Vec<Option<Tensor>> = lists.iter().flatten().cloned().collect();
+    if !admissible(x, &p) {
+        return Ok(None);
+    }
+    let mut dims = x.dims().to_vec();
+    let mut forms = Vec::with_capacity(blocks.len());
+    for (t, list) in blocks.iter().zip(&lists) {
+        let Some(form) = Pre::new(&dims, list, t.stride, [t.eps.0, t.eps.1])? else { return Ok(None) };
+        dims = form.out_dims().to_vec();
+        forms.push((form, list.len()));
+    }
+    run(x, p, super::chain::Chain::new(forms)?)
+}
+
+/// The block's tensors at their positions in the op's list.
+fn tensor_list(t: &PreActTensors) -> Vec<Option<Tensor>> {
+    [&t.bn1[0], &t.bn1[1], &t.conv1, &t.bn2[0], &t.bn2[1], &t.conv2]
+        .into_iter()
+        .map(|t| Some(t.clone()))
+        .chain(std::iter::once(t.shortcut.clone()))
+        .collect()
 }
 
 /// The form: its shapes and the two BatchNorms' epsilons. The activations kept: the first
