@@ -72,4 +72,6 @@ pub fn run() {
         range(&ratio(&probe, &fwd))
     );
     println!("  full SAM step                 {} ms = {} forward passes", range(&full), range(&ratio(&full, &fwd)));
+    let rounds = |v: &[f64]| v.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>().join(", ");
+    println!("  by round (ms): forward {}; probe {}; full {}", rounds(&fwd), rounds(&probe), rounds(&full));
 }
