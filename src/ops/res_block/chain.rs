@@ -6,9 +6,38 @@
 //! memset on the calling thread and an add over three arrays per block, while the pool's
 //! threads wait. In a chain only the first block's input gradient goes to candle.
 
-use super::{Form, FormGrads, Pass, Saved};
-use candle_core::Result;
+use super::{admissible, run, BlockOutput, Form, FormGrads, Pass, Saved};
+use candle_core::{Result, Tensor};
 use std::borrow::Cow;
+
+/// Consecutive blocks in training mode as one op: each block's tensors in the op's list
+/// (`list`) and its form for the input dimensions it gets (`form`, `None` where the fused block
+/// does not apply). The last block's output and every block's statistics in block order, or
+/// `None` where a block declines (or fewer than two are given, or `SAMHOST_FUSED_CHAIN=0`), and the
+/// caller runs them one by one.
+pub(super) fn chain_train<T, F: Form>(
+    x: &Tensor,
+    blocks: &[T],
+    list: impl Fn(&T) -> Vec<Option<Tensor>>,
+    form: impl Fn(&[usize], &[Option<Tensor>], &T) -> Result<Option<F>>,
+) -> Result<Option<BlockOutput>> {
+    if blocks.len() < 2 || !super::chain_enabled() {
+        return Ok(None);
+    }
+    let lists: Vec<Vec<Option<Tensor>>> = blocks.iter().map(list).collect();
+    let p: Vec<Option<Tensor>> = lists.iter().flatten().cloned().collect();
+    if !admissible(x, &p) {
+        return Ok(None);
+    }
+    let mut dims = x.dims().to_vec();
+    let mut forms = Vec::with_capacity(blocks.len());
+    for (t, list) in blocks.iter().zip(&lists) {
+        let Some(f) = form(&dims, list, t)? else { return Ok(None) };
+        dims = f.out_dims().to_vec();
+        forms.push((f, list.len()));
+    }
+    run(x, p, Chain::new(forms)?)
+}
 
 /// Blocks of one form applied in turn; block `i`'s tensors are the op's slots
 /// `slots[i]..slots[i + 1]`.

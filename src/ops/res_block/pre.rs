@@ -65,22 +65,9 @@ pub fn preact_block_train(x: &Tensor, t: &PreActTensors) -> Result<Option<BlockO
 /// `None` where the fused block does not apply to one of them (or fewer than two are given), and
 /// the caller runs them one by one. `SAMHOST_FUSED_CHAIN=0` makes it decline (for comparisons).
 pub fn preact_chain_train(x: &Tensor, blocks: &[PreActTensors]) -> Result<Option<BlockOutput>> {
-    if blocks.len() < 2 || !super::chain_enabled() {
-        return Ok(None);
-    }
-    let lists: Vec<Vec<Option<Tensor>>> = blocks.iter().map(tensor_list).collect();
-    let p: Vec<Option<Tensor>> = lists.iter().flatten().cloned().collect();
-    if !admissible(x, &p) {
-        return Ok(None);
-    }
-    let mut dims = x.dims().to_vec();
-    let mut forms = Vec::with_capacity(blocks.len());
-    for (t, list) in blocks.iter().zip(&lists) {
-        let Some(form) = Pre::new(&dims, list, t.stride, [t.eps.0, t.eps.1])? else { return Ok(None) };
-        dims = form.out_dims().to_vec();
-        forms.push((form, list.len()));
-    }
-    run(x, p, super::chain::Chain::new(forms)?)
+    super::chain::chain_train(x, blocks, tensor_list, |dims, list, t| {
+        Pre::new(dims, list, t.stride, [t.eps.0, t.eps.1])
+    })
 }
 
 /// The block's tensors at their positions in the op's list.
