@@ -174,9 +174,7 @@ impl WideResNet {
         let drop_rng = (cfg.dropout > 0.0).then_some(drop_rng);
         Ok(Self { cfg: cfg.clone(), conv1, blocks, bn1, fc, drop_rng })
     }
-}
 
-impl WideResNet {
     /// Every block in training mode as one op ([`preact_chain_train`]) with the running
     /// statistics moved, or `None` where that op does not apply.
     fn blocks_fused(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -9,9 +9,10 @@
 //! added into a zero-filled tensor. Here the forward pass reads `q`, `k` and `v` in place through
 //! their strides, keeps the probabilities for the backward pass, and writes each head's context
 //! straight into its columns of the output; the backward pass writes `dq`, `dk` and `dv` into their
-//! columns of one gradient. The batch elements run in parallel, each head's products on one
-//! thread. Elsewhere (other devices and dtypes, second-order gradients) the caller composes
-//! candle's ops.
+//! columns of one gradient. On CPUs with AVX2 every (sequence, head) pair is one task on the
+//! register tiles of `tiled.rs` and `panel.rs`; elsewhere the sequences run in parallel, each
+//! head's products through the `gemm` crate on one thread. On other devices and dtypes, and for
+//! second-order gradients, the caller composes candle's ops.
 
 #[cfg(target_arch = "x86_64")]
 mod panel;
@@ -152,7 +153,8 @@ impl Dims {
         self.n * 3 * self.hidden()
     }
 
-    /// The row stride of the probabilities: n rounded up to a whole register tile of columns.
+    /// The row stride of the probabilities: n rounded up to a whole register tile of columns
+    /// (16, `panel::NR`), which both paths share.
     pub(crate) fn stride(&self) -> usize {
         self.n.next_multiple_of(16)
     }

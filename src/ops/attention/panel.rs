@@ -68,7 +68,7 @@ impl Packed {
                     let at = r * rs + p * NR;
                     row[..cols].copy_from_slice(&src[at..at + cols]);
                 }
-            } else if rs == 1 && cs >= 8 && crate::ops::cpu::has_avx2() {
+            } else if rs == 1 && crate::ops::cpu::has_avx2() {
                 // The source's columns are contiguous (a transposed operand): 8×8 blocks
                 // transposed in registers.
                 let (rows8, cols8) = (k / 8 * 8, cols / 8 * 8);
@@ -164,8 +164,8 @@ pub(crate) struct Strided<'a> {
 }
 
 /// A destination written through a raw pointer: rows of `ldc` values, of which a product writes
-/// `width` columns of a [`Packed`] from `ptr`. Raw so that the heads of one batch element, on different threads,
-/// write their own columns of the same rows.
+/// the [`Packed`] operand's `width` columns from `ptr`. Raw so that the heads of one sequence, on
+/// different threads, write their own columns of the same rows.
 #[derive(Clone, Copy)]
 pub(crate) struct Dest {
     /// The first element written.

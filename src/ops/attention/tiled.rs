@@ -45,6 +45,15 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
+/// Runs `f` with this thread's scratch, or with a fresh one where it is in use (no task starts
+/// another while it holds it, so this is only a guard against a panic).
+fn with_scratch(f: impl FnOnce(&mut Scratch)) {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
 /// An output buffer that the (sequence, head) tasks write together, each its own columns of the
 /// rows of its sequence, without filling it first: every element is written by exactly one task.
 struct SharedRows {
@@ -100,8 +109,7 @@ pub(super) fn forward(dims: &Dims, qkv: &[f32], scale: f32) -> (Vec<f32>, Vec<f3
         let (seq, head) = (task / heads, task % heads);
         let x = &qkv[seq * n * w..(seq + 1) * n * w];
         let (q, k, v) = (head * d, h + head * d, 2 * h + head * d);
-        SCRATCH.with(|s| {
-            let s = &mut *s.borrow_mut();
+        with_scratch(|s| {
             // kᵀ (d×n: element (c, j) is k[j, c]), zero-padded to the probabilities' stride, and v (n×d).
             s.first.pack(&x[k..], (d, n), (1, w), np);
             s.second.pack(&x[v..], (n, d), (w, 1), d);
@@ -140,8 +148,7 @@ pub(super) fn backward(dims: &Dims, x: &[f32], probs: &[f32], g: &[f32], scale: 
         let (x, g) = (&x[seq * n * w..(seq + 1) * n * w], &g[seq * n * h..(seq + 1) * n * h]);
         let (q, k, v, c) = (head * d, h + head * d, 2 * h + head * d, head * d);
         let rows_at = |col: usize, r0: usize, m: usize| dx_rows.rows((seq * n + r0) * w + col, m, w, d);
-        SCRATCH.with(|s| {
-            let s = &mut *s.borrow_mut();
+        with_scratch(|s| {
             // vᵀ (d×n) for the probabilities' gradient, k (n×d) for the queries'.
             s.first.pack(&x[v..], (d, n), (1, w), n);
             s.second.pack(&x[k..], (n, d), (w, 1), d);
