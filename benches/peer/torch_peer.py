@@ -12,11 +12,23 @@ virtual environment outside the repository, then run
 Settings mirrored from samhost: SGD(lr=0.01, momentum=0.9); SAM with rho=0.05, the ascent norm
 over all parameters, BatchNorm running statistics frozen in the second pass; cross-entropy; the
 median of the timed steps after two warm-up steps; 1 and 2 threads.
+
+Paired rounds (`--paired BIN --rounds 3`): for each model and thread count, each round times
+PyTorch and then samhost's benchmark child (`BIN --child`, one process per round, the binary that
+`cargo bench --bench speed --no-run` names), in alternating order, seconds apart, so that other
+tenants' load falls on both sides of a ratio instead of on one side's whole run. Each round prints
+its ratios; the summary gives each ratio's range (min-max) over the rounds:
+
+    cargo bench --bench speed --no-run 2>&1 | grep Executable   # target/release/deps/speed-<hash>
+    /tmp/torchenv/bin/python benches/peer/torch_peer.py --paired target/release/deps/speed-<hash> \
+        --models resnet20,resnet32,wrn-16-8 --rounds 3
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import time
 
 import torch
@@ -233,12 +245,63 @@ def time_model(name, threads):
     return row
 
 
+def samhost_row(binary, name, threads):
+    """One run of samhost's benchmark child for one model and thread count: its JSON row."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), SAMHOST_BENCH_MODELS=name)
+    out = subprocess.run([binary, "--child"], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"error: {binary} --child failed for {name} at {threads} thread(s):\n{out.stderr}")
+    rows = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("ROW ")]
+    if len(rows) != 1:
+        raise SystemExit(f"error: {binary} --child printed {len(rows)} rows for {name}, expected 1")
+    return rows[0]
+
+
+def rng(values):
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+def paired(args):
+    """Alternating rounds of PyTorch and samhost per model and thread count; ratios per round."""
+    print(f"torch {torch.__version__}; samhost {args.paired}; {args.rounds} paired rounds, order alternating")
+    print(f"{'model':<10} {'thr':>3} {'round':>5} {'first':>7} {'torch sgd':>9} {'ours sgd':>8} {'sgd ratio':>9}"
+          f" {'torch sam':>9} {'ours sam':>8} {'sam ratio':>9} {'ours sam/sgd':>12} {'x floor':>7} {'load':>5}")
+    summary = []
+    for name in args.models.split(","):
+        for t in (int(v) for v in args.threads.split(",")):
+            sgd, sam, ours_ratio, floor = [], [], [], []
+            for r in range(args.rounds):
+                load = os.getloadavg()[0]
+                if r % 2 == 0:
+                    theirs, ours = time_model(name, t), samhost_row(args.paired, name, t)
+                else:
+                    ours, theirs = samhost_row(args.paired, name, t), time_model(name, t)
+                sgd.append(ours["train_step"] / theirs["train_step"])
+                sam.append(ours["sam_step"] / theirs["sam_step"])
+                ours_ratio.append(ours["sam_step"] / ours["train_step"])
+                floor.append(ours["train_step"] / ours["floor_ms"])
+                print(f"{name:<10} {t:>3} {r + 1:>5} {'torch' if r % 2 == 0 else 'ours':>7}"
+                      f" {theirs['train_step']:>9.1f} {ours['train_step']:>8.1f} {sgd[-1]:>9.2f}"
+                      f" {theirs['sam_step']:>9.1f} {ours['sam_step']:>8.1f} {sam[-1]:>9.2f}"
+                      f" {ours_ratio[-1]:>12.2f} {floor[-1]:>7.2f} {load:>5.2f}", flush=True)
+            summary.append((name, t, sgd, sam, ours_ratio, floor))
+    print(f"\nsummary (min-max over {args.rounds} paired rounds; ratio = samhost / PyTorch)")
+    print(f"{'model':<10} {'thr':>3} {'sgd ratio':>10} {'sam ratio':>10} {'ours sam/sgd':>12} {'x floor':>10}")
+    for name, t, sgd, sam, ours_ratio, floor in summary:
+        print(f"{name:<10} {t:>3} {rng(sgd):>10} {rng(sam):>10} {rng(ours_ratio):>12} {rng(floor):>10}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samhost", help="JSON written by `cargo bench --bench speed` (target/speed.json)")
+    ap.add_argument("--paired", metavar="BIN", help="samhost's speed benchmark binary: paired rounds (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds per model and thread count")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
+    if args.paired:
+        paired(args)
+        return
     ours = {}
     if args.samhost:
         with open(args.samhost) as f:

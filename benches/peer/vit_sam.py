@@ -22,11 +22,22 @@ repository, then run
 
 and compare with `SAMHOST_BENCH_PART=probe SAMHOST_BENCH_PROBE_SIZE=56 RAYON_NUM_THREADS=2
 cargo bench --bench sam` (one size per run).
+
+Paired rounds: with `--samhost-bin BIN` (the binary `cargo bench --bench sam --no-run` names,
+target/release/deps/sam-<hash>) each round times PyTorch's three settings and then samhost's
+(one `BIN --bench` process per round, `SAMHOST_BENCH_PART=probe`, one round), in alternating
+order, seconds apart, so that other tenants' load falls on both sides of a ratio; each round
+prints samhost/PyTorch ratios and the summary their ranges over the rounds:
+
+    /tmp/torchenv/bin/python benches/peer/vit_sam.py --sizes 56 112 224 --batch 32 --threads 2 \
+        --attn sdpa --samhost-bin target/release/deps/sam-<hash>
 """
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import time
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,6 +47,7 @@ parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--attn", nargs="+", default=["eager", "sdpa"], choices=["eager", "sdpa"],
                     help="transformers attention implementations to time")
 parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--samhost-bin", help="samhost's sam benchmark binary: paired rounds (see above)")
 args = parser.parse_args()
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -95,8 +107,59 @@ def timed(f, warmup=2, reps=3):
     return statistics.median(ts)
 
 
-def rng(v):
-    return f"{min(v):.1f}-{max(v):.1f}"
+def rng(v, digits=1):
+    return f"{min(v):.{digits}f}-{max(v):.{digits}f}"
+
+
+def torch_round(model, x, y):
+    """PyTorch's forward pass, probe SAM step and full SAM step (ms, medians of 3)."""
+    set_trainable(model, probe=False)
+    fwd = timed(lambda: model(pixel_values=x).logits)
+    params = set_trainable(model, probe=True)
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    probe = timed(lambda: sam_step(model, opt, params, x, y))
+    params = set_trainable(model, probe=False)
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    full = timed(lambda: sam_step(model, opt, params, x, y))
+    return fwd, probe, full
+
+
+def samhost_round(size):
+    """One round of samhost's probe benchmark in its own process: (forward, probe, full) in ms."""
+    env = dict(os.environ, SAMHOST_BENCH_PART="probe", SAMHOST_BENCH_PROBE_SIZE=str(size),
+               SAMHOST_BENCH_PROBE_BATCH=str(args.batch), SAMHOST_BENCH_PROBE_ROUNDS="1",
+               RAYON_NUM_THREADS=str(args.threads))
+    out = subprocess.run([args.samhost_bin, "--bench"], env=env, capture_output=True, text=True)
+    rows = [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("ROUND ")]
+    if out.returncode != 0 or len(rows) != 1:
+        raise SystemExit(f"error: {args.samhost_bin} (probe, {size} px) failed:\n{out.stdout}{out.stderr}")
+    return rows[0]["forward"], rows[0]["probe"], rows[0]["full"]
+
+
+def paired(size, attn):
+    """Alternating rounds of PyTorch and samhost at one size; samhost/PyTorch ratios per round."""
+    torch.manual_seed(3)
+    model = build(size, attn)
+    x = torch.randn(args.batch, 3, size, size)
+    y = torch.arange(args.batch) % 10
+    print(f"ViT-S/14 {size}x{size}, batch {args.batch}, {args.threads} thread(s), PyTorch attn {attn}: "
+          f"{args.rounds} paired rounds, ms (median of 3 each)", flush=True)
+    print(f"  {'round':>5} {'first':>6} {'torch fwd':>9} {'ours fwd':>8} {'torch probe':>11} {'ours probe':>10}"
+          f" {'torch full':>10} {'ours full':>9} {'fwd':>5} {'probe':>5} {'full':>5} {'load':>5}")
+    ratios = []
+    for r in range(args.rounds):
+        load = os.getloadavg()[0]
+        if r % 2 == 0:
+            theirs, ours = torch_round(model, x, y), samhost_round(size)
+        else:
+            ours, theirs = samhost_round(size), torch_round(model, x, y)
+        ratios.append([o / t for o, t in zip(ours, theirs)])
+        print(f"  {r + 1:>5} {'torch' if r % 2 == 0 else 'ours':>6} {theirs[0]:>9.0f} {ours[0]:>8.0f}"
+              f" {theirs[1]:>11.0f} {ours[1]:>10.0f} {theirs[2]:>10.0f} {ours[2]:>9.0f}"
+              f" {ratios[-1][0]:>5.2f} {ratios[-1][1]:>5.2f} {ratios[-1][2]:>5.2f} {load:>5.2f}", flush=True)
+    cols = list(zip(*ratios))
+    print(f"  samhost/PyTorch over {args.rounds} paired rounds: forward {rng(cols[0], 2)}, "
+          f"probe SAM step {rng(cols[1], 2)}, full SAM step {rng(cols[2], 2)}", flush=True)
 
 
 def run(size, attn):
@@ -109,14 +172,10 @@ def run(size, attn):
           f"{args.rounds} rounds", flush=True)
     fwd, probe, full = [], [], []
     for _ in range(args.rounds):
-        set_trainable(model, probe=False)
-        fwd.append(timed(lambda: model(pixel_values=x).logits))
-        params = set_trainable(model, probe=True)
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-        probe.append(timed(lambda: sam_step(model, opt, params, x, y)))
-        params = set_trainable(model, probe=False)
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-        full.append(timed(lambda: sam_step(model, opt, params, x, y)))
+        f, p, s = torch_round(model, x, y)
+        fwd.append(f)
+        probe.append(p)
+        full.append(s)
     pr = [p / f for p, f in zip(probe, fwd)]
     fr = [p / f for p, f in zip(full, fwd)]
     print(f"  forward pass (training mode)     {rng(fwd)} ms")
@@ -130,7 +189,10 @@ def main():
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     for size in args.sizes:
         for attn in args.attn:
-            run(size, attn)
+            if args.samhost_bin:
+                paired(size, attn)
+            else:
+                run(size, attn)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 //! Target (issue 15): a probe SAM step <= 2.2 forward passes. The probe step runs the frozen trunk
 //! once (its pass at `w + e` reuses the features of the pass at `w`, `Model::reuse_trunk`), so it
 //! costs about one forward pass; PyTorch's SAM loop (`benches/peer/vit_sam.py`) runs it twice.
-//! Ranges are min-max over 3 rounds, each the median of 3 timings.
+//! Ranges are min-max over 3 rounds (`SAMHOST_BENCH_PROBE_ROUNDS` for another number), each the
+//! median of 3 timings; each round also prints a `ROUND {json}` line with its three times (ms),
+//! which `benches/peer/vit_sam.py --samhost-bin` reads to pair rounds with PyTorch's.
 
 use super::bench_models::median;
 use candle_core::{Device, Tensor};
@@ -19,6 +21,8 @@ use std::time::Instant;
 pub fn run() {
     let size: usize = std::env::var("SAMHOST_BENCH_PROBE_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(56);
     let batch: usize = std::env::var("SAMHOST_BENCH_PROBE_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(32);
+    let n_rounds: usize =
+        std::env::var("SAMHOST_BENCH_PROBE_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let cfg = ArchConfig::from_json(
         &serde_json::json!({"model_type": "vit", "hidden_size": 384, "num_hidden_layers": 12,
             "num_attention_heads": 6, "intermediate_size": 1536, "image_size": size, "patch_size": 14,
@@ -35,7 +39,7 @@ pub fn run() {
     let mut opt = Sgd::new(SgdConfig { lr: 0.01, momentum: 0.9, ..SgdConfig::default() }).expect("sgd");
     let sam = SamConfig::default();
     let threads = rayon::current_num_threads();
-    println!("ViT-S/14, {size}x{size}, batch {batch}, {threads} thread(s): ms (median of 3), 3 rounds");
+    println!("ViT-S/14, {size}x{size}, batch {batch}, {threads} thread(s): ms (median of 3), {n_rounds} rounds");
     let time = |f: &mut dyn FnMut()| -> f64 {
         f();
         median(
@@ -49,7 +53,7 @@ pub fn run() {
         )
     };
     let (mut fwd, mut probe, mut full) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..n_rounds {
         fwd.push(time(&mut || drop(model.forward_t(&x, true).expect("forward"))));
         model.params().freeze("vit.");
         probe.push(time(&mut || {
@@ -59,6 +63,8 @@ pub fn run() {
         full.push(time(&mut || {
             sam_step(&model, &mut opt, &x, &y, &LossFn::default(), &sam).expect("full step");
         }));
+        let (f, p, s) = (fwd[fwd.len() - 1], probe[probe.len() - 1], full[full.len() - 1]);
+        println!("ROUND {}", serde_json::json!({"forward": f, "probe": p, "full": s}));
     }
     let range = |v: &[f64]| {
         let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
