@@ -8,7 +8,8 @@
 //! `SAMHOST_BENCH_MODELS=mlp,cnn` picks models; `SAMHOST_BENCH_STEPS` sets the timed steps
 //! (default 10; the ViT and ResNet-32 use half, WRN-16-8 at batch 128 (`wrn-b128`) a fifth, at
 //! least 3); train and SAM steps alternate, and the medians are reported after a warm-up step of
-//! each.
+//! each, with SAM/SGD both as the ratio of the medians and as the median of each SAM step over the
+//! train step timed just before it ("paired").
 //!
 //! The floor: the matrix products one SGD step makes (every gemm call through `ops::gemm`,
 //! recorded during a step) timed alone on this machine at their shapes, so "x floor" says how far
@@ -84,8 +85,10 @@ impl Stepper<'_> {
 }
 
 /// Median ms per step of train_step and sam_step, timed alternately (a train step, then a SAM
-/// step, `steps` times) so that a slow spell of the machine hits both, and their peak heap.
-fn time_steps(model: &Model, b: &Batch, steps: usize) -> ((f64, usize), (f64, usize)) {
+/// step, `steps` times) so that a slow spell of the machine hits both, and their peak heap; with
+/// the median over the pairs of SAM step / train step, the SAM/SGD ratio of steps timed side by
+/// side (less moved by a slow spell than the ratio of the two medians).
+fn time_steps(model: &Model, b: &Batch, steps: usize) -> ((f64, usize), (f64, usize), f64) {
     let sgd = || Sgd::new(SgdConfig { lr: 0.01, momentum: 0.9, ..SgdConfig::default() }).expect("sgd");
     let mut plain = Stepper { model, batch: b, sam: false, opt: sgd() };
     let mut sam = Stepper { model, batch: b, sam: true, opt: sgd() };
@@ -97,7 +100,8 @@ fn time_steps(model: &Model, b: &Batch, steps: usize) -> ((f64, usize), (f64, us
         tp.push(plain.timed());
         ts.push(sam.timed());
     }
-    ((median(tp), peak_plain), (median(ts), peak_sam))
+    let paired = median(ts.iter().zip(&tp).map(|(s, p)| s / p).collect());
+    ((median(tp), peak_plain), (median(ts), peak_sam), paired)
 }
 
 fn child(selected: &[String], steps: usize) {
@@ -114,7 +118,7 @@ fn child(selected: &[String], steps: usize) {
             .expect("labels");
         let b = Batch::new(x, y).expect("batch");
         let n = (steps / div).max(3);
-        let ((t_sgd, m_sgd), (t_sam, m_sam)) = time_steps(&model, &b, n);
+        let ((t_sgd, m_sgd), (t_sam, m_sam), sam_over_sgd) = time_steps(&model, &b, n);
         let mut census =
             Stepper { model: &model, batch: &b, sam: false, opt: Sgd::new(SgdConfig::default()).expect("sgd") };
         let ((), calls) = samhost::ops::gemm::record_calls(|| census.run());
@@ -122,7 +126,7 @@ fn child(selected: &[String], steps: usize) {
         let gflop: f64 = calls.iter().map(|c| c.flops()).sum::<f64>() / 1e9;
         let row = json!({
             "model": name, "threads": threads, "batch": batch, "steps": n,
-            "train_step": t_sgd, "sam_step": t_sam,
+            "train_step": t_sgd, "sam_step": t_sam, "sam_over_sgd": sam_over_sgd,
             "train_peak_mb": m_sgd as f64 / 1e6, "sam_peak_mb": m_sam as f64 / 1e6,
             "params_mb": model.params().num_trainable() as f64 * 4.0 / 1e6,
             "floor_ms": floor_ms, "gflop": gflop,
@@ -141,13 +145,14 @@ fn main() {
     }
     let exe = std::env::current_exe().expect("bench executable");
     println!(
-        "{:<9} {:>3} {:>5} {:>10} {:>10} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9} {:>9} {:>8} {:>7} {:>8}",
+        "{:<9} {:>3} {:>5} {:>10} {:>10} {:>7} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9} {:>9} {:>8} {:>7} {:>8}",
         "model",
         "thr",
         "batch",
         "sgd ms",
         "sam ms",
         "sam/sgd",
+        "paired",
         "sgd im/s",
         "sam im/s",
         "sgd peakMB",
@@ -175,13 +180,14 @@ fn main() {
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             let batch = f("batch");
             println!(
-                "{:<9} {:>3} {:>5} {:>10.2} {:>10.2} {:>7.2} {:>8.0} {:>8.0} {:>11.1} {:>11.1} {:>9.1} {:>9.2} {:>8.2} {:>7.2} {:>8.1}",
+                "{:<9} {:>3} {:>5} {:>10.2} {:>10.2} {:>7.2} {:>7.2} {:>8.0} {:>8.0} {:>11.1} {:>11.1} {:>9.1} {:>9.2} {:>8.2} {:>7.2} {:>8.1}",
                 r["model"].as_str().unwrap_or("?"),
                 threads,
                 batch,
                 f("train_step"),
                 f("sam_step"),
                 f("sam_step") / f("train_step"),
+                f("sam_over_sgd"),
                 batch / f("train_step") * 1e3,
                 batch / f("sam_step") * 1e3,
                 f("train_peak_mb"),

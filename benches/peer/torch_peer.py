@@ -17,10 +17,11 @@ Paired rounds (`--paired BIN --rounds 3`): for each model and thread count, each
 PyTorch and then samhost's benchmark child (`BIN --child`, one process per round, the binary that
 `cargo bench --bench speed --no-run` names), in alternating order, seconds apart, so that other
 tenants' load falls on both sides of a ratio instead of on one side's whole run. Each round prints
-its ratios; the summary gives each ratio's range (min-max) over the rounds:
+its ratios (samhost's SAM/SGD as the median over its steps of each SAM step over the train step
+timed just before it); the summary gives each ratio's range (min-max) over the rounds:
 
     cargo bench --bench speed --no-run 2>&1 | grep Executable   # target/release/deps/speed-<hash>
-    /tmp/torchenv/bin/python benches/peer/torch_peer.py --paired target/release/deps/speed-<hash> \
+    /tmp/torchenv/bin/python benches/peer/torch_peer.py --paired target/release/deps/speed-<hash> \\
         --models resnet20,resnet32,wrn-16-8 --rounds 3
 """
 
@@ -278,7 +279,7 @@ def paired(args):
                     ours, theirs = samhost_row(args.paired, name, t), time_model(name, t)
                 sgd.append(ours["train_step"] / theirs["train_step"])
                 sam.append(ours["sam_step"] / theirs["sam_step"])
-                ours_ratio.append(ours["sam_step"] / ours["train_step"])
+                ours_ratio.append(ours.get("sam_over_sgd", ours["sam_step"] / ours["train_step"]))
                 floor.append(ours["train_step"] / ours["floor_ms"])
                 print(f"{name:<10} {t:>3} {r + 1:>5} {'torch' if r % 2 == 0 else 'ours':>7}"
                       f" {theirs['train_step']:>9.1f} {ours['train_step']:>8.1f} {sgd[-1]:>9.2f}"

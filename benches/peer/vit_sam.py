@@ -29,8 +29,14 @@ target/release/deps/sam-<hash>) each round times PyTorch's three settings and th
 order, seconds apart, so that other tenants' load falls on both sides of a ratio; each round
 prints samhost/PyTorch ratios and the summary their ranges over the rounds:
 
-    /tmp/torchenv/bin/python benches/peer/vit_sam.py --sizes 56 112 224 --batch 32 --threads 2 \
+    /tmp/torchenv/bin/python benches/peer/vit_sam.py --sizes 56 112 224 --batch 32 --threads 2 \\
         --attn sdpa --samhost-bin target/release/deps/sam-<hash>
+
+With `--pair steps` the pairing is finer: samhost's benchmark runs as a server
+(`SAMHOST_BENCH_PROBE_SERVE=1`, one process per size) and, per setting, after 2 warm-up steps on
+each side, single PyTorch steps and single samhost steps alternate (`--steps` pairs, the order
+alternating); it prints the medians, the ratio of the medians and the range and median of the
+per-pair ratios.
 """
 
 import argparse
@@ -48,6 +54,9 @@ parser.add_argument("--attn", nargs="+", default=["eager", "sdpa"], choices=["ea
                     help="transformers attention implementations to time")
 parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--samhost-bin", help="samhost's sam benchmark binary: paired rounds (see above)")
+parser.add_argument("--pair", choices=["rounds", "steps"], default="rounds",
+                    help="with --samhost-bin: pair whole rounds, or single steps (see above)")
+parser.add_argument("--steps", type=int, default=9, help="paired steps per setting with --pair steps")
 args = parser.parse_args()
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -162,6 +171,71 @@ def paired(size, attn):
           f"probe SAM step {rng(cols[1], 2)}, full SAM step {rng(cols[2], 2)}", flush=True)
 
 
+def paired_steps(size, attn):
+    """Single PyTorch and samhost steps alternating, per setting; per-pair samhost/PyTorch ratios."""
+    torch.manual_seed(3)
+    model = build(size, attn)
+    x = torch.randn(args.batch, 3, size, size)
+    y = torch.arange(args.batch) % 10
+    env = dict(os.environ, SAMHOST_BENCH_PART="probe", SAMHOST_BENCH_PROBE_SIZE=str(size),
+               SAMHOST_BENCH_PROBE_BATCH=str(args.batch), SAMHOST_BENCH_PROBE_SERVE="1",
+               RAYON_NUM_THREADS=str(args.threads))
+    proc = subprocess.Popen([args.samhost_bin, "--bench"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"error: {args.samhost_bin} (probe server, {size} px) ended before READY")
+        if line.strip() == "READY":
+            break
+
+    def ours(request):
+        proc.stdin.write(request + "\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline().split()
+        if len(answer) != 2 or answer[0] != "MS":
+            raise SystemExit(f"error: samhost answered {answer!r} to {request}")
+        return float(answer[1])
+
+    def once(f):
+        t = time.perf_counter()
+        f()
+        return (time.perf_counter() - t) * 1e3
+
+    print(f"ViT-S/14 {size}x{size}, batch {args.batch}, {args.threads} thread(s), PyTorch attn {attn}: "
+          f"{args.steps} paired single steps per setting after 2 warm-ups each, order alternating", flush=True)
+    for request in ("forward", "probe", "full"):
+        if request == "forward":
+            set_trainable(model, probe=False)
+
+            def step():
+                model(pixel_values=x).logits
+        else:
+            params = set_trainable(model, probe=request == "probe")
+            opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+            def step(opt=opt, params=params):
+                sam_step(model, opt, params, x, y)
+        for _ in range(2):
+            once(step)
+            ours(request)
+        theirs, mine = [], []
+        for i in range(args.steps):
+            if i % 2 == 0:
+                theirs.append(once(step))
+                mine.append(ours(request))
+            else:
+                mine.append(ours(request))
+                theirs.append(once(step))
+        ratios = [o / t for o, t in zip(mine, theirs)]
+        med_t, med_o = statistics.median(theirs), statistics.median(mine)
+        print(f"  {request:<8} PyTorch {rng(theirs, 0)} ms (median {med_t:.0f}), samhost {rng(mine, 0)} ms "
+              f"(median {med_o:.0f}); ratio of medians {med_o / med_t:.2f}; per pair {rng(ratios, 2)} "
+              f"(median {statistics.median(ratios):.2f})", flush=True)
+    proc.stdin.close()
+    proc.wait()
+
+
 def run(size, attn):
     torch.manual_seed(3)
     model = build(size, attn)
@@ -189,7 +263,9 @@ def main():
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     for size in args.sizes:
         for attn in args.attn:
-            if args.samhost_bin:
+            if args.samhost_bin and args.pair == "steps":
+                paired_steps(size, attn)
+            elif args.samhost_bin:
                 paired(size, attn)
             else:
                 run(size, attn)

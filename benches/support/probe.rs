@@ -9,6 +9,9 @@
 //! Ranges are min-max over 3 rounds (`SAMHOST_BENCH_PROBE_ROUNDS` for another number), each the
 //! median of 3 timings; each round also prints a `ROUND {json}` line with its three times (ms),
 //! which `benches/peer/vit_sam.py --samhost-bin` reads to pair rounds with PyTorch's.
+//! `SAMHOST_BENCH_PROBE_SERVE=1` instead serves single steps for step-by-step pairing
+//! (`vit_sam.py --samhost-bin BIN --pair steps`): after `READY`, each line `forward`, `probe` or
+//! `full` on stdin runs one such step and answers `MS <milliseconds>`.
 
 use super::bench_models::median;
 use candle_core::{Device, Tensor};
@@ -39,6 +42,10 @@ pub fn run() {
     let mut opt = Sgd::new(SgdConfig { lr: 0.01, momentum: 0.9, ..SgdConfig::default() }).expect("sgd");
     let sam = SamConfig::default();
     let threads = rayon::current_num_threads();
+    if std::env::var("SAMHOST_BENCH_PROBE_SERVE").is_ok_and(|v| v == "1") {
+        serve(&model, &mut opt, &x, &y, &sam);
+        return;
+    }
     println!("ViT-S/14, {size}x{size}, batch {batch}, {threads} thread(s): ms (median of 3), {n_rounds} rounds");
     let time = |f: &mut dyn FnMut()| -> f64 {
         f();
@@ -80,4 +87,43 @@ pub fn run() {
     println!("  full SAM step                 {} ms = {} forward passes", range(&full), range(&ratio(&full, &fwd)));
     let rounds = |v: &[f64]| v.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>().join(", ");
     println!("  by round (ms): forward {}; probe {}; full {}", rounds(&fwd), rounds(&probe), rounds(&full));
+}
+
+/// Answers `forward`, `probe` and `full` on stdin with one such step, timed: `MS <ms>` on stdout.
+fn serve(model: &samhost::models::Model, opt: &mut Sgd, x: &Tensor, y: &Tensor, sam: &SamConfig) {
+    use std::io::{BufRead, Write};
+    let mut out = std::io::stdout();
+    let say = |out: &mut std::io::Stdout, line: String| {
+        writeln!(out, "{line}").and_then(|()| out.flush()).expect("stdout");
+    };
+    say(&mut out, "READY".to_string());
+    let mut frozen = false;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let t = Instant::now();
+        match line.trim() {
+            "forward" => drop(model.forward_t(x, true).expect("forward")),
+            which @ ("probe" | "full") => {
+                // Frozen or not as the request says, changed only when it changes (untimed).
+                if (which == "probe") != frozen {
+                    frozen = which == "probe";
+                    if frozen {
+                        model.params().freeze("vit.");
+                    } else {
+                        model.params().unfreeze("vit.");
+                    }
+                }
+                let t = Instant::now();
+                sam_step(model, opt, x, y, &LossFn::default(), sam).expect("SAM step");
+                say(&mut out, format!("MS {}", t.elapsed().as_secs_f64() * 1e3));
+                continue;
+            }
+            "" => continue,
+            other => {
+                say(&mut out, format!("ERROR unknown request {other:?}"));
+                continue;
+            }
+        }
+        say(&mut out, format!("MS {}", t.elapsed().as_secs_f64() * 1e3));
+    }
 }
