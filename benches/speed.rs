@@ -9,7 +9,8 @@
 //! (default 10; the ViT and ResNet-32 use half, WRN-16-8 at batch 128 (`wrn-b128`) a fifth, at
 //! least 3); train and SAM steps alternate, and the medians are reported after a warm-up step of
 //! each, with SAM/SGD both as the ratio of the medians and as the median of each SAM step over the
-//! train step timed just before it ("paired").
+//! train step timed just before it ("paired"); likewise "x floor" also as the median of each train
+//! step over one pass of the floor's products timed right after it.
 //!
 //! The floor: the matrix products one SGD step makes (every gemm call through `ops::gemm`,
 //! recorded during a step) timed alone on this machine at their shapes, so "x floor" says how far
@@ -84,24 +85,46 @@ impl Stepper<'_> {
     }
 }
 
-/// Median ms per step of train_step and sam_step, timed alternately (a train step, then a SAM
-/// step, `steps` times) so that a slow spell of the machine hits both, and their peak heap; with
-/// the median over the pairs of SAM step / train step, the SAM/SGD ratio of steps timed side by
-/// side (less moved by a slow spell than the ratio of the two medians).
-fn time_steps(model: &Model, b: &Batch, steps: usize) -> ((f64, usize), (f64, usize), f64) {
+/// What [`time_steps`] measured.
+struct Timings {
+    /// Median ms per train step and per SAM step.
+    sgd_ms: f64,
+    sam_ms: f64,
+    /// Peak heap bytes of a train step and of a SAM step.
+    sgd_peak: usize,
+    sam_peak: usize,
+    /// Median over the pairs of SAM step / the train step timed just before it.
+    sam_over_sgd: f64,
+    /// Median over the steps of train step / one pass of the floor's products timed just after it.
+    x_floor_paired: f64,
+}
+
+/// Train steps and SAM steps timed alternately (a train step, a SAM step, then one pass of the
+/// floor's products `calls`, `steps` times) so that a slow spell of the machine hits all three,
+/// and their peak heap. Besides the medians, SAM/SGD and "x floor" as medians of ratios of
+/// neighbouring timings, which a slow spell moves less than ratios of medians.
+fn time_steps(model: &Model, b: &Batch, steps: usize, calls: &[samhost::ops::gemm::GemmCall]) -> Timings {
     let sgd = || Sgd::new(SgdConfig { lr: 0.01, momentum: 0.9, ..SgdConfig::default() }).expect("sgd");
     let mut plain = Stepper { model, batch: b, sam: false, opt: sgd() };
     let mut sam = Stepper { model, batch: b, sam: true, opt: sgd() };
     plain.run();
     sam.run();
-    let (peak_plain, peak_sam) = (plain.peak(), sam.peak());
-    let (mut tp, mut ts) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
+    let (sgd_peak, sam_peak) = (plain.peak(), sam.peak());
+    let (mut tp, mut ts, mut tf) = (Vec::with_capacity(steps), Vec::with_capacity(steps), Vec::with_capacity(steps));
     for _ in 0..steps {
         tp.push(plain.timed());
         ts.push(sam.timed());
+        tf.push(samhost::ops::gemm::floor_seconds(calls, 1) * 1e3);
     }
-    let paired = median(ts.iter().zip(&tp).map(|(s, p)| s / p).collect());
-    ((median(tp), peak_plain), (median(ts), peak_sam), paired)
+    let ratios = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(a, b)| a / b).collect());
+    Timings {
+        sam_over_sgd: ratios(&ts, &tp),
+        x_floor_paired: ratios(&tp, &tf),
+        sgd_ms: median(tp),
+        sam_ms: median(ts),
+        sgd_peak,
+        sam_peak,
+    }
 }
 
 fn child(selected: &[String], steps: usize) {
@@ -118,16 +141,17 @@ fn child(selected: &[String], steps: usize) {
             .expect("labels");
         let b = Batch::new(x, y).expect("batch");
         let n = (steps / div).max(3);
-        let ((t_sgd, m_sgd), (t_sam, m_sam), sam_over_sgd) = time_steps(&model, &b, n);
         let mut census =
             Stepper { model: &model, batch: &b, sam: false, opt: Sgd::new(SgdConfig::default()).expect("sgd") };
         let ((), calls) = samhost::ops::gemm::record_calls(|| census.run());
+        let t = time_steps(&model, &b, n, &calls);
         let floor_ms = samhost::ops::gemm::floor_seconds(&calls, 5) * 1e3;
         let gflop: f64 = calls.iter().map(|c| c.flops()).sum::<f64>() / 1e9;
         let row = json!({
             "model": name, "threads": threads, "batch": batch, "steps": n,
-            "train_step": t_sgd, "sam_step": t_sam, "sam_over_sgd": sam_over_sgd,
-            "train_peak_mb": m_sgd as f64 / 1e6, "sam_peak_mb": m_sam as f64 / 1e6,
+            "train_step": t.sgd_ms, "sam_step": t.sam_ms, "sam_over_sgd": t.sam_over_sgd,
+            "x_floor_paired": t.x_floor_paired,
+            "train_peak_mb": t.sgd_peak as f64 / 1e6, "sam_peak_mb": t.sam_peak as f64 / 1e6,
             "params_mb": model.params().num_trainable() as f64 * 4.0 / 1e6,
             "floor_ms": floor_ms, "gflop": gflop,
         });
@@ -145,14 +169,14 @@ fn main() {
     }
     let exe = std::env::current_exe().expect("bench executable");
     println!(
-        "{:<9} {:>3} {:>5} {:>10} {:>10} {:>7} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9} {:>9} {:>8} {:>7} {:>8}",
+        "{:<9} {:>3} {:>5} {:>10} {:>10} {:>7} {:>7} {:>8} {:>8} {:>11} {:>11} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8}",
         "model",
         "thr",
         "batch",
         "sgd ms",
         "sam ms",
         "sam/sgd",
-        "paired",
+        "pair",
         "sgd im/s",
         "sam im/s",
         "sgd peakMB",
@@ -160,6 +184,7 @@ fn main() {
         "paramsMB",
         "floor ms",
         "x floor",
+        "pair",
         "GFLOP",
         "GFLOP/s"
     );
@@ -180,7 +205,7 @@ fn main() {
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             let batch = f("batch");
             println!(
-                "{:<9} {:>3} {:>5} {:>10.2} {:>10.2} {:>7.2} {:>7.2} {:>8.0} {:>8.0} {:>11.1} {:>11.1} {:>9.1} {:>9.2} {:>8.2} {:>7.2} {:>8.1}",
+                "{:<9} {:>3} {:>5} {:>10.2} {:>10.2} {:>7.2} {:>7.2} {:>8.0} {:>8.0} {:>11.1} {:>11.1} {:>9.1} {:>9.2} {:>8.2} {:>7.2} {:>7.2} {:>8.1}",
                 r["model"].as_str().unwrap_or("?"),
                 threads,
                 batch,
@@ -195,6 +220,7 @@ fn main() {
                 f("params_mb"),
                 f("floor_ms"),
                 f("train_step") / f("floor_ms"),
+                f("x_floor_paired"),
                 f("gflop"),
                 f("gflop") / f("floor_ms") * 1e3
             );

@@ -18,7 +18,9 @@ PyTorch and then samhost's benchmark child (`BIN --child`, one process per round
 `cargo bench --bench speed --no-run` names), in alternating order, seconds apart, so that other
 tenants' load falls on both sides of a ratio instead of on one side's whole run. Each round prints
 its ratios (samhost's SAM/SGD as the median over its steps of each SAM step over the train step
-timed just before it); the summary gives each ratio's range (min-max) over the rounds:
+timed just before it; "x floor" as the benchmark prints it, and "pair", the median of each train
+step over one pass of the floor's products timed right after it); the summary gives each ratio's
+range (min-max) over the rounds:
 
     cargo bench --bench speed --no-run 2>&1 | grep Executable   # target/release/deps/speed-<hash>
     /tmp/torchenv/bin/python benches/peer/torch_peer.py --paired target/release/deps/speed-<hash> \\
@@ -266,11 +268,11 @@ def paired(args):
     """Alternating rounds of PyTorch and samhost per model and thread count; ratios per round."""
     print(f"torch {torch.__version__}; samhost {args.paired}; {args.rounds} paired rounds, order alternating")
     print(f"{'model':<10} {'thr':>3} {'round':>5} {'first':>7} {'torch sgd':>9} {'ours sgd':>8} {'sgd ratio':>9}"
-          f" {'torch sam':>9} {'ours sam':>8} {'sam ratio':>9} {'ours sam/sgd':>12} {'x floor':>7} {'load':>5}")
+          f" {'torch sam':>9} {'ours sam':>8} {'sam ratio':>9} {'ours sam/sgd':>12} {'x floor':>7} {'pair':>5} {'load':>5}")
     summary = []
     for name in args.models.split(","):
         for t in (int(v) for v in args.threads.split(",")):
-            sgd, sam, ours_ratio, floor = [], [], [], []
+            sgd, sam, ours_ratio, floor, floor_pair = [], [], [], [], []
             for r in range(args.rounds):
                 load = os.getloadavg()[0]
                 if r % 2 == 0:
@@ -281,15 +283,18 @@ def paired(args):
                 sam.append(ours["sam_step"] / theirs["sam_step"])
                 ours_ratio.append(ours.get("sam_over_sgd", ours["sam_step"] / ours["train_step"]))
                 floor.append(ours["train_step"] / ours["floor_ms"])
+                floor_pair.append(ours.get("x_floor_paired", float("nan")))
                 print(f"{name:<10} {t:>3} {r + 1:>5} {'torch' if r % 2 == 0 else 'ours':>7}"
                       f" {theirs['train_step']:>9.1f} {ours['train_step']:>8.1f} {sgd[-1]:>9.2f}"
                       f" {theirs['sam_step']:>9.1f} {ours['sam_step']:>8.1f} {sam[-1]:>9.2f}"
-                      f" {ours_ratio[-1]:>12.2f} {floor[-1]:>7.2f} {load:>5.2f}", flush=True)
-            summary.append((name, t, sgd, sam, ours_ratio, floor))
+                      f" {ours_ratio[-1]:>12.2f} {floor[-1]:>7.2f} {floor_pair[-1]:>5.2f} {load:>5.2f}", flush=True)
+            summary.append((name, t, sgd, sam, ours_ratio, floor, floor_pair))
     print(f"\nsummary (min-max over {args.rounds} paired rounds; ratio = samhost / PyTorch)")
-    print(f"{'model':<10} {'thr':>3} {'sgd ratio':>10} {'sam ratio':>10} {'ours sam/sgd':>12} {'x floor':>10}")
-    for name, t, sgd, sam, ours_ratio, floor in summary:
-        print(f"{name:<10} {t:>3} {rng(sgd):>10} {rng(sam):>10} {rng(ours_ratio):>12} {rng(floor):>10}")
+    print(f"{'model':<10} {'thr':>3} {'sgd ratio':>10} {'sam ratio':>10} {'ours sam/sgd':>12} {'x floor':>10}"
+          f" {'x floor pair':>12}")
+    for name, t, sgd, sam, ours_ratio, floor, floor_pair in summary:
+        print(f"{name:<10} {t:>3} {rng(sgd):>10} {rng(sam):>10} {rng(ours_ratio):>12} {rng(floor):>10}"
+              f" {rng(floor_pair):>12}")
 
 
 def main():
