@@ -87,11 +87,13 @@ impl Stepper<'_> {
 
 /// What [`time_steps`] measured.
 struct Timings {
-    /// Median ms per train step and per SAM step.
+    /// Median ms per train step.
     sgd_ms: f64,
+    /// Median ms per SAM step.
     sam_ms: f64,
-    /// Peak heap bytes of a train step and of a SAM step.
+    /// Peak heap bytes of a train step.
     sgd_peak: usize,
+    /// Peak heap bytes of a SAM step.
     sam_peak: usize,
     /// Median over the pairs of SAM step / the train step timed just before it.
     sam_over_sgd: f64,
