@@ -120,6 +120,15 @@ def rng(v, digits=1):
     return f"{min(v):.{digits}f}-{max(v):.{digits}f}"
 
 
+def setup(size, attn):
+    """The seeded model, a batch of N(0, 1) images and labels i % 10."""
+    torch.manual_seed(3)
+    model = build(size, attn)
+    x = torch.randn(args.batch, 3, size, size)
+    y = torch.arange(args.batch) % 10
+    return model, x, y
+
+
 def torch_round(model, x, y):
     """PyTorch's forward pass, probe SAM step and full SAM step (ms, medians of 3)."""
     set_trainable(model, probe=False)
@@ -147,10 +156,7 @@ def samhost_round(size):
 
 def paired(size, attn):
     """Alternating rounds of PyTorch and samhost at one size; samhost/PyTorch ratios per round."""
-    torch.manual_seed(3)
-    model = build(size, attn)
-    x = torch.randn(args.batch, 3, size, size)
-    y = torch.arange(args.batch) % 10
+    model, x, y = setup(size, attn)
     print(f"ViT-S/14 {size}x{size}, batch {args.batch}, {args.threads} thread(s), PyTorch attn {attn}: "
           f"{args.rounds} paired rounds, ms (median of 3 each)", flush=True)
     print(f"  {'round':>5} {'first':>6} {'torch fwd':>9} {'ours fwd':>8} {'torch probe':>11} {'ours probe':>10}"
@@ -173,10 +179,7 @@ def paired(size, attn):
 
 def paired_steps(size, attn):
     """Single PyTorch and samhost steps alternating, per setting; per-pair samhost/PyTorch ratios."""
-    torch.manual_seed(3)
-    model = build(size, attn)
-    x = torch.randn(args.batch, 3, size, size)
-    y = torch.arange(args.batch) % 10
+    model, x, y = setup(size, attn)
     env = dict(os.environ, SAMHOST_BENCH_PART="probe", SAMHOST_BENCH_PROBE_SIZE=str(size),
                SAMHOST_BENCH_PROBE_BATCH=str(args.batch), SAMHOST_BENCH_PROBE_SERVE="1",
                RAYON_NUM_THREADS=str(args.threads))
@@ -237,10 +240,7 @@ def paired_steps(size, attn):
 
 
 def run(size, attn):
-    torch.manual_seed(3)
-    model = build(size, attn)
-    x = torch.randn(args.batch, 3, size, size)
-    y = torch.arange(args.batch) % 10
+    model, x, y = setup(size, attn)
     print(f"ViT-S/14 (transformers, attn {attn}), {size}x{size}, batch {args.batch}, "
           f"{torch.get_num_threads()} thread(s): ms (median of 3 after 2 warm-ups), "
           f"{args.rounds} rounds", flush=True)
