@@ -268,13 +268,12 @@ def paired(args):
     """Alternating rounds of PyTorch and samhost per model and thread count; ratios per round."""
     print(f"torch {torch.__version__}; samhost {args.paired}; {args.rounds} paired rounds, order alternating")
     print(f"{'model':<10} {'thr':>3} {'round':>5} {'first':>7} {'torch sgd':>9} {'ours sgd':>8} {'sgd ratio':>9}"
-          f" {'torch sam':>9} {'ours sam':>8} {'sam ratio':>9} {'ours sam/sgd':>12} {'x floor':>7} {'pair':>5} {'load':>5}")
+          f" {'torch sam':>9} {'ours sam':>8} {'sam ratio':>9} {'ours sam/sgd':>12} {'x floor':>7} {'pair':>5}")
     summary = []
     for name in args.models.split(","):
         for t in (int(v) for v in args.threads.split(",")):
             sgd, sam, ours_ratio, floor, floor_pair = [], [], [], [], []
             for r in range(args.rounds):
-                load = os.getloadavg()[0]
                 if r % 2 == 0:
                     theirs, ours = time_model(name, t), samhost_row(args.paired, name, t)
                 else:
@@ -287,7 +286,7 @@ def paired(args):
                 print(f"{name:<10} {t:>3} {r + 1:>5} {'torch' if r % 2 == 0 else 'ours':>7}"
                       f" {theirs['train_step']:>9.1f} {ours['train_step']:>8.1f} {sgd[-1]:>9.2f}"
                       f" {theirs['sam_step']:>9.1f} {ours['sam_step']:>8.1f} {sam[-1]:>9.2f}"
-                      f" {ours_ratio[-1]:>12.2f} {floor[-1]:>7.2f} {floor_pair[-1]:>5.2f} {load:>5.2f}", flush=True)
+                      f" {ours_ratio[-1]:>12.2f} {floor[-1]:>7.2f} {floor_pair[-1]:>5.2f}", flush=True)
             summary.append((name, t, sgd, sam, ours_ratio, floor, floor_pair))
     print(f"\nsummary (min-max over {args.rounds} paired rounds; ratio = samhost / PyTorch)")
     print(f"{'model':<10} {'thr':>3} {'sgd ratio':>10} {'sam ratio':>10} {'ours sam/sgd':>12} {'x floor':>10}"

@@ -105,15 +105,17 @@ def set_trainable(model, probe):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def once(f):
+    """Milliseconds one call of `f` takes."""
+    t = time.perf_counter()
+    f()
+    return (time.perf_counter() - t) * 1e3
+
+
 def timed(f, warmup=2, reps=3):
     for _ in range(warmup):
         f()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(once(f) for _ in range(reps))
 
 
 def rng(v, digits=1):
@@ -142,11 +144,15 @@ def torch_round(model, x, y):
     return fwd, probe, full
 
 
+def samhost_env(size, **extra):
+    """The environment of samhost's probe benchmark at `size` px with this run's batch and threads."""
+    return dict(os.environ, SAMHOST_BENCH_PART="probe", SAMHOST_BENCH_PROBE_SIZE=str(size),
+                SAMHOST_BENCH_PROBE_BATCH=str(args.batch), RAYON_NUM_THREADS=str(args.threads), **extra)
+
+
 def samhost_round(size):
     """One round of samhost's probe benchmark in its own process: (forward, probe, full) in ms."""
-    env = dict(os.environ, SAMHOST_BENCH_PART="probe", SAMHOST_BENCH_PROBE_SIZE=str(size),
-               SAMHOST_BENCH_PROBE_BATCH=str(args.batch), SAMHOST_BENCH_PROBE_ROUNDS="1",
-               RAYON_NUM_THREADS=str(args.threads))
+    env = samhost_env(size, SAMHOST_BENCH_PROBE_ROUNDS="1")
     out = subprocess.run([args.samhost_bin, "--bench"], env=env, capture_output=True, text=True)
     rows = [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("ROUND ")]
     if out.returncode != 0 or len(rows) != 1:
@@ -160,10 +166,9 @@ def paired(size, attn):
     print(f"ViT-S/14 {size}x{size}, batch {args.batch}, {args.threads} thread(s), PyTorch attn {attn}: "
           f"{args.rounds} paired rounds, ms (median of 3 each)", flush=True)
     print(f"  {'round':>5} {'first':>6} {'torch fwd':>9} {'ours fwd':>8} {'torch probe':>11} {'ours probe':>10}"
-          f" {'torch full':>10} {'ours full':>9} {'fwd':>5} {'probe':>5} {'full':>5} {'load':>5}")
+          f" {'torch full':>10} {'ours full':>9} {'fwd':>5} {'probe':>5} {'full':>5}")
     ratios = []
     for r in range(args.rounds):
-        load = os.getloadavg()[0]
         if r % 2 == 0:
             theirs, ours = torch_round(model, x, y), samhost_round(size)
         else:
@@ -171,7 +176,7 @@ def paired(size, attn):
         ratios.append([o / t for o, t in zip(ours, theirs)])
         print(f"  {r + 1:>5} {'torch' if r % 2 == 0 else 'ours':>6} {theirs[0]:>9.0f} {ours[0]:>8.0f}"
               f" {theirs[1]:>11.0f} {ours[1]:>10.0f} {theirs[2]:>10.0f} {ours[2]:>9.0f}"
-              f" {ratios[-1][0]:>5.2f} {ratios[-1][1]:>5.2f} {ratios[-1][2]:>5.2f} {load:>5.2f}", flush=True)
+              f" {ratios[-1][0]:>5.2f} {ratios[-1][1]:>5.2f} {ratios[-1][2]:>5.2f}", flush=True)
     cols = list(zip(*ratios))
     print(f"  samhost/PyTorch over {args.rounds} paired rounds: forward {rng(cols[0], 2)}, "
           f"probe SAM step {rng(cols[1], 2)}, full SAM step {rng(cols[2], 2)}", flush=True)
@@ -180,11 +185,8 @@ def paired(size, attn):
 def paired_steps(size, attn):
     """Single PyTorch and samhost steps alternating, per setting; per-pair samhost/PyTorch ratios."""
     model, x, y = setup(size, attn)
-    env = dict(os.environ, SAMHOST_BENCH_PART="probe", SAMHOST_BENCH_PROBE_SIZE=str(size),
-               SAMHOST_BENCH_PROBE_BATCH=str(args.batch), SAMHOST_BENCH_PROBE_SERVE="1",
-               RAYON_NUM_THREADS=str(args.threads))
-    proc = subprocess.Popen([args.samhost_bin, "--bench"], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([args.samhost_bin, "--bench"], env=samhost_env(size, SAMHOST_BENCH_PROBE_SERVE="1"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     while True:
         line = proc.stdout.readline()
         if not line:
@@ -199,11 +201,6 @@ def paired_steps(size, attn):
         if len(answer) != 2 or answer[0] != "MS":
             raise SystemExit(f"error: samhost answered {answer!r} to {request}")
         return float(answer[1])
-
-    def once(f):
-        t = time.perf_counter()
-        f()
-        return (time.perf_counter() - t) * 1e3
 
     print(f"ViT-S/14 {size}x{size}, batch {args.batch}, {args.threads} thread(s), PyTorch attn {attn}: "
           f"{args.steps} paired single steps per setting after 2 warm-ups each, order alternating", flush=True)

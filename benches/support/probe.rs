@@ -61,17 +61,19 @@ pub fn run() {
     };
     let (mut fwd, mut probe, mut full) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n_rounds {
-        fwd.push(time(&mut || drop(model.forward_t(&x, true).expect("forward"))));
+        let f = time(&mut || drop(model.forward_t(&x, true).expect("forward")));
         model.params().freeze("vit.");
-        probe.push(time(&mut || {
+        let p = time(&mut || {
             sam_step(&model, &mut opt, &x, &y, &LossFn::default(), &sam).expect("probe step");
-        }));
+        });
         model.params().unfreeze("vit.");
-        full.push(time(&mut || {
+        let s = time(&mut || {
             sam_step(&model, &mut opt, &x, &y, &LossFn::default(), &sam).expect("full step");
-        }));
-        let (f, p, s) = (fwd[fwd.len() - 1], probe[probe.len() - 1], full[full.len() - 1]);
+        });
         println!("ROUND {}", serde_json::json!({"forward": f, "probe": p, "full": s}));
+        fwd.push(f);
+        probe.push(p);
+        full.push(s);
     }
     let range = |v: &[f64]| {
         let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
@@ -89,41 +91,42 @@ pub fn run() {
     println!("  by round (ms): forward {}; probe {}; full {}", rounds(&fwd), rounds(&probe), rounds(&full));
 }
 
-/// Answers `forward`, `probe` and `full` on stdin with one such step, timed: `MS <ms>` on stdout.
+/// Answers `forward`, `probe` and `full` on stdin with one such step, timed: `MS <ms>` on stdout
+/// (`ERROR ...` for anything else). The backbone is frozen or not as the request says, changed
+/// untimed and only when it changes.
 fn serve(model: &samhost::models::Model, opt: &mut Sgd, x: &Tensor, y: &Tensor, sam: &SamConfig) {
     use std::io::{BufRead, Write};
-    let mut out = std::io::stdout();
-    let say = |out: &mut std::io::Stdout, line: String| {
+    let say = |line: String| {
+        let mut out = std::io::stdout().lock();
         writeln!(out, "{line}").and_then(|()| out.flush()).expect("stdout");
     };
-    say(&mut out, "READY".to_string());
+    say("READY".to_string());
     let mut frozen = false;
     for line in std::io::stdin().lock().lines() {
-        let line = line.expect("stdin");
-        let t = Instant::now();
-        match line.trim() {
-            "forward" => drop(model.forward_t(x, true).expect("forward")),
-            which @ ("probe" | "full") => {
-                // Frozen or not as the request says, changed only when it changes (untimed).
-                if (which == "probe") != frozen {
-                    frozen = which == "probe";
-                    if frozen {
-                        model.params().freeze("vit.");
-                    } else {
-                        model.params().unfreeze("vit.");
-                    }
-                }
-                let t = Instant::now();
-                sam_step(model, opt, x, y, &LossFn::default(), sam).expect("SAM step");
-                say(&mut out, format!("MS {}", t.elapsed().as_secs_f64() * 1e3));
-                continue;
-            }
+        let request = line.expect("stdin");
+        let request = request.trim();
+        match request {
             "" => continue,
+            "forward" | "probe" | "full" => {}
             other => {
-                say(&mut out, format!("ERROR unknown request {other:?}"));
+                say(format!("ERROR unknown request {other:?}"));
                 continue;
             }
         }
-        say(&mut out, format!("MS {}", t.elapsed().as_secs_f64() * 1e3));
+        if request != "forward" && (request == "probe") != frozen {
+            frozen = !frozen;
+            if frozen {
+                model.params().freeze("vit.");
+            } else {
+                model.params().unfreeze("vit.");
+            }
+        }
+        let t = Instant::now();
+        if request == "forward" {
+            drop(model.forward_t(x, true).expect("forward"));
+        } else {
+            sam_step(model, opt, x, y, &LossFn::default(), sam).expect("SAM step");
+        }
+        say(format!("MS {}", t.elapsed().as_secs_f64() * 1e3));
     }
 }
